@@ -18,3 +18,28 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --no-build-isolation deepspeed==0.19.8
 	$(PY) -m pip install -e '.[test]'
 	touch $(STAMP)
+
+# The main job: pretrain on the embedded default corpus (this interpreter's standard library
+# sources). Override any of these on the command line, e.g. `make pretrain STEPS=2000 DATA=...`.
+# Re-running resumes the same run dir from its latest complete checkpoint.
+NUM_GPUS  ?= 2
+STAGES    ?= 2
+METHOD    ?= bp
+MODEL     ?= models/llama-25m.json
+DS_CONFIG ?= ds_configs/llama-25m.json
+TOKENIZER ?= bpe:4096
+STEPS     ?= 300
+OUT       ?= runs/pretrain
+DATA      ?=
+
+pretrain: venv
+	$(VENV)/bin/deepspeed --num_gpus $(NUM_GPUS) scripts/pretrain.py \
+		--model $(MODEL) --deepspeed_config $(DS_CONFIG) --method $(METHOD) --stages $(STAGES) \
+		--tokenizer $(TOKENIZER) --steps $(STEPS) --out $(OUT) $(if $(DATA),--data $(DATA)) \
+		$(if $(wildcard $(OUT)/checkpoints/latest),--resume)
+
+test: venv
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,111 @@
+"""Checkpoints that are never half-visible.
+
+Layout under RUN_DIR/checkpoints/:
+    step_000500/            DeepSpeed's own files (per-layer weights, per-rank optimizer state)
+    step_000500/complete.json   written by rank 0 after every rank finished saving
+    latest                  name of the newest complete checkpoint, replaced atomically
+
+DeepSpeed is asked not to write its own `latest` (save_latest=False): a run killed while ranks
+are still writing must leave `latest` on the previous checkpoint. `complete.json` also records
+what the run was (stages, replicas, model, tokenizer, batch shape), so a resume into a different
+launch is refused with a clear message instead of loading mismatched shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import deepspeed.comm as dist
+
+from bll_ds.errors import UserError
+
+MARKER = "complete.json"
+LATEST = "latest"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(engine, run_dir: Path, step: int, meta: dict, keep: int) -> str:
+    ckpt_dir = run_dir / "checkpoints"
+    tag = tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        atomic_write_text(ckpt_dir / tag / MARKER, json.dumps({**meta, "step": step}, indent=2))
+        atomic_write_text(ckpt_dir / LATEST, tag)
+        _prune(ckpt_dir, keep)
+    dist.barrier()
+    return tag
+
+
+def _prune(ckpt_dir: Path, keep: int) -> None:
+    complete = sorted(p for p in ckpt_dir.glob("step_*") if (p / MARKER).is_file())
+    for old in complete[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_complete(run_dir: Path) -> tuple[str, dict] | None:
+    """(tag, meta) of the checkpoint `latest` names, or None if the run has none."""
+    ckpt_dir = run_dir / "checkpoints"
+    latest = ckpt_dir / LATEST
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    marker = ckpt_dir / tag / MARKER
+    try:
+        return tag, json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UserError(f"{latest} names checkpoint {tag!r}, but {marker} is missing or corrupt.",
+                        f"point {latest} at an earlier complete step_* folder, or start a new --out.") from None
+
+
+def check_compatible(saved: dict, current: dict, run_dir: Path) -> None:
+    """Refuse to resume into a launch that would load shards of a different shape."""
+    for key in ("method", "stages", "data_parallel", "model_spec_sha256", "tokenizer_sha256",
+                "micro_batch_size", "micro_batches", "seq_len", "seed"):
+        if saved.get(key) != current.get(key):
+            raise UserError(
+                f"the checkpoint in {run_dir} was written with {key}={saved.get(key)!r}, this launch has "
+                f"{key}={current.get(key)!r}.",
+                "resume with the same model, tokenizer, stages, replicas, batch shape and seed, "
+                "or start a new --out.")
+
+
+def load(engine, run_dir: Path, tag: str) -> None:
+    ckpt_dir = run_dir / "checkpoints"
+    try:
+        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+    except Exception as err:  # torch.load / state_dict errors: the files are damaged or foreign
+        raise UserError(f"checkpoint {ckpt_dir / tag} could not be loaded ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200]}).",
+                        f"delete {ckpt_dir / tag}, point {ckpt_dir / LATEST} at an earlier step_* folder, "
+                        "or start a new --out.") from None
+    if path is None:  # DeepSpeed warns and returns None when files are missing
+        raise UserError(f"checkpoint {ckpt_dir / tag} is missing DeepSpeed state files.",
+                        f"delete {ckpt_dir / tag}, point {ckpt_dir / LATEST} at an earlier step_* folder, "
+                        "or start a new --out.")
+
+
+def remove_incomplete(run_dir: Path) -> list[str]:
+    """Folders from saves that were killed before completion; they are never loaded."""
+    removed = []
+    for p in sorted((run_dir / "checkpoints").glob("step_*")):
+        if not (p / MARKER).is_file():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed

@@ -1,0 +1,91 @@
+"""Per-stage accounting of pipeline traffic and time.
+
+`idle_s` is wall time spent inside the pipeline's p2p instructions (send/recv of activations
+and gradients, including the shape handshake): time a stage is blocked on its neighbours.
+`busy_s` is the rest of the training-step wall time. Only training steps are counted; evaluation
+is excluded with `paused()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class StageCounters:
+    stage: int
+    dp_rank: int
+    busy_s: float = 0.0
+    idle_s: float = 0.0
+    acts_sent: int = 0
+    acts_received: int = 0
+    grads_sent: int = 0
+    grads_received: int = 0
+    bytes_down: int = 0  # bytes this stage sent to the next stage (activations)
+    bytes_up: int = 0    # bytes this stage sent to the previous stage (gradients)
+
+
+def tensor_bytes(obj) -> int:
+    if obj is None:
+        return 0
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    return sum(tensor_bytes(t) for t in obj)
+
+
+def peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class StageAccounting:
+    def __init__(self, stage: int, dp_rank: int):
+        self.counters = StageCounters(stage=stage, dp_rank=dp_rank)
+        self._enabled = True
+        self._step_idle = 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        self._enabled, previous = False, self._enabled
+        try:
+            yield
+        finally:
+            self._enabled = previous
+
+    @contextlib.contextmanager
+    def p2p(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._enabled:
+                self._step_idle += time.perf_counter() - start
+
+    def count(self, field: str, n_bytes: int = 0, bytes_field: str | None = None) -> None:
+        if not self._enabled:
+            return
+        setattr(self.counters, field, getattr(self.counters, field) + 1)
+        if bytes_field:
+            setattr(self.counters, bytes_field, getattr(self.counters, bytes_field) + n_bytes)
+
+    def end_step(self, step_wall_s: float) -> tuple[float, float]:
+        """Close one training step; returns its (busy_s, idle_s)."""
+        idle, self._step_idle = self._step_idle, 0.0
+        busy = max(step_wall_s - idle, 0.0)
+        self.counters.busy_s += busy
+        self.counters.idle_s += idle
+        return busy, idle
+
+    def summary(self) -> dict:
+        out = asdict(self.counters)
+        out["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        if torch.cuda.is_available():
+            out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        total = out["busy_s"] + out["idle_s"]
+        out["utilisation"] = round(out["busy_s"] / total, 4) if total > 0 else None
+        return out
