@@ -14,12 +14,12 @@ launch is refused with a clear message instead of loading mismatched shards.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import deepspeed.comm as dist
 
+from bll_ds.atomic import atomic_write_text
 from bll_ds.errors import UserError
 
 MARKER = "complete.json"
@@ -28,15 +28,6 @@ LATEST = "latest"
 
 def tag_for(step: int) -> str:
     return f"step_{step:07d}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save(engine, run_dir: Path, step: int, meta: dict, keep: int) -> str:

@@ -42,6 +42,8 @@ class RunConfig:
                                    "(0 = the whole held-out split).", default=0)
     save_interval: int = _doc("Steps between checkpoints (0 = only at the end).", default=500)
     keep_checkpoints: int = _doc("Complete checkpoints kept on disk (older ones are deleted).", default=2)
+    exit_interval: int = _doc("Save a checkpoint and exit cleanly once the step count is a multiple of this "
+                              "(0 = never): run long jobs in slices under a scheduler's time limit.", default=0)
     resume: bool = _doc("Continue the run in --out from its latest complete checkpoint.", default=False)
     cache_dir: str = _doc("Cache of tokenized corpora (flat token memmaps).",
                           default=str(Path.home() / ".cache" / "bll_ds"))

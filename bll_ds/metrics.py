@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bll_ds.atomic import atomic_write_text
+
 
 class MetricsLog:
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, progress: bool):
@@ -68,5 +70,4 @@ def _fmt(value) -> str:
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
-    from bll_ds.checkpoint import atomic_write_text
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -14,8 +14,8 @@ import numpy as np
 
 from bll_ds import distributed
 from bll_ds.config import RunConfig
-from bll_ds.data import Tokenizer, build_tokenizer, load_corpus, prepare_token_streams
-from bll_ds.data.packing import _open_stream, token_dtype
+from bll_ds.data import (Tokenizer, build_tokenizer, load_corpus, open_stream, prepare_token_streams,
+                         token_dtype)
 
 
 @dataclass
@@ -38,5 +38,5 @@ def prepare_run_data(cfg: RunConfig, run_dir: Path) -> RunData:
     paths = distributed.rank0_then_broadcast(on_rank0)
     tokenizer = Tokenizer(paths["tokenizer_path"], spec=paths["tokenizer_spec"])
     dtype = token_dtype(tokenizer.vocab_size)
-    return RunData(tokenizer=tokenizer, train_tokens=_open_stream(paths["train"], dtype),
-                   val_tokens=_open_stream(paths["val"], dtype), corpus_name=paths["corpus_name"])
+    return RunData(tokenizer=tokenizer, train_tokens=open_stream(paths["train"], dtype),
+                   val_tokens=open_stream(paths["val"], dtype), corpus_name=paths["corpus_name"])

@@ -19,7 +19,7 @@ import torch
 
 from bll_ds import checkpoint, distributed
 from bll_ds.config import RunConfig, parse_run_config
-from bll_ds.data import EvalBatches, MicroBatchSampler
+from bll_ds.data import EvalBatches, MicroBatchSampler, parse_tokenizer_spec
 from bll_ds.ds_config import DsSettings, load_ds_config
 from bll_ds.engine import build_engine
 from bll_ds.errors import UserError
@@ -47,8 +47,10 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
 
 def train(cfg: RunConfig, started: float) -> None:
     rank, world = distributed.launch_env()
+    # Fail on bad input before any process group, file or thread exists.
+    check_stages(load_model_spec(cfg.model), cfg.stages)
     ds = load_ds_config(cfg.deepspeed_config, world, cfg.stages, cfg.steps)
-    check_stages(load_model_spec(cfg.model), cfg.stages)  # fail before any process group exists
+    parse_tokenizer_spec(cfg.tokenizer)
     run_dir = Path(cfg.out)
     _check_run_dir(run_dir, cfg.resume)
     created_run_dir = not run_dir.exists()
@@ -110,15 +112,20 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
         if cfg.eval_interval and done % cfg.eval_interval == 0 and done < ds.steps:
             val_loss = _evaluate(engine, eval_set, ds.data_parallel, dp_rank)
             log.log(done, {"val/loss": val_loss})
-        if (cfg.save_interval and done % cfg.save_interval == 0) or done == ds.steps:
+        exiting = bool(cfg.exit_interval) and done % cfg.exit_interval == 0 and done < ds.steps
+        if (cfg.save_interval and done % cfg.save_interval == 0) or done == ds.steps or exiting:
             checkpoint.save(engine, run_dir, done, meta, cfg.keep_checkpoints)
             last_ckpt = (checkpoint.tag_for(done), meta)
+        if exiting:
+            log.print(f"exit_interval: stopped after step {done}; continue with --resume")
+            log.close()
+            return
     train_wall_s = time.time() - train_started
 
     if ds.steps > start_step or val_loss is None:
         val_loss = _evaluate(engine, final_eval_set, ds.data_parallel, dp_rank)
         log.log(ds.steps, {"val/loss": val_loss})
-    stage_summaries = _gather_objects(engine.accounting.summary())
+    stage_summaries = _gather_objects({**engine.accounting.summary(), "params_sha256": _params_digest(engine.module)})
     warm = step_times[cfg.throughput_warmup_steps:] or step_times
     if dist.get_rank() == 0:
         write_summary(run_dir, {
@@ -131,7 +138,9 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
             "val_loss": round(val_loss, 5), "seq_len": seq_len, "micro_batches": ds.micro_batches,
             "micro_batch_size": ds.micro_batch_size, "bf16": ds.bf16,
             "device": str(engine.device), "stage_layout": "per stage: data-parallel replica 0",
-            "stages_detail": [s for s in stage_summaries if s["dp_rank"] == 0],
+            "stages_detail": [{**s, "replicas_identical": len({r["params_sha256"] for r in stage_summaries
+                                                                 if r["stage"] == s["stage"]}) == 1}
+                              for s in stage_summaries if s["dp_rank"] == 0],
         })
     log.print(f"done: val_loss={val_loss:.4f} | summary in {run_dir / 'summary.json'}")
     log.close()
@@ -183,6 +192,15 @@ def _evaluate(engine, eval_set: EvalBatches, dp: int, dp_rank: int) -> float:
     with engine.accounting.paused():
         loss = engine.eval_batch(iter(mine), num_micro_batches=len(mine))
     return float(loss)
+
+
+def _params_digest(module) -> str:
+    """Hash of this rank's weights: data-parallel replicas of a stage must agree bit for bit."""
+    digest = hashlib.sha256()
+    for name, param in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _gather_objects(obj) -> list:

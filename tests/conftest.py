@@ -1,0 +1,32 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import REPO, SHARED_TEXT  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> Path:
+    """Real text: Tiny Shakespeare from ../shared/data, or (where that folder is absent) a
+    corpus of the same kind cut from this interpreter's standard library sources."""
+    if SHARED_TEXT.is_file():
+        return SHARED_TEXT
+    import sysconfig
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text = "".join((stdlib / name).read_text() for name in ("argparse.py", "textwrap.py", "difflib.py"))
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("token-cache")
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO

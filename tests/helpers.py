@@ -1,0 +1,44 @@
+"""Shared helpers for tests that run the trainer as users do: through scripts/pretrain.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+VENV_BIN = Path(sys.executable).parent
+
+
+def cpu_env() -> dict:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+def run_pretrain(args: list[str], ranks: int | None, cache_dir: Path, timeout: int = 600,
+                 master_port: int | None = None) -> subprocess.CompletedProcess:
+    """ranks=None: one plain process; otherwise the deepspeed launcher with that many CPU ranks."""
+    script = [str(REPO / "scripts" / "pretrain.py"), *args, "--cache_dir", str(cache_dir), "--no-progress"]
+    if ranks is None:
+        cmd = [sys.executable, *script]
+    else:
+        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks)]
+        if master_port:
+            cmd += ["--master_port", str(master_port)]
+        cmd += script
+    return subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m}

@@ -1,0 +1,65 @@
+"""Checkpoint bookkeeping: `latest` only ever names a complete checkpoint."""
+
+import json
+
+import pytest
+
+from bll_ds import checkpoint
+from bll_ds.atomic import atomic_write_text
+from bll_ds.errors import UserError
+
+META = {"method": "bp", "stages": 2, "data_parallel": 1, "model_spec_sha256": "a", "tokenizer_sha256": "b",
+        "micro_batch_size": 3, "micro_batches": 4, "seq_len": 64, "seed": 1}
+
+
+def make_checkpoint(run_dir, step, complete=True):
+    folder = run_dir / "checkpoints" / checkpoint.tag_for(step)
+    folder.mkdir(parents=True)
+    (folder / "layer_00-model_states.pt").write_bytes(b"x")
+    if complete:
+        (folder / checkpoint.MARKER).write_text(json.dumps({**META, "step": step}))
+    return folder
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    target = tmp_path / "latest"
+    atomic_write_text(target, "step_0000001")
+    atomic_write_text(target, "step_0000002")
+    assert target.read_text() == "step_0000002"
+    assert [p.name for p in tmp_path.iterdir()] == ["latest"]
+
+
+def test_latest_complete(tmp_path):
+    assert checkpoint.latest_complete(tmp_path) is None
+    make_checkpoint(tmp_path, 10)
+    atomic_write_text(tmp_path / "checkpoints" / "latest", "step_0000010")
+    tag, meta = checkpoint.latest_complete(tmp_path)
+    assert tag == "step_0000010" and meta["step"] == 10
+
+
+def test_latest_pointing_at_an_incomplete_checkpoint_is_refused(tmp_path):
+    make_checkpoint(tmp_path, 10, complete=False)
+    atomic_write_text(tmp_path / "checkpoints" / "latest", "step_0000010")
+    with pytest.raises(UserError, match="missing or corrupt"):
+        checkpoint.latest_complete(tmp_path)
+
+
+def test_incomplete_folders_are_removed_and_complete_ones_kept(tmp_path):
+    make_checkpoint(tmp_path, 10)
+    make_checkpoint(tmp_path, 20, complete=False)  # a save that was killed half-way
+    assert checkpoint.remove_incomplete(tmp_path) == ["step_0000020"]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000010"]
+
+
+def test_pruning_keeps_the_newest_complete(tmp_path):
+    for step in (10, 20, 30):
+        make_checkpoint(tmp_path, step)
+    checkpoint._prune(tmp_path / "checkpoints", keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000020", "step_0000030"]
+
+
+@pytest.mark.parametrize("key,value", [("stages", 4), ("data_parallel", 2), ("seed", 2), ("tokenizer_sha256", "c")])
+def test_a_different_launch_is_refused(tmp_path, key, value):
+    checkpoint.check_compatible(META, dict(META), tmp_path)
+    with pytest.raises(UserError, match=f"{key}="):
+        checkpoint.check_compatible(META, {**META, key: value}, tmp_path)

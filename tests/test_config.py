@@ -1,0 +1,92 @@
+"""Launch-shape validation: every bad combination is refused with a message naming the fix."""
+
+import json
+
+import pytest
+
+from bll_ds.config import RunConfig, parse_run_config
+from bll_ds.ds_config import load_ds_config
+from bll_ds.errors import UserError
+
+
+def write(tmp_path, cfg: dict):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def test_two_batch_sizes_fix_the_third(tmp_path):
+    ds = load_ds_config(write(tmp_path, {"train_batch_size": 24, "train_micro_batch_size_per_gpu": 3}),
+                        world_size=4, stages=2, steps=10)
+    assert (ds.data_parallel, ds.micro_batch_size, ds.micro_batches, ds.train_batch_size) == (2, 3, 4, 24)
+    assert ds.config["gradient_accumulation_steps"] == 4
+    ds = load_ds_config(write(tmp_path, {"train_batch_size": 12, "gradient_accumulation_steps": 4}),
+                        world_size=2, stages=2, steps=10)
+    assert (ds.micro_batch_size, ds.micro_batches) == (3, 4)
+
+
+def test_batch_sizes_that_do_not_divide_are_refused(tmp_path):
+    with pytest.raises(UserError, match="not divisible") as err:
+        load_ds_config(write(tmp_path, {"train_batch_size": 12, "train_micro_batch_size_per_gpu": 5}),
+                       world_size=2, stages=2, steps=10)
+    assert "multiple of 5" in err.value.fix
+    with pytest.raises(UserError, match=r"train_batch_size 13 != micro-batch 3 x accumulation 4 x 1"):
+        load_ds_config(write(tmp_path, {"train_batch_size": 13, "train_micro_batch_size_per_gpu": 3,
+                                        "gradient_accumulation_steps": 4}), world_size=2, stages=2, steps=10)
+    with pytest.raises(UserError, match="does not fix the batch size"):
+        load_ds_config(write(tmp_path, {"train_micro_batch_size_per_gpu": 3}), world_size=2, stages=2, steps=10)
+    with pytest.raises(UserError, match="not a positive integer"):
+        load_ds_config(write(tmp_path, {"train_micro_batch_size_per_gpu": 0, "gradient_accumulation_steps": 2}),
+                       world_size=2, stages=2, steps=10)
+
+
+def test_world_size_must_be_a_multiple_of_the_stages(tmp_path):
+    with pytest.raises(UserError, match="3 ranks cannot be split into 2 pipeline stages"):
+        load_ds_config(write(tmp_path, {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}),
+                       world_size=3, stages=2, steps=10)
+
+
+def test_zero_stage_beyond_one_is_refused(tmp_path):
+    with pytest.raises(UserError, match="ZeRO stage 2"):
+        load_ds_config(write(tmp_path, {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                                        "zero_optimization": {"stage": 2}}), world_size=2, stages=2, steps=10)
+
+
+def test_missing_or_broken_config_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_ds_config(str(tmp_path / "none.json"), world_size=1, stages=1, steps=1)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_ds_config(str(tmp_path / "bad.json"), world_size=1, stages=1, steps=1)
+
+
+def test_steps_set_the_scheduler_length(tmp_path):
+    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+           "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 2000, "warmup_num_steps": 10}}}
+    ds = load_ds_config(write(tmp_path, cfg), world_size=1, stages=1, steps=300)
+    assert ds.steps == 300 and ds.config["scheduler"]["params"]["total_num_steps"] == 300
+    assert load_ds_config(write(tmp_path, cfg), world_size=1, stages=1, steps=None).steps == 2000
+
+
+def test_shipped_configs_resolve(repo):
+    for path in sorted((repo / "ds_configs").glob("*.json")):
+        ds = load_ds_config(str(path), world_size=2, stages=2, steps=None)
+        assert ds.train_batch_size == ds.micro_batch_size * ds.micro_batches
+
+
+def test_nanogpt_anchor_config_matches_the_recipe(repo):
+    ds = load_ds_config(str(repo / "ds_configs/nanogpt-char.json"), world_size=2, stages=2, steps=None)
+    opt = ds.config["optimizer"]["params"]
+    sched = ds.config["scheduler"]["params"]
+    assert (ds.micro_batches, ds.micro_batch_size, ds.steps) == (4, 3, 2000)
+    assert (opt["lr"], opt["betas"][1], opt["weight_decay"], ds.config["gradient_clipping"]) == (1e-3, 0.99, 0.1, 1.0)
+    assert (sched["warmup_num_steps"], sched["cos_min_ratio"]) == (100, 0.1)
+
+
+def test_run_config_cli(tmp_path):
+    cfg = parse_run_config(["--model", "m.json", "--deepspeed_config", "d.json", "--out", "o",
+                            "--seq-len", "32", "--no-progress", "--local_rank=1"])
+    assert isinstance(cfg, RunConfig)
+    assert (cfg.seq_len, cfg.progress, cfg.method, cfg.stages, cfg.data) == (32, False, "bp", 2, None)
+    with pytest.raises(SystemExit):
+        parse_run_config(["--model", "m.json", "--deepspeed_config", "d.json", "--out", "o", "--method", "sgd"])
