@@ -57,9 +57,27 @@ def load_ds_config(path: str, world_size: int, stages: int, steps: int | None) -
         raise UserError(f"--steps {steps} is not a positive number of optimizer steps.", "pass --steps K with K >= 1.")
     if "total_num_steps" in scheduler_params:
         scheduler_params["total_num_steps"] = steps
+    bf16 = cfg.get("bf16")
+    if isinstance(bf16, dict) and bf16.get("enabled") == "auto":
+        bf16["enabled"] = native_bf16()
     # The trainer prints its own progress; DeepSpeed's per-step prints would interleave with it.
     cfg.setdefault("steps_per_print", 10**9)
     return DsSettings(config=cfg, data_parallel=dp, micro_batch_size=mbs, micro_batches=gas, steps=steps)
+
+
+def native_bf16() -> bool:
+    """What `"bf16": {"enabled": "auto"}` resolves to: bf16 where the hardware multiplies bf16
+    matrices natively and faster than fp32 -- CUDA GPUs of compute capability 8.0 or newer, CPUs
+    with AMX tiles. A CPU with only AVX512-BF16 runs bf16 matrix products at about half its fp32
+    rate (83 against 157 GFLOP/s on this project's CI machine; docs/BENCHMARKS.md), so "auto"
+    keeps fp32 there; set "enabled": true to force bf16 anyway.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability()[0] >= 8
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(amx and amx())
 
 
 def _read_json(path: str) -> dict:

@@ -105,3 +105,53 @@ def test_two_stages_by_two_replicas(tmp_path, cache_dir, text_corpus):
     states = sorted((out / "checkpoints" / "step_0000006").glob("layer_*-model_states.pt"))
     assert len(states) == 6  # embedding + 4 decoder layers + head, saved once per layer
     assert read_metrics(out)[-1]["val/loss"] > 0
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_one_pipeline_step_equals_a_hand_computed_adamw_step(tmp_path, cache_dir, text_corpus, zero_stage):
+    """Pins DeepSpeed's pipeline backward, gradient-accumulation scaling, clipping and AdamW: the
+    weights after one 2-stage 1F1B step equal one step of plain PyTorch on the same model and
+    micro-batches. Breaks loudly if a DeepSpeed upgrade changes any of them.
+
+    Adam's first step is lr * g / (|g| + eps): with a tiny eps it is sign(g) and magnifies float
+    noise in near-zero gradients, so eps is large enough here for the update to track g itself
+    (a wrong accumulation scale or clip shows up as a wrong update).
+    """
+    from bll_ds.data import Tokenizer, load_corpus, prepare_token_streams, MicroBatchSampler
+    from bll_ds.engine.build import weight_decay_groups
+    from bll_ds.modeling import build_sequential, lm_loss, load_model_spec
+
+    ds_cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3, "gradient_clipping": 0.5,
+              "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "betas": [0.9, 0.95], "eps": 1e-3,
+                                                        "weight_decay": 0.1, "torch_adam": True}},
+              "bf16": {"enabled": False}, "zero_optimization": {"stage": zero_stage}}
+    (tmp_path / "ds.json").write_text(json.dumps(ds_cfg))
+    out = tmp_path / "run"
+    result = run_pretrain(["--model", "models/test-1m.json", "--deepspeed_config", str(tmp_path / "ds.json"),
+                           "--stages", "2", "--tokenizer", "char", "--seq_len", "32", "--steps", "1",
+                           "--data", str(text_corpus), "--final_eval_batches", "1", "--seed", "11",
+                           "--out", str(out)], 2, cache_dir, master_port=29617 + zero_stage)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    tokenizer = Tokenizer(str(out / "tokenizer.model"))
+    streams = prepare_token_streams(load_corpus(str(text_corpus)), tokenizer, str(cache_dir), num_proc=1)
+    config = load_model_spec("models/test-1m.json", vocab_size=tokenizer.vocab_size)
+    model = build_sequential(config, seed=11)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(weight_decay_groups(model), lr=0.01, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1)
+    sampler = MicroBatchSampler(streams.train, 32, 2, seed=11)
+    for m in range(3):
+        ids, labels = sampler.get(0, m, 3)
+        (lm_loss(model(ids), labels) / 3).backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    assert norm > 0.5  # the clip is active, so a wrong norm would change the update
+    optimizer.step()
+
+    moved = 0.0
+    for index, layer in enumerate(model):
+        saved = torch.load(out / "checkpoints" / "step_0000001" / f"layer_{index:02d}-model_states.pt",
+                           map_location="cpu", weights_only=True)
+        for key, expected in layer.state_dict().items():
+            torch.testing.assert_close(saved[key], expected, rtol=1e-5, atol=1e-6, msg=f"layer {index} {key}")
+            moved = max(moved, (expected - before[f"{index}.{key}"]).abs().max().item())
+    assert moved > 1e-3  # the step really changed the weights, so the comparison has teeth
