@@ -28,14 +28,15 @@ METHOD    ?= bp
 MODEL     ?= models/llama-25m.json
 DS_CONFIG ?= ds_configs/llama-25m.json
 TOKENIZER ?= bpe:4096
-STEPS     ?= 300
+STEPS     ?= 200
+FINAL_EVAL_BATCHES ?= 50
 OUT       ?= runs/pretrain
 DATA      ?=
 
 pretrain: venv
 	$(VENV)/bin/deepspeed --num_gpus $(NUM_GPUS) scripts/pretrain.py \
 		--model $(MODEL) --deepspeed_config $(DS_CONFIG) --method $(METHOD) --stages $(STAGES) \
-		--tokenizer $(TOKENIZER) --steps $(STEPS) --out $(OUT) $(if $(DATA),--data $(DATA)) \
+		--tokenizer $(TOKENIZER) --steps $(STEPS) --final_eval_batches $(FINAL_EVAL_BATCHES) --out $(OUT) $(if $(DATA),--data $(DATA)) \
 		$(if $(wildcard $(OUT)/checkpoints/latest),--resume)
 
 test: venv

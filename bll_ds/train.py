@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
 def train(cfg: RunConfig, started: float) -> None:
     rank, world = distributed.launch_env()
     # Fail on bad input before any process group, file or thread exists.
-    check_stages(load_model_spec(cfg.model), cfg.stages)
+    spec = load_model_spec(cfg.model)
+    check_stages(spec, cfg.stages)
+    _seq_len(cfg, spec)
     ds = load_ds_config(cfg.deepspeed_config, world, cfg.stages, cfg.steps)
     parse_tokenizer_spec(cfg.tokenizer)
     run_dir = Path(cfg.out)
@@ -80,6 +82,11 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
     meta = _run_meta(cfg, ds, seq_len, data)
 
     start_step = _maybe_resume(engine, run_dir, cfg.resume, meta)
+    if start_step >= ds.steps:
+        if dist.get_rank() == 0:
+            print(f"bll-ds: {run_dir} is already complete at step {start_step} (see summary.json); "
+                  f"pass a larger --steps to train on.", flush=True)
+        return
     tokens_per_step = ds.train_batch_size * seq_len
     log = MetricsLog(run_dir, enabled=dist.get_rank() == 0, total_steps=ds.steps, start_step=start_step,
                      progress=cfg.progress)

@@ -90,3 +90,12 @@ def test_run_config_cli(tmp_path):
     assert (cfg.seq_len, cfg.progress, cfg.method, cfg.stages, cfg.data) == (32, False, "bp", 2, None)
     with pytest.raises(SystemExit):
         parse_run_config(["--model", "m.json", "--deepspeed_config", "d.json", "--out", "o", "--method", "sgd"])
+
+
+def test_bf16_auto_resolves_to_the_hardware_answer(tmp_path):
+    from bll_ds.ds_config import native_bf16
+    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "bf16": {"enabled": "auto"}}
+    ds = load_ds_config(write(tmp_path, cfg), world_size=1, stages=1, steps=1)
+    assert ds.config["bf16"]["enabled"] is native_bf16() and ds.bf16 is native_bf16()
+    cfg["bf16"]["enabled"] = True  # an explicit choice is never overridden
+    assert load_ds_config(write(tmp_path, cfg), world_size=1, stages=1, steps=1).bf16 is True
