@@ -32,9 +32,9 @@ def _shakespeare_text() -> str:
 
 
 @pytest.fixture(scope="module")
-def train_docs():
-    head = _shakespeare_text()[:60_000] if SHAKESPEARE.exists() else "To be, or not to be: that is the question.\n" * 500
-    return [head, PY_SNIPPET * 20]
+def train_docs(text_corpus):
+    """Real text: Tiny Shakespeare, or the standard-library fallback where ../shared is absent."""
+    return [text_corpus.read_text(encoding="utf-8")[:60_000], PY_SNIPPET * 20]
 
 
 @pytest.fixture(scope="module", params=["char", "bpe:400", "unigram:400"])
