@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import deepspeed.comm as dist
+import torch
 
 from bll_ds.atomic import atomic_write_text
 from bll_ds.errors import UserError
@@ -34,6 +35,9 @@ def save(engine, run_dir: Path, step: int, meta: dict, keep: int) -> str:
     ckpt_dir = run_dir / "checkpoints"
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    extra = engine.extra_state()  # block-local state DeepSpeed does not know: feedback weights, tables
+    if extra is not None and engine.grid.data_parallel_id == 0:
+        torch.save(extra, ckpt_dir / tag / _extra_name(engine.stage_id))
     dist.barrier()
     if dist.get_rank() == 0:
         atomic_write_text(ckpt_dir / tag / MARKER, json.dumps({**meta, "step": step}, indent=2))
@@ -66,7 +70,7 @@ def latest_complete(run_dir: Path) -> tuple[str, dict] | None:
 
 def check_compatible(saved: dict, current: dict, run_dir: Path) -> None:
     """Refuse to resume into a launch that would load shards of a different shape."""
-    for key in ("method", "stages", "data_parallel", "model_spec_sha256", "tokenizer_sha256",
+    for key in ("method", "bll_variant", "stages", "data_parallel", "model_spec_sha256", "tokenizer_sha256",
                 "micro_batch_size", "micro_batches", "seq_len", "seed"):
         if saved.get(key) != current.get(key):
             raise UserError(
@@ -86,10 +90,19 @@ def load(engine, run_dir: Path, tag: str) -> None:
                         f"{str(err).splitlines()[0][:200]}).",
                         f"delete {ckpt_dir / tag}, point {ckpt_dir / LATEST} at an earlier step_* folder, "
                         "or start a new --out.") from None
+    fix = f"delete {ckpt_dir / tag}, point {ckpt_dir / LATEST} at an earlier step_* folder, or start a new --out."
     if path is None:  # DeepSpeed warns and returns None when files are missing
-        raise UserError(f"checkpoint {ckpt_dir / tag} is missing DeepSpeed state files.",
-                        f"delete {ckpt_dir / tag}, point {ckpt_dir / LATEST} at an earlier step_* folder, "
-                        "or start a new --out.")
+        raise UserError(f"checkpoint {ckpt_dir / tag} is missing DeepSpeed state files.", fix)
+    if engine.extra_state() is not None:
+        extra = ckpt_dir / tag / _extra_name(engine.stage_id)
+        try:
+            engine.load_extra_state(torch.load(extra, map_location="cpu", weights_only=False))
+        except Exception as err:
+            raise UserError(f"block-local state {extra} could not be loaded ({type(err).__name__}).", fix) from None
+
+
+def _extra_name(stage: int) -> str:
+    return f"bll_stage{stage:02d}.pt"
 
 
 def remove_incomplete(run_dir: Path) -> list[str]:

@@ -13,7 +13,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-METHODS = ("bp",)
+from bll_ds.bll.variants import VARIANTS as BLL_VARIANTS
+
+METHODS = ("bp", "bll")
 
 
 def _doc(text: str, **kwargs):
@@ -25,7 +27,8 @@ class RunConfig:
     model: str = _doc("Model spec: a Hugging Face config.json of the gpt2 or llama family (models/*.json).")
     deepspeed_config: str = _doc("DeepSpeed JSON config (ds_configs/*.json).")
     out: str = _doc("Run directory: checkpoints, tokenizer, metrics.jsonl, summary.json, tb/.")
-    method: str = _doc("Training method: 'bp' = DeepSpeed's own pipeline backprop (1F1B).", default="bp")
+    method: str = _doc("'bll' = block-local learning (each stage trains on its own local loss); "
+                       "'bp' = DeepSpeed's own pipeline backprop (1F1B), the baseline.", default="bll")
     stages: int = _doc("Pipeline stages S. The launch needs N = S x data-parallel replicas ranks.", default=2)
     data: str | None = _doc("Text/jsonl/parquet file, folder, glob, or HF dataset name[:config]. "
                             "Default: the Python standard library sources of this interpreter.", default=None)
@@ -33,6 +36,14 @@ class RunConfig:
                           "dir) or a path to a sentencepiece .model file.", default="bpe:4096")
     steps: int | None = _doc("Optimizer steps. Default: the scheduler's total_num_steps in the DeepSpeed "
                              "config, else 1000. It also sets the scheduler's total_num_steps.", default=None)
+    bll_variant: str = _doc("Local loss of --method bll (docs/METHOD.md): prototype (feedback network's "
+                            "target prototypes, default), gaussian, bernoulli (per-token agreement with a "
+                            "collapse guard), dgl (free local head), drtp (fixed random feedback).",
+                            default="prototype")
+    bll_steps_per_call: int = _doc("Optimizer steps per engine call in --method bll. The pipe fills and drains "
+                                   "once per call, not once per step; 1 = drain after every step.", default=32)
+    bll_guard_weight: float = _doc("Weight of the collapse guard of the gaussian/bernoulli variants.", default=1.0)
+    bll_learn_variance: bool = _doc("gaussian variant: learn the message variances.", default=False)
     seq_len: int | None = _doc("Tokens per training sequence. Default: the model's context length.", default=None)
     seed: int = _doc("Seed for weights and data order.", default=1234)
     log_interval: int = _doc("Steps between metrics.jsonl / TensorBoard lines.", default=10)
@@ -64,10 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=f.metadata["help"])
             continue
-        kind = int if f.type in ("int", "int | None") else str
+        kind = {"int": int, "int | None": int, "float": float}.get(f.type, str)
         parser.add_argument(flag, type=kind, required=required,
                             default=None if required else f.default, help=f.metadata["help"],
-                            choices=METHODS if f.name == "method" else None)
+                            choices={"method": METHODS, "bll_variant": BLL_VARIANTS}.get(f.name))
         if "_" in f.name:  # accept --seq-len as well as --seq_len
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind,
                                 help=argparse.SUPPRESS)

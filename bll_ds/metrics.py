@@ -1,5 +1,11 @@
-"""Run outputs on rank 0: metrics.jsonl (one line per log step), TensorBoard events in tb/,
-a tqdm progress bar, plain log lines, and summary.json at the end."""
+"""Run outputs: JSON lines and TensorBoard events, a tqdm progress bar, plain log lines, and
+summary.json at the end.
+
+Two kinds of writer, so that logging never needs a collective across stages during training:
+- the run log, on the last stage's first replica (it holds the real LM loss): metrics.jsonl, tb/;
+- one stage log per stage (first replica): metrics_stage{k}.jsonl, tb/stage{k}/ -- local losses,
+  loss terms, busy/idle time, gradient and update norms.
+"""
 
 from __future__ import annotations
 
@@ -14,37 +20,37 @@ from bll_ds.atomic import atomic_write_text
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int, progress: bool):
+    def __init__(self, jsonl_path: Path, tb_dir: Path, enabled: bool, start_step: int,
+                 progress_total: int | None = None):
         self.enabled = enabled
         self._bar = None
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter  # imported late: slow, and rank 0 only
+        from torch.utils.tensorboard import SummaryWriter  # imported late: slow, and only where used
 
-        self._jsonl = open(run_dir / "metrics.jsonl", "a")
-        self._tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step)
-        if progress:
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+        self._jsonl = open(jsonl_path, "a")
+        self._tb = SummaryWriter(log_dir=str(tb_dir), purge_step=start_step + 1)
+        if progress_total is not None:
+            self._bar = tqdm(total=progress_total, initial=start_step, unit="step", dynamic_ncols=True,
                              file=sys.stderr, mininterval=1.0)
 
-    def step_done(self, loss: float, tokens_per_s: float) -> None:
+    def advance(self, steps: int, loss: float, tokens_per_s: float) -> None:
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-            self._bar.update(1)
+            self._bar.update(steps)
 
     def log(self, step: int, scalars: dict[str, float], echo: bool = True) -> None:
-        """Write one metrics line; keys with '/' become TensorBoard tags as they are."""
+        """One metrics line; keys are TensorBoard tags as they are."""
         if not self.enabled:
             return
+        scalars = {k: v for k, v in scalars.items() if v is not None}
         self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **scalars}) + "\n")
         self._jsonl.flush()
         for key, value in scalars.items():
-            if value is not None:
-                self._tb.add_scalar(key, value, step)
+            self._tb.add_scalar(key, value, step)
         if echo:
-            text = " ".join(f"{k.replace('/', '_').removeprefix('train_')}={_fmt(v)}"
-                            for k, v in scalars.items() if not k.startswith("stage"))
-            self.print(f"step {step} {text}")
+            self.print(f"step {step} " + " ".join(f"{k.replace('/', '_').removeprefix('train_')}={_fmt(v)}"
+                                                  for k, v in scalars.items()))
 
     def print(self, line: str) -> None:
         if not self.enabled:

@@ -8,6 +8,7 @@ time, log, evaluate, checkpoint.
 from __future__ import annotations
 
 import hashlib
+import math
 import shutil
 import statistics
 import sys
@@ -40,8 +41,10 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
         if rank == 0:
             print(f"bll-ds: error: {err}", file=sys.stderr, flush=True)
         return 2
-    finally:
-        distributed.shutdown()
+    # No barrier on the error paths: after a failure on one rank the others may be blocked in a
+    # receive that will never complete, and a barrier would keep this process alive with them.
+    # Exiting non-zero lets the deepspeed launcher stop every rank.
+    distributed.shutdown()
     return 0
 
 
@@ -70,7 +73,8 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
     data = prepare_run_data(cfg, run_dir)
     model_config = load_model_spec(cfg.model, vocab_size=data.tokenizer.vocab_size)
     seq_len = _seq_len(cfg, model_config)
-    engine = build_engine(cfg.method, build_pipeline_module(model_config, cfg.stages, cfg.seed), ds.config)
+    engine = build_engine(cfg.method, build_pipeline_module(model_config, cfg.stages, cfg.seed), ds.config,
+                          model_config, cfg.seed, cfg.bll_variant, cfg.bll_guard_weight, cfg.bll_learn_variance)
     stage, dp_rank = engine.stage_id, engine.grid.data_parallel_id
     sampler = MicroBatchSampler(data.train_tokens, seq_len, ds.micro_batch_size, cfg.seed,
                                 dp_rank=dp_rank, dp_size=ds.data_parallel)
@@ -87,70 +91,97 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
             print(f"bll-ds: {run_dir} is already complete at step {start_step} (see summary.json); "
                   f"pass a larger --steps to train on.", flush=True)
         return
+    engine.start_feedback(start_step)
     tokens_per_step = ds.train_batch_size * seq_len
-    log = MetricsLog(run_dir, enabled=dist.get_rank() == 0, total_steps=ds.steps, start_step=start_step,
-                     progress=cfg.progress)
-    log.print(f"bll-ds: {cfg.method} | {cfg.stages} stages x {ds.data_parallel} replicas | "
+    is_logger = dist.get_rank() == engine.grid.stage_to_global(cfg.stages - 1, data=0)
+    log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tb", is_logger, start_step,
+                     ds.steps if cfg.progress else None)
+    stage_log = MetricsLog(run_dir / f"metrics_stage{stage}.jsonl", run_dir / "tb" / f"stage{stage}",
+                           dp_rank == 0, start_step)
+    log.print(f"bll-ds: {cfg.method}{'/' + cfg.bll_variant if cfg.method == 'bll' else ''} | "
+              f"{cfg.stages} stages x {ds.data_parallel} replicas | "
               f"{count_parameters(model_config) / 1e6:.2f}M params | vocab {model_config.vocab_size} | "
               f"{ds.micro_batches} micro-batches x {ds.micro_batch_size} x {seq_len} tokens | "
               f"steps {start_step}->{ds.steps} | {run_dir}")
 
-    step_times, val_loss, last_ckpt = [], None, checkpoint.latest_complete(run_dir)
+    step, step_times, recent, val_loss = start_step, [], [], None
     train_started = time.time()
-    for step in range(start_step, ds.steps):
-        torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.get_rank())  # exact resume with dropout
-        micro_batches = iter([sampler.get(step, m, ds.micro_batches) for m in range(ds.micro_batches)])
-        t0 = time.perf_counter()
-        loss = engine.train_batch(micro_batches).item()
-        step_s = time.perf_counter() - t0
-        busy_s, idle_s = engine.accounting.end_step(step_s)
-        step_times.append(step_s)
-        done = step + 1
-        if not torch.isfinite(torch.tensor(loss)):
-            raise UserError(f"the training loss is {loss} at step {done} (stage {stage} reports it).",
-                            f"resume from the last good checkpoint ({last_ckpt[0] if last_ckpt else 'none'}) "
-                            "with a lower learning rate or tighter gradient clipping.")
-        log.step_done(loss, tokens_per_step / step_s)
-        if done % cfg.log_interval == 0 or done == ds.steps:
-            timings = _gather_stage_timings(busy_s, idle_s, cfg.stages, ds.data_parallel)
-            log.log(done, {"train/loss": loss, "train/lr": engine.get_lr()[0],
-                           "train/tokens_per_s": tokens_per_step / step_s,
-                           "train/tokens_seen": done * tokens_per_step, **timings})
-        if cfg.eval_interval and done % cfg.eval_interval == 0 and done < ds.steps:
+    while step < ds.steps:
+        n = _call_length(step, cfg, ds.steps)
+        logged = [s for s in range(step + 1, step + n + 1) if s % cfg.log_interval == 0 or s == ds.steps]
+        records = engine.train_steps(step, n, sampler.get, track_update_at=logged)
+        distributed.agree_on_errors(_check_finite, records, stage, run_dir)
+        step += n
+        step_times += [r.step_s for r in records]
+        recent = (recent + records)[-10:]
+        log.advance(n, records[-1].loss, tokens_per_step / records[-1].step_s)
+        for r in records:
+            if r.step in logged:
+                log.log(r.step, {"train/loss": r.loss, "train/lr": r.lr, "train/tokens_per_s": tokens_per_step / r.step_s,
+                                 "train/tokens_seen": r.step * tokens_per_step}, echo=True)
+                stage_log.log(r.step, {"stage/loss": r.loss, "stage/step_s": r.step_s, "stage/busy_s": r.busy_s,
+                                       "stage/idle_s": r.idle_s, "stage/grad_norm": r.grad_norm,
+                                       "stage/update_norm": r.update_norm,
+                                       **{f"stage/{k}": v for k, v in r.terms.items()}}, echo=False)
+        if cfg.eval_interval and step % cfg.eval_interval == 0 and step < ds.steps:
             val_loss = _evaluate(engine, eval_set, ds.data_parallel, dp_rank)
-            log.log(done, {"val/loss": val_loss})
-        exiting = bool(cfg.exit_interval) and done % cfg.exit_interval == 0 and done < ds.steps
-        if (cfg.save_interval and done % cfg.save_interval == 0) or done == ds.steps or exiting:
-            checkpoint.save(engine, run_dir, done, meta, cfg.keep_checkpoints)
-            last_ckpt = (checkpoint.tag_for(done), meta)
+            log.log(step, {"val/loss": val_loss})
+        exiting = bool(cfg.exit_interval) and step % cfg.exit_interval == 0 and step < ds.steps
+        if (cfg.save_interval and step % cfg.save_interval == 0) or step == ds.steps or exiting:
+            checkpoint.save(engine, run_dir, step, meta, cfg.keep_checkpoints)
         if exiting:
-            log.print(f"exit_interval: stopped after step {done}; continue with --resume")
+            log.print(f"exit_interval: stopped after step {step}; continue with --resume")
             log.close()
+            stage_log.close()
             return
     train_wall_s = time.time() - train_started
 
-    if ds.steps > start_step or val_loss is None:
-        val_loss = _evaluate(engine, final_eval_set, ds.data_parallel, dp_rank)
-        log.log(ds.steps, {"val/loss": val_loss})
-    stage_summaries = _gather_objects({**engine.accounting.summary(), "params_sha256": _params_digest(engine.module)})
+    val_loss = _evaluate(engine, final_eval_set, ds.data_parallel, dp_rank)
+    log.log(ds.steps, {"val/loss": val_loss})
+    mine = {**engine.accounting.summary(), "params_sha256": _params_digest(engine.module),
+            "local_loss": round(statistics.mean(r.loss for r in recent), 5),
+            "local_terms": {k: round(statistics.mean(r.terms[k] for r in recent), 5) for k in recent[-1].terms}}
+    stage_summaries = _gather_objects(mine)
     warm = step_times[cfg.throughput_warmup_steps:] or step_times
-    if dist.get_rank() == 0:
+    if is_logger:
         write_summary(run_dir, {
-            "method": cfg.method, "stages": cfg.stages, "dp": ds.data_parallel,
+            "method": cfg.method, "bll_variant": cfg.bll_variant if cfg.method == "bll" else None,
+            "stages": cfg.stages, "dp": ds.data_parallel,
             "params": count_parameters(model_config), "steps": ds.steps, "resumed_from_step": start_step,
             "tokens_seen": ds.steps * tokens_per_step, "tokens_per_step": tokens_per_step,
             "wall_s": round(time.time() - started, 2), "train_wall_s": round(train_wall_s, 2),
-            "tokens_per_s": round(tokens_per_step / statistics.median(warm), 1) if warm else None,
-            "step_s_median": round(statistics.median(warm), 5) if warm else None,
+            "tokens_per_s": round(tokens_per_step / statistics.median(warm), 1),
+            "step_s_median": round(statistics.median(warm), 5),
             "val_loss": round(val_loss, 5), "seq_len": seq_len, "micro_batches": ds.micro_batches,
             "micro_batch_size": ds.micro_batch_size, "bf16": ds.bf16,
-            "device": str(engine.device), "stage_layout": "per stage: data-parallel replica 0",
+            "device": str(engine.device), "stage_layout": "per stage: data-parallel replica 0; "
+            "tokens_per_s and step times from the last stage",
             "stages_detail": [{**s, "replicas_identical": len({r["params_sha256"] for r in stage_summaries
                                                                  if r["stage"] == s["stage"]}) == 1}
                               for s in stage_summaries if s["dp_rank"] == 0],
         })
     log.print(f"done: val_loss={val_loss:.4f} | summary in {run_dir / 'summary.json'}")
     log.close()
+    stage_log.close()
+
+
+def _call_length(step: int, cfg: RunConfig, total: int) -> int:
+    """Steps in the next engine call: up to --bll_steps_per_call, ending at the next evaluation,
+    checkpoint or exit step so those always see a drained pipe."""
+    n = min(cfg.bll_steps_per_call, total - step)
+    for interval in (cfg.eval_interval, cfg.save_interval, cfg.exit_interval):
+        if interval:
+            n = min(n, interval - step % interval)
+    return max(n, 1)
+
+
+def _check_finite(records, stage: int, run_dir: Path) -> None:
+    for r in records:
+        if not math.isfinite(r.loss):
+            last = checkpoint.latest_complete(run_dir)
+            raise UserError(f"the training loss is {r.loss} at step {r.step} on stage {stage}.",
+                            f"resume from the last good checkpoint ({last[0] if last else 'none: restart'}) "
+                            "with a lower learning rate or tighter gradient clipping.")
 
 
 def _seq_len(cfg: RunConfig, model_config) -> int:
@@ -176,7 +207,8 @@ def _run_meta(cfg: RunConfig, ds: DsSettings, seq_len: int, data) -> dict:
     return {"method": cfg.method, "stages": cfg.stages, "data_parallel": ds.data_parallel,
             "model_spec_sha256": hashlib.sha256(Path(cfg.model).read_bytes()).hexdigest(),
             "tokenizer_sha256": data.tokenizer.fingerprint, "micro_batch_size": ds.micro_batch_size,
-            "micro_batches": ds.micro_batches, "seq_len": seq_len, "seed": cfg.seed, "data": cfg.data}
+            "micro_batches": ds.micro_batches, "seq_len": seq_len, "seed": cfg.seed, "data": cfg.data,
+            "bll_variant": cfg.bll_variant if cfg.method == "bll" else None}
 
 
 def _maybe_resume(engine, run_dir: Path, resume: bool, meta: dict) -> int:
@@ -213,18 +245,6 @@ def _params_digest(module) -> str:
 def _gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def _gather_stage_timings(busy_s: float, idle_s: float, stages: int, dp: int) -> dict[str, float]:
-    """Last step's busy/idle seconds of every stage (data-parallel replica 0), for TensorBoard."""
-    local = torch.tensor([busy_s, idle_s], dtype=torch.float64)
-    everyone = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
-    torch.distributed.all_gather(everyone, local)
-    out = {}
-    for s in range(stages):
-        busy, idle = everyone[s * dp].tolist()  # PipeDataParallelTopology: rank = stage * dp + replica
-        out[f"stage{s}/busy_s"], out[f"stage{s}/idle_s"] = busy, idle
     return out
 
 

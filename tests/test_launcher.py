@@ -3,6 +3,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,3 +156,94 @@ def test_one_pipeline_step_equals_a_hand_computed_adamw_step(tmp_path, cache_dir
             torch.testing.assert_close(saved[key], expected, rtol=1e-5, atol=1e-6, msg=f"layer {index} {key}")
             moved = max(moved, (expected - before[f"{index}.{key}"]).abs().max().item())
     assert moved > 1e-3  # the step really changed the weights, so the comparison has teeth
+
+
+# ---- block-local learning ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bll_run(tmp_path_factory, cache_dir, text_corpus):
+    """30 block-local steps (prototype feedback) on 2 stages, checkpoint every 10, 8 steps per call."""
+    out = tmp_path_factory.mktemp("bll") / "run"
+    launch(["--method", "bll", "--data", str(text_corpus), "--stages", "2", "--steps", "30", "--save_interval", "10",
+            "--bll_steps_per_call", "8", "--out", str(out)], 2, cache_dir, 29621)
+    return out
+
+
+def test_bll_sends_no_gradients_and_learns(bll_run, straight_run):
+    summary = json.loads((bll_run / "summary.json").read_text())
+    assert summary["method"] == "bll" and summary["bll_variant"] == "prototype"
+    s0, s1 = summary["stages_detail"]
+    for stage in (s0, s1):
+        assert stage["grads_sent"] == 0 and stage["grads_received"] == 0
+    assert s0["acts_sent"] == s1["acts_received"] == 30 * 2
+    # One feedback table per step goes upstream (plus the initial one), lagged by two steps.
+    assert s1["tables_sent"] == 31 and s0["tables_received"] == 31
+    assert s1["bytes_up"] == 31 * 68 * 128 * 4  # [vocab, hidden] fp32
+    assert "ce" in s0["local_terms"] and s0["local_loss"] > 0
+    losses = train_losses(bll_run)
+    assert sum(losses[s] for s in (28, 29, 30)) / 3 < sum(losses[s] for s in (1, 2, 3)) / 3 - 0.5
+    bp = json.loads((straight_run / "summary.json").read_text())["stages_detail"]
+    assert bp[0]["grads_received"] > 0 and bp[1]["grads_sent"] > 0  # backprop does send them
+    assert (bll_run / "tb" / "stage0").is_dir() and (bll_run / "metrics_stage0.jsonl").is_file()
+
+
+def test_bll_resume_continues_exactly(bll_run, tmp_path, cache_dir, text_corpus):
+    out = tmp_path / "run"
+    base = ["--method", "bll", "--data", str(text_corpus), "--stages", "2", "--steps", "30", "--save_interval", "10",
+            "--bll_steps_per_call", "8", "--out", str(out)]
+    launch(base + ["--exit_interval", "20"], 2, cache_dir, 29622)
+    launch(base + ["--resume"], 2, cache_dir, 29623)
+    resumed, straight = train_losses(out), train_losses(bll_run)
+    for step in range(21, 31):
+        assert resumed[step] == straight[step], step  # bit-exact: feedback state and tables restored
+    stage0 = [json.loads(line) for line in (out / "metrics_stage0.jsonl").read_text().splitlines()]
+    stage0_straight = [json.loads(line) for line in (bll_run / "metrics_stage0.jsonl").read_text().splitlines()]
+    assert [m["stage/loss"] for m in stage0 if m["step"] > 20] == [m["stage/loss"] for m in stage0_straight if m["step"] > 20]
+
+
+def perturb_last_stage(run_dir: Path, tag: str, layers: list[int]):
+    for index in layers:
+        path = run_dir / "checkpoints" / tag / f"layer_{index:02d}-model_states.pt"
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        torch.save({k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}, path)
+
+
+@pytest.mark.parametrize("method", ["bll", "bp"])
+def test_stage0_update_ignores_the_last_stage_only_in_bll(method, bll_run, straight_run, tmp_path, cache_dir, text_corpus):
+    """Resume one step from the same checkpoint twice, once with the last stage's weights
+    perturbed. Block-local: stage 0's new weights are bit-identical. Backprop: they differ."""
+    source = bll_run if method == "bll" else straight_run
+    extra = ["--bll_steps_per_call", "8"] if method == "bll" else []
+    stage0 = {}
+    for name, port in (("plain", 29624), ("perturbed", 29625)):
+        out = tmp_path / name
+        shutil.copytree(source, out)
+        if name == "perturbed":
+            perturb_last_stage(out, "step_0000030", [3, 4, 5])
+        launch(["--method", method, "--data", str(text_corpus), "--stages", "2", "--steps", "31",
+                "--out", str(out), "--resume", *extra], 2, cache_dir, port + (10 if method == "bp" else 0))
+        stage0[name] = [torch.load(out / "checkpoints" / "step_0000031" / f"layer_{i:02d}-model_states.pt",
+                                   map_location="cpu", weights_only=True) for i in (0, 1, 2)]
+    same = all(torch.equal(a[k], b[k]) for a, b in zip(stage0["plain"], stage0["perturbed"]) for k in a)
+    assert same == (method == "bll")
+
+
+@pytest.mark.parametrize("variant", ["gaussian", "dgl"])
+def test_bll_variants_and_zero1_replicas(variant, tmp_path, cache_dir, text_corpus, repo):
+    """2 stages x 2 data-parallel replicas with ZeRO-1: the replicas of each stage stay identical."""
+    cfg = json.loads((repo / "ds_configs/test-1m.json").read_text())
+    cfg["zero_optimization"] = {"stage": 1}
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    args = COMMON + ["--method", "bll", "--bll_variant", variant, "--data", str(text_corpus), "--stages", "2",
+                     "--steps", "8", "--bll_steps_per_call", "4", "--out", str(out)]
+    args[args.index("ds_configs/test-1m.json")] = str(tmp_path / "ds.json")
+    result = run_pretrain(args, 4, cache_dir, master_port=29627 + (variant == "dgl"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dp"] == 2 and all(s["replicas_identical"] for s in summary["stages_detail"])
+    assert all(s["grads_sent"] == 0 for s in summary["stages_detail"])
+    tables = summary["stages_detail"][1]["tables_sent"]
+    assert tables == (9 if variant == "gaussian" else 0)  # dgl has no feedback network
+    if variant == "gaussian":
+        assert {"agreement", "guard_spread", "guard_decorrelation"} <= set(summary["stages_detail"][0]["local_terms"])

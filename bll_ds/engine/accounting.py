@@ -26,8 +26,10 @@ class StageCounters:
     acts_received: int = 0
     grads_sent: int = 0
     grads_received: int = 0
+    tables_sent: int = 0       # feedback tables sent upstream (block-local learning)
+    tables_received: int = 0
     bytes_down: int = 0  # bytes this stage sent to the next stage (activations)
-    bytes_up: int = 0    # bytes this stage sent to the previous stage (gradients)
+    bytes_up: int = 0    # bytes this stage sent to the previous stage (gradients; BLL: feedback tables)
 
 
 def tensor_bytes(obj) -> int:
@@ -72,6 +74,10 @@ class StageAccounting:
         setattr(self.counters, field, getattr(self.counters, field) + 1)
         if bytes_field:
             setattr(self.counters, bytes_field, getattr(self.counters, bytes_field) + n_bytes)
+
+    @property
+    def step_idle(self) -> float:
+        return self._step_idle
 
     def end_step(self, step_wall_s: float) -> tuple[float, float]:
         """Close one training step; returns its (busy_s, idle_s)."""

@@ -4,14 +4,40 @@ DeepSpeed dispatches schedule instructions through the class attribute `_INSTRUC
 overriding a method alone changes nothing: the subclass installs its own map whose p2p entries
 wrap the stock methods with timing and counting. The schedule and every numeric path are
 DeepSpeed's own; this is the backprop baseline that every block-local claim is measured against.
+
+Both engines (this one and the block-local one) expose the same training entry,
+`train_steps(first_step, num_steps, batch_fn) -> [StepRecord]`, so train.py has one loop.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+
+import torch
 from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from bll_ds.engine.accounting import StageAccounting, tensor_bytes
+
+
+@dataclass
+class StepRecord:
+    """What one stage saw in one optimizer step."""
+    step: int              # 1-based index of the completed step
+    loss: float            # this stage's loss: the LM loss on the last stage (BP: everywhere)
+    step_s: float
+    busy_s: float
+    idle_s: float
+    lr: float
+    grad_norm: float | None = None
+    update_norm: float | None = None  # ||theta_after - theta_before||, on tracked steps only
+    terms: dict = field(default_factory=dict)
+
+
+def _as_float(value) -> float | None:
+    """DeepSpeed reports norms as floats or 0-d tensors depending on the optimizer wrapper."""
+    return None if value is None else float(value)
 
 
 def _send_activations(self, buffer_id):
@@ -29,7 +55,7 @@ def _recv_activations(self, buffer_id):
 def _send_grads(self, buffer_id):
     # The stock method frees the input buffer whose .grad it sends: measure first.
     inputs = self.pipe_buffers["inputs"][buffer_id]
-    grads = inputs.grad if hasattr(inputs, "grad") else [t.grad for t in inputs if t.is_floating_point()]
+    grads = inputs.grad if torch.is_tensor(inputs) else [t.grad for t in inputs if t.is_floating_point()]
     n_bytes = tensor_bytes(grads)
     with self.accounting.p2p():
         PipelineEngine._exec_send_grads(self, buffer_id)
@@ -51,6 +77,47 @@ class AccountedPipelineEngine(PipelineEngine):
         schedule.RecvGrad: _recv_grads,
     }
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
+        self.seed = seed
         self.accounting = StageAccounting(self.stage_id, self.grid.data_parallel_id)
+
+    def seed_for_step(self, step: int) -> int:
+        """Reseeded at every step from (seed, step, rank): dropout is exactly reproducible after
+        a resume without saving RNG states."""
+        return self.seed * 1_000_003 + step * 1009 + self.global_rank
+
+    def train_steps(self, first_step: int, num_steps: int, batch_fn, track_update_at=()) -> list[StepRecord]:
+        """Steps first_step+1 .. first_step+num_steps, one DeepSpeed train_batch (1F1B, flushed) each."""
+        records = []
+        for step in range(first_step + 1, first_step + num_steps + 1):
+            torch.manual_seed(self.seed_for_step(step))
+            batches = iter([batch_fn(step - 1, m, self.micro_batches) for m in range(self.micro_batches)])
+            before = self._snapshot() if step in track_update_at else None
+            start = time.perf_counter()
+            loss = self.train_batch(batches).item()
+            step_s = time.perf_counter() - start
+            busy, idle = self.accounting.end_step(step_s)
+            records.append(StepRecord(step=step, loss=loss, step_s=step_s, busy_s=busy, idle_s=idle,
+                                      lr=self.get_lr()[0], grad_norm=_as_float(self.get_global_grad_norm()),
+                                      update_norm=self._update_norm(before) if before is not None else None))
+        return records
+
+    def start_feedback(self, resumed_step: int) -> None:
+        """Backprop has no feedback network."""
+
+    def drain(self, completed_step: int) -> None:
+        """1F1B flushes inside every train_batch: nothing is ever in flight between calls."""
+
+    def extra_state(self) -> dict | None:
+        return None
+
+    def load_extra_state(self, state) -> None:
+        pass
+
+    def _snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().float().clone() for p in self.module.parameters()]
+
+    def _update_norm(self, before: list[torch.Tensor]) -> float:
+        total = sum(float((p.detach().float() - b).pow(2).sum()) for p, b in zip(self.module.parameters(), before))
+        return total ** 0.5

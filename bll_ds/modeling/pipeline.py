@@ -47,18 +47,9 @@ def build_pipeline_module(config: PretrainedConfig, stages: int, seed: int,
                           topology=None) -> PipelineModule:
     check_stages(config, stages)
     kwargs = dict(topology=topology) if topology is not None else dict(num_stages=stages)
-    module = PipelineModule(layers=layer_specs(config), loss_fn=lm_loss,
-                            partition_method=PARTITION_METHOD, seed_layers=True, base_seed=seed,
-                            seed_fn=_seed_layer, activation_checkpoint_interval=0, **kwargs)
-    # DeepSpeed's gradient-norm code (clipping; fp32, ZeRO-1 paths) sums squared norms over the
-    # pipeline's model-parallel group but counts a parameter only on model-parallel rank 0 unless
-    # it is flagged as model-parallel. Unflagged, every stage clips with stage 0's norm alone
-    # (measured: tests/test_launcher.py::test_one_pipeline_step_equals_a_hand_computed_adamw_step).
-    # Flagging makes each stage count its own parameters, so backprop clips by the true global
-    # norm, as a single-process trainer would.
-    for param in module.parameters():
-        param.model_parallel = True
-    return module
+    return PipelineModule(layers=layer_specs(config), loss_fn=lm_loss,
+                          partition_method=PARTITION_METHOD, seed_layers=True, base_seed=seed,
+                          seed_fn=_seed_layer, activation_checkpoint_interval=0, **kwargs)
 
 
 def _seed_layer(seed) -> None:

@@ -1,0 +1,237 @@
+"""The block-local learning engine: DeepSpeed's PipelineEngine with its own schedule.
+
+Per micro-batch each stage receives activations (blocking: it needs them), runs its forward
+pass, sends the *detached* output downstream without waiting for the receiver (isend, bounded
+window), computes its local loss against targets it loaded itself, and back-propagates inside the
+stage. At the step boundary it clips, steps and publishes its feedback table. Nothing crosses
+stages but activations (down) and target tables (up); gradients never do.
+
+Stage-local optimisation. DeepSpeed's gradient-norm code reduces over the "model-parallel group",
+which for a pipeline spans every stage. The engine therefore gets a grid whose model-parallel
+group is this rank alone: clipping (and fp16 overflow checks) become per stage, while the
+data-parallel group (ZeRO-1 sharding, gradient all-reduce across a stage's replicas) is untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as tdist
+from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.pipe.engine import PipelineEngine
+
+from bll_ds.engine import bll_schedule as bll
+from bll_ds.engine.accounting import tensor_bytes
+from bll_ds.engine.feedback_channel import TableInbox, TableOutbox
+from bll_ds.engine.pipeline_engine import AccountedPipelineEngine, StepRecord, _as_float
+
+
+class StageLocalGrid:
+    """DeepSpeed's PipelineParallelGrid, except that the model-parallel group is this rank alone."""
+
+    def __init__(self, grid, own_group):
+        self._grid = grid
+        self._own_group = own_group
+
+    def get_model_parallel_group(self):
+        return self._own_group
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+
+def singleton_groups():
+    """One process group per rank (every rank must create every group, in the same order)."""
+    groups = [tdist.new_group([r]) for r in range(tdist.get_world_size())]
+    return groups[tdist.get_rank()]
+
+
+@dataclass
+class _StepState:
+    step: int = 0
+    losses: list = field(default_factory=list)
+    terms: dict = field(default_factory=dict)
+    micro_batch: int = 0
+
+
+class BLLPipelineEngine(AccountedPipelineEngine):
+    def __init__(self, *args, feedback=None, table_shape=None, max_inflight_sends: int = 0, **kwargs):
+        """feedback: this stage's feedback block (None on the last stage). table_shape: (V, H) of
+        the target tables when the variant sends them upstream, else None."""
+        super().__init__(*args, **kwargs)
+        self.feedback = feedback
+        self.max_inflight_sends = max_inflight_sends or 2 * self.micro_batches
+        self._sends: list[tuple[object, torch.Tensor]] = []
+        self._state = _StepState()
+        self._records: list[StepRecord] = []
+        self._step_started = None
+        self._last_update_norm = self._last_grad_norm = None
+        replica = self.grid.data_parallel_id
+        self.outbox = self.inbox = None
+        if table_shape is not None and not self.is_first_stage():
+            self.outbox = TableOutbox(self.grid.stage_to_global(self.stage_id - 1, data=replica))
+        if table_shape is not None and not self.is_last_stage():
+            dtype = next(self.module.parameters()).dtype
+            self.inbox = TableInbox(self.grid.stage_to_global(self.stage_id + 1, data=replica),
+                                    tuple(table_shape), dtype, self.device)
+
+    def start_feedback(self, resumed_step: int) -> None:
+        """Fresh run: pass the initial tables P_0 down the pipe, last stage first (a one-time
+        chain). Resumed run: the inbox queue came from the checkpoint; the outbox count follows
+        from the step."""
+        if resumed_step > 0:
+            if self.outbox is not None:
+                self.outbox.published = resumed_step + 1
+            return
+        if self.inbox is not None:
+            self.feedback.prepare(self.inbox.table_for_step(1))
+        if self.outbox is not None:
+            table = self._table_to_publish()
+            self.outbox.publish(table)
+            self.accounting.count("tables_sent", tensor_bytes(table), "bytes_up")
+
+    def _table_to_publish(self) -> torch.Tensor:
+        if self.is_last_stage():
+            return self.module.forward_funcs[-1].lm_head.weight.detach()
+        return self.feedback.publish()
+
+    # ---- the training entry ---------------------------------------------------------------------
+    def train_steps(self, first_step: int, num_steps: int, batch_fn, track_update_at=()) -> list[StepRecord]:
+        """Run optimizer steps first_step+1 .. first_step+num_steps with the block-local schedule,
+        then drain what is in flight (the only point where stages wait for each other)."""
+        self.module.train()
+        self._batch_fn = batch_fn
+        self._track_update_at = set(track_update_at)
+        self._records = []
+        self._step_started = time.perf_counter()
+        sched = bll.BLLTrainSchedule(micro_batches=self.micro_batches, stages=self.num_stages,
+                                     stage_id=self.stage_id, first_step=first_step, num_steps=num_steps)
+        self._exec_schedule(sched)
+        with self.accounting.p2p():
+            self.drain(first_step + num_steps)
+        return self._records
+
+    def drain(self, completed_step: int) -> None:
+        for work, _ in self._sends:
+            work.wait()
+        self._sends = []
+        if self.outbox is not None:
+            self.outbox.flush()
+        if self.inbox is not None:
+            self.inbox.drain(published=completed_step + 1)
+            self.accounting.counters.tables_received = self.inbox.received
+
+    # ---- instructions ----------------------------------------------------------------------------
+    def _bll_begin_step(self, step):
+        self._state = _StepState(step=step)
+        torch.manual_seed(self.seed_for_step(step))
+        if self.feedback is not None:
+            table = None
+            if self.inbox is not None:
+                with self.accounting.p2p():
+                    table = self.inbox.table_for_step(step)
+            self.feedback.prepare(table)
+
+    def _bll_load_micro_batch(self, buffer_id):
+        inputs, labels = self._batch_fn(self._state.step - 1, self._state.micro_batch, self.micro_batches)
+        self._state.micro_batch += 1
+        if self.is_first_stage():
+            self.pipe_buffers["inputs"][buffer_id] = inputs.to(self.device)
+        self.pipe_buffers["labels"][buffer_id] = labels.to(self.device)
+
+    def _bll_recv_activations(self, buffer_id):
+        with self.accounting.p2p():
+            PipelineEngine._exec_recv_activations(self, buffer_id)
+        received = self.pipe_buffers["inputs"][buffer_id]
+        received.requires_grad_(False)  # no gradient goes back upstream
+        self.accounting.count("acts_received")
+
+    def _bll_forward(self, buffer_id):
+        self.tput_timer.start()
+        self.pipe_buffers["outputs"][buffer_id] = DeepSpeedEngine.forward(self, self.pipe_buffers["inputs"][buffer_id])
+
+    def _bll_send_activations(self, buffer_id):
+        outputs = self.pipe_buffers["outputs"][buffer_id].detach()
+        with self.accounting.p2p():
+            if self.first_output_send:
+                self.first_output_send = False
+                self._send_tensor_meta(outputs, self.next_stage)
+            while len(self._sends) >= self.max_inflight_sends:
+                self._sends.pop(0)[0].wait()
+        dst = self.grid.stage_to_global(self.next_stage, data=self.grid.data_parallel_id)
+        self._sends.append((tdist.isend(outputs, dst), outputs))
+        self.accounting.count("acts_sent", tensor_bytes(outputs), "bytes_down")
+
+    def _bll_local_backward(self, buffer_id):
+        outputs = self.pipe_buffers["outputs"][buffer_id]
+        labels = self.pipe_buffers["labels"][buffer_id]
+        if self.is_last_stage():
+            loss, terms = self.module.loss_fn(outputs, labels), {}
+        else:
+            loss, terms = self.feedback.local_loss(outputs, labels)
+        DeepSpeedEngine.backward(self, loss)  # scales by 1/micro-batches, as DeepSpeed does
+        state = self._state
+        state.losses.append(loss.detach().float())
+        for name, value in terms.items():
+            state.terms.setdefault(name, []).append(value.float())
+        self.pipe_buffers["outputs"][buffer_id] = None
+        self.pipe_buffers["inputs"][buffer_id] = None
+
+    def _bll_finish_step(self):
+        if self.feedback is not None:
+            self.feedback.finish_step(lambda surrogate: DeepSpeedEngine.backward(self, surrogate, scale_wrt_gas=False))
+
+    def _bll_optimizer_step(self, lr_kwargs=None):
+        step = self._state.step
+        before = self._snapshot() if step in self._track_update_at else None
+        self._last_grad_norm = self._local_grad_norm() if before is not None else None
+        PipelineEngine._exec_optimizer_step(self, lr_kwargs)
+        self._last_update_norm = self._update_norm(before) if before is not None else None
+
+    def _local_grad_norm(self) -> float | None:
+        """This stage's gradient norm before clipping (tracked steps only). With ZeRO-1 the
+        gradients live in the optimizer's partitions; DeepSpeed's own norm is used there."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item() if grads else None
+
+    def _bll_publish_table(self):
+        if self.outbox is not None:
+            table = self._table_to_publish()
+            with self.accounting.p2p():
+                self.outbox.publish(table)
+            self.accounting.count("tables_sent", tensor_bytes(table), "bytes_up")
+        now = time.perf_counter()
+        step_s, self._step_started = now - self._step_started, now
+        state = self._state
+        busy, idle = self.accounting.end_step(step_s)
+        self._records.append(StepRecord(
+            step=state.step, loss=torch.stack(state.losses).mean().item(), step_s=step_s, busy_s=busy,
+            idle_s=idle, lr=self.get_lr()[0], grad_norm=_as_float(self.get_global_grad_norm()) or self._last_grad_norm,
+            update_norm=self._last_update_norm,
+            terms={k: torch.stack(v).mean().item() for k, v in state.terms.items()}))
+
+    _INSTRUCTION_MAP = {
+        **AccountedPipelineEngine._INSTRUCTION_MAP,
+        bll.BeginStep: _bll_begin_step,
+        bll.LoadTargets: _bll_load_micro_batch,
+        bll.RecvActivationBLL: _bll_recv_activations,
+        bll.ForwardBLL: _bll_forward,
+        bll.SendActivationBLL: _bll_send_activations,
+        bll.LocalBackward: _bll_local_backward,
+        bll.FinishStep: _bll_finish_step,
+        bll.StageOptimizerStep: _bll_optimizer_step,
+        bll.PublishTable: _bll_publish_table,
+    }
+
+    # ---- checkpoint state beyond DeepSpeed's own files ---------------------------------------------
+    def extra_state(self) -> dict:
+        return {"feedback": self.feedback.state_dict() if self.feedback is not None else None,
+                "inbox": self.inbox.state_dict() if self.inbox is not None else None}
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.feedback is not None:
+            self.feedback.load_state_dict(state["feedback"])
+        if self.inbox is not None:
+            self.inbox.load_state_dict(state["inbox"])

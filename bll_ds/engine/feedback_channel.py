@@ -1,0 +1,83 @@
+"""Target tables travelling upstream (stage k+1 -> stage k), once per optimizer step.
+
+The rule that makes training deterministic (and resume exact) without ever making a stage wait
+for another stage's current step:
+
+    stage k+1 publishes P_j after its optimizer step j (P_0 at start-up);
+    stage k uses P_{max(t - LAG, 0)} during its step t, with LAG = 2.
+
+Stage k+1 runs behind stage k by about one micro-batch (it needs stage k's activations), so when
+stage k starts step t, P_{t-2} was sent about a whole step earlier: the receive finds it waiting.
+LAG = 1 would make stage k wait for stage k+1 to finish the step it is still working on.
+
+Sends are non-blocking (gloo's blocking send waits for the matching receive). At sync points
+(evaluation, checkpoint, end of a train call) the receiver drains every table in flight into its
+queue, which is saved in its checkpoint, so a resumed run consumes exactly the same tables.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+import torch.distributed as tdist
+
+LAG = 2
+TABLE_TAG = 17  # keeps table messages apart from activations on the same pair of ranks
+
+
+class TableOutbox:
+    """On stage k > 0: sends its table to stage k-1 of the same data-parallel replica."""
+
+    def __init__(self, dst_rank: int):
+        self.dst_rank = dst_rank
+        self.published = 0  # tables sent so far (P_0 .. P_{published-1})
+        self._pending: list[tuple[object, torch.Tensor]] = []
+        self.bytes_sent = 0
+
+    def publish(self, table: torch.Tensor) -> None:
+        payload = table.detach().contiguous().clone()
+        self._pending.append((tdist.isend(payload, self.dst_rank, tag=TABLE_TAG), payload))
+        self.published += 1
+        self.bytes_sent += payload.numel() * payload.element_size()
+        self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
+
+    def flush(self) -> None:
+        for work, _ in self._pending:
+            work.wait()
+        self._pending = []
+
+
+class TableInbox:
+    """On stage k < S-1: receives stage k+1's tables, in order, and hands out the one for a step."""
+
+    def __init__(self, src_rank: int, shape: tuple[int, ...], dtype: torch.dtype, device):
+        self.src_rank, self.shape, self.dtype, self.device = src_rank, shape, dtype, device
+        self.received = 0                    # tables received so far
+        self.queue: deque[tuple[int, torch.Tensor]] = deque()  # (j, P_j), oldest first
+
+    def _receive_one(self) -> None:
+        table = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        tdist.recv(table, self.src_rank, tag=TABLE_TAG)
+        self.queue.append((self.received, table))
+        self.received += 1
+
+    def table_for_step(self, step: int) -> torch.Tensor:
+        """step is 1-based: the table used while computing step `step`."""
+        wanted = max(step - LAG, 0)
+        while self.received <= wanted:
+            self._receive_one()
+        while self.queue and self.queue[0][0] < wanted:
+            self.queue.popleft()
+        return self.queue[0][1]
+
+    def drain(self, published: int) -> None:
+        while self.received < published:
+            self._receive_one()
+
+    def state_dict(self) -> dict:
+        return {"received": self.received, "queue": [(j, t.cpu()) for j, t in self.queue]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.received = state["received"]
+        self.queue = deque((j, t.to(device=self.device, dtype=self.dtype)) for j, t in state["queue"])
