@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 # Re-running resumes the same run dir from its latest complete checkpoint.
 NUM_GPUS  ?= 2
 STAGES    ?= 2
-METHOD    ?= bp
+METHOD    ?= bll
 MODEL     ?= models/llama-25m.json
 DS_CONFIG ?= ds_configs/llama-25m.json
 TOKENIZER ?= bpe:4096
