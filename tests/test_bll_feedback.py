@@ -42,6 +42,7 @@ def test_prototype_loss_is_cross_entropy_against_the_fed_back_prototypes(config)
                   for row, y in zip(normed, labels[0].tolist())) / 3
     assert loss.item() == pytest.approx(by_hand, rel=1e-5)
     assert terms["ce"].item() == pytest.approx(by_hand, rel=1e-5)
+    assert terms["table_drift"].item() == 0.0  # g_k starts as the identity
 
 
 def test_prototype_gradient_reaches_the_feedback_network_once_per_step(config):

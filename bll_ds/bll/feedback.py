@@ -121,6 +121,12 @@ class TableFeedback(StageFeedback):
             self._leaf(self.g(self._upstream.to(self.g.up.weight.dtype)))
         return self._table_leaf
 
+    def table_drift(self) -> torch.Tensor:
+        """||m_k - m_{k+1}|| / ||m_{k+1}||: how far g_k has moved this stage's targets away from
+        the ones it receives (0 at initialisation) -- what the feedback network has learned."""
+        upstream = self._upstream.float()
+        return (self.targets().detach().float() - upstream).norm() / upstream.norm().clamp_min(1e-12)
+
     @torch.no_grad()
     def publish(self) -> torch.Tensor:
         return self.g(self._upstream.to(self.g.up.weight.dtype)).detach()
@@ -130,7 +136,7 @@ class PrototypeFeedback(TableFeedback):
     def local_loss(self, hidden, labels):
         logits = self.norm(hidden) @ self.targets().t()
         ce = delta_categorical_agreement(logits, labels).mean()
-        return ce, {"ce": ce.detach()}
+        return ce, {"ce": ce.detach(), "table_drift": self.table_drift()}
 
 
 class _AgreementFeedback(TableFeedback):
@@ -152,7 +158,7 @@ class _AgreementFeedback(TableFeedback):
         loss = agreement + self.guard_weight * (spread + decorrelation)
         return loss, {"agreement": agreement.detach(), "guard_spread": spread.detach(),
                       "guard_decorrelation": decorrelation.detach(),
-                      "table_std": table.detach().float().std(0).mean(),
+                      "table_std": table.detach().float().std(0).mean(), "table_drift": self.table_drift(),
                       "output_std": forward_msg.detach().reshape(-1, forward_msg.shape[-1]).std(0).mean()}
 
 
