@@ -57,12 +57,24 @@ def test_prototype_gradient_reaches_the_feedback_network_once_per_step(config):
     assert feedback.g.down.weight.grad.abs().sum() > 0
 
 
+def guard_by_hand(rows):
+    """(spread, decorrelation) of a list of equal-length rows, over the rows."""
+    n, d = len(rows), len(rows[0])
+    columns = list(zip(*rows))
+    means = [sum(c) / n for c in columns]
+    stds = [math.sqrt(sum((v - m) ** 2 for v in c) / n + 1e-4) for c, m in zip(columns, means)]
+    spread = sum(max(0.0, 1 - s) for s in stds) / d
+    cov = [[sum((rows[r][i] - means[i]) * (rows[r][j] - means[j]) for r in range(n)) / (n - 1)
+            for j in range(d)] for i in range(d)]
+    return spread, sum(cov[i][j] ** 2 for i in range(d) for j in range(d) if i != j) / d
+
+
 def test_gaussian_loss_terms_by_hand(config):
     torch.manual_seed(2)
     feedback = build_feedback("gaussian", config, guard_weight=0.5)
     upstream = torch.randn(V, H) * 2
-    hidden = torch.randn(1, 2, H)
-    labels = torch.tensor([[4, 1]])
+    hidden = torch.randn(1, 3, H)
+    labels = torch.tensor([[4, 1, 1]])
     feedback.prepare(upstream)
     loss, terms = feedback.local_loss(hidden, labels)
     normed = layer_norm_rows(hidden[0].tolist())  # projection starts as the identity
@@ -72,16 +84,14 @@ def test_gaussian_loss_terms_by_hand(config):
                 for row, y in zip(normed, labels[0].tolist()) for m, n in zip(row, table[y])]
     agreement = sum(per_unit) / len(per_unit)
     assert terms["agreement"].item() == pytest.approx(agreement, rel=1e-5)
-    columns = list(zip(*table))
-    stds = [math.sqrt(sum((v - sum(c) / V) ** 2 for v in c) / V + 1e-4) for c in columns]
-    spread = sum(max(0.0, 1 - s) for s in stds) / H
+    spread, decorrelation = guard_by_hand(table)
     assert terms["guard_spread"].item() == pytest.approx(spread, abs=1e-6)
-    means = [sum(c) / V for c in columns]
-    cov = [[sum((table[v][i] - means[i]) * (table[v][j] - means[j]) for v in range(V)) / (V - 1)
-            for j in range(H)] for i in range(H)]
-    decorrelation = sum(cov[i][j] ** 2 for i in range(H) for j in range(H) if i != j) / H
     assert terms["guard_decorrelation"].item() == pytest.approx(decorrelation, rel=1e-5)
-    assert loss.item() == pytest.approx(agreement + 0.5 * (spread + decorrelation), rel=1e-5)
+    out_spread, out_decorrelation = guard_by_hand(normed)
+    assert terms["guard_out_spread"].item() == pytest.approx(out_spread, abs=1e-6)
+    assert terms["guard_out_decorrelation"].item() == pytest.approx(out_decorrelation, rel=1e-5)
+    guard = spread + decorrelation + out_spread + out_decorrelation
+    assert loss.item() == pytest.approx(agreement + 0.5 * guard, rel=1e-5)
 
 
 def test_bernoulli_loss_by_hand(config):

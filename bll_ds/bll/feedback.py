@@ -25,8 +25,8 @@ the step's end (`finish_step`).
 
 Collapse guard (gaussian, bernoulli): both messages are trainable, so "every table row equal,
 every output constant" is a zero-loss solution the paper's reviewers warned about. The guard is a
-VICReg-style penalty on the table: each unit's spread over the vocabulary is held at >= 1 and
-units are decorrelated. The prototype variant needs none: its beta is a softmax over the whole
+VICReg-style penalty on both messages: each unit's spread (over the vocabulary for the table, over
+the micro-batch's tokens for the forward message) is held at >= 1, and units are decorrelated. The prototype variant needs none: its beta is a softmax over the whole
 vocabulary, and equal rows give the uniform distribution, whose loss is log V, not 0.
 """
 
@@ -154,10 +154,15 @@ class _AgreementFeedback(TableFeedback):
         table = self.targets()
         target_msg = table[labels].float()
         agreement = self.agreement(forward_msg, target_msg).mean()
+        # Both messages are held apart from a constant: the table over the vocabulary, and the
+        # forward message over this micro-batch's tokens (VICReg guards both branches).
         spread, decorrelation = collapse_guard(table.float())
-        loss = agreement + self.guard_weight * (spread + decorrelation)
+        out_spread, out_decorrelation = collapse_guard(forward_msg.reshape(-1, forward_msg.shape[-1]))
+        guard = spread + decorrelation + out_spread + out_decorrelation
+        loss = agreement + self.guard_weight * guard
         return loss, {"agreement": agreement.detach(), "guard_spread": spread.detach(),
-                      "guard_decorrelation": decorrelation.detach(),
+                      "guard_decorrelation": decorrelation.detach(), "guard_out_spread": out_spread.detach(),
+                      "guard_out_decorrelation": out_decorrelation.detach(),
                       "table_std": table.detach().float().std(0).mean(), "table_drift": self.table_drift(),
                       "output_std": forward_msg.detach().reshape(-1, forward_msg.shape[-1]).std(0).mean()}
 
