@@ -128,7 +128,7 @@ def test_one_pipeline_step_equals_a_hand_computed_adamw_step(tmp_path, cache_dir
               "bf16": {"enabled": False}, "zero_optimization": {"stage": zero_stage}}
     (tmp_path / "ds.json").write_text(json.dumps(ds_cfg))
     out = tmp_path / "run"
-    result = run_pretrain(["--model", "models/test-1m.json", "--deepspeed_config", str(tmp_path / "ds.json"),
+    result = run_pretrain(["--method", "bp", "--model", "models/test-1m.json", "--deepspeed_config", str(tmp_path / "ds.json"),
                            "--stages", "2", "--tokenizer", "char", "--seq_len", "32", "--steps", "1",
                            "--data", str(text_corpus), "--final_eval_batches", "1", "--seed", "11",
                            "--out", str(out)], 2, cache_dir, master_port=29617 + zero_stage)
