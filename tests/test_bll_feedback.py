@@ -57,13 +57,13 @@ def test_prototype_gradient_reaches_the_feedback_network_once_per_step(config):
     assert feedback.g.down.weight.grad.abs().sum() > 0
 
 
-def guard_by_hand(rows):
+def guard_by_hand(rows, min_std=1.0):
     """(spread, decorrelation) of a list of equal-length rows, over the rows."""
     n, d = len(rows), len(rows[0])
     columns = list(zip(*rows))
     means = [sum(c) / n for c in columns]
     stds = [math.sqrt(sum((v - m) ** 2 for v in c) / n + 1e-4) for c, m in zip(columns, means)]
-    spread = sum(max(0.0, 1 - s) for s in stds) / d
+    spread = sum(max(0.0, min_std - s) for s in stds) / d
     cov = [[sum((rows[r][i] - means[i]) * (rows[r][j] - means[j]) for r in range(n)) / (n - 1)
             for j in range(d)] for i in range(d)]
     return spread, sum(cov[i][j] ** 2 for i in range(d) for j in range(d) if i != j) / d
@@ -96,18 +96,24 @@ def test_gaussian_loss_terms_by_hand(config):
 
 def test_bernoulli_loss_by_hand(config):
     torch.manual_seed(3)
-    feedback = build_feedback("bernoulli", config, guard_weight=0.0)
+    feedback = build_feedback("bernoulli", config, guard_weight=2.0)
     upstream = torch.randn(V, H)
-    hidden = torch.randn(1, 2, H)
-    labels = torch.tensor([[2, 2]])
+    hidden = torch.randn(1, 3, H)
+    labels = torch.tensor([[2, 2, 0]])
     feedback.prepare(upstream)
     loss, terms = feedback.local_loss(hidden, labels)
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     normed = layer_norm_rows(hidden[0].tolist())
     per_unit = [-math.log(sig(a) * sig(b) + (1 - sig(a)) * (1 - sig(b)))
                 for row, y in zip(normed, labels[0].tolist()) for a, b in zip(row, upstream[y].tolist())]
-    assert loss.item() == pytest.approx(sum(per_unit) / len(per_unit), rel=1e-5)
-    assert terms["agreement"].item() == pytest.approx(sum(per_unit) / len(per_unit), rel=1e-5)
+    agreement = sum(per_unit) / len(per_unit)
+    assert terms["agreement"].item() == pytest.approx(agreement, rel=1e-5)
+    # The guard acts on the mean parameters p = sigmoid(logit), with a floor of 0.25 on their spread.
+    table_p = [[sig(v) for v in row] for row in upstream.tolist()]
+    out_p = [[sig(v) for v in row] for row in normed]
+    guard = sum(guard_by_hand(table_p, 0.25)) + sum(guard_by_hand(out_p, 0.25))
+    assert terms["guard_out_spread"].item() == pytest.approx(guard_by_hand(out_p, 0.25)[0], abs=1e-6)
+    assert loss.item() == pytest.approx(agreement + 2.0 * guard, rel=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["dgl", "drtp"])

@@ -25,9 +25,11 @@ the step's end (`finish_step`).
 
 Collapse guard (gaussian, bernoulli): both messages are trainable, so "every table row equal,
 every output constant" is a zero-loss solution the paper's reviewers warned about. The guard is a
-VICReg-style penalty on both messages: each unit's spread (over the vocabulary for the table, over
-the micro-batch's tokens for the forward message) is held at >= 1, and units are decorrelated. The prototype variant needs none: its beta is a softmax over the whole
-vocabulary, and equal rows give the uniform distribution, whose loss is log V, not 0.
+VICReg-style penalty on both messages' mean parameters E[z] (mu for Gaussian, p for Bernoulli):
+each unit's spread (over the vocabulary for the table, over the micro-batch's tokens for the
+forward message) is held at >= min_std, and units are decorrelated. The prototype variant needs
+none: its beta is a softmax over the whole vocabulary, and equal rows give the uniform
+distribution, whose loss is log V, not 0.
 """
 
 from __future__ import annotations
@@ -154,17 +156,21 @@ class _AgreementFeedback(TableFeedback):
         table = self.targets()
         target_msg = table[labels].float()
         agreement = self.agreement(forward_msg, target_msg).mean()
-        # Both messages are held apart from a constant: the table over the vocabulary, and the
-        # forward message over this micro-batch's tokens (VICReg guards both branches).
-        spread, decorrelation = collapse_guard(table.float())
-        out_spread, out_decorrelation = collapse_guard(forward_msg.reshape(-1, forward_msg.shape[-1]))
+        # Both messages are held apart from a constant -- the table over the vocabulary, the
+        # forward message over this micro-batch's tokens (VICReg guards both branches) -- through
+        # their mean parameters E[z], which is where a constant message shows (saturated
+        # Bernoulli logits can vary widely while every p is 1).
+        table_mean = self.mean_parameter(table.float())
+        out_mean = self.mean_parameter(forward_msg.reshape(-1, forward_msg.shape[-1]))
+        spread, decorrelation = collapse_guard(table_mean, self.min_std)
+        out_spread, out_decorrelation = collapse_guard(out_mean, self.min_std)
         guard = spread + decorrelation + out_spread + out_decorrelation
         loss = agreement + self.guard_weight * guard
         return loss, {"agreement": agreement.detach(), "guard_spread": spread.detach(),
                       "guard_decorrelation": decorrelation.detach(), "guard_out_spread": out_spread.detach(),
                       "guard_out_decorrelation": out_decorrelation.detach(),
-                      "table_std": table.detach().float().std(0).mean(), "table_drift": self.table_drift(),
-                      "output_std": forward_msg.detach().reshape(-1, forward_msg.shape[-1]).std(0).mean()}
+                      "table_std": table_mean.detach().std(0).mean(), "table_drift": self.table_drift(),
+                      "output_std": out_mean.detach().std(0).mean()}
 
 
 class GaussianFeedback(_AgreementFeedback):
@@ -176,11 +182,21 @@ class GaussianFeedback(_AgreementFeedback):
         self.log_var_a = nn.Parameter(start.clone(), requires_grad=learn_variance)
         self.log_var_b = nn.Parameter(start.clone(), requires_grad=learn_variance)
 
+    min_std = 1.0  # of the means mu, nu: the scale of norm(h), whose units have unit RMS
+
+    def mean_parameter(self, msg):
+        return msg
+
     def agreement(self, mu, nu):
         return gaussian_agreement(mu, nu, self.log_var_a.float().exp(), self.log_var_b.float().exp())
 
 
 class BernoulliFeedback(_AgreementFeedback):
+    min_std = 0.25  # of p = sigmoid(logit): a unit that is on with p=0.9 for half the tokens and 0.1 otherwise has 0.4
+
+    def mean_parameter(self, msg):
+        return torch.sigmoid(msg)
+
     def agreement(self, logit_a, logit_b):
         return bernoulli_agreement(logit_a, logit_b)
 
@@ -211,16 +227,15 @@ class RandomFeedback(StageFeedback):
         return ce, {"ce": ce.detach()}
 
 
-def collapse_guard(table: torch.Tensor, min_std: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """VICReg-style terms over the vocabulary axis of a [V, d] table:
-    spread = mean_j relu(min_std - std_j); decorrelation = sum of squared off-diagonal
-    correlations' covariances / d."""
-    centred = table - table.mean(0, keepdim=True)
+def collapse_guard(rows: torch.Tensor, min_std: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """VICReg-style terms over the first axis of an [N, d] set of messages:
+    spread = mean_j relu(min_std - std_j); decorrelation = sum_{i != j} Cov_ij^2 / d."""
+    centred = rows - rows.mean(0, keepdim=True)
     std = torch.sqrt(centred.pow(2).mean(0) + 1e-4)
     spread = F.relu(min_std - std).mean()
-    cov = centred.t() @ centred / max(table.shape[0] - 1, 1)
+    cov = centred.t() @ centred / max(rows.shape[0] - 1, 1)
     off_diagonal = cov - torch.diag(torch.diagonal(cov))
-    decorrelation = off_diagonal.pow(2).sum() / table.shape[1]
+    decorrelation = off_diagonal.pow(2).sum() / rows.shape[1]
     return spread, decorrelation
 
 
