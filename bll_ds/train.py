@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     try:
         train(cfg, started)
     except UserError as err:
-        if rank == 0:
+        if rank == 0 or err.rank_local:
             print(f"bll-ds: error: {err}", file=sys.stderr, flush=True)
         return 2
     # No barrier on the error paths: after a failure on one rank the others may be blocked in a
@@ -110,7 +110,7 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
         n = _call_length(step, cfg, ds.steps)
         logged = [s for s in range(step + 1, step + n + 1) if s % cfg.log_interval == 0 or s == ds.steps]
         records = engine.train_steps(step, n, sampler.get, track_update_at=logged)
-        distributed.agree_on_errors(_check_finite, records, stage, run_dir)
+        _check_finite(records, stage, run_dir)  # rank-local: no collective across stages
         step += n
         step_times += [r.step_s for r in records]
         recent = (recent + records)[-10:]
@@ -181,7 +181,7 @@ def _check_finite(records, stage: int, run_dir: Path) -> None:
             last = checkpoint.latest_complete(run_dir)
             raise UserError(f"the training loss is {r.loss} at step {r.step} on stage {stage}.",
                             f"resume from the last good checkpoint ({last[0] if last else 'none: restart'}) "
-                            "with a lower learning rate or tighter gradient clipping.")
+                            "with a lower learning rate or tighter gradient clipping.", rank_local=True)
 
 
 def _seq_len(cfg: RunConfig, model_config) -> int:
