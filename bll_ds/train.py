@@ -115,14 +115,7 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
         step_times += [r.step_s for r in records]
         recent = (recent + records)[-10:]
         log.advance(n, records[-1].loss, tokens_per_step / records[-1].step_s)
-        for r in records:
-            if r.step in logged:
-                log.log(r.step, {"train/loss": r.loss, "train/lr": r.lr, "train/tokens_per_s": tokens_per_step / r.step_s,
-                                 "train/tokens_seen": r.step * tokens_per_step}, echo=True)
-                stage_log.log(r.step, {"stage/loss": r.loss, "stage/step_s": r.step_s, "stage/busy_s": r.busy_s,
-                                       "stage/idle_s": r.idle_s, "stage/grad_norm": r.grad_norm,
-                                       "stage/update_norm": r.update_norm,
-                                       **{f"stage/{k}": v for k, v in r.terms.items()}}, echo=False)
+        _log_records([r for r in records if r.step in logged], log, stage_log, tokens_per_step)
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < ds.steps:
             val_loss = _evaluate(engine, eval_set, ds.data_parallel, dp_rank)
             log.log(step, {"val/loss": val_loss})
@@ -138,31 +131,52 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
 
     val_loss = _evaluate(engine, final_eval_set, ds.data_parallel, dp_rank)
     log.log(ds.steps, {"val/loss": val_loss})
+    summary = _run_summary(cfg, ds, engine, model_config, recent, step_times, seq_len, start_step, val_loss,
+                           wall_s=time.time() - started, train_wall_s=train_wall_s)
+    if is_logger:
+        write_summary(run_dir, summary)
+    log.print(f"done: val_loss={val_loss:.4f} | summary in {run_dir / 'summary.json'}")
+    log.close()
+    stage_log.close()
+
+
+def _log_records(records, log: MetricsLog, stage_log: MetricsLog, tokens_per_step: int) -> None:
+    """The run log (last stage) gets the LM loss and throughput; each stage log its own terms."""
+    for r in records:
+        log.log(r.step, {"train/loss": r.loss, "train/lr": r.lr, "train/tokens_per_s": tokens_per_step / r.step_s,
+                         "train/tokens_seen": r.step * tokens_per_step})
+        stage_log.log(r.step, {"stage/loss": r.loss, "stage/step_s": r.step_s, "stage/busy_s": r.busy_s,
+                               "stage/idle_s": r.idle_s, "stage/grad_norm": r.grad_norm,
+                               "stage/update_norm": r.update_norm,
+                               **{f"stage/{k}": v for k, v in r.terms.items()}}, echo=False)
+
+
+def _run_summary(cfg: RunConfig, ds: DsSettings, engine, model_config, recent, step_times, seq_len: int,
+                 start_step: int, val_loss: float, wall_s: float, train_wall_s: float) -> dict:
+    """summary.json. Gathers every rank's stage summary: the run's one collective outside
+    evaluation and checkpoints, at its very end."""
     mine = {**engine.accounting.summary(), "params_sha256": _params_digest(engine.module),
             "local_loss": round(statistics.mean(r.loss for r in recent), 5),
             "local_terms": {k: round(statistics.mean(r.terms[k] for r in recent), 5) for k in recent[-1].terms}}
     stage_summaries = _gather_objects(mine)
     warm = step_times[cfg.throughput_warmup_steps:] or step_times
-    if is_logger:
-        write_summary(run_dir, {
-            "method": cfg.method, "bll_variant": cfg.bll_variant if cfg.method == "bll" else None,
-            "stages": cfg.stages, "dp": ds.data_parallel,
-            "params": count_parameters(model_config), "steps": ds.steps, "resumed_from_step": start_step,
-            "tokens_seen": ds.steps * tokens_per_step, "tokens_per_step": tokens_per_step,
-            "wall_s": round(time.time() - started, 2), "train_wall_s": round(train_wall_s, 2),
-            "tokens_per_s": round(tokens_per_step / statistics.median(warm), 1),
-            "step_s_median": round(statistics.median(warm), 5),
-            "val_loss": round(val_loss, 5), "seq_len": seq_len, "micro_batches": ds.micro_batches,
-            "micro_batch_size": ds.micro_batch_size, "bf16": ds.bf16,
-            "device": str(engine.device), "stage_layout": "per stage: data-parallel replica 0; "
-            "tokens_per_s and step times from the last stage",
-            "stages_detail": [{**s, "replicas_identical": len({r["params_sha256"] for r in stage_summaries
-                                                                 if r["stage"] == s["stage"]}) == 1}
-                              for s in stage_summaries if s["dp_rank"] == 0],
-        })
-    log.print(f"done: val_loss={val_loss:.4f} | summary in {run_dir / 'summary.json'}")
-    log.close()
-    stage_log.close()
+    tokens_per_step = ds.train_batch_size * seq_len
+    return {
+        "method": cfg.method, "bll_variant": cfg.bll_variant if cfg.method == "bll" else None,
+        "stages": cfg.stages, "dp": ds.data_parallel,
+        "params": count_parameters(model_config), "steps": ds.steps, "resumed_from_step": start_step,
+        "tokens_seen": ds.steps * tokens_per_step, "tokens_per_step": tokens_per_step,
+        "wall_s": round(wall_s, 2), "train_wall_s": round(train_wall_s, 2),
+        "tokens_per_s": round(tokens_per_step / statistics.median(warm), 1),
+        "step_s_median": round(statistics.median(warm), 5),
+        "val_loss": round(val_loss, 5), "seq_len": seq_len, "micro_batches": ds.micro_batches,
+        "micro_batch_size": ds.micro_batch_size, "bf16": ds.bf16,
+        "device": str(engine.device), "stage_layout": "per stage: data-parallel replica 0; "
+        "tokens_per_s and step times from the last stage",
+        "stages_detail": [{**s, "replicas_identical": len({r["params_sha256"] for r in stage_summaries
+                                                             if r["stage"] == s["stage"]}) == 1}
+                          for s in stage_summaries if s["dp_rank"] == 0],
+    }
 
 
 def _call_length(step: int, cfg: RunConfig, total: int) -> int:
