@@ -82,15 +82,13 @@ def check_compatible(saved: dict, current: dict, run_dir: Path) -> None:
 
 def load(engine, run_dir: Path, tag: str) -> None:
     ckpt_dir = run_dir / "checkpoints"
+    fix = f"delete {ckpt_dir / tag}, point {ckpt_dir / LATEST} at an earlier step_* folder, or start a new --out."
     try:
         path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
     except Exception as err:  # torch.load / state_dict errors: the files are damaged or foreign
         raise UserError(f"checkpoint {ckpt_dir / tag} could not be loaded ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:200]}).",
-                        f"delete {ckpt_dir / tag}, point {ckpt_dir / LATEST} at an earlier step_* folder, "
-                        "or start a new --out.") from None
-    fix = f"delete {ckpt_dir / tag}, point {ckpt_dir / LATEST} at an earlier step_* folder, or start a new --out."
+                        f"{str(err).splitlines()[0][:200]}).", fix) from None
     if path is None:  # DeepSpeed warns and returns None when files are missing
         raise UserError(f"checkpoint {ckpt_dir / tag} is missing DeepSpeed state files.", fix)
     if engine.extra_state() is not None:

@@ -75,10 +75,6 @@ class StageAccounting:
         if bytes_field:
             setattr(self.counters, bytes_field, getattr(self.counters, bytes_field) + n_bytes)
 
-    @property
-    def step_idle(self) -> float:
-        return self._step_idle
-
     def end_step(self, step_wall_s: float) -> tuple[float, float]:
         """Close one training step; returns its (busy_s, idle_s)."""
         idle, self._step_idle = self._step_idle, 0.0

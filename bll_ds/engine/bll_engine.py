@@ -87,10 +87,16 @@ class BLLPipelineEngine(AccountedPipelineEngine):
             return
         if self.inbox is not None:
             self.feedback.prepare(self.inbox.table_for_step(1))
-        if self.outbox is not None:
-            table = self._table_to_publish()
+        self._publish_table()
+
+    def _publish_table(self) -> None:
+        """Send this stage's current table upstream (non-blocking) and count it."""
+        if self.outbox is None:
+            return
+        table = self._table_to_publish()
+        with self.accounting.p2p():
             self.outbox.publish(table)
-            self.accounting.count("tables_sent", tensor_bytes(table), "bytes_up")
+        self.accounting.count("tables_sent", tensor_bytes(table), "bytes_up")
 
     def _table_to_publish(self) -> torch.Tensor:
         if self.is_last_stage():
@@ -203,11 +209,7 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item() if grads else None
 
     def _bll_publish_table(self):
-        if self.outbox is not None:
-            table = self._table_to_publish()
-            with self.accounting.p2p():
-                self.outbox.publish(table)
-            self.accounting.count("tables_sent", tensor_bytes(table), "bytes_up")
+        self._publish_table()
         now = time.perf_counter()
         step_s, self._step_started = now - self._step_started, now
         state = self._state
