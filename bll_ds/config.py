@@ -60,6 +60,10 @@ class RunConfig:
                           default=str(Path.home() / ".cache" / "bll_ds"))
     tokenize_workers: int = _doc("Processes for datasets.map tokenization.", default=2)
     throughput_warmup_steps: int = _doc("Steps excluded from the tokens/s median.", default=5)
+    trace_steps: int = _doc("The last N warm-up steps are traced: every pipeline instruction timed into "
+                            "timeline_stage{k}.json, and the saved-activation peak metered (0 = off).", default=3)
+    measure_matmul_peak: bool = _doc("Measure the device's fp32/bf16 matrix-product peak after training, for "
+                                     "model FLOP utilisation in summary.json (about 1 s).", default=True)
     progress: bool = _doc("Show a tqdm progress bar on rank 0.", default=True)
 
 

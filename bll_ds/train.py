@@ -19,10 +19,12 @@ import deepspeed.comm as dist
 import torch
 
 from bll_ds import checkpoint, distributed
+from bll_ds.bench.matmul_peak import matmul_peaks
 from bll_ds.config import RunConfig, parse_run_config
 from bll_ds.data import EvalBatches, MicroBatchSampler, parse_tokenizer_spec
 from bll_ds.ds_config import DsSettings, load_ds_config
 from bll_ds.engine import build_engine
+from bll_ds.engine.trace import StageTracer
 from bll_ds.errors import UserError
 from bll_ds.metrics import MetricsLog, write_summary
 from bll_ds.modeling import build_pipeline_module, check_stages, count_parameters, load_model_spec
@@ -92,6 +94,7 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
                   f"pass a larger --steps to train on.", flush=True)
         return
     engine.start_feedback(start_step)
+    engine.tracer = StageTracer(stage, _trace_window(cfg, start_step))
     tokens_per_step = ds.train_batch_size * seq_len
     is_logger = dist.get_rank() == engine.grid.stage_to_global(cfg.stages - 1, data=0)
     log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tb", is_logger, start_step,
@@ -128,11 +131,15 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
             stage_log.close()
             return
     train_wall_s = time.time() - train_started
+    if dp_rank == 0 and engine.tracer.events:
+        engine.tracer.dump(run_dir / f"timeline_stage{stage}.json")
+    peaks = matmul_peaks(engine.device) if cfg.measure_matmul_peak else None
 
     val_loss = _evaluate(engine, final_eval_set, ds.data_parallel, dp_rank)
     log.log(ds.steps, {"val/loss": val_loss})
     summary = _run_summary(cfg, ds, engine, model_config, recent, step_times, seq_len, start_step, val_loss,
-                           wall_s=time.time() - started, train_wall_s=train_wall_s)
+                           started, wall_s=time.time() - started, train_wall_s=train_wall_s,
+                           matmul_peak_gflops=peaks)
     if is_logger:
         write_summary(run_dir, summary)
     log.print(f"done: val_loss={val_loss:.4f} | summary in {run_dir / 'summary.json'}")
@@ -152,10 +159,12 @@ def _log_records(records, log: MetricsLog, stage_log: MetricsLog, tokens_per_ste
 
 
 def _run_summary(cfg: RunConfig, ds: DsSettings, engine, model_config, recent, step_times, seq_len: int,
-                 start_step: int, val_loss: float, wall_s: float, train_wall_s: float) -> dict:
+                 start_step: int, val_loss: float, started: float, wall_s: float, train_wall_s: float,
+                 matmul_peak_gflops: dict | None) -> dict:
     """summary.json. Gathers every rank's stage summary: the run's one collective outside
     evaluation and checkpoints, at its very end."""
     mine = {**engine.accounting.summary(), "params_sha256": _params_digest(engine.module),
+            "activation_peak_mb": engine.tracer.activation_peak_mb, "matmul_peak_gflops": matmul_peak_gflops,
             "local_loss": round(statistics.mean(r.loss for r in recent), 5),
             "local_terms": {k: round(statistics.mean(r.terms[k] for r in recent), 5) for k in recent[-1].terms}}
     stage_summaries = _gather_objects(mine)
@@ -166,7 +175,7 @@ def _run_summary(cfg: RunConfig, ds: DsSettings, engine, model_config, recent, s
         "stages": cfg.stages, "dp": ds.data_parallel,
         "params": count_parameters(model_config), "steps": ds.steps, "resumed_from_step": start_step,
         "tokens_seen": ds.steps * tokens_per_step, "tokens_per_step": tokens_per_step,
-        "wall_s": round(wall_s, 2), "train_wall_s": round(train_wall_s, 2),
+        "started_at": round(started, 3), "wall_s": round(wall_s, 2), "train_wall_s": round(train_wall_s, 2),
         "tokens_per_s": round(tokens_per_step / statistics.median(warm), 1),
         "step_s_median": round(statistics.median(warm), 5),
         "val_loss": round(val_loss, 5), "seq_len": seq_len, "micro_batches": ds.micro_batches,
@@ -177,6 +186,14 @@ def _run_summary(cfg: RunConfig, ds: DsSettings, engine, model_config, recent, s
                                                              if r["stage"] == s["stage"]}) == 1}
                           for s in stage_summaries if s["dp_rank"] == 0],
     }
+
+
+def _trace_window(cfg: RunConfig, start_step: int) -> range:
+    """The last `trace_steps` steps of this process's throughput warm-up (so the tracing cost
+    never enters tokens/s), and never the first step, which pays one-time costs."""
+    first = max(2, cfg.throughput_warmup_steps - cfg.trace_steps + 1)
+    last = max(cfg.throughput_warmup_steps, first + min(cfg.trace_steps, 1) - 1)
+    return range(start_step + first, start_step + last + 1)
 
 
 def _call_length(step: int, cfg: RunConfig, total: int) -> int:

@@ -26,6 +26,7 @@ from bll_ds.engine import bll_schedule as bll
 from bll_ds.engine.accounting import tensor_bytes
 from bll_ds.engine.feedback_channel import TableInbox, TableOutbox
 from bll_ds.engine.pipeline_engine import AccountedPipelineEngine, StepRecord, _as_float
+from bll_ds.engine.trace import traced
 
 
 class StageLocalGrid:
@@ -123,6 +124,7 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         last.step_s += waited
         last.idle_s += waited
         self.accounting.counters.idle_s += waited
+        self.tracer.set_step(None)
         return self._records
 
     def drain(self, completed_step: int) -> None:
@@ -138,6 +140,7 @@ class BLLPipelineEngine(AccountedPipelineEngine):
     # ---- instructions ----------------------------------------------------------------------------
     def _bll_begin_step(self, step):
         self._state = _StepState(step=step)
+        self.tracer.set_step(step, self.weights())
         torch.manual_seed(self.seed_for_step(step))
         if self.feedback is not None:
             table = None
@@ -221,17 +224,23 @@ class BLLPipelineEngine(AccountedPipelineEngine):
             terms={k: torch.stack(v).mean().item() for k, v in state.terms.items()}))
 
     _INSTRUCTION_MAP = {
-        **AccountedPipelineEngine._INSTRUCTION_MAP,
-        bll.BeginStep: _bll_begin_step,
-        bll.LoadTargets: _bll_load_micro_batch,
-        bll.RecvActivationBLL: _bll_recv_activations,
-        bll.ForwardBLL: _bll_forward,
-        bll.SendActivationBLL: _bll_send_activations,
-        bll.LocalBackward: _bll_local_backward,
-        bll.FinishStep: _bll_finish_step,
-        bll.StageOptimizerStep: _bll_optimizer_step,
-        bll.PublishTable: _bll_publish_table,
+        **AccountedPipelineEngine._INSTRUCTION_MAP,  # already traced
+        **traced({
+            bll.BeginStep: _bll_begin_step,
+            bll.LoadTargets: _bll_load_micro_batch,
+            bll.RecvActivationBLL: _bll_recv_activations,
+            bll.ForwardBLL: _bll_forward,
+            bll.SendActivationBLL: _bll_send_activations,
+            bll.LocalBackward: _bll_local_backward,
+            bll.FinishStep: _bll_finish_step,
+            bll.StageOptimizerStep: _bll_optimizer_step,
+            bll.PublishTable: _bll_publish_table,
+        }),
     }
+
+    def weights(self) -> list[torch.Tensor]:
+        extra = [] if self.feedback is None else [*self.feedback.parameters(), *self.feedback.buffers()]
+        return super().weights() + extra
 
     # ---- checkpoint state beyond DeepSpeed's own files ---------------------------------------------
     def extra_state(self) -> dict:

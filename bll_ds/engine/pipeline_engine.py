@@ -19,6 +19,7 @@ from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from bll_ds.engine.accounting import StageAccounting, tensor_bytes
+from bll_ds.engine.trace import StageTracer, traced
 
 
 @dataclass
@@ -69,18 +70,23 @@ def _recv_grads(self, buffer_id):
 
 
 class AccountedPipelineEngine(PipelineEngine):
-    _INSTRUCTION_MAP = {
+    _INSTRUCTION_MAP = traced({
         **PipelineEngine._INSTRUCTION_MAP,
         schedule.SendActivation: _send_activations,
         schedule.RecvActivation: _recv_activations,
         schedule.SendGrad: _send_grads,
         schedule.RecvGrad: _recv_grads,
-    }
+    })
 
     def __init__(self, *args, seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.seed = seed
         self.accounting = StageAccounting(self.stage_id, self.grid.data_parallel_id)
+        self.tracer = StageTracer(self.stage_id, range(0))  # train.py sets the traced window
+
+    def weights(self) -> list[torch.Tensor]:
+        """Every tensor this stage keeps between steps (not activations)."""
+        return [*self.module.parameters(), *self.module.buffers()]
 
     def seed_for_step(self, step: int) -> int:
         """Reseeded at every step from (seed, step, rank): dropout is exactly reproducible after
@@ -94,6 +100,7 @@ class AccountedPipelineEngine(PipelineEngine):
             torch.manual_seed(self.seed_for_step(step))
             batches = iter([batch_fn(step - 1, m, self.micro_batches) for m in range(self.micro_batches)])
             before = self._snapshot() if step in track_update_at else None
+            self.tracer.set_step(step, self.weights())
             start = time.perf_counter()
             loss = self.train_batch(batches).item()
             step_s = time.perf_counter() - start
@@ -101,6 +108,7 @@ class AccountedPipelineEngine(PipelineEngine):
             records.append(StepRecord(step=step, loss=loss, step_s=step_s, busy_s=busy, idle_s=idle,
                                       lr=self.get_lr()[0], grad_norm=_as_float(self.get_global_grad_norm()),
                                       update_norm=self._update_norm(before) if before is not None else None))
+        self.tracer.set_step(None)
         return records
 
     def start_feedback(self, resumed_step: int) -> None:

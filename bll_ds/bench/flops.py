@@ -1,0 +1,255 @@
+"""Model FLOPs per token, per pipeline stage, for pipeline backprop (BP) and block-local learning.
+
+Conventions (those of the PaLM / Megatron MFU papers, so numbers compare with published MFU):
+
+- A matrix product [m, k] @ [k, n] costs 2*m*n*k FLOPs. Only matrix products are counted:
+  norms, activations, softmax, rotary and residual adds are a few percent at most and are left
+  out, as `torch.utils.flop_counter.FlopCounterMode` leaves them out.
+- Training = forward + backward = 3 x forward: each product is redone twice in the backward
+  (gradient of its input, gradient of its weight).
+- Attention scores and values cost 2 * 2 * T * H_attn FLOPs per token in the forward (q k^T and
+  p v over the whole context of length T). Causal masking is NOT halved: kernels that skip the
+  masked half exist, but the convention counts the full square so that MFU numbers stay
+  comparable. The attention backward is counted as 2 x its forward like every other product.
+- The embedding lookup is a gather: 0 FLOPs.
+
+What FlopCounterMode counts instead (torch 2.13), checked by tests/test_flops.py:
+- On CPU the fused SDPA kernel (`_scaled_dot_product_flash_attention_for_cpu`) has no FLOP formula
+  and counts 0; under the MATH backend it decomposes into bmm's and counts exactly our convention.
+- On GPU, the flash / efficient / cuDNN kernels count forward 4*T*H_attn per token (not halved
+  either) but backward 5 products instead of 4 (the scores are recomputed), i.e. 2.5 x forward:
+  FlopCounterMode's attention training FLOPs are 3.5/3 of ours. `ATTENTION_BACKWARD_RECOMPUTE`
+  records that factor; nothing here uses it.
+
+Stage layout (DeepSpeed's type-based partition, bll_ds/modeling/pipeline.py): decoder layers per
+`stage_layer_counts`, the embedding on stage 0, the LM head (final norm + Linear(H, V)) on the
+last stage. Under BLL every stage but the last also runs a local readout (bll_ds/bll/feedback.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PretrainedConfig
+
+from bll_ds.bll.variants import TABLE_VARIANTS, VARIANTS
+from bll_ds.modeling.pipeline import stage_layer_counts
+
+METHODS = ("bp", "bll")
+TRAIN_OVER_FORWARD = 3           # forward + input-gradient + weight-gradient products
+ATTENTION_BACKWARD_RECOMPUTE = 2.5  # FlopCounterMode's GPU SDPA backward / forward (see above)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward FLOPs per token of the model's pieces
+# ---------------------------------------------------------------------------------------------
+
+def _attention_width(config: PretrainedConfig) -> tuple[int, int]:
+    """(query width, key/value width): heads x head_dim for queries, kv_heads x head_dim for k, v."""
+    heads = config.num_attention_heads
+    if config.model_type == "gpt2":
+        return config.hidden_size, config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return heads * head_dim, kv_heads * head_dim
+
+
+def _mlp_width(config: PretrainedConfig) -> int:
+    if config.model_type == "gpt2":
+        return config.n_inner or 4 * config.hidden_size
+    return config.intermediate_size
+
+
+def layer_projection_flops(config: PretrainedConfig) -> float:
+    """Forward FLOPs per token of one decoder layer's weight products (no attention scores)."""
+    hidden = config.hidden_size
+    q_width, kv_width = _attention_width(config)
+    mlp = _mlp_width(config)
+    if config.model_type == "gpt2":
+        # c_attn H -> 3H, attn c_proj H -> H, mlp c_fc H -> I, mlp c_proj I -> H
+        weights = hidden * 3 * hidden + hidden * hidden + 2 * hidden * mlp
+    else:
+        # q_proj, k_proj, v_proj, o_proj; gate_proj, up_proj, down_proj (SwiGLU)
+        weights = hidden * q_width + 2 * hidden * kv_width + q_width * hidden + 3 * hidden * mlp
+    return 2.0 * weights
+
+
+def layer_attention_flops(config: PretrainedConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of q k^T and p v: 2 * 2 * T * H_attn (causal not halved)."""
+    q_width, _ = _attention_width(config)
+    return 2.0 * 2.0 * seq_len * q_width
+
+
+def layer_forward_flops(config: PretrainedConfig, seq_len: int) -> float:
+    return layer_projection_flops(config) + layer_attention_flops(config, seq_len)
+
+
+def head_forward_flops(config: PretrainedConfig) -> float:
+    """Final norm + lm_head Linear(H, V): 2*H*V per token."""
+    return 2.0 * config.hidden_size * config.vocab_size
+
+
+# ---------------------------------------------------------------------------------------------
+# BLL local readouts (non-last stages), per token and per micro-batch
+# ---------------------------------------------------------------------------------------------
+
+def readout_flops_per_token(config: PretrainedConfig, variant: str) -> float:
+    """Training FLOPs per token of a non-last stage's local loss (forward + backward), beyond the
+    stage's own blocks. Mirrors bll_ds/bll/feedback.py:
+
+    prototype  logits = norm(h) @ m_k^T, m_k [V, H] a leaf that accumulates its gradient:
+               forward 2HV, grad of h 2HV, grad of m_k 2HV -> 6HV.
+    dgl        a free head Linear(H, V): same three products -> 6HV.
+    drtp       a fixed random table (buffer, no gradient): forward + grad of h -> 4HV.
+    gaussian,  forward message P norm(h), P [H, H] trained: 6H^2; plus the collapse guard's
+    bernoulli  covariance over the micro-batch's tokens, centred^T centred [H, N] @ [N, H]:
+               2H^2 per token forward, 4H^2 backward -> 6H^2. The target rows m_k[y_t] are a
+               gather (0). Total 12H^2. (The guard on the table is per micro-batch, see
+               `readout_flops_per_micro_batch`.)
+    """
+    hidden, vocab = config.hidden_size, config.vocab_size
+    if variant in ("prototype", "dgl"):
+        return 6.0 * hidden * vocab
+    if variant == "drtp":
+        return 4.0 * hidden * vocab
+    if variant in ("gaussian", "bernoulli"):
+        return 12.0 * hidden * hidden
+    raise ValueError(f"unknown BLL variant {variant!r}; choose one of {VARIANTS}")
+
+
+def readout_flops_per_micro_batch(config: PretrainedConfig, variant: str) -> float:
+    """Per micro-batch (independent of its token count): the gaussian / bernoulli collapse guard
+    on the whole target table, covariance [H, V] @ [V, H] forward 2VH^2 and backward 4VH^2, which
+    `local_loss` recomputes for every micro-batch. Other variants: 0."""
+    if variant in ("gaussian", "bernoulli"):
+        return 6.0 * config.vocab_size * config.hidden_size ** 2
+    return 0.0
+
+
+def feedback_step_flops(config: PretrainedConfig, variant: str, feedback_hidden: int | None = None) -> float:
+    """Per optimizer STEP, per non-last stage: the feedback block g_k (TableMap, H -> Hg -> H with
+    Hg = feedback_hidden or H) applied to the V x H table. Table variants only (else 0):
+
+    targets()     g_k forward once per step (cached over micro-batches)     2 products: 4 V H Hg
+    finish_step   backward through g_k: `down` grad of input and weight,
+                  `up` grad of weight only (the upstream table is detached)   3 products: 6 V H Hg
+    publish()     g_k forward again after the optimizer step                2 products: 4 V H Hg
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown BLL variant {variant!r}; choose one of {VARIANTS}")
+    if variant not in TABLE_VARIANTS:
+        return 0.0
+    hidden = config.hidden_size
+    width = feedback_hidden or hidden
+    return 14.0 * config.vocab_size * hidden * width
+
+
+# ---------------------------------------------------------------------------------------------
+# Per stage
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class StageFlops:
+    """Training FLOPs per token of one stage.
+
+    forward           the stage's own layers (embedding: 0; last stage: with the LM head)
+    backward_input    gradient w.r.t. inputs of every product (attention scores included)
+    backward_weight   gradient w.r.t. weights (attention scores have none)
+    local_readout     BLL only, non-last stages: the local loss forward + backward
+    """
+
+    forward: float
+    backward_input: float
+    backward_weight: float
+    local_readout: float = 0.0
+
+    @property
+    def backward(self) -> float:
+        return self.backward_input + self.backward_weight
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward + self.local_readout
+
+
+def _check_method(method: str, variant: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown BLL variant {variant!r}; choose one of {VARIANTS}")
+
+
+def stage_flop_split(config: PretrainedConfig, stages: int, seq_len: int, method: str = "bp",
+                     variant: str = "prototype", micro_batch_tokens: int | None = None,
+                     layers_per_stage: list[float] | None = None) -> list[StageFlops]:
+    """Per-stage FLOPs per token, split into forward / backward parts (for schedules that split
+    the backward, ZB-H1). `micro_batch_tokens` (default seq_len, i.e. micro-batch size 1)
+    amortises per-micro-batch readout costs over tokens. `layers_per_stage` overrides DeepSpeed's
+    partition (fractional counts let a projection cut a model into more stages than layers)."""
+    _check_method(method, variant)
+    counts = layers_per_stage if layers_per_stage is not None else stage_layer_counts(config, stages)
+    projection = layer_projection_flops(config)
+    attention = layer_attention_flops(config, seq_len)
+    head = head_forward_flops(config)
+    tokens = micro_batch_tokens or seq_len
+    result = []
+    for k, layers in enumerate(counts):
+        last = k == len(counts) - 1
+        weights = layers * projection + (head if last else 0.0)
+        scores = layers * attention
+        readout = 0.0
+        if method == "bll" and not last:
+            readout = (readout_flops_per_token(config, variant)
+                       + readout_flops_per_micro_batch(config, variant) / tokens)
+        result.append(StageFlops(forward=weights + scores, backward_input=weights + 2 * scores,
+                                 backward_weight=weights, local_readout=readout))
+    return result
+
+
+def stage_flops(config: PretrainedConfig, stages: int, seq_len: int, method: str = "bp",
+                variant: str = "prototype", micro_batch_tokens: int | None = None) -> list[float]:
+    """Training FLOPs per token (forward + backward, + BLL local readout) of each stage."""
+    return [s.total for s in stage_flop_split(config, stages, seq_len, method, variant, micro_batch_tokens)]
+
+
+def model_flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
+    """Training FLOPs per token of the whole model under backprop: 3 x forward."""
+    forward = config.num_hidden_layers * layer_forward_flops(config, seq_len) + head_forward_flops(config)
+    return TRAIN_OVER_FORWARD * forward
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters per stage (for optimizer-step cost estimates)
+# ---------------------------------------------------------------------------------------------
+
+def feedback_parameters(config: PretrainedConfig, variant: str, feedback_hidden: int | None = None) -> float:
+    """Trainable parameters of one non-last stage's feedback block and readout (feedback.py):
+    table variants hold g_k (H -> Hg -> H), gaussian / bernoulli also P [H, H], dgl its free
+    head [V, H], drtp nothing trainable (biases and norm weights left out)."""
+    hidden = config.hidden_size
+    table_map = 2 * hidden * (feedback_hidden or hidden)
+    return {"prototype": table_map, "gaussian": table_map + hidden * hidden,
+            "bernoulli": table_map + hidden * hidden, "dgl": config.vocab_size * hidden,
+            "drtp": 0.0}[variant]
+
+
+def embedding_parameters(config: PretrainedConfig) -> float:
+    positions = config.max_position_embeddings if config.model_type == "gpt2" else 0
+    return (config.vocab_size + positions) * config.hidden_size
+
+
+def stage_parameters(config: PretrainedConfig, layers_per_stage: list[float], method: str = "bp",
+                     variant: str = "prototype", feedback_hidden: int | None = None) -> list[float]:
+    """Trainable parameters per stage, from the weight products (norm weights and biases, well
+    under 1%, are left out). Stage 0 holds the embedding (and GPT-2's positions), the last the
+    LM head; under BLL each non-last stage also holds its feedback block."""
+    _check_method(method, variant)
+    per_layer = layer_projection_flops(config) / 2
+    feedback = feedback_parameters(config, variant, feedback_hidden) if method == "bll" else 0.0
+    params = []
+    for k, layers in enumerate(layers_per_stage):
+        last = k == len(layers_per_stage) - 1
+        count = layers * per_layer + (embedding_parameters(config) if k == 0 else 0.0)
+        count += config.vocab_size * config.hidden_size if last else feedback
+        params.append(count)
+    return params

@@ -1,0 +1,32 @@
+"""The matrix-product peak of this process's device, measured: the denominator of model FLOP
+utilisation. Measured inside the training run (same threads, same neighbours on the machine)
+rather than taken from a datasheet, because a CPU's peak depends on how its cores are shared."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int = 1024, min_seconds: float = 0.3) -> float:
+    """Best-of-repeats FLOP/s of an n x n x n product (2 n^3 FLOPs)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.mm(a, b)  # warm-up: kernel selection, page faults
+    sync()
+    best, spent = float("inf"), 0.0
+    while spent < min_seconds:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed), spent + elapsed
+    return 2 * n**3 / best
+
+
+def matmul_peaks(device: torch.device) -> dict[str, float]:
+    """GFLOP/s in fp32 and bf16."""
+    return {name: round(matmul_flops_per_s(device, dtype) / 1e9, 1)
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
