@@ -19,6 +19,7 @@ import deepspeed.comm as dist
 import torch
 
 from bll_ds import checkpoint, distributed
+from bll_ds.bench.flops import feedback_step_flops, stage_flops
 from bll_ds.bench.matmul_peak import matmul_peaks
 from bll_ds.config import RunConfig, parse_run_config
 from bll_ds.data import EvalBatches, MicroBatchSampler, parse_tokenizer_spec
@@ -167,9 +168,11 @@ def _run_summary(cfg: RunConfig, ds: DsSettings, engine, model_config, recent, s
             "activation_peak_mb": engine.tracer.activation_peak_mb, "matmul_peak_gflops": matmul_peak_gflops,
             "local_loss": round(statistics.mean(r.loss for r in recent), 5),
             "local_terms": {k: round(statistics.mean(r.terms[k] for r in recent), 5) for k in recent[-1].terms}}
-    stage_summaries = _gather_objects(mine)
     warm = step_times[cfg.throughput_warmup_steps:] or step_times
     tokens_per_step = ds.train_batch_size * seq_len
+    mine.update(_flop_rates(cfg, ds, engine.stage_id, model_config, seq_len, statistics.median(warm),
+                            matmul_peak_gflops))
+    stage_summaries = _gather_objects(mine)
     return {
         "method": cfg.method, "bll_variant": cfg.bll_variant if cfg.method == "bll" else None,
         "stages": cfg.stages, "dp": ds.data_parallel,
@@ -186,6 +189,22 @@ def _run_summary(cfg: RunConfig, ds: DsSettings, engine, model_config, recent, s
                                                              if r["stage"] == s["stage"]}) == 1}
                           for s in stage_summaries if s["dp_rank"] == 0],
     }
+
+
+def _flop_rates(cfg: RunConfig, ds: DsSettings, stage: int, model_config, seq_len: int, step_s: float,
+                peaks: dict | None) -> dict:
+    """This stage's model FLOP/s over the median step, and its utilisation of the matmul peak
+    measured in this run (in the training precision). BLL stages count their local readout and
+    feedback update as work; see bll_ds/bench/flops.py for the conventions."""
+    variant = cfg.bll_variant
+    per_token = stage_flops(model_config, cfg.stages, seq_len, cfg.method, variant,
+                            micro_batch_tokens=ds.micro_batch_size * seq_len)[stage]
+    per_step = per_token * ds.micro_batch_size * ds.micro_batches * seq_len
+    if cfg.method == "bll" and stage < cfg.stages - 1:
+        per_step += feedback_step_flops(model_config, variant)
+    gflops = per_step / step_s / 1e9
+    peak = (peaks or {}).get("bf16" if ds.bf16 else "fp32")
+    return {"model_gflops_per_s": round(gflops, 2), "mfu": round(gflops / peak, 4) if peak else None}
 
 
 def _trace_window(cfg: RunConfig, start_step: int) -> range:

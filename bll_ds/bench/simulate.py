@@ -25,11 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from bll_ds.bll.variants import TABLE_VARIANTS, VARIANTS
 
 OP_KINDS = ("forward", "backward", "backward_input", "backward_weight", "local", "optimizer")
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "bll", "bll-noflush")
@@ -133,14 +134,16 @@ class Event:
 
 @dataclass
 class SimResult:
-    """step_time_s      steady-state time per optimizer step: the median of `step_times_s` over
-                        the second half of the steps (every step when flushed)
+    """step_time_s      steady-state time per optimizer step: the mean of `step_times_s` over
+                        the second half of the steps (flushed schedules: every step is the same)
     step_times_s        per step: time between the ends of consecutive steps, a step ending when
                         its last stage's optimizer step ends (the first from time 0)
     run_time_s          end of the last event
     busy_s, idle_s      per stage over the whole run (idle = run_time - busy)
     bubble_fraction     steady-state idle share of a step, averaged over stages:
-                        1 - mean_k(busy_k / steps) / step_time
+                        1 - mean_k(busy_k / steps) / step_time. It counts every idle
+                        second: the schedule's fill and drain, and also stages waiting on a
+                        slower one (an LM head on the last stage makes that stage the slowest)
     """
 
     schedule: str
@@ -213,7 +216,10 @@ def _summarise(schedule: str, stages: int, micro_batches: int, steps: int, event
         if e.kind == "optimizer":
             step_end[e.step] = max(step_end[e.step], e.end)
     step_times = [step_end[t] - (step_end[t - 1] if t else 0.0) for t in range(steps)]
-    step_time = statistics.median(step_times[steps // 2:])
+    # Steady state: the mean over the second half of the steps. (A mean, not a median: with a
+    # slow table link the no-flush step times alternate, and the mean is their true rate.)
+    half = steps // 2
+    step_time = (step_end[-1] - (step_end[half - 1] if half else 0.0)) / (steps - half)
     run_time = max(e.end for e in events)
     busy_per_step = sum(busy) / stages / steps
     return SimResult(schedule=schedule, stages=stages, micro_batches=micro_batches, steps=steps,
@@ -508,11 +514,11 @@ def stage_costs(layer: LayerCosts, num_layers: int, stages: int, method: str) ->
 
 def layer_costs_from_flops(config, seq_len: int, micro_batch_size: int, achieved_flops: float,
                            variant: str = "prototype", memory_bytes_per_s: float = 2.0e12,
-                           optimizer_bytes_per_param: float = 16.0) -> LayerCosts:
+                           optimizer_bytes_per_param: float = 30.0) -> LayerCosts:
     """Costs from model FLOPs (bll_ds/bench/flops.py) at an assumed achieved FLOP/s. The
     optimizer step is memory-bound: `optimizer_bytes_per_param` bytes moved per parameter
-    (AdamW in fp32: read param, grad, m, v and write param, m, v is about 28; the default 16
-    assumes bf16 grads and fused kernels) at `memory_bytes_per_s`."""
+    (bf16 training, AdamW on fp32 master weights: read master, grad, m, v and write master, m, v
+    in fp32 plus the bf16 copy, about 30) at `memory_bytes_per_s`."""
     from bll_ds.bench import flops
 
     tokens = seq_len * micro_batch_size
@@ -543,12 +549,15 @@ def layer_costs_from_flops(config, seq_len: int, micro_batch_size: int, achieved
 
 def project(costs_for: Callable[[int, str], StageCosts], link: Link, tokens_per_micro_batch: int,
             stage_counts=(4, 8, 16, 32, 64), micro_batch_factors=(1, 2, 4, 8), schedules=SCHEDULES,
-            chunks: int = 2, flushed_steps: int = 2, noflush_steps: int = 6) -> list[dict]:
+            chunks: int = 2, noflush_steps: int = 6) -> list[dict]:
     """One row per (schedule, S, M) with M = factor * S: step_s (steady state), bubble,
     tokens_per_s, and speedup_vs_1f1b (this schedule's tokens/s over 1F1B's at the same S, M;
     None when 1f1b is not simulated). `costs_for(S, method)` gives the stage costs, method "bp"
-    or "bll" (see `stage_costs`). Flushed schedules repeat identical steps, so 2 suffice; the
-    no-flush schedule needs a few for its fill to wash out."""
+    or "bll" (see `stage_costs`).
+
+    Steps simulated: the barrier makes every flushed BP step identical, so 1 suffices; flushed
+    BLL runs table_lag + 1 so that a table arriving late would show; the no-flush schedule runs
+    `noflush_steps` so that its pipe fill washes out of the steady-state mean."""
     rows = []
     for stages in stage_counts:
         costs = {method: costs_for(stages, method) for method in ("bp", "bll")}
@@ -556,7 +565,7 @@ def project(costs_for: Callable[[int, str], StageCosts], link: Link, tokens_per_
             micro_batches = factor * stages
             found = {}
             for name in schedules:
-                steps = noflush_steps if name == "bll-noflush" else flushed_steps
+                steps = {"bll": link.table_lag + 1, "bll-noflush": noflush_steps}.get(name, 1)
                 result = simulate(name, costs[SCHEDULE_METHOD[name]], link, micro_batches, steps, chunks)
                 found[name] = result
                 rows.append(dict(schedule=name, S=stages, M=micro_batches, step_s=result.step_time_s,
@@ -608,8 +617,9 @@ def plot_projection(rows: list[dict], path: Path) -> None:
         axes[1][col].set_xscale("log", base=2)
     axes[0][0].set_ylabel("bubble fraction")
     axes[1][0].set_ylabel("tokens/s over 1F1B")
-    axes[0][-1].legend(fontsize="small")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(names), fontsize="small")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -660,7 +670,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--latency_us", type=float, default=10.0, help="link latency per message, microseconds")
     p.add_argument("--bandwidth_gbps", type=float, default=25.0, help="link bandwidth, GB/s")
     p.add_argument("--dtype_bytes", type=int, default=2, help="bytes per activation / table element (bf16)")
-    p.add_argument("--variant", default="prototype", help="BLL variant (bll_ds/bll/variants.py)")
+    p.add_argument("--variant", default="prototype", choices=VARIANTS, help="BLL variant (docs/METHOD.md)")
     p.add_argument("--stages", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="values of S")
     p.add_argument("--micro_batch_factors", type=int, nargs="+", default=[1, 2, 4, 8], help="M / S values")
     p.add_argument("--chunks", type=int, default=2, help="model chunks per device (interleaved 1F1B)")
@@ -671,7 +681,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run_projection(args: argparse.Namespace) -> list[dict]:
-    from bll_ds.bll.variants import TABLE_VARIANTS
     from bll_ds.modeling import load_model_spec
 
     config = load_model_spec(args.model)
@@ -686,11 +695,14 @@ def run_projection(args: argparse.Namespace) -> list[dict]:
         return stage_costs(layer, config.num_hidden_layers, stages, method)
 
     rows = project(costs_for, link, tokens, args.stages, args.micro_batch_factors, chunks=args.chunks)
+    for row in rows:
+        row["fractional_layers"] = row["S"] > config.num_hidden_layers
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = dict(args={k: v for k, v in vars(args).items() if k != "command"},
                   layer_costs=asdict(layer), link=asdict(link), num_layers=config.num_hidden_layers,
-                  note="S > num_layers uses fractional layers per stage (layers_per_stage)", rows=rows)
+                  note="rows with fractional_layers cut the model into fractions of a layer per stage "
+                       "(S > num_layers, see layers_per_stage)", rows=rows)
     (out / "projection.json").write_text(json.dumps(report, indent=2))
     (out / "projection.md").write_text(projection_markdown(rows))
     plot_projection(rows, out / "projection.png")
