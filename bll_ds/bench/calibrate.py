@@ -1,0 +1,109 @@
+"""Check the schedule simulator against measured runs.
+
+    python -m bll_ds.bench.calibrate runs/bench-l25
+
+For every run of a `compare` benchmark: per-stage costs come from the run's traced warm-up steps
+(timeline_stage{k}.json: median forward, backward, local-loss instruction per micro-batch, and
+the per-step rest: optimizer, gradient reduction, feedback update, the Python between
+instructions); the simulator predicts the step time of the run's schedule from those costs; the
+prediction is compared with the run's measured median step time over its later, untraced steps.
+Writes calibration.json and calibration.md into the benchmark folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from bll_ds.atomic import atomic_write_text
+from bll_ds.bench.simulate import Link, StageCosts, simulate
+
+SCHEDULE_OF_ARM = {"bp": "1f1b", "bll-flush": "bll", "bll": "bll-noflush"}
+PER_MICRO_BATCH = {
+    "fwd": ("ForwardPass", "ForwardBLL", "LoadMicroBatch", "LoadTargets"),
+    "bwd": ("BackwardPass",),
+    "local": ("LocalBackward",),
+}
+WAITS = ("RecvActivation", "RecvActivationBLL", "RecvGrad", "SendActivation", "SendActivationBLL", "SendGrad")
+
+
+def stage_costs_from_timelines(run_dir: Path, micro_batches: int) -> tuple[StageCosts, float]:
+    """Costs per stage, and the link latency: the shortest receive seen (a transfer that did not
+    have to wait for its sender), which bounds what moving one activation costs."""
+    costs = {"fwd": [], "bwd": [], "local": [], "opt": []}
+    receives = []
+    paths = sorted(run_dir.glob("timeline_stage*.json"), key=lambda p: int(p.stem.removeprefix("timeline_stage")))
+    for path in paths:
+        timeline = json.loads(path.read_text())
+        by_step = defaultdict(list)
+        for event in timeline["events"]:
+            by_step[event["step"]].append(event)
+        per_mb = {key: [] for key in PER_MICRO_BATCH}
+        per_step_rest = []
+        for events in by_step.values():
+            span = max(e["end"] for e in events) - min(e["start"] for e in events)
+            mb_ops = {key: sum(e["end"] - e["start"] for e in events if e["op"] in ops)
+                      for key, ops in PER_MICRO_BATCH.items()}
+            for key, total in mb_ops.items():
+                per_mb[key].append(total / micro_batches)
+            waits = sum(e["end"] - e["start"] for e in events if e["op"] in WAITS)
+            # Everything that is neither per-micro-batch compute nor waiting happens once a step.
+            per_step_rest.append(span - sum(mb_ops.values()) - waits)
+            receives += [e["end"] - e["start"] for e in events if e["op"].startswith("Recv")]
+        for key in PER_MICRO_BATCH:
+            costs[key].append(statistics.median(per_mb[key]))
+        costs["opt"].append(statistics.median(per_step_rest))
+    latency = min(receives) if receives else 0.0
+    return StageCosts(fwd=costs["fwd"], bwd=costs["bwd"], local=costs["local"], opt=costs["opt"]), latency
+
+
+def predict(run: dict) -> dict:
+    costs, latency = stage_costs_from_timelines(Path(run["run_dir"]), run["M"])
+    schedule = SCHEDULE_OF_ARM[run["arm"]]
+    steps = 6 if schedule == "bll-noflush" else 1
+    result = simulate(schedule, costs, Link(latency_s=latency), micro_batches=run["M"], steps=steps)
+    measured = run["step_s_median"]
+    return {"arm": run["arm"], "M": run["M"], "repeat": run["repeat"], "schedule": schedule,
+            "predicted_step_s": result.step_time_s, "measured_step_s": measured,
+            "error": result.step_time_s / measured - 1, "latency_s": latency,
+            "costs": {"fwd": costs.fwd, "bwd": costs.bwd, "local": costs.local, "opt": costs.opt}}
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    lines = [f"`{command}`", "",
+             "| M | arm | schedule | measured step s (median of repeats) | predicted step s | error (median, min-max) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    groups = defaultdict(list)
+    for row in rows:
+        groups[(row["M"], row["arm"])].append(row)
+    for (m, arm), group in groups.items():
+        errors = [r["error"] for r in group]
+        lines.append(f"| {m} | {arm} | {group[0]['schedule']} | "
+                     f"{statistics.median(r['measured_step_s'] for r in group):.3f} | "
+                     f"{statistics.median(r['predicted_step_s'] for r in group):.3f} | "
+                     f"{statistics.median(errors):+.1%} ({min(errors):+.1%} to {max(errors):+.1%}) |")
+    worst = max(abs(r["error"]) for r in rows)
+    lines += ["", f"Largest single-run error: {worst:.1%} over {len(rows)} runs."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bll_ds.bench.calibrate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("bench_dir", help="a folder written by `python -m bll_ds.bench compare`")
+    args = parser.parse_args(argv)
+    bench_dir = Path(args.bench_dir)
+    bench = json.loads((bench_dir / "bench.json").read_text())
+    rows = [predict(run) for run in bench["runs"] if run["arm"] in SCHEDULE_OF_ARM]
+    command = "python -m bll_ds.bench.calibrate " + " ".join(argv)
+    atomic_write_text(bench_dir / "calibration.json", json.dumps(rows, indent=1) + "\n")
+    atomic_write_text(bench_dir / "calibration.md", markdown(rows, command))
+    print((bench_dir / "calibration.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

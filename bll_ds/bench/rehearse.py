@@ -1,0 +1,389 @@
+"""Scale rehearsal: ONE real pipeline stage of a big model, trained block-locally on this CPU,
+measured next to the memory planner's prediction for the same stage.
+
+    python scripts/rehearse_stage.py --model models/llama-1b.json --stages 8 --json rehearsal.json
+
+The stage is built as the pipeline builds it: its decoder layers (and the embedding on stage 0,
+the head on the last stage) from `layer_specs`, each seeded like `build_sequential`, plus its
+feedback block seeded and attached as `build_engine` does it. No process group: the upstream
+stage's activations are random [b, T, H] tensors "received" into a DeepSpeed-style receive
+buffer, the downstream stage's target table is a random [V, H] table, and targets are random
+token ids. What the BLL engine keeps between micro-batches and steps is kept here too, so that
+the planner's whole-stage prediction applies: the receive buffer, the send window of detached
+outputs (2M), the inbox queue of received tables (LAG + 1) and the outbox of published payloads.
+
+Per step: `prepare(table)`; per micro-batch: forward, local loss, backward (scaled by 1/M as
+DeepSpeed does); then `finish_step` (the surrogate backward through g_k), gradient clipping, the
+optimizer step and `publish()`.
+
+Optimizer: fp32 runs use torch AdamW (the planner's "fp32, ZeRO-0" row); bf16 runs keep fp32
+master weights, an fp32 gradient-accumulation buffer and fp32 moments next to bf16 weights and
+gradients, which is DeepSpeed's BF16_Optimizer at DP = 1 (the planner's "bf16, ZeRO-1" row).
+
+Measurements: median step time; peak RSS (ru_maxrss) against the RSS before the stage was built
+plus the planner's peak bytes; the saved-activation peak of one micro-batch (tables excluded)
+against the planner's `saved_per_micro_batch`, and of a whole step as the engines' meter sees it
+(only weights excluded) against `meter_bytes`. By default glibc is told to mmap every allocation
+above 64 KiB (mallopt M_MMAP_THRESHOLD), so that freed activations leave the RSS at once and the
+peak RSS tracks live bytes; with glibc's default (--malloc_mmap_threshold 0) RSS also holds freed
+heap chunks, 1.3-2x the live activations in our measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import statistics
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bll_ds.bench import memory
+from bll_ds.bll.feedback import StageFeedback, build_feedback
+from bll_ds.bll.variants import TABLE_VARIANTS
+from bll_ds.engine.build import FEEDBACK_SEED_OFFSET, weight_decay_groups
+from bll_ds.engine.trace import SavedActivationMeter
+from bll_ds.modeling import lm_loss, load_model_spec
+from bll_ds.modeling.pipeline import layer_specs, stage_layer_counts
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter number
+
+
+@dataclass
+class Stage:
+    module: nn.Sequential        # the stage's pipeline layers, feedback block attached as "bll_feedback"
+    feedback: StageFeedback | None
+    first: bool
+    last: bool
+    decoder_layers: int
+    sends_tables: bool           # the variant's tables travel upstream (the engine's table_shape is set)
+
+    def weights(self) -> list[torch.Tensor]:
+        return [*self.module.parameters(), *self.module.buffers()]
+
+
+def build_stage(config, stages: int, stage: int, seed: int = 0, variant: str = "prototype") -> Stage:
+    """Stage `stage` of an S-stage pipeline, with the same initial weights as the pipeline."""
+    counts = stage_layer_counts(config, stages)
+    specs = layer_specs(config)
+    first, last = stage == 0, stage == stages - 1
+    start = 1 + sum(counts[:stage])                 # specs[0] is the embedding
+    indices = list(range(start, start + counts[stage]))
+    indices = ([0] if first else []) + indices + ([len(specs) - 1] if last else [])
+    layers = []
+    for i in indices:
+        torch.manual_seed(seed + i)                 # as build_sequential and DeepSpeed's seed_layers
+        layers.append(specs[i].build())
+    module = nn.Sequential(*layers)
+    feedback = None
+    if not last:
+        torch.manual_seed(seed + FEEDBACK_SEED_OFFSET + stage)   # as build_engine
+        feedback = build_feedback(variant, config)
+        module.add_module("bll_feedback", feedback)
+    return Stage(module, feedback, first, last, counts[stage],
+                 sends_tables=stages > 1 and variant in TABLE_VARIANTS)
+
+
+def forward_layers(stage: Stage, inputs: torch.Tensor) -> torch.Tensor:
+    """The pipeline layers only (not the feedback block, which is a submodule but no layer)."""
+    out = inputs
+    for name, layer in stage.module.named_children():
+        if name != "bll_feedback":
+            out = layer(out)
+    return out
+
+
+class MasterWeightAdamW:
+    """bf16 weights and gradients with fp32 master weights, an fp32 gradient-accumulation buffer
+    and fp32 Adam moments: the memory of DeepSpeed's BF16_Optimizer at DP = 1."""
+
+    def __init__(self, groups: list[dict], **adam_kwargs):
+        self.pairs = []
+        master_groups = []
+        for group in groups:
+            masters = []
+            for param in group["params"]:
+                master = param.detach().float().clone().requires_grad_(True)
+                master.grad = torch.zeros_like(master)
+                self.pairs.append((param, master))
+                masters.append(master)
+            master_groups.append({**group, "params": masters})
+        self.adam = torch.optim.AdamW(master_groups, **adam_kwargs)
+
+    @torch.no_grad()
+    def accumulate(self) -> None:
+        """After each backward, as DeepSpeed's backward epilogue: bf16 grads into the fp32 buffer."""
+        for param, master in self.pairs:
+            if param.grad is not None:
+                master.grad.add_(param.grad)
+                param.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.accumulate()
+        self.adam.step()
+        for param, master in self.pairs:
+            param.copy_(master)
+            master.grad.zero_()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for param, _ in self.pairs:
+            param.grad = None
+
+
+class PlainAdamW(torch.optim.AdamW):
+    def accumulate(self) -> None:
+        """fp32: gradients accumulate in param.grad."""
+
+
+@dataclass
+class EngineHoldings:
+    """Stand-ins for what BLLPipelineEngine keeps alive between micro-batches and steps."""
+    receive_buffer: torch.Tensor | None                         # DeepSpeed's pipe_recv_buf
+    send_window: deque = field(default_factory=deque)          # detached outputs of in-flight isends
+    inbox: deque = field(default_factory=deque)                # received tables, oldest first
+    outbox: deque = field(default_factory=deque)               # published payloads not yet seen sent
+
+
+@dataclass
+class RehearsalResult:
+    model: str
+    stages: int
+    stage: int
+    decoder_layers: int
+    params: int
+    micro_batch_size: int
+    seq_len: int
+    micro_batches: int
+    steps: int
+    dtype: str
+    threads: int
+    malloc_mmap_threshold: int
+    step_s: list[float]
+    median_step_s: float
+    baseline_rss_mb: float          # before the stage was built
+    peak_rss_mb: float
+    predicted_rss_mb: float         # baseline + planner peak
+    saved_micro_batch_bytes: int    # measured, one micro-batch, weights and tables excluded
+    predicted_saved_micro_batch_bytes: int
+    saved_step_bytes: int | None    # measured over a whole step, weights excluded (the engines' meter)
+    predicted_meter_bytes: int
+    plan: dict                      # the planner's StageMemory for this stage
+    losses: list[float]
+
+    def comparison_rows(self) -> list[tuple[str, float, float]]:
+        rows = [("peak RSS (MB)", self.peak_rss_mb, self.predicted_rss_mb),
+                ("saved, one micro-batch (MB)", self.saved_micro_batch_bytes / memory.MIB,
+                 self.predicted_saved_micro_batch_bytes / memory.MIB)]
+        if self.saved_step_bytes is not None:
+            rows.append(("saved, whole step (MB)", self.saved_step_bytes / memory.MIB,
+                         self.predicted_meter_bytes / memory.MIB))
+        return rows
+
+
+def rehearse(model: str = "models/llama-1b.json", stages: int = 8, stage: int | None = None,
+             micro_batch_size: int = 1, seq_len: int = 512, micro_batches: int = 2, steps: int = 3,
+             dtype: str = "fp32", threads: int = 1, seed: int = 0, variant: str = "prototype",
+             malloc_mmap_threshold: int = 65536) -> RehearsalResult:
+    """Train stage `stage` (default: the middle one) of an S-stage pipeline for `steps` steps and
+    measure it against memory.plan (DP 1; fp32 as ZeRO-0 torch AdamW, bf16 as BF16_Optimizer).
+    Step 0 is metered as the engines meter it (weights excluded), step 1 per micro-batch with the
+    tables excluded too; every step is timed."""
+    if steps < 1:
+        raise ValueError("steps must be at least 1")
+    torch.set_num_threads(threads)
+    if malloc_mmap_threshold:
+        _set_mmap_threshold(malloc_mmap_threshold)
+    config = load_model_spec(model)
+    stage = (stages - 1) // 2 if stage is None else stage
+    torch_dtype = DTYPES[dtype]
+    baseline_rss = memory.peak_rss_mb()
+
+    built = build_stage(config, stages, stage, seed, variant)
+    built.module.to(torch_dtype)   # DeepSpeed casts the whole stage module, feedback included
+    built.module.train()
+    optimizer = _optimizer(built, dtype)
+    holdings = _holdings(config, built, micro_batch_size, seq_len, torch_dtype)
+    generator = torch.Generator().manual_seed(seed)
+
+    step_times, losses = [], []
+    saved_step = saved_micro_batch = None
+    for step in range(steps):
+        # Step 0 is metered as the engines meter it; step 1 per micro-batch, tables excluded.
+        meter_mode = "step" if step == 0 and steps > 1 else "micro_batch" if step <= 1 else None
+        start = time.perf_counter()
+        loss, peak = _train_step(config, built, optimizer, holdings, micro_batch_size, seq_len, micro_batches,
+                                 torch_dtype, generator, meter_mode)
+        step_times.append(time.perf_counter() - start)
+        losses.append(loss)
+        if meter_mode == "step":
+            saved_step = peak
+        elif meter_mode == "micro_batch":
+            saved_micro_batch = peak
+
+    stage_plan = memory.plan(config, stages, 1, micro_batch_size, seq_len, micro_batches, dtype,
+                             zero_stage=0 if dtype == "fp32" else 1, method="bll", variant=variant)[stage]
+    return RehearsalResult(
+        model=model, stages=stages, stage=stage, decoder_layers=built.decoder_layers,
+        params=sum(p.numel() for p in built.module.parameters() if p.requires_grad),
+        micro_batch_size=micro_batch_size, seq_len=seq_len, micro_batches=micro_batches, steps=steps,
+        dtype=dtype, threads=threads, malloc_mmap_threshold=malloc_mmap_threshold,
+        step_s=[round(t, 4) for t in step_times], median_step_s=round(statistics.median(step_times), 4),
+        baseline_rss_mb=round(baseline_rss, 1), peak_rss_mb=round(memory.peak_rss_mb(), 1),
+        predicted_rss_mb=round(baseline_rss + stage_plan.peak_bytes / memory.MIB, 1),
+        saved_micro_batch_bytes=saved_micro_batch, predicted_saved_micro_batch_bytes=stage_plan.saved_per_micro_batch,
+        saved_step_bytes=saved_step, predicted_meter_bytes=stage_plan.meter_bytes,
+        plan=stage_plan.as_dict(), losses=[round(v, 4) for v in losses])
+
+
+def _set_mmap_threshold(n_bytes: int) -> None:
+    """Serve every allocation above n_bytes by mmap, returned to the OS on free (glibc only)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, n_bytes)
+    except OSError:
+        print("rehearse: not glibc; RSS includes the allocator's cached heap", file=sys.stderr)
+
+
+def _optimizer(built: Stage, dtype: str):
+    groups = weight_decay_groups(built.module)
+    kwargs = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)  # ds_configs/llama-25m.json
+    return PlainAdamW(groups, **kwargs) if dtype == "fp32" else MasterWeightAdamW(groups, **kwargs)
+
+
+def _holdings(config, built: Stage, micro_batch_size: int, seq_len: int, dtype) -> EngineHoldings:
+    receive = None if built.first else torch.empty(micro_batch_size, seq_len, config.hidden_size, dtype=dtype)
+    holdings = EngineHoldings(receive_buffer=receive)
+    if built.sends_tables and not built.last:
+        for _ in range(memory.INBOX_TABLES):
+            holdings.inbox.append(_random_table(config, dtype))
+    return holdings
+
+
+def _random_table(config, dtype) -> torch.Tensor:
+    """Stands in for a target table received from the downstream stage (rows like an LM head's)."""
+    return (torch.randn(config.vocab_size, config.hidden_size) * config.initializer_range).to(dtype)
+
+
+def _train_step(config, built: Stage, optimizer, holdings: EngineHoldings, micro_batch_size: int, seq_len: int,
+                micro_batches: int, dtype, generator, meter_mode: str | None) -> tuple[float, int | None]:
+    """One optimizer step. Returns (mean loss, saved-activation peak or None)."""
+    feedback = built.feedback
+    upstream = holdings.inbox[0] if holdings.inbox else None
+    if feedback is not None:
+        feedback.prepare(upstream)
+    meter = None
+    if meter_mode is not None:
+        meter = SavedActivationMeter()
+        meter.exclude(built.weights())
+        if meter_mode == "micro_batch" and upstream is not None:
+            # The table graph is built once per step, outside the per-micro-batch measurement.
+            meter.exclude([upstream, feedback.targets()])
+    losses = []
+    with meter.hooks() if meter is not None else contextlib.nullcontext():
+        for _ in range(micro_batches):
+            losses.append(_micro_batch(config, built, optimizer, holdings, micro_batch_size, seq_len,
+                                       micro_batches, dtype, generator))
+    # The engines meter FinishStep too (bll_ds/engine/trace.py SAVES_ACTIVATIONS).
+    with meter.hooks() if meter_mode == "step" else contextlib.nullcontext():
+        if feedback is not None:
+            feedback.finish_step(lambda surrogate: surrogate.backward())
+    nn.utils.clip_grad_norm_([p for p in built.module.parameters() if p.grad is not None], 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    _exchange_tables(config, built, holdings, dtype)
+    return sum(losses) / len(losses), None if meter is None else meter.peak_bytes
+
+
+def _micro_batch(config, built: Stage, optimizer, holdings: EngineHoldings, micro_batch_size: int, seq_len: int,
+                 micro_batches: int, dtype, generator) -> float:
+    labels = torch.randint(config.vocab_size, (micro_batch_size, seq_len), generator=generator)
+    if built.first:
+        inputs = torch.randint(config.vocab_size, (micro_batch_size, seq_len), generator=generator)
+    else:
+        # "Received" into DeepSpeed's receive buffer, then cloned out of it, as _exec_recv_activations does.
+        holdings.receive_buffer.copy_(torch.randn(holdings.receive_buffer.shape, generator=generator))
+        inputs = holdings.receive_buffer.clone()
+    outputs = forward_layers(built, inputs)
+    if built.last:
+        loss = lm_loss(outputs, labels)
+    else:
+        _send(holdings, outputs.detach(), 2 * micro_batches)
+        loss, _ = built.feedback.local_loss(outputs, labels)
+    (loss / micro_batches).backward()
+    optimizer.accumulate()
+    return loss.item()
+
+
+def _send(holdings: EngineHoldings, detached: torch.Tensor, window: int) -> None:
+    """BLLPipelineEngine keeps each isend's tensor until the window (2M) is full."""
+    while len(holdings.send_window) >= window:
+        holdings.send_window.popleft()
+    holdings.send_window.append(detached)
+
+
+def _exchange_tables(config, built: Stage, holdings: EngineHoldings, dtype) -> None:
+    """After the step: a new table arrives from downstream (the inbox keeps LAG + 1), and every
+    stage but the first publishes its own upstream (the outbox keeps the payload, a clone, as
+    TableOutbox.publish does)."""
+    if not built.sends_tables:
+        return
+    if not built.last:
+        holdings.inbox.popleft()
+        holdings.inbox.append(_random_table(config, dtype))
+    if built.first:
+        return
+    table = built.module[-1].lm_head.weight.detach() if built.last else built.feedback.publish()
+    holdings.outbox.append(table.contiguous().clone())
+    while len(holdings.outbox) > memory.OUTBOX_TABLES:
+        holdings.outbox.popleft()
+
+
+def format_result(result: RehearsalResult) -> str:
+    lines = [f"{result.model}: stage {result.stage} of {result.stages} ({result.decoder_layers} decoder layers, "
+             f"{result.params / 1e6:.1f}M trainable parameters), {result.dtype}, b={result.micro_batch_size}, "
+             f"T={result.seq_len}, M={result.micro_batches}, {result.threads} thread(s)",
+             f"median step {result.median_step_s:.3f} s (steps: {result.step_s}); losses {result.losses}",
+             f"{'':32s}{'measured':>12s}{'planner':>12s}{'error':>8s}"]
+    for name, measured, predicted in result.comparison_rows():
+        error = (predicted - measured) / measured if measured else float("nan")
+        lines.append(f"{name:32s}{measured:12.1f}{predicted:12.1f}{error:8.1%}")
+    lines.append(f"(RSS before building the stage: {result.baseline_rss_mb:.1f} MB; the planner adds its peak, "
+                 f"{result.plan['peak_bytes'] / memory.MIB:.1f} MB)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="scripts/rehearse_stage.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="models/llama-1b.json")
+    p.add_argument("--stages", type=int, default=8)
+    p.add_argument("--stage", type=int, default=None, help="default: the middle stage, (stages - 1) // 2")
+    p.add_argument("--micro_batch_size", type=int, default=1)
+    p.add_argument("--seq_len", type=int, default=512)
+    p.add_argument("--micro_batches", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variant", choices=memory.CROSS_ENTROPY_VARIANTS, default="prototype")
+    p.add_argument("--malloc_mmap_threshold", type=int, default=65536,
+                   help="glibc M_MMAP_THRESHOLD in bytes so that RSS tracks live bytes; 0 keeps glibc's default")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    result = rehearse(args.model, args.stages, args.stage, args.micro_batch_size, args.seq_len, args.micro_batches,
+                      args.steps, args.dtype, args.threads, args.seed, args.variant, args.malloc_mmap_threshold)
+    print(format_result(result))
+    if args.json:
+        args.json.write_text(json.dumps(asdict(result), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

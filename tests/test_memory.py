@@ -1,0 +1,162 @@
+"""The memory planner (bll_ds/bench/memory.py) against measurements on real modules.
+
+The saved-activation formulas are checked with the same meter the engines use (autograd's
+saved_tensors_hooks, parameters excluded), on one real decoder layer of each family and on
+whole BLL / BP stages built as the pipeline builds them. Small b and T: seconds on one core.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bll_ds.bench import memory
+from bll_ds.bench.rehearse import build_stage, forward_layers
+from bll_ds.bll.feedback import build_feedback
+from bll_ds.modeling import count_parameters, lm_loss, load_model_spec
+from bll_ds.modeling.layers import DecoderLayer
+
+B, T = 2, 16
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def variant_specs(tmp_path_factory) -> dict:
+    """test-1m with grouped-query attention (2 key/value heads for 4 query heads, like llama-1b),
+    and nanogpt-char with GPT-2's Python-expression gelu_new."""
+    folder = tmp_path_factory.mktemp("specs")
+    changes = {"gqa": ("models/test-1m.json", {"num_key_value_heads": 2}),
+               "gelu_new": ("models/nanogpt-char.json", {"activation_function": "gelu_new"})}
+    paths = {}
+    for name, (base, change) in changes.items():
+        raw = {**json.loads(open(base).read()), **change}
+        paths[name] = folder / f"{name}.json"
+        paths[name].write_text(json.dumps(raw))
+    return paths
+
+
+def _close(measured: int, predicted: int, tolerance: float) -> bool:
+    return abs(predicted - measured) <= tolerance * measured
+
+
+@pytest.mark.parametrize("spec,dtype", [("models/test-1m.json", "fp32"), ("models/test-1m.json", "bf16"),
+                                        ("models/llama-25m.json", "fp32"), ("models/llama-25m.json", "bf16"),
+                                        ("models/nanogpt-char.json", "fp32"), ("gqa", "fp32"),
+                                        ("gqa", "bf16"), ("gelu_new", "fp32")])
+def test_decoder_layer_formula_matches_saved_tensors(spec, dtype, variant_specs):
+    config = load_model_spec(variant_specs.get(spec, spec))
+    layer = DecoderLayer(config, 0).to(DTYPES[dtype])
+    x = torch.randn(B, T, config.hidden_size, dtype=DTYPES[dtype], requires_grad=True)
+    measured = memory.measure_saved_activation_bytes(lambda: layer(x * 1), exclude=layer.parameters())
+    e = memory.DTYPE_BYTES[dtype]
+    predicted = B * T * memory.decoder_layer_saved_bytes(config, e) + memory.rope_table_bytes(config, T, e)
+    assert _close(measured, predicted, 0.05), (measured, predicted)
+
+
+@pytest.mark.parametrize("method,stages,stage,dtype", [
+    ("bll", 4, 0, "fp32"), ("bll", 4, 1, "fp32"), ("bll", 4, 1, "bf16"), ("bll", 4, 3, "fp32"),
+    ("bp", 2, 0, "fp32"), ("bp", 2, 1, "bf16")])
+def test_stage_saved_bytes_match_the_engines_meter(method, stages, stage, dtype):
+    """One micro-batch's forward and loss on a whole stage, and (BLL) the table graph: what the
+    engines' meter sees, against StageMemory.saved_per_micro_batch and meter_bytes."""
+    config = load_model_spec("models/test-1m.json")
+    built = build_stage(config, stages, stage)
+    built.module.to(DTYPES[dtype])
+    first, last = stage == 0, stage == stages - 1
+    n_inputs = (B, T) if first else (B, T, config.hidden_size)
+    inputs = torch.randint(config.vocab_size, n_inputs) if first else \
+        torch.randn(n_inputs, dtype=DTYPES[dtype], requires_grad=(method == "bp"))
+    labels = torch.randint(config.vocab_size, (B, T))
+    table = torch.randn(config.vocab_size, config.hidden_size, dtype=DTYPES[dtype])
+    plan = memory.plan(config, stages, 1, B, T, 4, dtype, 1 if dtype == "bf16" else 0, method)[stage]
+
+    def micro_batch(exclude_tables: bool):
+        weights = built.weights()
+        if built.feedback is not None and method == "bll":
+            built.feedback.prepare(table)
+            if exclude_tables:
+                weights += [table, built.feedback.targets()]
+
+        def forward_and_loss():
+            # DeepSpeed's BP forward runs on a clone of the received input; BLL on the input itself.
+            out = forward_layers(built, inputs.clone() if method == "bp" and not first else inputs)
+            if last:
+                return lm_loss(out, labels)
+            return built.feedback.local_loss(out, labels)[0] if method == "bll" else out
+        return memory.measure_saved_activation_bytes(forward_and_loss, exclude=weights)
+
+    assert _close(micro_batch(exclude_tables=True), plan.saved_per_micro_batch, 0.05)
+    if method == "bll":
+        assert _close(micro_batch(exclude_tables=False), plan.meter_bytes, 0.05)
+
+
+def test_meter_releases_after_backward_and_counts_storages_once():
+    layer = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    meter = memory.SavedActivationMeter()
+    meter.exclude(layer.parameters())
+    with meter.hooks():
+        y = layer(x)          # saves x
+        z = (y * y).sum()     # saves y (twice: one storage)
+    assert meter.live_bytes == meter.peak_bytes == 2 * 4 * 8 * 4
+    z.backward()
+    del y, z
+    assert meter.live_bytes == 0
+    forward_only = memory.measure_saved_activation_bytes(lambda: (layer(x) ** 2).sum(), exclude=layer.parameters())
+    with_backward = memory.measure_saved_activation_bytes(lambda: (layer(x) ** 2).sum().backward(),
+                                                          exclude=layer.parameters())
+    assert forward_only == with_backward == meter.peak_bytes
+
+
+def test_parameter_counts_match_real_modules():
+    config = load_model_spec("models/test-1m.json")
+    assert sum(s.trainable for s in memory.stage_sizes(config, 4, "bp")) == count_parameters(config)
+    width = config.hidden_size
+    real = sum(p.numel() for p in build_feedback("prototype", config).parameters())  # on the CPU
+    assert memory.feedback_size(config, "prototype").trainable == real == 2 * (width * width + width) + width
+    bll, bp = memory.stage_sizes(config, 4, "bll"), memory.stage_sizes(config, 4, "bp")
+    assert [a.trainable - b.trainable for a, b in zip(bll, bp)] == [real] * 3 + [0]
+    drtp = memory.feedback_size(config, "drtp")
+    assert drtp.buffers == config.vocab_size * width and drtp.trainable == width
+
+
+def test_optimizer_precision_and_schedule_accounting():
+    spec = "models/test-1m.json"
+    bp = memory.plan(spec, 4, 1, 1, 32, 8, "fp32", 0, "bp")
+    assert [s.in_flight for s in bp] == [4, 3, 2, 1]
+    assert [s.in_flight for s in memory.plan(spec, 4, 1, 1, 32, 2, "fp32", 0, "bp")] == [2, 2, 2, 1]
+    assert all(s.in_flight == 1 for s in memory.plan(spec, 4, 1, 1, 32, 8, "fp32", 0, "bll"))
+    p = bp[1].params
+    assert (bp[1].weight_bytes, bp[1].grad_bytes, bp[1].optimizer_bytes) == (4 * p, 4 * p, 8 * p)
+    zero1 = memory.plan(spec, 4, 4, 1, 32, 8, "fp32", 1, "bp")[1]
+    assert zero1.optimizer_bytes == 12 * p // 4
+    bf16 = memory.plan(spec, 4, 2, 1, 32, 8, "bf16", 1, "bp")[1]
+    assert (bf16.weight_bytes, bf16.grad_bytes, bf16.optimizer_bytes) == (2 * p, 6 * p, 12 * p // 2)
+    with pytest.raises(ValueError):
+        memory.plan(spec, 4, 1, 1, 32, 8, "bf16", 0, "bp")  # DeepSpeed refuses it
+
+
+def test_cli_plan_clusters_and_rss(tmp_path, capsys):
+    assert memory.main(["--model", "models/test-1m.json", "--stages", "2", "--seq_len", "64",
+                        "--json", str(tmp_path / "plan.json")]) == 0
+    assert "peak" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "plan.json").read_text())) == 2
+    answers = memory.write_clusters(tmp_path, models=("models/test-1m.json",), seq_len=64,
+                                    sensitivity_micro_batch_sizes=(1, 2))
+    assert all(a.best.gpus == 1 for a in answers)  # a 1M model fits one GPU either way
+    saved = json.loads((tmp_path / "clusters.json").read_text())
+    assert {a["method"] for a in saved["answers"]} == {"bp", "bll"}
+    assert "smallest cluster" in (tmp_path / "clusters.md").read_text()
+    stage_plan = memory.plan("models/llama-25m.json", 2, 1, 4, 256, 4, "fp32", 1, "bp")
+    rss = memory.predicted_rss_mb("models/llama-25m.json", 2, 1, 4, 256, 4, "fp32", 1, "bp", baseline_mb=100.0)
+    assert rss == [100.0 + s.peak_bytes / memory.MIB for s in stage_plan]

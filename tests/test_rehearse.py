@@ -1,0 +1,61 @@
+"""Smoke test of the scale rehearsal (bll_ds/bench/rehearse.py) on the tiny spec, in-process.
+
+The real rehearsal (llama-1b, one stage of 8) is run by hand; this checks that every output is
+there and that the measured saved activations agree with the planner's prediction for the stage.
+glibc's allocator is left alone (malloc_mmap_threshold=0): the test runs inside pytest's process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from bll_ds.bench import rehearse
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("stage,dtype", [(1, "fp32"), (0, "fp32"), (3, "fp32"), (1, "bf16")])
+def test_rehearsal_outputs_agree_with_the_planner(stage, dtype):
+    result = rehearse.rehearse("models/test-1m.json", stages=4, stage=stage, micro_batch_size=2, seq_len=32,
+                               micro_batches=2, steps=3, dtype=dtype, malloc_mmap_threshold=0)
+    assert len(result.step_s) == 3 and result.median_step_s > 0
+    assert all(math.isfinite(loss) for loss in result.losses)
+    assert result.peak_rss_mb >= result.baseline_rss_mb > 0
+    assert result.predicted_rss_mb > result.baseline_rss_mb
+    assert result.plan["stage"] == stage and result.plan["decoder_layers"] == result.decoder_layers == 1
+    assert abs(result.saved_micro_batch_bytes / result.predicted_saved_micro_batch_bytes - 1) < 0.10
+    assert abs(result.saved_step_bytes / result.predicted_meter_bytes - 1) < 0.10
+    assert "planner" in rehearse.format_result(result)
+
+
+def test_rehearsal_keeps_what_the_engine_keeps():
+    """Middle stage: LAG + 1 received tables, outbox payloads, a send window of 2M outputs."""
+    config = rehearse.load_model_spec("models/test-1m.json")
+    built = rehearse.build_stage(config, 4, 1)
+    holdings = rehearse._holdings(config, built, 2, 16, torch.float32)
+    optimizer = rehearse._optimizer(built, "fp32")
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        rehearse._train_step(config, built, optimizer, holdings, 2, 16, 2, torch.float32, generator, None)
+    assert len(holdings.inbox) == rehearse.memory.INBOX_TABLES
+    assert len(holdings.outbox) == rehearse.memory.OUTBOX_TABLES
+    assert len(holdings.send_window) == 2 * 2
+    assert holdings.receive_buffer.shape == (2, 16, config.hidden_size)
+
+
+def test_rehearsal_cli_writes_json(tmp_path, capsys):
+    out = tmp_path / "rehearsal.json"
+    assert rehearse.main(["--model", "models/test-1m.json", "--stages", "2", "--seq_len", "16",
+                          "--steps", "2", "--malloc_mmap_threshold", "0", "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["stage"] == 0 and saved["stages"] == 2 and len(saved["step_s"]) == 2
+    assert "saved, one micro-batch" in capsys.readouterr().out
