@@ -42,6 +42,10 @@ class RunConfig:
                             default="prototype")
     bll_steps_per_call: int = _doc("Optimizer steps per engine call in --method bll. The pipe fills and drains "
                                    "once per call, not once per step; 1 = drain after every step.", default=32)
+    bll_readout_max_logits_mb: float = _doc("The local readout (prototype, dgl, drtp) runs in sequence slices "
+                                            "whose fp32 logits stay under this many MiB, so a large vocabulary "
+                                            "does not add a [tokens, V] stash per stage (0 = one slice).",
+                                            default=16.0)
     bll_guard_weight: float = _doc("Weight of the collapse guard of the gaussian/bernoulli variants.", default=1.0)
     bll_learn_variance: bool = _doc("gaussian variant: learn the message variances.", default=False)
     seq_len: int | None = _doc("Tokens per training sequence. Default: the model's context length.", default=None)
@@ -63,7 +67,7 @@ class RunConfig:
     trace_steps: int = _doc("The last N warm-up steps are traced: every pipeline instruction timed into "
                             "timeline_stage{k}.json, and the saved-activation peak metered (0 = off).", default=3)
     measure_matmul_peak: bool = _doc("Measure the device's fp32/bf16 matrix-product peak after training, for "
-                                     "model FLOP utilisation in summary.json (about 1 s).", default=True)
+                                     "model FLOP utilisation in summary.json (about 2 s: before and after training, the best kept).", default=True)
     progress: bool = _doc("Show a tqdm progress bar on rank 0.", default=True)
 
 

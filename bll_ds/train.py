@@ -77,7 +77,8 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
     model_config = load_model_spec(cfg.model, vocab_size=data.tokenizer.vocab_size)
     seq_len = _seq_len(cfg, model_config)
     engine = build_engine(cfg.method, build_pipeline_module(model_config, cfg.stages, cfg.seed), ds.config,
-                          model_config, cfg.seed, cfg.bll_variant, cfg.bll_guard_weight, cfg.bll_learn_variance)
+                          model_config, cfg.seed, cfg.bll_variant, cfg.bll_guard_weight, cfg.bll_learn_variance,
+                          cfg.bll_readout_max_logits_mb)
     stage, dp_rank = engine.stage_id, engine.grid.data_parallel_id
     sampler = MicroBatchSampler(data.train_tokens, seq_len, ds.micro_batch_size, cfg.seed,
                                 dp_rank=dp_rank, dp_size=ds.data_parallel)
@@ -108,6 +109,9 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
               f"{ds.micro_batches} micro-batches x {ds.micro_batch_size} x {seq_len} tokens | "
               f"steps {start_step}->{ds.steps} | {run_dir}")
 
+    # Measured before and after training, the best kept: a neighbour's start-up or evaluation
+    # can share the core during one of the two.
+    peaks_before = matmul_peaks(engine.device) if cfg.measure_matmul_peak else None
     step, step_times, recent, val_loss = start_step, [], [], None
     train_started = time.time()
     while step < ds.steps:
@@ -134,7 +138,7 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
     train_wall_s = time.time() - train_started
     if dp_rank == 0 and engine.tracer.events:
         engine.tracer.dump(run_dir / f"timeline_stage{stage}.json")
-    peaks = matmul_peaks(engine.device) if cfg.measure_matmul_peak else None
+    peaks = _best_peaks(peaks_before, matmul_peaks(engine.device)) if cfg.measure_matmul_peak else None
 
     val_loss = _evaluate(engine, final_eval_set, ds.data_parallel, dp_rank)
     log.log(ds.steps, {"val/loss": val_loss})
@@ -189,6 +193,10 @@ def _run_summary(cfg: RunConfig, ds: DsSettings, engine, model_config, recent, s
                                                              if r["stage"] == s["stage"]}) == 1}
                           for s in stage_summaries if s["dp_rank"] == 0],
     }
+
+
+def _best_peaks(a: dict, b: dict) -> dict:
+    return {dtype: max(a[dtype], b[dtype]) for dtype in a}
 
 
 def _flop_rates(cfg: RunConfig, ds: DsSettings, stage: int, model_config, seq_len: int, step_s: float,

@@ -130,10 +130,11 @@ def feedback_step_flops(config: PretrainedConfig, variant: str, feedback_hidden:
     """Per optimizer STEP, per non-last stage: the feedback block g_k (TableMap, H -> Hg -> H with
     Hg = feedback_hidden or H) applied to the V x H table. Table variants only (else 0):
 
-    targets()     g_k forward once per step (cached over micro-batches)     2 products: 4 V H Hg
-    finish_step   backward through g_k: `down` grad of input and weight,
-                  `up` grad of weight only (the upstream table is detached)   3 products: 6 V H Hg
-    publish()     g_k forward again after the optimizer step                2 products: 4 V H Hg
+    targets()     g_k forward once per step, without a graph                2 products: 4 V H Hg
+    finish_step   g_k forward again (recomputed rather than held) and its
+                  backward: `down` grad of input and weight, `up` grad of
+                  weight only (the upstream table is detached)              5 products: 10 V H Hg
+    publish()     g_k forward after the optimizer step                      2 products: 4 V H Hg
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown BLL variant {variant!r}; choose one of {VARIANTS}")
@@ -141,7 +142,7 @@ def feedback_step_flops(config: PretrainedConfig, variant: str, feedback_hidden:
         return 0.0
     hidden = config.hidden_size
     width = feedback_hidden or hidden
-    return 14.0 * config.vocab_size * hidden * width
+    return 18.0 * config.vocab_size * hidden * width
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,9 +19,10 @@ information backwards as a table with one row per vocabulary item:
 
 Stage k+1 sends m_{k+1} upstream (detached) once per optimizer step; no stage ever receives a
 gradient or another stage's weights, and the table never depends on the current forward pass.
-L_k trains both forward block k and g_k. The table m_k is computed once per step; its gradient
-is accumulated over the step's micro-batches on a detached copy and pushed through g_k once at
-the step's end (`finish_step`).
+L_k trains both forward block k and g_k. The table m_k is computed once per step without a
+graph; its gradient is accumulated over the step's micro-batches and pushed through g_k once at
+the step's end (`finish_step`, which recomputes g_k's forward rather than holding its [V, H]
+activations through the step).
 
 Collapse guard (gaussian, bernoulli): both messages are trainable, so "every table row equal,
 every output constant" is a zero-loss solution the paper's reviewers warned about. The guard is a
@@ -79,32 +80,26 @@ class StageFeedback(nn.Module):
     def __init__(self, config: PretrainedConfig):
         super().__init__()
         self.norm = readout_norm(config)
-        self._table = None       # m_k with its graph into g_k, for finish_step
-        self._table_leaf = None  # detached copy the micro-batches read; accumulates dL/dm_k
+        self.vocab_size = config.vocab_size
+        self._table_leaf = None  # m_k as read by the micro-batches; accumulates dL/dm_k
         self._upstream = None
+        self._drift = None       # table_drift of this step, computed once
 
     def prepare(self, upstream_table: torch.Tensor | None) -> None:
         self._upstream = upstream_table
-        self._table = self._table_leaf = None
+        self._table_leaf = self._drift = None
 
     def local_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
     def finish_step(self, backward) -> None:
-        """Push the step's accumulated table gradient through g_k: one backward per step."""
-        if self._table is not None and self._table_leaf.grad is not None:
-            backward((self._table * self._table_leaf.grad.to(self._table.dtype)).sum())
-        self._table = self._table_leaf = None
+        """Once per step, after the micro-batches: train the feedback network (variants without
+        one have nothing to do)."""
 
     @torch.no_grad()
     def publish(self) -> torch.Tensor | None:
         """The table this stage sends upstream after its optimizer step (None: it sends nothing)."""
         return None
-
-    def _leaf(self, table: torch.Tensor) -> torch.Tensor:
-        self._table = table
-        self._table_leaf = table.detach().requires_grad_(table.requires_grad)
-        return self._table_leaf
 
 
 class TableFeedback(StageFeedback):
@@ -117,21 +112,37 @@ class TableFeedback(StageFeedback):
         self.g = TableMap(config.hidden_size, hidden or config.hidden_size)
 
     def targets(self) -> torch.Tensor:
+        """m_k = g_k(m_{k+1}), computed once per step without a graph: the micro-batches only
+        accumulate dL/dm_k on it, and finish_step recomputes g_k for its single backward, so
+        g_k's activations ([V, H] tensors) are not held through the step."""
         if self._table_leaf is None:
             if self._upstream is None:
                 raise RuntimeError("prepare() must be given the upstream table before local_loss()")
-            self._leaf(self.g(self._upstream.to(self.g.up.weight.dtype)))
+            with torch.no_grad():
+                self._table_leaf = self._map_upstream().requires_grad_()
         return self._table_leaf
+
+    def finish_step(self, backward) -> None:
+        """Push the step's accumulated table gradient through g_k: one backward per step."""
+        leaf, self._table_leaf = self._table_leaf, None
+        if leaf is not None and leaf.grad is not None:
+            table = self._map_upstream()
+            backward((table * leaf.grad.to(table.dtype)).sum())
+
+    def _map_upstream(self) -> torch.Tensor:
+        return self.g(self._upstream.to(self.g.up.weight.dtype))
 
     def table_drift(self) -> torch.Tensor:
         """||m_k - m_{k+1}|| / ||m_{k+1}||: how far g_k has moved this stage's targets away from
         the ones it receives (0 at initialisation) -- what the feedback network has learned."""
-        upstream = self._upstream.float()
-        return (self.targets().detach().float() - upstream).norm() / upstream.norm().clamp_min(1e-12)
+        if self._drift is None:  # once per step: it builds fp32 copies of two [V, H] tables
+            upstream = self._upstream.float()
+            self._drift = (self.targets().detach().float() - upstream).norm() / upstream.norm().clamp_min(1e-12)
+        return self._drift
 
     @torch.no_grad()
     def publish(self) -> torch.Tensor:
-        return self.g(self._upstream.to(self.g.up.weight.dtype)).detach()
+        return self._map_upstream()
 
 
 class PrototypeFeedback(TableFeedback):

@@ -22,6 +22,7 @@ import torch.distributed as tdist
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
+from bll_ds.bll.chunked_readout import slices_for, sliced_local_backward
 from bll_ds.engine import bll_schedule as bll
 from bll_ds.engine.accounting import tensor_bytes
 from bll_ds.engine.feedback_channel import TableInbox, TableOutbox
@@ -58,11 +59,15 @@ class _StepState:
 
 
 class BLLPipelineEngine(AccountedPipelineEngine):
-    def __init__(self, *args, feedback=None, table_shape=None, max_inflight_sends: int = 0, **kwargs):
+    def __init__(self, *args, feedback=None, table_shape=None, max_inflight_sends: int = 0,
+                 variant: str = "prototype", readout_max_logits_mb: float = 0.0, **kwargs):
         """feedback: this stage's feedback block (None on the last stage). table_shape: (V, H) of
-        the target tables when the variant sends them upstream, else None."""
+        the target tables when the variant sends them upstream, else None. readout_max_logits_mb:
+        the local readout runs in sequence slices whose logits stay under this (0 = one slice)."""
         super().__init__(*args, **kwargs)
         self.feedback = feedback
+        self.variant = variant
+        self.readout_max_logits_mb = readout_max_logits_mb
         self.max_inflight_sends = max_inflight_sends or 2 * self.micro_batches
         self._sends: list[tuple[object, torch.Tensor]] = []
         self._state = _StepState()
@@ -175,6 +180,10 @@ class BLLPipelineEngine(AccountedPipelineEngine):
                 self._send_tensor_meta(outputs, self.next_stage)
             while len(self._sends) >= self.max_inflight_sends:
                 self._sends.pop(0)[0].wait()
+            # Completed sends release their output now, not when the window fills: the window
+            # bounds memory only in the worst case (a slow receiver).
+            while self._sends and self._sends[0][0].is_completed():
+                self._sends.pop(0)
         dst = self.grid.stage_to_global(self.next_stage, data=self.grid.data_parallel_id)
         self._sends.append((tdist.isend(outputs, dst), outputs))
         self.accounting.count("acts_sent", tensor_bytes(outputs), "bytes_down")
@@ -182,11 +191,18 @@ class BLLPipelineEngine(AccountedPipelineEngine):
     def _bll_local_backward(self, buffer_id):
         outputs = self.pipe_buffers["outputs"][buffer_id]
         labels = self.pipe_buffers["labels"][buffer_id]
-        if self.is_last_stage():
-            loss, terms = self.module.loss_fn(outputs, labels), {}
+        slices = 1 if self.is_last_stage() else slices_for(self.variant, outputs.shape, self.feedback.vocab_size,
+                                                           self.readout_max_logits_mb)
+        if slices > 1:
+            loss, terms = sliced_local_backward(
+                self.feedback, outputs, labels, slices,
+                lambda part, scale: DeepSpeedEngine.backward(self, part, scale_wrt_gas=scale))
         else:
-            loss, terms = self.feedback.local_loss(outputs, labels)
-        DeepSpeedEngine.backward(self, loss)  # scales by 1/micro-batches, as DeepSpeed does
+            if self.is_last_stage():
+                loss, terms = self.module.loss_fn(outputs, labels), {}
+            else:
+                loss, terms = self.feedback.local_loss(outputs, labels)
+            DeepSpeedEngine.backward(self, loss)  # scales by 1/micro-batches, as DeepSpeed does
         state = self._state
         state.losses.append(loss.detach().float())
         for name, value in terms.items():

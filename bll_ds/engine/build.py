@@ -29,7 +29,8 @@ def weight_decay_groups(module: nn.Module) -> list[dict]:
 
 
 def build_engine(method: str, module, ds_config: dict, model_config=None, seed: int = 0,
-                 bll_variant: str = "prototype", guard_weight: float = 1.0, learn_variance: bool = False):
+                 bll_variant: str = "prototype", guard_weight: float = 1.0, learn_variance: bool = False,
+                 readout_max_logits_mb: float = 0.0):
     grid = module.mpu()
     engine_kwargs = {}
     if method == "bll":
@@ -44,7 +45,8 @@ def build_engine(method: str, module, ds_config: dict, model_config=None, seed: 
             module.add_module("bll_feedback", feedback)
         table_shape = ((model_config.vocab_size, model_config.hidden_size)
                        if bll_variant in TABLE_VARIANTS else None)
-        engine_kwargs = dict(feedback=feedback, table_shape=table_shape)
+        engine_kwargs = dict(feedback=feedback, table_shape=table_shape, variant=bll_variant,
+                             readout_max_logits_mb=readout_max_logits_mb)
         grid = StageLocalGrid(grid, singleton_groups())
     # DeepSpeed's gradient-norm code (clipping; fp32 and ZeRO-1 paths) sums squared norms over the
     # model-parallel group but counts a parameter only on model-parallel rank 0 unless it is
