@@ -30,6 +30,10 @@ def test_ds_config_per_micro_batch_count(tmp_path):
     path = compare.ds_config_for(_cfg(deepspeed_config=str(src)), 8, tmp_path)
     ds = json.loads(path.read_text())
     assert ds["gradient_accumulation_steps"] == 8 and "train_batch_size" not in ds
+    fixed = compare.ds_config_for(_cfg(deepspeed_config=str(src), sequences_per_step=12), 4, tmp_path)
+    assert json.loads(fixed.read_text())["train_micro_batch_size_per_gpu"] == 3
+    with pytest.raises(UserError, match="not divisible"):
+        compare.ds_config_for(_cfg(deepspeed_config=str(src), sequences_per_step=12), 8, tmp_path)
     with pytest.raises(UserError, match="cannot read the DeepSpeed config"):
         compare.ds_config_for(_cfg(deepspeed_config=str(tmp_path / "missing.json")), 8, tmp_path)
 

@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from bll_ds.atomic import atomic_write_text
+from bll_ds.bench.plots import OP_KIND
 from bll_ds.bench.simulate import Link, StageCosts, simulate
 
 SCHEDULE_OF_ARM = {"bp": "1f1b", "bll-flush": "bll", "bll": "bll-noflush"}
@@ -61,8 +62,17 @@ def stage_costs_from_timelines(run_dir: Path, micro_batches: int) -> tuple[Stage
     return StageCosts(fwd=costs["fwd"], bwd=costs["bwd"], local=costs["local"], opt=costs["opt"]), latency
 
 
-def predict(run: dict) -> dict:
-    costs, latency = stage_costs_from_timelines(Path(run["run_dir"]), run["M"])
+def _run_dir(bench_dir: Path, run: dict) -> Path:
+    """The run's folder inside this benchmark folder (which may have been moved since)."""
+    run_dir = bench_dir / "runs" / Path(run["run_dir"]).name
+    if not list(run_dir.glob("timeline_stage*.json")):
+        raise SystemExit(f"bll-ds calibrate: error: {run_dir} has no timeline_stage*.json. Fix: re-run the "
+                         "benchmark with tracing on (pretrain.py --trace_steps, default 3).")
+    return run_dir
+
+
+def predict(run: dict, run_dir: Path) -> dict:
+    costs, latency = stage_costs_from_timelines(run_dir, run["M"])
     schedule = SCHEDULE_OF_ARM[run["arm"]]
     steps = 6 if schedule == "bll-noflush" else 1
     result = simulate(schedule, costs, Link(latency_s=latency), micro_batches=run["M"], steps=steps)
@@ -71,6 +81,36 @@ def predict(run: dict) -> dict:
             "predicted_step_s": result.step_time_s, "measured_step_s": measured,
             "error": result.step_time_s / measured - 1, "latency_s": latency,
             "costs": {"fwd": costs.fwd, "bwd": costs.bwd, "local": costs.local, "opt": costs.opt}}
+
+
+def time_breakdown(run_dir: Path) -> list[dict[str, float]]:
+    """Per stage, the share of the traced steps' wall time by kind of work (plots.OP_KIND); "other"
+    is the time between instructions (DeepSpeed's and our Python)."""
+    shares = []
+    paths = sorted(run_dir.glob("timeline_stage*.json"), key=lambda p: int(p.stem.removeprefix("timeline_stage")))
+    for path in paths:
+        events = json.loads(path.read_text())["events"]
+        by_kind = defaultdict(float)
+        spans = defaultdict(list)
+        for e in events:
+            by_kind[OP_KIND.get(e["op"], "other")] += e["end"] - e["start"]
+            spans[e["step"]] += [e["start"], e["end"]]
+        total = sum(max(v) - min(v) for v in spans.values())
+        by_kind["other"] += total - sum(by_kind.values())
+        shares.append({kind: seconds / total for kind, seconds in sorted(by_kind.items())})
+    return shares
+
+
+def breakdown_markdown(bench: dict, bench_dir: Path) -> str:
+    kinds = ("forward", "backward", "local loss + backward", "optimizer", "wait / p2p", "other")
+    lines = ["| M | arm | stage | " + " | ".join(kinds) + " |", "| --- " * (3 + len(kinds)) + "|"]
+    for run in bench["runs"]:
+        if run["repeat"] != 0:
+            continue
+        for stage, share in enumerate(time_breakdown(_run_dir(bench_dir, run))):
+            lines.append(f"| {run['M']} | {run['arm']} | {stage} | "
+                         + " | ".join(f"{share.get(k, 0.0):.0%}" for k in kinds) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(rows: list[dict], command: str) -> str:
@@ -97,10 +137,11 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     bench_dir = Path(args.bench_dir)
     bench = json.loads((bench_dir / "bench.json").read_text())
-    rows = [predict(run) for run in bench["runs"] if run["arm"] in SCHEDULE_OF_ARM]
+    rows = [predict(run, _run_dir(bench_dir, run)) for run in bench["runs"] if run["arm"] in SCHEDULE_OF_ARM]
     command = "python -m bll_ds.bench.calibrate " + " ".join(argv)
     atomic_write_text(bench_dir / "calibration.json", json.dumps(rows, indent=1) + "\n")
-    atomic_write_text(bench_dir / "calibration.md", markdown(rows, command))
+    atomic_write_text(bench_dir / "calibration.md", markdown(rows, command) + "\nWhere the traced steps' time "
+                      "went (repeat 0):\n\n" + breakdown_markdown(bench, bench_dir))
     print((bench_dir / "calibration.md").read_text())
     return 0
 

@@ -54,6 +54,7 @@ class BenchConfig:
     data_parallel: int = 1
     steps: int = 10
     micro_batches: tuple[int, ...] = (4,)
+    sequences_per_step: int = 0  # per replica; 0 = keep the config's micro-batch size for every M
     arms: tuple[str, ...] = ("bp", "bll")
     repeats: int = 3
     warmup_steps: int = 3
@@ -78,6 +79,9 @@ def parse_args(argv: list[str]) -> BenchConfig:
     p.add_argument("--data_parallel", type=int, default=1, help="replicas per stage (ranks = stages x this)")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per run")
     p.add_argument("--micro_batches", default="4", help="comma-separated M values")
+    p.add_argument("--sequences_per_step", type=int, default=0,
+                   help="hold the sequences per step (per replica) fixed across M: micro-batch size = this / M "
+                        "(0 = keep the config's micro-batch size, so tokens per step grow with M)")
     p.add_argument("--arms", default="bp,bll", help=f"comma-separated, from {sorted(ARMS)}")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup_steps", type=int, default=3, help="steps left out of throughput")
@@ -95,6 +99,7 @@ def parse_args(argv: list[str]) -> BenchConfig:
     return BenchConfig(model=a.model, deepspeed_config=a.deepspeed_config, out=a.out, data=a.data,
                        tokenizer=a.tokenizer, stages=a.stages, data_parallel=a.data_parallel, steps=a.steps,
                        micro_batches=tuple(int(m) for m in a.micro_batches.split(",")), arms=arms,
+                       sequences_per_step=a.sequences_per_step,
                        repeats=a.repeats, warmup_steps=a.warmup_steps, eval_interval=a.eval_interval,
                        eval_batches=a.eval_batches, final_eval_batches=a.final_eval_batches,
                        target_loss=a.target_loss, master_port=a.master_port, extra=tuple(extra))
@@ -119,6 +124,11 @@ def ds_config_for(cfg: BenchConfig, micro_batches: int, out: Path) -> Path:
                         "pass --deepspeed_config a readable JSON file (ds_configs/*.json).") from err
     ds["gradient_accumulation_steps"] = micro_batches
     ds.pop("train_batch_size", None)
+    if cfg.sequences_per_step:
+        if cfg.sequences_per_step % micro_batches:
+            raise UserError(f"--sequences_per_step {cfg.sequences_per_step} is not divisible by M = {micro_batches}.",
+                            "choose micro-batch counts that divide the sequences per step.")
+        ds["train_micro_batch_size_per_gpu"] = cfg.sequences_per_step // micro_batches
     path = out / f"ds_config_M{micro_batches}.json"
     atomic_write_text(path, json.dumps(ds, indent=2) + "\n")
     return path

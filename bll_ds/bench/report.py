@@ -32,14 +32,15 @@ def markdown(result: dict) -> str:
         "summed time of the steady steps, pipeline drains and flushes included. Medians with (min-max).",
         "",
         "| M | arm | tokens/s | tokens/s mean | utilisation per stage | peak RSS MB per stage | "
-        "saved activations MB per stage | MFU per stage | held-out loss | process wall s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "saved activations MB per stage | MFU per stage | held-out loss | process wall s | launcher wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for g in result["groups"]:
         lines.append(f"| {g['M']} | {g['arm']} | {_spread(g['tokens_per_s'])} | {_spread(g['tokens_per_s_mean'])} | "
                      f"{_stages(g['utilisation'], '.2f')} | {_stages(g['peak_rss_mb'], ',.0f')} | "
                      f"{_stages(g['activation_peak_mb'], ',.1f')} | {_stages(g['mfu'], '.3f')} | "
-                     f"{_spread(g['val_loss'], '.4f')} | {_spread(g['wall_s'], ',.1f')} |")
+                     f"{_spread(g['val_loss'], '.4f')} | {_spread(g['wall_s'], ',.1f')} | "
+                     f"{_spread(g['launcher_wall_s'], ',.1f')} |")
     if result["ratios"]:
         lines += ["", "Paired ratios (each run against the baseline run of the same repeat and M):", "",
                   "| M | arm / baseline | tokens/s | tokens/s mean | held-out loss | stage-0 saved activations |",
