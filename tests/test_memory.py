@@ -14,6 +14,7 @@ import torch
 
 from bll_ds.bench import memory
 from bll_ds.bench.rehearse import build_stage, forward_layers
+from bll_ds.bll.chunked_readout import slices_for, sliced_local_backward
 from bll_ds.bll.feedback import build_feedback
 from bll_ds.modeling import count_parameters, lm_loss, load_model_spec
 from bll_ds.modeling.layers import DecoderLayer
@@ -63,41 +64,98 @@ def test_decoder_layer_formula_matches_saved_tensors(spec, dtype, variant_specs)
     assert _close(measured, predicted, 0.05), (measured, predicted)
 
 
-@pytest.mark.parametrize("method,stages,stage,dtype", [
-    ("bll", 4, 0, "fp32"), ("bll", 4, 1, "fp32"), ("bll", 4, 1, "bf16"), ("bll", 4, 3, "fp32"),
-    ("bp", 2, 0, "fp32"), ("bp", 2, 1, "bf16")])
-def test_stage_saved_bytes_match_the_engines_meter(method, stages, stage, dtype):
-    """One micro-batch's forward and loss on a whole stage, and (BLL) the table graph: what the
-    engines' meter sees, against StageMemory.saved_per_micro_batch and meter_bytes."""
-    config = load_model_spec("models/test-1m.json")
-    built = build_stage(config, stages, stage)
+# (spec, method, stages, stage, dtype, micro_batch_size, readout_max_logits_mb, variant). test-1m's
+# logits are 2 x 16 x 256 x 4 bytes = 1/32 MiB per micro-batch of 2: 0.01 MiB gives 4 slices of
+# 4 tokens, 0.011 gives 3 uneven slices (6, 5, 5 tokens), 0.005 with b = 1 gives 4 slices;
+# nanogpt-char's (V = 65) are 8320 bytes: 0.002 MiB gives 4 slices.
+TEST_1M, GPT2 = "models/test-1m.json", "models/nanogpt-char.json"
+STAGE_CASES = [
+    (TEST_1M, "bll", 4, 0, "fp32", 2, 16, "prototype"), (TEST_1M, "bll", 4, 1, "fp32", 2, 16, "prototype"),
+    (TEST_1M, "bll", 4, 1, "bf16", 2, 16, "prototype"), (TEST_1M, "bll", 4, 3, "fp32", 2, 16, "prototype"),
+    (TEST_1M, "bll", 4, 0, "fp32", 2, 0.01, "prototype"), (TEST_1M, "bll", 4, 1, "fp32", 2, 0.01, "prototype"),
+    (TEST_1M, "bll", 4, 1, "bf16", 2, 0.011, "prototype"), (TEST_1M, "bll", 4, 1, "fp32", 1, 0.005, "prototype"),
+    (TEST_1M, "bll", 4, 1, "bf16", 1, 0.005, "prototype"), (TEST_1M, "bll", 4, 1, "fp32", 2, 0.01, "dgl"),
+    (TEST_1M, "bll", 4, 2, "bf16", 2, 0.011, "drtp"), (TEST_1M, "bll", 4, 1, "fp32", 2, 16, "drtp"),
+    (GPT2, "bll", 4, 1, "fp32", 2, 0.002, "prototype"), (GPT2, "bll", 4, 0, "fp32", 1, 0.002, "dgl"),
+    (TEST_1M, "bp", 2, 0, "fp32", 2, 16, "prototype"), (TEST_1M, "bp", 2, 1, "bf16", 2, 16, "prototype")]
+
+
+def _local_backward(built, out, labels, slices):
+    """BLLPipelineEngine._bll_local_backward: the sliced readout when slices > 1."""
+    if slices > 1:
+        sliced_local_backward(built.feedback, out, labels, slices, lambda part, scale: part.backward())
+    else:
+        built.feedback.local_loss(out, labels)[0].backward()
+
+
+@pytest.mark.parametrize("spec,method,stages,stage,dtype,b,max_mb,variant", STAGE_CASES)
+def test_stage_saved_bytes_match_the_engines_meter(spec, method, stages, stage, dtype, b, max_mb, variant):
+    """A stage's micro-batches as the engine runs them, to the byte: BP's forward and loss (all
+    it saves); BLL's forward and local backward (sliced as the engine slices it) with the tables
+    excluded, against StageMemory.saved_per_micro_batch, and a whole BLL step including
+    finish_step, as the engines' meter sees it (weights excluded), against meter_bytes."""
+    config = load_model_spec(spec)
+    built = build_stage(config, stages, stage, variant=variant)
     built.module.to(DTYPES[dtype])
     first, last = stage == 0, stage == stages - 1
-    n_inputs = (B, T) if first else (B, T, config.hidden_size)
+    n_inputs = (b, T) if first else (b, T, config.hidden_size)
     inputs = torch.randint(config.vocab_size, n_inputs) if first else \
         torch.randn(n_inputs, dtype=DTYPES[dtype], requires_grad=(method == "bp"))
-    labels = torch.randint(config.vocab_size, (B, T))
+    labels = torch.randint(config.vocab_size, (b, T))
     table = torch.randn(config.vocab_size, config.hidden_size, dtype=DTYPES[dtype])
-    plan = memory.plan(config, stages, 1, B, T, 4, dtype, 1 if dtype == "bf16" else 0, method)[stage]
+    plan = memory.plan(config, stages, 1, b, T, 4, dtype, 1 if dtype == "bf16" else 0, method, variant=variant,
+                       readout_max_logits_mb=max_mb)[stage]
+    slices = 1 if last or method == "bp" else slices_for(variant, (b, T), config.vocab_size, max_mb)
+    assert plan.readout_slices == slices
+    assert (slices > 1) == (method == "bll" and not last and max_mb < 1)  # the sliced cases do slice
 
-    def micro_batch(exclude_tables: bool):
+    if method == "bp":
+        def forward_and_loss():
+            # DeepSpeed's BP forward runs on a clone of the received input.
+            out = forward_layers(built, inputs if first else inputs.clone())
+            return lm_loss(out, labels) if last else out
+        assert memory.measure_saved_activation_bytes(forward_and_loss, exclude=built.weights()) \
+            == plan.saved_per_micro_batch
+        return
+
+    def step(exclude_tables: bool, micro_batches: int = 2):
         weights = built.weights()
-        if built.feedback is not None and method == "bll":
-            built.feedback.prepare(table)
-            if exclude_tables:
+        if built.feedback is not None:
+            built.feedback.prepare(table if built.feedback.needs_table else None)
+            if exclude_tables and built.feedback.needs_table:
                 weights += [table, built.feedback.targets()]
 
-        def forward_and_loss():
-            # DeepSpeed's BP forward runs on a clone of the received input; BLL on the input itself.
-            out = forward_layers(built, inputs.clone() if method == "bp" and not first else inputs)
-            if last:
-                return lm_loss(out, labels)
-            return built.feedback.local_loss(out, labels)[0] if method == "bll" else out
-        return memory.measure_saved_activation_bytes(forward_and_loss, exclude=weights)
+        def run():
+            for _ in range(micro_batches):
+                out = forward_layers(built, inputs)
+                if last:
+                    lm_loss(out, labels).backward()
+                else:
+                    _local_backward(built, out, labels, slices)
+            if built.feedback is not None and not exclude_tables:
+                built.feedback.finish_step(lambda surrogate: surrogate.backward())
+        return memory.measure_saved_activation_bytes(run, exclude=weights)
 
-    assert _close(micro_batch(exclude_tables=True), plan.saved_per_micro_batch, 0.05)
-    if method == "bll":
-        assert _close(micro_batch(exclude_tables=False), plan.meter_bytes, 0.05)
+    assert step(exclude_tables=True) == plan.saved_per_micro_batch
+    assert step(exclude_tables=False) == plan.meter_bytes
+
+
+def test_sliced_readout_saves_less_and_the_meter_sees_the_llama_25m_run():
+    """The sliced readout's saving, and llama-25m on 2 stages (fp32, b=4, T=256, M=4, ZeRO-1) as
+    the launcher's traced run measured it: BLL with --bll_readout_max_logits_mb 4 (4 slices)
+    159.67 / 164.66 MiB, BP 288.83 / 166.67 MiB (summary.json activation_peak_mb)."""
+    spec, run = "models/llama-25m.json", dict(micro_batch_size=4, seq_len=256, micro_batches=4, dtype="fp32",
+                                               zero_stage=1)
+    sliced = memory.plan(spec, 2, 1, method="bll", readout_max_logits_mb=4, **run)
+    bp = memory.plan(spec, 2, 1, method="bp", **run)
+    assert [s.readout_slices for s in sliced] == [4, 1]
+    assert [round(s.meter_bytes / memory.MIB, 2) for s in sliced] == [159.67, 164.66]
+    assert [round(s.meter_bytes / memory.MIB, 2) for s in bp] == [288.83, 166.67]
+    # 16 MiB of logits per micro-batch: the default cap (16) keeps one slice.
+    whole = memory.plan(spec, 2, 1, method="bll", **run)
+    assert [s.readout_slices for s in whole] == [1, 1]
+    assert whole[0].meter_bytes > sliced[0].meter_bytes and whole[1] == sliced[1]
+    assert memory.plan(spec, 2, 1, method="bll", readout_max_logits_mb=0, **run) == whole
 
 
 def test_meter_releases_after_backward_and_counts_storages_once():

@@ -28,18 +28,33 @@ against `measure_saved_activation_bytes` by tests/test_memory.py):
   forward runs on a clone, the original waits for its gradient) and the output (logits on the
   last stage) held in pipe_buffers until its backward.
 - BLL: one micro-batch (forward, then the local backward, before the next), plus its local
-  readout (norm, logits, fp32 log-probabilities), plus the engine's send window: up to 2M
-  detached outputs referenced by in-flight isends (BLLPipelineEngine._sends is only trimmed when
-  full), plus the target tables (feedback_channel.py, feedback.py): the inbox queue (up to LAG + 1
-  tables right after a drain), m_k = g_k(m_{k+1}) and its accumulated gradient, g_k's two saved
-  [V, hidden] activations, and up to two published payloads awaiting completion in the outbox.
+  readout, plus the engine's send window, plus the target tables. The readout (norm, logits,
+  fp32 log-probabilities, int64 targets) of the prototype, dgl and drtp variants runs in
+  `slices_for(variant, [b, T], V, readout_max_logits_mb)` sequence slices
+  (bll_ds/bll/chunked_readout.py `sliced_local_backward`, used by BLLPipelineEngine when there are
+  several): one slice's readout is alive at a time (a slice of the block output is a view of it,
+  so where the readout norm saves its input, and for b = 1 the targets, the whole micro-batch's
+  storage is saved), then the block's backward runs once from the accumulated gradient of the
+  block output, which its surrogate product saves ([n, hidden]). `readout_max_logits_mb`
+  defaults to 16 as RunConfig's --bll_readout_max_logits_mb; 0 means one slice. Tables
+  (feedback_channel.py, feedback.py): the inbox queue (up to LAG + 1 tables right after a drain),
+  m_k = g_k(m_{k+1}), computed once per step without a graph, and its accumulated gradient (each
+  micro-batch's readout saves m_k, the product's right operand), and up to two published
+  payloads awaiting completion in the outbox. g_k's own activations are not held through the
+  step: finish_step recomputes g_k's forward (saving the received table, up's and gelu's
+  [V, hidden] outputs) and its surrogate product saves m_k's gradient, at the step's end.
+  Send window: the planner counts the worst case, 2M detached outputs referenced by isends
+  (BLLPipelineEngine.max_inflight_sends), which a slow receiver reaches. The engine releases
+  completed sends at the next send, so with a prompt receiver it typically holds one or two; a
+  "does it fit" answer has to count the worst case.
 
 Transients on top (estimates, not measured): the backward of one layer (bounded by that layer's
-saved bytes) or of the loss (two fp32 [n, V] gradients); BLL's per-micro-batch `table_drift`
-diagnostic (fp32 copies of two [V, H] tables); at the step boundary (activations freed): the flat
-fp32 copy of the gradients made by the gradient reduction, the optimizer's foreach scratch, or
-g_k's backward in finish_step. The peak is the larger of "during a micro-batch" and "at the step
-boundary".
+saved bytes) or of the loss (two fp32 [tokens, V] gradients, per slice where the readout is
+sliced, plus the block output's accumulated gradient); BLL's `table_drift` diagnostic, computed
+once per step during the first micro-batch's readout (fp32 copies of two [V, H] tables); at the
+step boundary (activations freed): the flat fp32 copy of the gradients made by the gradient
+reduction, the optimizer's foreach scratch, or finish_step's recompute of g_k and its backward.
+The peak is the larger of "during a micro-batch" and "at the step boundary".
 
 Not modelled: CUDA context, NCCL and cuBLAS workspaces and allocator fragmentation (the cluster
 search takes them as one fixed `runtime_overhead`), dropout masks (every spec here has dropout 0),
@@ -53,6 +68,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -64,6 +80,7 @@ import torch
 from transformers import PretrainedConfig
 
 from bll_ds.bench.flops import _attention_width, _mlp_width
+from bll_ds.bll.chunked_readout import slices_for
 from bll_ds.bll.feedback import build_feedback
 from bll_ds.bll.variants import TABLE_VARIANTS, VARIANTS
 from bll_ds.engine.feedback_channel import LAG
@@ -73,6 +90,7 @@ from bll_ds.modeling.pipeline import layer_specs, stage_layer_counts
 
 FP32 = 4
 INT64 = 8
+LOSS_TOTAL_WEIGHT = FP32  # cross-entropy's nll_loss saves total_weight, a 0-dim fp32 tensor, once per loss
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 METHODS = ("bp", "bll")
 GIB = 2 ** 30
@@ -81,10 +99,14 @@ MIB = 2 ** 20
 # BLL engine holdings (bll_ds/engine/bll_engine.py, feedback_channel.py).
 INBOX_TABLES = LAG + 1      # TableInbox.queue right after a drain: P_{t-2}, P_{t-1}, P_t
 OUTBOX_TABLES = 2           # TableOutbox._pending: the last payload, and its predecessor until seen complete
-SEND_WINDOW_PER_MICRO_BATCH = 2  # BLLPipelineEngine.max_inflight_sends = 2 * micro_batches
+SEND_WINDOW_PER_MICRO_BATCH = 2  # BLLPipelineEngine.max_inflight_sends = 2 * micro_batches (worst case)
+READOUT_MAX_LOGITS_MB = 16.0     # RunConfig.bll_readout_max_logits_mb's default (0 = one slice)
 
 # Local readouts whose saved tensors follow `readout_saved_bytes` (a norm and a [n, V] cross-entropy).
 CROSS_ENTROPY_VARIANTS = ("prototype", "dgl", "drtp")
+# Readouts whose [V]-way product reads a fixed table (a buffer that needs no gradient), so the
+# product does not save its normed input.
+FIXED_TABLE_VARIANTS = ("drtp",)
 
 # GPT-2 MLP: storages of width I saved per token by c_fc's activation and c_proj.
 # gelu_new is a Python expression: its input, tanh(.), 0.5*x, 1 + tanh(.), and the product.
@@ -150,11 +172,43 @@ def rope_table_bytes(config: PretrainedConfig, seq_len: int, e: int) -> int:
     return 2 * seq_len * head_dim * e
 
 
-def readout_saved_bytes(config: PretrainedConfig, e: int, vocab_size: int) -> int:
+def readout_saved_bytes(config: PretrainedConfig, e: int, vocab_size: int, fixed_table: bool = False) -> int:
     """Per token: a norm, a [V]-way product and fp32 cross-entropy (log-probabilities [V] fp32
     and the int64 target). This is the LM head with lm_loss, and BLL's prototype / dgl / drtp
-    readouts; the table or weight the product reads is not an activation."""
-    return norm_saved_bytes(config, e) + FP32 * vocab_size + INT64
+    readouts in one slice; the table or weight the product reads is not an activation. With a
+    `fixed_table` (drtp: a buffer, no gradient) the product does not save the norm's output."""
+    return norm_saved_bytes(config, e) + FP32 * vocab_size + INT64 - (e * config.hidden_size if fixed_table else 0)
+
+
+def readout_slices(variant: str, micro_batch_size: int, seq_len: int, vocab_size: int,
+                   max_logits_mb: float = READOUT_MAX_LOGITS_MB) -> int:
+    """Sequence slices of BLL's local readout, as the engine picks them (chunked_readout.slices_for)."""
+    return slices_for(variant, (micro_batch_size, seq_len), vocab_size, max_logits_mb)
+
+
+def sliced_readout_saved_bytes(config: PretrainedConfig, e: int, micro_batch_size: int, seq_len: int,
+                               slices: int, variant: str = "prototype") -> int:
+    """Peak saved bytes of one micro-batch's local readout run in `slices` sequence slices
+    (chunked_readout.sliced_local_backward: each slice's backward runs before the next slice).
+
+    The largest slice has b x ceil(T / slices) tokens (tensor_split). A slice of the block output
+    is a view of it: where the norm saves its input itself (`norm_saves_its_input`), the saved
+    storage is the whole [b, T, H] output. The targets likewise: labels[:, part] is a view, which
+    cross-entropy's reshape(-1) copies when b > 1; for b = 1 it stays a view of all T labels.
+    With one slice this is b x T x `readout_saved_bytes`. Plus the loss's total_weight scalar.
+    Also the last stage's LM head with lm_loss (one slice)."""
+    n = micro_batch_size * seq_len
+    per_token = readout_saved_bytes(config, e, config.vocab_size, variant in FIXED_TABLE_VARIANTS)
+    if slices == 1:
+        return n * per_token + LOSS_TOTAL_WEIGHT
+    whole = 0
+    if norm_saves_its_input(config, e):
+        per_token -= e * config.hidden_size
+        whole += n * e * config.hidden_size
+    if micro_batch_size == 1:
+        per_token -= INT64
+        whole += n * INT64
+    return micro_batch_size * math.ceil(seq_len / slices) * per_token + whole + LOSS_TOTAL_WEIGHT
 
 
 def embedding_saved_bytes(config: PretrainedConfig) -> int:
@@ -280,6 +334,7 @@ class Setup:
     method: str = "bll"
     variant: str = "prototype"
     grad_accum_dtype: str = "fp32"   # ds_configs/*.json: "data_types": {"grad_accum_dtype": "fp32"}
+    readout_max_logits_mb: float = READOUT_MAX_LOGITS_MB  # --bll_readout_max_logits_mb (0 = one slice)
 
     def __post_init__(self):
         if self.dtype not in DTYPE_BYTES or self.grad_accum_dtype not in DTYPE_BYTES:
@@ -290,6 +345,8 @@ class Setup:
             raise ValueError(f"variant must be one of {VARIANTS}")
         if self.zero_stage not in (0, 1):
             raise ValueError("only ZeRO stages 0 and 1 are planned (pipelines cannot use 2 or 3)")
+        if self.readout_max_logits_mb < 0:
+            raise ValueError("readout_max_logits_mb must be >= 0 (0 = one slice)")
         if self.dtype == "bf16" and self.zero_stage == 0 and self.grad_accum_dtype == "fp32":
             raise ValueError("DeepSpeed refuses bf16 with ZeRO-0 and fp32 gradient accumulation; "
                              "use --zero 1, or grad_accum_dtype bf16")
@@ -314,10 +371,11 @@ class StageMemory:
     weight_bytes: int            # parameters and buffers in the model dtype
     grad_bytes: int
     optimizer_bytes: int         # Adam moments (+ fp32 master copy), this DP rank's ZeRO-1 share
-    table_bytes: int             # BLL target tables (inbox, m_k and its gradient, g_k's saved, outbox)
-    buffer_bytes: int            # kept across micro-batches: receive/gradient buffers, send window, rotary tables
+    table_bytes: int             # BLL target tables (inbox, m_k and its gradient, outbox)
+    buffer_bytes: int            # kept across micro-batches: receive/gradient buffers, send window (worst case), rotary tables
     in_flight: int               # micro-batches whose activations are held at the peak
-    saved_per_micro_batch: int   # autograd-saved bytes of one micro-batch (rotary tables included)
+    readout_slices: int          # sequence slices of the BLL local readout (1: unsliced, BP, last stage)
+    saved_per_micro_batch: int   # peak autograd-saved bytes of one micro-batch, tables excluded (rotary tables included)
     activation_bytes: int        # the stash at the peak: in_flight micro-batches' saved tensors and pipe buffers
     transient_bytes: int         # short-lived working set on top of the stash
     step_transient_bytes: int    # at the step boundary, when no micro-batch is alive
@@ -338,12 +396,15 @@ class StageMemory:
 
 def plan(spec_path, stages: int, dp: int, micro_batch_size: int, seq_len: int, micro_batches: int,
          dtype: str = "bf16", zero_stage: int = 1, method: str = "bll", *, variant: str = "prototype",
-         vocab_size: int | None = None, grad_accum_dtype: str = "fp32") -> list[StageMemory]:
-    """Per-stage memory of a pipeline run. `spec_path`: a models/*.json spec (or a loaded config)."""
+         vocab_size: int | None = None, grad_accum_dtype: str = "fp32",
+         readout_max_logits_mb: float = READOUT_MAX_LOGITS_MB) -> list[StageMemory]:
+    """Per-stage memory of a pipeline run. `spec_path`: a models/*.json spec (or a loaded config).
+    readout_max_logits_mb: as --bll_readout_max_logits_mb (BLL's local readout in sequence slices
+    whose fp32 logits stay under it; 0 = one slice)."""
     config = spec_path if isinstance(spec_path, PretrainedConfig) else load_model_spec(spec_path, vocab_size)
     _warn_about_dropout(config)
     setup = Setup(stages, dp, micro_batch_size, seq_len, micro_batches, dtype, zero_stage, method, variant,
-                  grad_accum_dtype)
+                  grad_accum_dtype, readout_max_logits_mb)
     if method == "bll" and stages > 1 and variant not in CROSS_ENTROPY_VARIANTS:
         raise ValueError(f"activations of the {variant!r} readout are not modelled; "
                          f"plan one of {CROSS_ENTROPY_VARIANTS}")
@@ -367,7 +428,10 @@ def max_stage_bytes(stages: list[StageMemory]) -> int:
 def _stage_memory(config, setup: Setup, stage: int, layers: int, size: ModuleSize) -> StageMemory:
     first, last = stage == 0, stage == setup.stages - 1
     weights, grads, optimizer = _weights_grads_optimizer(size, setup)
-    saved = _saved_per_micro_batch(config, setup, layers, first, last)
+    slices = _slices(config, setup, last)
+    body = _body_saved_bytes(config, setup, layers, first)
+    readout, block_grad = _readout_phases(config, setup, last, slices)
+    saved = body + max(readout, block_grad)
     rope = layers * rope_table_bytes(config, setup.seq_len, setup.e)
     in_flight = min(setup.stages - stage, setup.micro_batches) if setup.method == "bp" else 1
     per_micro_batch = saved - rope + _pipe_bytes_per_micro_batch(config, setup, first, last)
@@ -376,10 +440,11 @@ def _stage_memory(config, setup: Setup, stage: int, layers: int, size: ModuleSiz
         stage=stage, decoder_layers=layers, params=size.trainable,
         weight_bytes=weights, grad_bytes=grads, optimizer_bytes=optimizer, table_bytes=tables,
         buffer_bytes=rope + _pipe_bytes_kept(config, setup, first, last),
-        in_flight=in_flight, saved_per_micro_batch=saved, activation_bytes=in_flight * per_micro_batch,
-        transient_bytes=_transient_bytes(config, setup, layers, last),
+        in_flight=in_flight, readout_slices=slices, saved_per_micro_batch=saved,
+        activation_bytes=in_flight * per_micro_batch,
+        transient_bytes=_transient_bytes(config, setup, layers, last, slices),
         step_transient_bytes=_step_transient_bytes(config, setup, size, last),
-        meter_bytes=_meter_bytes(config, setup, in_flight, saved, rope, last))
+        meter_bytes=_meter_bytes(config, setup, in_flight, saved, body, readout, block_grad, rope, last))
 
 
 def _weights_grads_optimizer(size: ModuleSize, setup: Setup) -> tuple[int, int, int]:
@@ -400,6 +465,15 @@ def _readout_on_stage(setup: Setup, last: bool) -> bool:
     return last or setup.method == "bll"
 
 
+def _slices(config, setup: Setup, last: bool) -> int:
+    """The local readout's sequence slices on this stage (BLLPipelineEngine._bll_local_backward:
+    never on the last stage, whose loss is the LM head's)."""
+    if setup.method != "bll" or last:
+        return 1
+    return readout_slices(setup.variant, setup.micro_batch_size, setup.seq_len, config.vocab_size,
+                          setup.readout_max_logits_mb)
+
+
 def _input_requires_grad(setup: Setup, first: bool) -> bool:
     """BP receives inputs that need a gradient (it is sent upstream); BLL's received inputs do not
     (bll_engine._bll_recv_activations), so the stage's first norm saves less. Stage 0's input is
@@ -407,16 +481,29 @@ def _input_requires_grad(setup: Setup, first: bool) -> bool:
     return first or setup.method == "bp"
 
 
-def _saved_per_micro_batch(config, setup: Setup, layers: int, first: bool, last: bool) -> int:
+def _body_saved_bytes(config, setup: Setup, layers: int, first: bool) -> int:
+    """Saved by one micro-batch's forward layers (embedding, decoder layers, rotary tables),
+    alive until the block's backward."""
     n, e = setup.tokens, setup.e
     per_token = layers * decoder_layer_saved_bytes(config, e)
     if layers and not _input_requires_grad(setup, first):
         per_token -= norm_saved_bytes(config, e) - norm_saved_bytes(config, e, input_requires_grad=False)
     if first:
         per_token += embedding_saved_bytes(config)
-    if _readout_on_stage(setup, last):
-        per_token += readout_saved_bytes(config, e, config.vocab_size)
     return n * per_token + layers * rope_table_bytes(config, setup.seq_len, e)
+
+
+def _readout_phases(config, setup: Setup, last: bool, slices: int) -> tuple[int, int]:
+    """(readout, block gradient): the loss's saved bytes at their peak (one slice's where the
+    readout is sliced; 0 on BP's non-last stages, which compute no loss), and, where it is sliced,
+    the block output's accumulated gradient that the block's surrogate backward saves once the
+    slices are done (`hidden * detached.grad`). The micro-batch's peak is the body plus the larger."""
+    if not _readout_on_stage(setup, last):
+        return 0, 0
+    variant = "lm_head" if last else setup.variant
+    readout = sliced_readout_saved_bytes(config, setup.e, setup.micro_batch_size, setup.seq_len, slices, variant)
+    block_grad = setup.tokens * config.hidden_size * setup.e if slices > 1 else 0
+    return readout, block_grad
 
 
 def _pipe_bytes_per_micro_batch(config, setup: Setup, first: bool, last: bool) -> int:
@@ -439,7 +526,12 @@ def _pipe_bytes_per_micro_batch(config, setup: Setup, first: bool, last: bool) -
 
 def _pipe_bytes_kept(config, setup: Setup, first: bool, last: bool) -> int:
     """Buffers that outlive micro-batches: DeepSpeed's receive buffer (pipe_recv_buf) and gradient
-    buffer (grad_layer), and BLL's send window of detached outputs."""
+    buffer (grad_layer), and BLL's send window of detached outputs.
+
+    The send window is counted at its worst case, 2M outputs (max_inflight_sends, reached when
+    the receiver is slow). BLLPipelineEngine._bll_send_activations releases completed isends at
+    the next send, so with a prompt receiver it typically holds only the one or two in flight; a
+    plan that must fit counts the worst case."""
     n, e, width = setup.tokens, setup.e, config.hidden_size
     kept = 0 if first else n * width * e
     if last:
@@ -448,7 +540,9 @@ def _pipe_bytes_kept(config, setup: Setup, first: bool, last: bool) -> int:
         return kept + n * width * e
     window = SEND_WINDOW_PER_MICRO_BATCH * setup.micro_batches
     if norm_saves_its_input(config, e):
-        window -= 1  # the current micro-batch's output is already counted as the readout norm's input
+        # The current micro-batch's output is already counted as the readout norm's saved input
+        # (sliced or not: a slice saves the whole output's storage).
+        window -= 1
     return kept + window * n * width * e
 
 
@@ -456,33 +550,45 @@ def _has_tables(setup: Setup) -> bool:
     return setup.method == "bll" and setup.stages > 1 and setup.variant in TABLE_VARIANTS
 
 
-def _table_graph_bytes(config, setup: Setup, last: bool) -> int:
-    """Saved by the BLL table graph, live from the first micro-batch to finish_step: the received
-    table (up's input), m_k (the product's saved right operand), up's output and gelu's output."""
+def _table_bytes_saved_in_readout(config, setup: Setup, last: bool) -> int:
+    """m_k, the table every micro-batch's readout saves (the product's right operand). It is a
+    leaf computed once per step without a graph (feedback.TableFeedback.targets), held anyway."""
+    if not _has_tables(setup) or last:
+        return 0
+    return config.vocab_size * config.hidden_size * setup.e
+
+
+def _finish_step_saved_bytes(config, setup: Setup, last: bool) -> int:
+    """Saved by finish_step's recompute of g_k and its surrogate product: the received table
+    (up's input), up's and gelu's outputs ([V, g_k hidden] each) and m_k's accumulated gradient.
+    Only alive at the step's end, when no micro-batch is."""
     if not _has_tables(setup) or last:
         return 0
     vocab, width, e = config.vocab_size, config.hidden_size, setup.e
     return 2 * vocab * width * e + 2 * vocab * _feedback_hidden(config) * e
 
 
-def _meter_bytes(config, setup: Setup, in_flight: int, saved: int, rope: int, last: bool) -> int:
+def _meter_bytes(config, setup: Setup, in_flight: int, saved: int, body: int, readout: int, block_grad: int,
+                 rope: int, last: bool) -> int:
     """The engines' SavedActivationMeter peak (weights excluded; it meters the forward, local
-    backward and FinishStep): the stash with the table graph during micro-batches, or at
-    finish_step the table graph and m_k's accumulated gradient, which its surrogate product saves."""
-    graph = _table_graph_bytes(config, setup, last)
-    during_micro_batches = in_flight * (saved - rope) + rope + graph
-    at_finish_step = graph + config.vocab_size * config.hidden_size * setup.e if graph else 0
-    return max(during_micro_batches, at_finish_step)
+    backward and FinishStep). BP: the 1F1B stash. BLL: one micro-batch (its body, then the larger
+    of its readout, with m_k saved by the product, and the block's surrogate backward), or
+    finish_step's recompute of g_k."""
+    if setup.method == "bp":
+        return in_flight * (saved - rope) + rope
+    during_micro_batch = body + max(readout + _table_bytes_saved_in_readout(config, setup, last), block_grad)
+    return max(during_micro_batch, _finish_step_saved_bytes(config, setup, last))
 
 
 def _table_bytes(config, setup: Setup, first: bool, last: bool) -> int:
+    """The inbox queue (LAG + 1) and m_k with its accumulated gradient (non-last stages), the
+    outbox (non-first stages). g_k's activations are not held (finish_step recomputes them)."""
     if not _has_tables(setup):
         return 0
     table = config.vocab_size * config.hidden_size * setup.e
     held = 0 if first else OUTBOX_TABLES * table
     if not last:
-        hidden = config.vocab_size * _feedback_hidden(config) * setup.e
-        held += INBOX_TABLES * table + 2 * table + 2 * hidden  # queue; m_k and its grad; g_k's saved
+        held += INBOX_TABLES * table + 2 * table  # queue; m_k and its gradient
     return held
 
 
@@ -490,14 +596,18 @@ def _feedback_hidden(config) -> int:
     return config.hidden_size  # TableMap(width, hidden or width): build_feedback passes no hidden
 
 
-def _transient_bytes(config, setup: Setup, layers: int, last: bool) -> int:
+def _transient_bytes(config, setup: Setup, layers: int, last: bool, slices: int) -> int:
     """Largest short-lived allocation during a micro-batch (estimate): a layer's backward
-    (bounded by its saved bytes), the loss's backward (two fp32 [n, V] gradients), or BLL's
-    table_drift diagnostic (fp32 copies of two [V, H] tables and their difference in bf16)."""
+    (bounded by its saved bytes), the loss's backward (two fp32 [tokens, V] gradients, of one
+    slice where the readout is sliced, plus the block output's gradient accumulated over the
+    slices), or BLL's table_drift diagnostic, once per step in the first micro-batch's readout
+    (fp32 copies of two [V, H] tables and their difference in bf16)."""
     n, e = setup.tokens, setup.e
     candidates = [n * decoder_layer_saved_bytes(config, e) if layers else 0]
     if _readout_on_stage(setup, last):
-        candidates.append(2 * FP32 * n * config.vocab_size)
+        slice_tokens = setup.micro_batch_size * math.ceil(setup.seq_len / slices)
+        accumulated = n * config.hidden_size * e if slices > 1 else 0
+        candidates.append(2 * FP32 * slice_tokens * config.vocab_size + accumulated)
     if _has_tables(setup) and not last:
         copies = 1 if e == FP32 else 3
         candidates.append(copies * FP32 * config.vocab_size * config.hidden_size)
@@ -507,13 +617,17 @@ def _transient_bytes(config, setup: Setup, layers: int, last: bool) -> int:
 def _step_transient_bytes(config, setup: Setup, size: ModuleSize, last: bool) -> int:
     """At the step boundary: the gradient reduction's flat fp32 copy (BF16_Optimizer's allreduce,
     DeepSpeedZeroOptimizer's reduce bucket; plus ZeRO-1 fp32's flattened partition), Adam's
-    foreach scratch on the partition, or g_k's backward in finish_step (about three [V, H])."""
+    foreach scratch on the partition, or finish_step (m_k and its gradient are in table_bytes):
+    g_k's recomputed forward (up's and gelu's outputs, m_k again) and, in its backward, the
+    gradients of m_k and of gelu's and up's outputs, V x (2 H + 3 g_k hidden) in all."""
     params = size.trainable
     reduce_copy = FP32 * params
     if setup.dtype == "fp32" and setup.zero_stage == 1:
         reduce_copy += FP32 * params // setup.dp
     scratch = FP32 * params // (setup.dp if setup.zero_stage == 1 or setup.dtype == "bf16" else 1)
-    finish = 3 * config.vocab_size * config.hidden_size * setup.e if _has_tables(setup) and not last else 0
+    finish = 0
+    if _has_tables(setup) and not last:
+        finish = config.vocab_size * (2 * config.hidden_size + 3 * _feedback_hidden(config)) * setup.e
     return max(reduce_copy, scratch, finish)
 
 
@@ -543,10 +657,11 @@ DP_OPTIONS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 def fits(spec_path, stages: int, dp: int, micro_batch_size: int = 1, seq_len: int = 2048,
          micro_batches: int | None = None, dtype: str = "bf16", zero_stage: int = 1, method: str = "bll",
-         gpu: GpuBudget = GpuBudget(), **kwargs) -> bool:
-    """Whether every stage of this run fits `gpu`. micro_batches defaults to 4 x stages."""
+         gpu: GpuBudget = GpuBudget(), readout_max_logits_mb: float = READOUT_MAX_LOGITS_MB, **kwargs) -> bool:
+    """Whether every stage of this run fits `gpu` (BLL's send window at its worst case, 2M).
+    micro_batches defaults to 4 x stages."""
     stage_plan = plan(spec_path, stages, dp, micro_batch_size, seq_len, micro_batches or 4 * stages,
-                      dtype, zero_stage, method, **kwargs)
+                      dtype, zero_stage, method, readout_max_logits_mb=readout_max_logits_mb, **kwargs)
     return max_stage_bytes(stage_plan) <= gpu.usable_bytes
 
 
@@ -570,7 +685,8 @@ class ClusterAnswer:
 
 def smallest_cluster(spec_path, method: str, micro_batch_size: int = 1, seq_len: int = 2048,
                      micro_batches_per_stage: int = 4, dtype: str = "bf16", zero_stage: int = 1,
-                     gpu: GpuBudget = GpuBudget(), stage_options=STAGE_OPTIONS, dp_options=DP_OPTIONS) -> ClusterAnswer:
+                     gpu: GpuBudget = GpuBudget(), stage_options=STAGE_OPTIONS, dp_options=DP_OPTIONS,
+                     readout_max_logits_mb: float = READOUT_MAX_LOGITS_MB) -> ClusterAnswer:
     """For each pipeline depth S (at most the layer count), the smallest DP whose every stage fits;
     the best option has the fewest GPUs (S x DP), ties going to the shallower pipeline."""
     config = load_model_spec(spec_path)
@@ -579,7 +695,7 @@ def smallest_cluster(spec_path, method: str, micro_batch_size: int = 1, seq_len:
         option = None
         for dp in dp_options:
             stage_plan = plan(config, stages, dp, micro_batch_size, seq_len, micro_batches_per_stage * stages,
-                              dtype, zero_stage, method)
+                              dtype, zero_stage, method, readout_max_logits_mb=readout_max_logits_mb)
             worst = max(stage_plan, key=lambda s: s.peak_bytes)
             option = ClusterOption(stages, None, None, round(worst.peak_bytes / GIB, 2), worst.stage)
             if worst.peak_bytes <= gpu.usable_bytes:
@@ -604,7 +720,7 @@ def write_clusters(out_dir: Path, models=CLUSTER_MODELS, micro_batch_size: int =
                    for b in sensitivity_micro_batch_sizes}
     gpu = kwargs.pop("gpu", GpuBudget())
     settings = {"micro_batch_size": micro_batch_size, "seq_len": 2048, "micro_batches_per_stage": 4,
-                "dtype": "bf16", "zero_stage": 1, **kwargs}
+                "dtype": "bf16", "zero_stage": 1, "readout_max_logits_mb": READOUT_MAX_LOGITS_MB, **kwargs}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "clusters.json").write_text(json.dumps(
         {"settings": settings, "gpu": {**asdict(gpu), "usable_bytes": gpu.usable_bytes},
@@ -633,7 +749,9 @@ def _clusters_markdown(answers: list[ClusterAnswer], sensitivity: dict, settings
              f"GPU: {gpu.memory_bytes / GIB:.0f} GiB, {gpu.headroom:.0%} headroom, "
              f"{gpu.runtime_overhead_bytes / GIB:.1f} GiB runtime overhead: "
              f"{gpu.usable_bytes / GIB:.1f} GiB for the planner's bytes per stage. No activation "
-             "checkpointing in either method (the project's PipelineModule uses none). Search: S in "
+             "checkpointing in either method (the project's PipelineModule uses none). BLL: local readout "
+             "in sequence slices of at most readout_max_logits_mb MiB of fp32 logits, send window at its "
+             "worst case (2M outputs). Search: S in "
              f"{list(STAGE_OPTIONS)} (at most the layer count), DP in {list(DP_OPTIONS)}; fewest GPUs, "
              "ties to the shallower pipeline.",
              "Planner: bll_ds/bench/memory.py (python -m bll_ds.bench.memory clusters).", "",
@@ -703,13 +821,13 @@ def rss_check(spec_path="models/llama-25m.json", baseline_mb: float | None = Non
 
 def format_plan(stage_plan: list[StageMemory]) -> str:
     cols = ("stage", "layers", "params(M)", "weights", "grads", "optim", "tables", "buffers", "in-flight",
-            "stash", "transient", "step-trans", "peak")
+            "slices", "stash", "transient", "step-trans", "peak")
     rows = [cols]
     for s in stage_plan:
         rows.append((str(s.stage), str(s.decoder_layers), f"{s.params / 1e6:.1f}",
                      *(_gib(b) for b in (s.weight_bytes, s.grad_bytes, s.optimizer_bytes, s.table_bytes,
                                           s.buffer_bytes)),
-                     str(s.in_flight), _gib(s.activation_bytes), _gib(s.transient_bytes),
+                     str(s.in_flight), str(s.readout_slices), _gib(s.activation_bytes), _gib(s.transient_bytes),
                      _gib(s.step_transient_bytes), _gib(s.peak_bytes)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
@@ -737,6 +855,7 @@ def _plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=CROSS_ENTROPY_VARIANTS, default="prototype")
     p.add_argument("--vocab_size", type=int, default=None)
     p.add_argument("--grad_accum_dtype", choices=sorted(DTYPE_BYTES), default="fp32")
+    _add_readout_argument(p)
     p.add_argument("--json", type=Path, default=None, help="also write the per-stage plan here")
     return p
 
@@ -750,7 +869,14 @@ def _clusters_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu_gib", type=float, default=80)
     p.add_argument("--headroom", type=float, default=0.10)
     p.add_argument("--overhead_gib", type=float, default=3.0)
+    _add_readout_argument(p)
     return p
+
+
+def _add_readout_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--readout_max_logits_mb", type=float, default=READOUT_MAX_LOGITS_MB,
+                   help="as --bll_readout_max_logits_mb: BLL's local readout in sequence slices of at most "
+                        "this many MiB of fp32 logits (0 = one slice)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -759,7 +885,8 @@ def main(argv: list[str] | None = None) -> int:
         args = _clusters_parser().parse_args(argv[1:])
         gpu = GpuBudget(int(args.gpu_gib * GIB), args.headroom, int(args.overhead_gib * GIB))
         answers = write_clusters(args.out, micro_batch_size=args.micro_batch_size, seq_len=args.seq_len,
-                                 micro_batches_per_stage=args.micro_batches_per_stage, gpu=gpu)
+                                 micro_batches_per_stage=args.micro_batches_per_stage, gpu=gpu,
+                                 readout_max_logits_mb=args.readout_max_logits_mb)
         print((args.out / "clusters.md").read_text())
         return 0 if answers else 1
     if argv and argv[0] == "rss-check":
@@ -775,7 +902,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _plan_parser().parse_args(argv)
     stage_plan = plan(args.model, args.stages, args.dp, args.micro_batch_size, args.seq_len,
                       args.micro_batches or 4 * args.stages, args.dtype, args.zero, args.method,
-                      variant=args.variant, vocab_size=args.vocab_size, grad_accum_dtype=args.grad_accum_dtype)
+                      variant=args.variant, vocab_size=args.vocab_size, grad_accum_dtype=args.grad_accum_dtype,
+                      readout_max_logits_mb=args.readout_max_logits_mb)
     print(format_plan(stage_plan))
     if args.json:
         args.json.write_text(json.dumps([s.as_dict() for s in stage_plan], indent=1))

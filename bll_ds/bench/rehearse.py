@@ -10,11 +10,16 @@ stage's activations are random [b, T, H] tensors "received" into a DeepSpeed-sty
 buffer, the downstream stage's target table is a random [V, H] table, and targets are random
 token ids. What the BLL engine keeps between micro-batches and steps is kept here too, so that
 the planner's whole-stage prediction applies: the receive buffer, the send window of detached
-outputs (2M), the inbox queue of received tables (LAG + 1) and the outbox of published payloads.
+outputs at its worst case (2M, what the planner counts: the engine releases completed sends at
+the next send, but a slow receiver fills the window), the inbox queue of received tables
+(LAG + 1) and the outbox of published payloads.
 
-Per step: `prepare(table)`; per micro-batch: forward, local loss, backward (scaled by 1/M as
-DeepSpeed does); then `finish_step` (the surrogate backward through g_k), gradient clipping, the
-optimizer step and `publish()`.
+Per step: `prepare(table)`; per micro-batch: forward, then the local loss and backward as
+BLLPipelineEngine._bll_local_backward runs them: in `slices_for(variant, ...,
+readout_max_logits_mb)` sequence slices through `sliced_local_backward` when there are several
+(each slice's loss backpropagated at once, then one backward through the block), else the whole
+loss; scaled by 1/M as DeepSpeed does. Then `finish_step` (g_k recomputed, one backward through
+it), gradient clipping, the optimizer step and `publish()`.
 
 Optimizer: fp32 runs use torch AdamW (the planner's "fp32, ZeRO-0" row); bf16 runs keep fp32
 master weights, an fp32 gradient-accumulation buffer and fp32 moments next to bf16 weights and
@@ -46,6 +51,7 @@ import torch
 from torch import nn
 
 from bll_ds.bench import memory
+from bll_ds.bll.chunked_readout import slices_for, sliced_local_backward
 from bll_ds.bll.feedback import StageFeedback, build_feedback
 from bll_ds.bll.variants import TABLE_VARIANTS
 from bll_ds.engine.build import FEEDBACK_SEED_OFFSET, weight_decay_groups
@@ -65,6 +71,7 @@ class Stage:
     last: bool
     decoder_layers: int
     sends_tables: bool           # the variant's tables travel upstream (the engine's table_shape is set)
+    variant: str = "prototype"
 
     def weights(self) -> list[torch.Tensor]:
         return [*self.module.parameters(), *self.module.buffers()]
@@ -89,7 +96,7 @@ def build_stage(config, stages: int, stage: int, seed: int = 0, variant: str = "
         feedback = build_feedback(variant, config)
         module.add_module("bll_feedback", feedback)
     return Stage(module, feedback, first, last, counts[stage],
-                 sends_tables=stages > 1 and variant in TABLE_VARIANTS)
+                 sends_tables=stages > 1 and variant in TABLE_VARIANTS, variant=variant)
 
 
 def forward_layers(stage: Stage, inputs: torch.Tensor) -> torch.Tensor:
@@ -148,7 +155,7 @@ class PlainAdamW(torch.optim.AdamW):
 class EngineHoldings:
     """Stand-ins for what BLLPipelineEngine keeps alive between micro-batches and steps."""
     receive_buffer: torch.Tensor | None                         # DeepSpeed's pipe_recv_buf
-    send_window: deque = field(default_factory=deque)          # detached outputs of in-flight isends
+    send_window: deque = field(default_factory=deque)          # detached outputs of in-flight isends (worst case)
     inbox: deque = field(default_factory=deque)                # received tables, oldest first
     outbox: deque = field(default_factory=deque)               # published payloads not yet seen sent
 
@@ -164,6 +171,8 @@ class RehearsalResult:
     seq_len: int
     micro_batches: int
     steps: int
+    readout_max_logits_mb: float
+    readout_slices: int             # the local readout's sequence slices (1 on the last stage)
     dtype: str
     threads: int
     malloc_mmap_threshold: int
@@ -192,9 +201,12 @@ class RehearsalResult:
 def rehearse(model: str = "models/llama-1b.json", stages: int = 8, stage: int | None = None,
              micro_batch_size: int = 1, seq_len: int = 512, micro_batches: int = 2, steps: int = 3,
              dtype: str = "fp32", threads: int = 1, seed: int = 0, variant: str = "prototype",
-             malloc_mmap_threshold: int = 65536) -> RehearsalResult:
+             malloc_mmap_threshold: int = 65536,
+             readout_max_logits_mb: float = memory.READOUT_MAX_LOGITS_MB) -> RehearsalResult:
     """Train stage `stage` (default: the middle one) of an S-stage pipeline for `steps` steps and
     measure it against memory.plan (DP 1; fp32 as ZeRO-0 torch AdamW, bf16 as BF16_Optimizer).
+    readout_max_logits_mb: as --bll_readout_max_logits_mb, for the engine's sliced readout and
+    the planner alike.
     Step 0 is metered as the engines meter it (weights excluded), step 1 per micro-batch with the
     tables excluded too; every step is timed."""
     if steps < 1:
@@ -221,7 +233,7 @@ def rehearse(model: str = "models/llama-1b.json", stages: int = 8, stage: int | 
         meter_mode = "step" if step == 0 and steps > 1 else "micro_batch" if step <= 1 else None
         start = time.perf_counter()
         loss, peak = _train_step(config, built, optimizer, holdings, micro_batch_size, seq_len, micro_batches,
-                                 torch_dtype, generator, meter_mode)
+                                 torch_dtype, generator, meter_mode, readout_max_logits_mb)
         step_times.append(time.perf_counter() - start)
         losses.append(loss)
         if meter_mode == "step":
@@ -230,11 +242,14 @@ def rehearse(model: str = "models/llama-1b.json", stages: int = 8, stage: int | 
             saved_micro_batch = peak
 
     stage_plan = memory.plan(config, stages, 1, micro_batch_size, seq_len, micro_batches, dtype,
-                             zero_stage=0 if dtype == "fp32" else 1, method="bll", variant=variant)[stage]
+                             zero_stage=0 if dtype == "fp32" else 1, method="bll", variant=variant,
+                             readout_max_logits_mb=readout_max_logits_mb)[stage]
     return RehearsalResult(
         model=model, stages=stages, stage=stage, decoder_layers=built.decoder_layers,
         params=sum(p.numel() for p in built.module.parameters() if p.requires_grad),
         micro_batch_size=micro_batch_size, seq_len=seq_len, micro_batches=micro_batches, steps=steps,
+        readout_max_logits_mb=readout_max_logits_mb,
+        readout_slices=_readout_slices(config, built, micro_batch_size, seq_len, readout_max_logits_mb),
         dtype=dtype, threads=threads, malloc_mmap_threshold=malloc_mmap_threshold,
         step_s=[round(t, 4) for t in step_times], median_step_s=round(statistics.median(step_times), 4),
         baseline_rss_mb=round(baseline_rss, 1), peak_rss_mb=round(memory.peak_rss_mb(), 1),
@@ -242,6 +257,13 @@ def rehearse(model: str = "models/llama-1b.json", stages: int = 8, stage: int | 
         saved_micro_batch_bytes=saved_micro_batch, predicted_saved_micro_batch_bytes=stage_plan.saved_per_micro_batch,
         saved_step_bytes=saved_step, predicted_meter_bytes=stage_plan.meter_bytes,
         plan=stage_plan.as_dict(), losses=[round(v, 4) for v in losses])
+
+
+def _readout_slices(config, built: Stage, micro_batch_size: int, seq_len: int, max_logits_mb: float) -> int:
+    """As BLLPipelineEngine._bll_local_backward picks them: never on the last stage."""
+    if built.last:
+        return 1
+    return slices_for(built.variant, (micro_batch_size, seq_len), config.vocab_size, max_logits_mb)
 
 
 def _set_mmap_threshold(n_bytes: int) -> None:
@@ -273,7 +295,8 @@ def _random_table(config, dtype) -> torch.Tensor:
 
 
 def _train_step(config, built: Stage, optimizer, holdings: EngineHoldings, micro_batch_size: int, seq_len: int,
-                micro_batches: int, dtype, generator, meter_mode: str | None) -> tuple[float, int | None]:
+                micro_batches: int, dtype, generator, meter_mode: str | None,
+                readout_max_logits_mb: float = memory.READOUT_MAX_LOGITS_MB) -> tuple[float, int | None]:
     """One optimizer step. Returns (mean loss, saved-activation peak or None)."""
     feedback = built.feedback
     upstream = holdings.inbox[0] if holdings.inbox else None
@@ -284,13 +307,14 @@ def _train_step(config, built: Stage, optimizer, holdings: EngineHoldings, micro
         meter = SavedActivationMeter()
         meter.exclude(built.weights())
         if meter_mode == "micro_batch" and upstream is not None:
-            # The table graph is built once per step, outside the per-micro-batch measurement.
+            # m_k (computed once per step, without a graph) and the received table: tables, not
+            # part of the per-micro-batch measurement.
             meter.exclude([upstream, feedback.targets()])
     losses = []
     with meter.hooks() if meter is not None else contextlib.nullcontext():
         for _ in range(micro_batches):
             losses.append(_micro_batch(config, built, optimizer, holdings, micro_batch_size, seq_len,
-                                       micro_batches, dtype, generator))
+                                       micro_batches, dtype, generator, readout_max_logits_mb))
     # The engines meter FinishStep too (bll_ds/engine/trace.py SAVES_ACTIVATIONS).
     with meter.hooks() if meter_mode == "step" else contextlib.nullcontext():
         if feedback is not None:
@@ -303,7 +327,7 @@ def _train_step(config, built: Stage, optimizer, holdings: EngineHoldings, micro
 
 
 def _micro_batch(config, built: Stage, optimizer, holdings: EngineHoldings, micro_batch_size: int, seq_len: int,
-                 micro_batches: int, dtype, generator) -> float:
+                 micro_batches: int, dtype, generator, readout_max_logits_mb: float) -> float:
     labels = torch.randint(config.vocab_size, (micro_batch_size, seq_len), generator=generator)
     if built.first:
         inputs = torch.randint(config.vocab_size, (micro_batch_size, seq_len), generator=generator)
@@ -312,18 +336,28 @@ def _micro_batch(config, built: Stage, optimizer, holdings: EngineHoldings, micr
         holdings.receive_buffer.copy_(torch.randn(holdings.receive_buffer.shape, generator=generator))
         inputs = holdings.receive_buffer.clone()
     outputs = forward_layers(built, inputs)
-    if built.last:
-        loss = lm_loss(outputs, labels)
-    else:
+    if not built.last:
         _send(holdings, outputs.detach(), 2 * micro_batches)
-        loss, _ = built.feedback.local_loss(outputs, labels)
-    (loss / micro_batches).backward()
-    optimizer.accumulate()
+
+    def backward(loss: torch.Tensor, scale_wrt_gas: bool = True) -> None:
+        """DeepSpeedEngine.backward: divides by the accumulation steps when asked; bf16's
+        gradients go into the fp32 accumulation buffer after each backward."""
+        (loss / micro_batches if scale_wrt_gas else loss).backward()
+        optimizer.accumulate()
+
+    slices = _readout_slices(config, built, micro_batch_size, seq_len, readout_max_logits_mb)
+    if slices > 1:
+        loss, _ = sliced_local_backward(built.feedback, outputs, labels, slices, backward)
+    else:
+        loss = lm_loss(outputs, labels) if built.last else built.feedback.local_loss(outputs, labels)[0]
+        backward(loss)
     return loss.item()
 
 
 def _send(holdings: EngineHoldings, detached: torch.Tensor, window: int) -> None:
-    """BLLPipelineEngine keeps each isend's tensor until the window (2M) is full."""
+    """BLLPipelineEngine's send window at its worst case (a receiver that completes no isend
+    early): each output is kept until the window (2M) is full. With a prompt receiver the engine
+    drops completed sends at the next send; the planner, like this, counts the worst case."""
     while len(holdings.send_window) >= window:
         holdings.send_window.popleft()
     holdings.send_window.append(detached)
@@ -349,7 +383,8 @@ def _exchange_tables(config, built: Stage, holdings: EngineHoldings, dtype) -> N
 def format_result(result: RehearsalResult) -> str:
     lines = [f"{result.model}: stage {result.stage} of {result.stages} ({result.decoder_layers} decoder layers, "
              f"{result.params / 1e6:.1f}M trainable parameters), {result.dtype}, b={result.micro_batch_size}, "
-             f"T={result.seq_len}, M={result.micro_batches}, {result.threads} thread(s)",
+             f"T={result.seq_len}, M={result.micro_batches}, readout in {result.readout_slices} slice(s) "
+             f"(max {result.readout_max_logits_mb:g} MiB of logits), {result.threads} thread(s)",
              f"median step {result.median_step_s:.3f} s (steps: {result.step_s}); losses {result.losses}",
              f"{'':32s}{'measured':>12s}{'planner':>12s}{'error':>8s}"]
     for name, measured, predicted in result.comparison_rows():
@@ -373,12 +408,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variant", choices=memory.CROSS_ENTROPY_VARIANTS, default="prototype")
+    p.add_argument("--readout_max_logits_mb", type=float, default=memory.READOUT_MAX_LOGITS_MB,
+                   help="as --bll_readout_max_logits_mb: the local readout in sequence slices of at most this many "
+                        "MiB of fp32 logits (0 = one slice)")
     p.add_argument("--malloc_mmap_threshold", type=int, default=65536,
                    help="glibc M_MMAP_THRESHOLD in bytes so that RSS tracks live bytes; 0 keeps glibc's default")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     result = rehearse(args.model, args.stages, args.stage, args.micro_batch_size, args.seq_len, args.micro_batches,
-                      args.steps, args.dtype, args.threads, args.seed, args.variant, args.malloc_mmap_threshold)
+                      args.steps, args.dtype, args.threads, args.seed, args.variant, args.malloc_mmap_threshold,
+                      args.readout_max_logits_mb)
     print(format_result(result))
     if args.json:
         args.json.write_text(json.dumps(asdict(result), indent=1))
