@@ -19,6 +19,7 @@ import deepspeed.comm as dist
 import torch
 
 from bll_ds import checkpoint, distributed
+from bll_ds.atomic import atomic_write_text
 from bll_ds.bench.flops import feedback_step_flops, stage_flops
 from bll_ds.bench.matmul_peak import matmul_peaks
 from bll_ds.config import RunConfig, parse_run_config
@@ -30,6 +31,8 @@ from bll_ds.errors import UserError
 from bll_ds.metrics import MetricsLog, write_summary
 from bll_ds.modeling import build_pipeline_module, check_stages, count_parameters, load_model_spec
 from bll_ds.prepare import prepare_run_data
+
+MODEL_CONFIG = "model_config.json"
 
 
 def main(argv: list[str] | None = None, started: float | None = None) -> int:
@@ -75,6 +78,10 @@ def train(cfg: RunConfig, started: float) -> None:
 def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> None:
     data = prepare_run_data(cfg, run_dir)
     model_config = load_model_spec(cfg.model, vocab_size=data.tokenizer.vocab_size)
+    if dist.get_rank() == 0:
+        # The resolved model (the tokenizer sets the vocabulary): what evaluate/export/generate
+        # rebuild from the checkpoint, without the spec file the run was started with.
+        atomic_write_text(run_dir / MODEL_CONFIG, model_config.to_json_string())
     seq_len = _seq_len(cfg, model_config)
     engine = build_engine(cfg.method, build_pipeline_module(model_config, cfg.stages, cfg.seed), ds.config,
                           model_config, cfg.seed, cfg.bll_variant, cfg.bll_guard_weight, cfg.bll_learn_variance,
