@@ -1,0 +1,156 @@
+"""Use a trained run: rebuild its forward network from a checkpoint, evaluate it, export it as a
+Hugging Face model folder, and load its tokenizer for `transformers`.
+
+The forward network is the run's own layers (bll_ds/modeling) loaded from DeepSpeed's per-layer
+files (`layer_NN-model_states.pt`, NN = position in the pipeline); its weights carry Hugging Face
+names (`to_hf_state_dict`), so the export is a plain `LlamaForCausalLM` / `GPT2LMHeadModel`. A BLL
+run's feedback blocks are not part of the forward network: they are exported beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bll_ds import checkpoint
+from bll_ds.atomic import atomic_write_text
+from bll_ds.errors import UserError
+from bll_ds.modeling import load_model_spec
+from bll_ds.modeling.layers import lm_loss
+from bll_ds.modeling.pipeline import build_sequential, to_hf_state_dict
+
+MODEL_CONFIG = "model_config.json"  # written by train.py: the resolved model of the run
+TOKENIZER_MODEL = "tokenizer.model"
+
+
+def resolve_checkpoint(run_dir: Path, step: int | None = None) -> tuple[Path, dict]:
+    """The checkpoint folder (latest complete one, or the given step) and its complete.json."""
+    if not (run_dir / MODEL_CONFIG).is_file():
+        raise UserError(f"{run_dir} is not a bll-ds run dir (no {MODEL_CONFIG}).",
+                        "pass the --out folder of a pretrain.py run (runs started before model_config.json "
+                        "existed need a re-run or a copy of the resolved model config there).")
+    if step is None:
+        latest = checkpoint.latest_complete(run_dir)
+        if latest is None:
+            raise UserError(f"{run_dir} holds no complete checkpoint.",
+                            "train until the first checkpoint (--save_interval, or the end of the run).")
+        tag, meta = latest
+    else:
+        tag = checkpoint.tag_for(step)
+        marker = run_dir / "checkpoints" / tag / checkpoint.MARKER
+        if not marker.is_file():
+            raise UserError(f"{run_dir} has no complete checkpoint for step {step}.",
+                            "omit --step for the latest one, or pick a step listed under checkpoints/.")
+        meta = json.loads(marker.read_text())
+    return run_dir / "checkpoints" / tag, meta
+
+
+def load_forward_network(run_dir: Path, step: int | None = None) -> tuple[object, nn.Sequential, dict]:
+    """(model config, the run's layers as one nn.Sequential with the checkpoint's weights, meta)."""
+    ckpt, meta = resolve_checkpoint(run_dir, step)
+    config = load_model_spec(run_dir / MODEL_CONFIG)
+    layers = build_sequential(config, seed=0)
+    for index, layer in enumerate(layers):
+        path = ckpt / f"layer_{index:02d}-model_states.pt"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            layer.load_state_dict(state)
+        except (OSError, RuntimeError, EOFError) as err:
+            raise UserError(f"cannot load {path}: {err}.",
+                            "the checkpoint is damaged; pass --step for an earlier complete one.") from err
+    return config, layers.eval(), meta
+
+
+def hf_model(config, layers: nn.Sequential):
+    """The same weights in transformers' own model class (LlamaForCausalLM, GPT2LMHeadModel)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = model.load_state_dict(to_hf_state_dict(layers), strict=False)
+    # Non-persistent buffers (rotary frequencies, causal masks) are rebuilt by the model itself.
+    persistent = set(model.state_dict())
+    missing = [k for k in missing if k in persistent]
+    if missing or unexpected:
+        raise RuntimeError(f"weight names do not match transformers: missing {missing}, unexpected {unexpected}")
+    return model.eval()
+
+
+def hf_tokenizer(run_dir: Path):
+    """The run's sentencepiece model as a transformers tokenizer with identical ids: no BOS added,
+    no dummy prefix (bll_ds trains its tokenizers without one)."""
+    from transformers import LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as scratch:
+        # Only the .model file: the run dir's tokenizer.json is bll-ds's fingerprint, not a
+        # transformers tokenizer file.
+        shutil.copy(run_dir / TOKENIZER_MODEL, Path(scratch) / TOKENIZER_MODEL)
+        return LlamaTokenizer.from_pretrained(scratch, add_bos_token=False, add_eos_token=False, legacy=False,
+                                              add_prefix_space=False)
+
+
+def export(run_dir: Path, out_dir: Path, step: int | None = None) -> dict:
+    """Write a Hugging Face model folder; returns what was written. The folder appears whole or
+    not at all (written beside it, then renamed)."""
+    if out_dir.exists():
+        raise UserError(f"{out_dir} already exists.", "choose a new output folder, or remove the old export.")
+    config, layers, meta = load_forward_network(run_dir, step)
+    model = hf_model(config, layers)
+    tokenizer = hf_tokenizer(run_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    feedback = _export_feedback(run_dir, meta, tmp)
+    info = {"source_run": str(run_dir.resolve()), "step": meta["step"], "method": meta["method"],
+            "bll_variant": meta.get("bll_variant"), "stages": meta["stages"], "feedback_files": feedback}
+    atomic_write_text(tmp / "bll_ds_export.json", json.dumps(info, indent=2) + "\n")
+    tmp.rename(out_dir)
+    return info
+
+
+def _export_feedback(run_dir: Path, meta: dict, out: Path) -> list[str]:
+    """BLL runs: each stage's feedback block (its own weights, not part of the forward network) as
+    bll_feedback/stage{k}.safetensors."""
+    if meta["method"] != "bll":
+        return []
+    from safetensors.torch import save_file
+
+    ckpt = run_dir / "checkpoints" / checkpoint.tag_for(meta["step"])
+    written = []
+    for path in sorted(ckpt.glob("bll_stage*.pt")):
+        state = torch.load(path, map_location="cpu", weights_only=False)["feedback"]
+        if not state:
+            continue  # the last stage has no feedback block
+        (out / "bll_feedback").mkdir(exist_ok=True)
+        name = f"bll_feedback/stage{int(path.stem.removeprefix('bll_stage'))}.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out / name),
+                  metadata={"bll_variant": str(meta.get("bll_variant")), "step": str(meta["step"])})
+        written.append(name)
+    return written
+
+
+@torch.no_grad()
+def evaluate(forward, batches, rank: int = 0, world: int = 1) -> dict:
+    """Mean next-token loss of `forward(ids) -> logits` over this rank's share of `batches`
+    (every world-th batch), summed over ranks when a process group exists."""
+    mine = list(batches)[rank::world]
+    loss_sum, tokens, start = 0.0, 0, time.perf_counter()
+    for inputs, labels in mine:
+        loss_sum += lm_loss(forward(inputs), labels).item() * labels.numel()
+        tokens += labels.numel()
+    seconds = time.perf_counter() - start
+    totals = torch.tensor([loss_sum, float(tokens), seconds], dtype=torch.float64)
+    if world > 1:
+        torch.distributed.all_reduce(totals)
+        totals[2] /= world
+    loss = (totals[0] / totals[1]).item()
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(totals[1]),
+            "tokens_per_s": totals[1].item() / max(totals[2].item(), 1e-9)}

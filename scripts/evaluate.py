@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Held-out loss, perplexity and tokens/s of a run's full forward network.
+
+    python scripts/evaluate.py runs/pretrain                       # the run's own held-out split
+    python scripts/evaluate.py runs/pretrain --data other.txt      # any corpus, the run's tokenizer
+    deepspeed --num_gpus 2 scripts/evaluate.py runs/pretrain       # ranks split the batches
+
+The held-out split of --data is taken as training takes it (README: "Held-out data"), in windows
+of the run's sequence length; --batches 0 (default) evaluates the whole split, which on the run's
+own data reproduces summary.json's val_loss.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the model layers import deepspeed; skip its probing
+
+from bll_ds.data import EvalBatches, Tokenizer, load_corpus, open_stream, prepare_token_streams, token_dtype  # noqa: E402
+from bll_ds.errors import UserError  # noqa: E402
+from bll_ds.use import TOKENIZER_MODEL, load_forward_network  # noqa: E402
+from bll_ds.use import evaluate as evaluate_batches  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="a pretrain.py --out folder")
+    p.add_argument("--data", default=None, help="corpus (as pretrain.py --data); default: the run's own")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest complete one)")
+    p.add_argument("--batches", type=int, default=0, help="micro-batches to evaluate (0 = the whole held-out split)")
+    p.add_argument("--batch_size", type=int, default=None, help="sequences per batch (default: the run's micro-batch)")
+    p.add_argument("--cache_dir", default=str(Path.home() / ".cache" / "bll_ds"))
+    p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    torch.set_num_threads(int(os.environ.get("BLL_DS_THREADS", 1 if world > 1 else torch.get_num_threads())))
+    try:
+        result = run(Path(args.run_dir), args, rank, world)
+    except UserError as err:
+        print(f"bll-ds: error: {err}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        print(json.dumps(result, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def run(run_dir: Path, args, rank: int, world: int) -> dict:
+    config, layers, meta = load_forward_network(run_dir, args.step)
+    data = args.data if args.data is not None else meta.get("data")
+    tokenizer = Tokenizer(str(run_dir / TOKENIZER_MODEL))
+    if world > 1:
+        torch.distributed.init_process_group("gloo")
+    # Rank 0 tokenizes into the shared cache first, so the others only read it.
+    for turn in ((0, 1) if world > 1 else (rank,)):
+        if turn == rank:
+            streams = prepare_token_streams(load_corpus(data), tokenizer, args.cache_dir)
+        if world > 1:
+            torch.distributed.barrier()
+    val = open_stream(streams.val_path, token_dtype(tokenizer.vocab_size))
+    batches = EvalBatches(val, meta["seq_len"], args.batch_size or meta["micro_batch_size"], args.batches or 10**9)
+    result = evaluate_batches(layers, batches, rank, world)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return {"run_dir": str(run_dir), "step": meta["step"], "data": data or "default corpus",
+            "seq_len": meta["seq_len"], "ranks": world, **result}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""Export a run as a Hugging Face model folder that transformers loads offline.
+
+    python scripts/export.py runs/pretrain exports/pretrain
+    python -c "from transformers import AutoModelForCausalLM, AutoTokenizer; \\
+        m = AutoModelForCausalLM.from_pretrained('exports/pretrain'); \\
+        t = AutoTokenizer.from_pretrained('exports/pretrain')"
+
+Writes config.json, model.safetensors (the forward network only), the tokenizer
+(tokenizer.json, tokenizer_config.json), bll_ds_export.json (source run and step) and, for
+block-local runs, bll_feedback/stage{k}.safetensors: each stage's feedback block, kept apart
+because it is not part of the model that generates text.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the model layers import deepspeed; skip its probing
+
+from bll_ds.errors import UserError  # noqa: E402
+from bll_ds.use import export  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="a pretrain.py --out folder")
+    p.add_argument("out_dir", help="the new model folder (must not exist)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest complete one)")
+    args = p.parse_args(argv)
+    try:
+        info = export(Path(args.run_dir), Path(args.out_dir), args.step)
+    except UserError as err:
+        print(f"bll-ds: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

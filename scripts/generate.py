@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Sample text from a run (its latest checkpoint) or from an exported model folder.
+
+    python scripts/generate.py runs/pretrain --prompt "ROMEO:" --max_new_tokens 200
+    python scripts/generate.py exports/pretrain --prompt "def " --temperature 0.7 --top_k 40 --seed 1
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the model layers import deepspeed; skip its probing
+
+from bll_ds.errors import UserError  # noqa: E402
+from bll_ds.use import hf_model, hf_tokenizer, load_forward_network  # noqa: E402
+
+
+def load(source: Path, step: int | None):
+    """(model, tokenizer): transformers' own classes either way, so sampling is transformers'."""
+    if (source / "config.json").is_file():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        return AutoModelForCausalLM.from_pretrained(source).eval(), AutoTokenizer.from_pretrained(source)
+    config, layers, _ = load_forward_network(source, step)
+    return hf_model(config, layers), hf_tokenizer(source)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("source", help="a pretrain.py --out folder or an exported model folder")
+    p.add_argument("--prompt", default="\n", help="text to continue")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: the latest)")
+    args = p.parse_args(argv)
+    try:
+        model, tokenizer = load(Path(args.source), args.step)
+    except UserError as err:
+        print(f"bll-ds: error: {err}", file=sys.stderr)
+        return 2
+    print(sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+    return 0
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int) -> str:
+    torch.manual_seed(seed)
+    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)])
+    context = model.config.max_position_embeddings if hasattr(model.config, "max_position_embeddings") \
+        else model.config.n_positions
+    max_new_tokens = min(max_new_tokens, context - ids.shape[1])
+    greedy = temperature <= 0
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=not greedy,
+                         temperature=None if greedy else temperature, top_k=(top_k or None) if not greedy else None,
+                         top_p=None, pad_token_id=tokenizer.eos_token_id, eos_token_id=None)
+    return prompt + tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

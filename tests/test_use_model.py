@@ -1,0 +1,127 @@
+"""Using a trained run: evaluate, export to transformers (offline), generate. One real 2-stage
+block-local run through the launcher is shared by every test here."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bll_ds.data import EvalBatches, Tokenizer, load_corpus, open_stream, prepare_token_streams, token_dtype
+from helpers import REPO, cpu_env, run_pretrain
+
+pytestmark = pytest.mark.launcher
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, cache_dir, text_corpus):
+    out = tmp_path_factory.mktemp("use") / "run"
+    result = run_pretrain(["--model", "models/test-1m.json", "--deepspeed_config", "ds_configs/test-1m.json",
+                           "--method", "bll", "--stages", "2", "--tokenizer", "char", "--seq_len", "64",
+                           "--data", str(text_corpus), "--steps", "12", "--eval_interval", "0",
+                           "--final_eval_batches", "0", "--out", str(out)], 2, cache_dir, master_port=29651)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "model"
+    done = _script("export.py", str(trained_run), str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def _script(name, *args, launcher_ranks=None):
+    script = str(REPO / "scripts" / name)
+    cmd = [sys.executable, script, *args] if launcher_ranks is None else \
+        [str(REPO / ".venv" / "bin" / "deepspeed"), "--num_gpus", str(launcher_ranks), "--master_port", "29652",
+         script, *args]
+    return subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+
+
+def _json_out(done):
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = done.stdout
+    return json.loads(text[text.index("{"):text.rindex("}") + 1])
+
+
+def test_evaluate_reproduces_the_runs_held_out_loss(trained_run, cache_dir):
+    summary = json.loads((trained_run / "summary.json").read_text())
+    result = _json_out(_script("evaluate.py", str(trained_run), "--cache_dir", str(cache_dir)))
+    assert result["step"] == 12
+    assert result["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    assert result["tokens"] > 0 and result["tokens_per_s"] > 0
+
+
+def test_evaluate_under_the_launcher_splits_batches_and_agrees(trained_run, cache_dir, tmp_path):
+    single = _json_out(_script("evaluate.py", str(trained_run), "--cache_dir", str(cache_dir), "--batches", "8"))
+    done = _script("evaluate.py", str(trained_run), "--cache_dir", str(cache_dir), "--batches", "8",
+                   "--json", str(tmp_path / "eval.json"), launcher_ranks=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "eval.json").read_text())
+    assert two["ranks"] == 2 and two["tokens"] == single["tokens"]
+    assert two["loss"] == pytest.approx(single["loss"], rel=1e-6)
+
+
+def test_evaluate_on_another_corpus_uses_the_runs_tokenizer(trained_run, cache_dir, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("To be, or not to be, that is the question.\n" * 200)
+    result = _json_out(_script("evaluate.py", str(trained_run), "--data", str(other), "--cache_dir", str(cache_dir)))
+    assert result["data"] == str(other) and math.isfinite(result["loss"])
+
+
+def test_export_loads_offline_in_transformers_with_the_same_loss(trained_run, exported, cache_dir, monkeypatch):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = AutoModelForCausalLM.from_pretrained(exported).eval()
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    assert type(model).__name__ == "LlamaForCausalLM"
+
+    # The same held-out windows the run evaluated, through transformers' own model and loss.
+    summary = json.loads((trained_run / "summary.json").read_text())
+    meta = json.loads((trained_run / "checkpoints" / "step_0000012" / "complete.json").read_text())
+    ours = Tokenizer(str(trained_run / "tokenizer.model"))
+    streams = prepare_token_streams(load_corpus(meta["data"]), ours, str(cache_dir))
+    val = open_stream(streams.val_path, token_dtype(ours.vocab_size))
+    losses = [model(input_ids=x, labels=None).logits for x, _ in EvalBatches(val, 64, 4, 10**9)]
+    labels = [y for _, y in EvalBatches(val, 64, 4, 10**9)]
+    with torch.no_grad():
+        loss = torch.stack([torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), y.reshape(-1))
+                            for lg, y in zip(losses, labels)]).mean().item()
+    assert loss == pytest.approx(summary["val_loss"], rel=0.01)  # the issue's bar; measured to ~1e-6
+
+    text = "First Citizen:\n  Before we proceed any further, hear me speak.\n"
+    assert tokenizer.encode(text, add_special_tokens=False) == ours.encode(text)
+    assert tokenizer.decode(ours.encode(text)) == text
+
+    # The forward network only; the feedback block (stage 0 of 2) beside it.
+    info = json.loads((exported / "bll_ds_export.json").read_text())
+    assert info["method"] == "bll" and info["feedback_files"] == ["bll_feedback/stage0.safetensors"]
+    with safe_open(str(exported / "model.safetensors"), "pt") as weights:
+        assert not any("feedback" in k or k.startswith("g.") for k in weights.keys())
+    with safe_open(str(exported / info["feedback_files"][0]), "pt") as feedback:
+        assert any(k.startswith("g.") for k in feedback.keys())
+
+
+def test_export_refuses_to_overwrite_and_names_a_missing_run(exported, tmp_path):
+    done = _script("export.py", str(tmp_path), str(tmp_path / "x"))
+    assert done.returncode == 2 and "is not a bll-ds run dir" in done.stderr and "Traceback" not in done.stderr
+    done = _script("export.py", str(exported.parent), str(exported))  # exported.parent is no run either
+    assert done.returncode == 2
+
+
+def test_generate_is_seeded_and_the_same_from_run_and_export(trained_run, exported):
+    args = ["--prompt", "ROMEO:", "--max_new_tokens", "30", "--seed", "3"]
+    from_run = _script("generate.py", str(trained_run), *args)
+    from_export = _script("generate.py", str(exported), *args)
+    assert from_run.returncode == 0, from_run.stderr[-2000:]
+    assert from_run.stdout == from_export.stdout
+    assert from_run.stdout.startswith("ROMEO:") and len(from_run.stdout) > len("ROMEO:\n")
+    other_seed = _script("generate.py", str(exported), *args[:-1], "4")
+    assert other_seed.stdout != from_run.stdout
