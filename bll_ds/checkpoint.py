@@ -34,10 +34,16 @@ def tag_for(step: int) -> str:
 def save(engine, run_dir: Path, step: int, meta: dict, keep: int) -> str:
     ckpt_dir = run_dir / "checkpoints"
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
-    extra = engine.extra_state()  # block-local state DeepSpeed does not know: feedback weights, tables
-    if extra is not None and engine.grid.data_parallel_id == 0:
-        torch.save(extra, ckpt_dir / tag / _extra_name(engine.stage_id))
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+        extra = engine.extra_state()  # block-local state DeepSpeed does not know: feedback weights, tables
+        if extra is not None and engine.grid.data_parallel_id == 0:
+            torch.save(extra, ckpt_dir / tag / _extra_name(engine.stage_id))
+    except OSError as err:  # a full disk, a lost mount: this checkpoint never becomes `latest`
+        last = latest_complete(run_dir)
+        raise UserError(f"writing checkpoint {ckpt_dir / tag} failed: {err.strerror or err}.",
+                        f"free space on that filesystem, then --resume from "
+                        f"{last[0] if last else 'the start (no complete checkpoint yet)'}.", rank_local=True) from None
     dist.barrier()
     if dist.get_rank() == 0:
         atomic_write_text(ckpt_dir / tag / MARKER, json.dumps({**meta, "step": step}, indent=2))

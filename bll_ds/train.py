@@ -31,6 +31,7 @@ from bll_ds.errors import UserError
 from bll_ds.metrics import MetricsLog, write_summary
 from bll_ds.modeling import build_pipeline_module, check_stages, count_parameters, load_model_spec
 from bll_ds.prepare import prepare_run_data
+from bll_ds.storage import check_run_dir_storage
 
 MODEL_CONFIG = "model_config.json"
 
@@ -64,6 +65,7 @@ def train(cfg: RunConfig, started: float) -> None:
     parse_tokenizer_spec(cfg.tokenizer)
     run_dir = Path(cfg.out)
     _check_run_dir(run_dir, cfg.resume)
+    check_run_dir_storage(run_dir, count_parameters(spec), cfg.keep_checkpoints)
     created_run_dir = not run_dir.exists()
     distributed.init()
     try:

@@ -66,3 +66,26 @@ def test_resume_without_a_checkpoint(tmp_path, cache_dir, text_corpus):
     out = tmp_path / "run"
     result = run_pretrain(BASE + ["--data", str(text_corpus), "--out", str(out), "--resume"], None, cache_dir)
     check_refused(result, out, "holds no complete checkpoint")
+
+
+def test_a_run_dir_that_cannot_be_written(tmp_path, cache_dir, text_corpus):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # root ignores permission bits; a file in the path cannot be bypassed
+    out = blocker / "run"
+    result = run_pretrain(BASE + ["--data", str(text_corpus), "--out", str(out)], None, cache_dir)
+    check_refused(result, out, "cannot write to the run dir", str(out))
+
+
+def test_a_full_disk_is_found_before_training(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from bll_ds.errors import UserError
+    from bll_ds.storage import check_run_dir_storage
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
+    with pytest.raises(UserError, match=r"has 0.00 GB free; 3 checkpoints of this 25.0M-parameter model need about"):
+        check_run_dir_storage(tmp_path / "run", 25_000_000, keep_checkpoints=2)
+    assert not (tmp_path / "run").exists()
+    check_run_dir_storage(tmp_path / "run", 1_000, keep_checkpoints=2)  # a small model fits

@@ -1,0 +1,43 @@
+"""The run dir must take every checkpoint the run will write: checked before any work, so a
+missing permission or a full disk is found at start-up, not at the first save after hours."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from bll_ds.errors import UserError
+
+# Weights, AdamW moments and (under bf16) fp32 master weights: what one checkpoint holds per
+# parameter, at most, plus the bf16 copy.
+CHECKPOINT_BYTES_PER_PARAM = 18
+
+
+def check_run_dir_storage(run_dir: Path, params: int, keep_checkpoints: int) -> None:
+    existed = run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".bll_ds_write_probe.{os.getpid()}"
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+        free = shutil.disk_usage(run_dir).free
+    except OSError as err:
+        raise UserError(f"cannot write to the run dir {run_dir}: {err.strerror or err}.",
+                        "choose an --out on a writable filesystem with free space "
+                        "(check its permissions and `df`).") from None
+    finally:
+        if not existed:  # leave nothing behind: the run creates it for real later
+            try:
+                run_dir.rmdir()
+            except OSError:
+                pass
+    # keep_checkpoints complete ones, plus the one being written.
+    needed = CHECKPOINT_BYTES_PER_PARAM * params * (keep_checkpoints + 1)
+    if free < needed:
+        raise UserError(f"the filesystem of {run_dir} has {free / 1e9:.2f} GB free; {keep_checkpoints + 1} "
+                        f"checkpoints of this {params / 1e6:.1f}M-parameter model need about {needed / 1e9:.2f} GB.",
+                        "free space there, choose an --out on a larger filesystem, or lower --keep_checkpoints.")
