@@ -14,16 +14,10 @@ because it is not part of the model that generates text.
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the model layers import deepspeed; skip its probing
+import _bootstrap  # noqa: E402,F401  (the checkout on sys.path; CPU accelerator without CUDA)
 
 from bll_ds.errors import UserError  # noqa: E402
 from bll_ds.use import export  # noqa: E402

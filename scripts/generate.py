@@ -6,16 +6,11 @@
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+import _bootstrap  # noqa: E402,F401  (the checkout on sys.path; CPU accelerator without CUDA)
 import torch  # noqa: E402
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the model layers import deepspeed; skip its probing
 
 from bll_ds.errors import UserError  # noqa: E402
 from bll_ds.use import hf_model, hf_tokenizer, load_forward_network  # noqa: E402
