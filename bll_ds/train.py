@@ -32,8 +32,7 @@ from bll_ds.metrics import MetricsLog, write_summary
 from bll_ds.modeling import build_pipeline_module, check_stages, count_parameters, load_model_spec
 from bll_ds.prepare import prepare_run_data
 from bll_ds.storage import check_run_dir_storage
-
-MODEL_CONFIG = "model_config.json"
+from bll_ds.use import MODEL_CONFIG
 
 
 def main(argv: list[str] | None = None, started: float | None = None) -> int:
@@ -146,7 +145,7 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
             return
     train_wall_s = time.time() - train_started
     if dp_rank == 0 and engine.tracer.events:
-        engine.tracer.dump(run_dir / f"timeline_stage{stage}.json")
+        engine.tracer.dump(run_dir)
     peaks = _best_peaks(peaks_before, matmul_peaks(engine.device)) if cfg.measure_matmul_peak else None
 
     val_loss = _evaluate(engine, final_eval_set, ds.data_parallel, dp_rank)

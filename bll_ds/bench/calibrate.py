@@ -22,6 +22,7 @@ from pathlib import Path
 from bll_ds.atomic import atomic_write_text
 from bll_ds.bench.plots import OP_KIND
 from bll_ds.bench.simulate import Link, StageCosts, simulate
+from bll_ds.engine.trace import read_timelines
 
 SCHEDULE_OF_ARM = {"bp": "1f1b", "bll-flush": "bll", "bll": "bll-noflush"}
 PER_MICRO_BATCH = {
@@ -37,9 +38,7 @@ def stage_costs_from_timelines(run_dir: Path, micro_batches: int) -> tuple[Stage
     have to wait for its sender), which bounds what moving one activation costs."""
     costs = {"fwd": [], "bwd": [], "local": [], "opt": []}
     receives = []
-    paths = sorted(run_dir.glob("timeline_stage*.json"), key=lambda p: int(p.stem.removeprefix("timeline_stage")))
-    for path in paths:
-        timeline = json.loads(path.read_text())
+    for timeline in read_timelines(run_dir):
         by_step = defaultdict(list)
         for event in timeline["events"]:
             by_step[event["step"]].append(event)
@@ -65,7 +64,7 @@ def stage_costs_from_timelines(run_dir: Path, micro_batches: int) -> tuple[Stage
 def _run_dir(bench_dir: Path, run: dict) -> Path:
     """The run's folder inside this benchmark folder (which may have been moved since)."""
     run_dir = bench_dir / "runs" / Path(run["run_dir"]).name
-    if not list(run_dir.glob("timeline_stage*.json")):
+    if not read_timelines(run_dir):
         raise SystemExit(f"bll-ds calibrate: error: {run_dir} has no timeline_stage*.json. Fix: re-run the "
                          "benchmark with tracing on (pretrain.py --trace_steps, default 3).")
     return run_dir
@@ -87,9 +86,8 @@ def time_breakdown(run_dir: Path) -> list[dict[str, float]]:
     """Per stage, the share of the traced steps' wall time by kind of work (plots.OP_KIND); "other"
     is the time between instructions (DeepSpeed's and our Python)."""
     shares = []
-    paths = sorted(run_dir.glob("timeline_stage*.json"), key=lambda p: int(p.stem.removeprefix("timeline_stage")))
-    for path in paths:
-        events = json.loads(path.read_text())["events"]
+    for timeline in read_timelines(run_dir):
+        events = timeline["events"]
         by_kind = defaultdict(float)
         spans = defaultdict(list)
         for e in events:

@@ -3,13 +3,14 @@ timeline of one traced step per arm, and per-stage memory."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: benchmarks run headless
 import matplotlib.pyplot as plt  # noqa: E402
+
+from bll_ds.engine.trace import read_timelines  # noqa: E402
 
 # Timeline colours by what an instruction is doing.
 OP_KIND = {
@@ -60,19 +61,12 @@ def loss_curves(result: dict, path: Path, x: str) -> Path:
     return path
 
 
-def _timeline(run_dir: Path) -> list[dict]:
-    stages = []
-    for path in sorted(run_dir.glob("timeline_stage*.json"), key=lambda p: int(p.stem.removeprefix("timeline_stage"))):
-        stages.append(json.loads(path.read_text()))
-    return stages
-
-
 def timelines(result: dict, path: Path) -> Path:
     """One traced step per (M, arm), stages as rows, time relative to the step's first event."""
     runs = _first_runs(result)
     fig, axes = plt.subplots(len(runs), 1, figsize=(10, 1.2 + 0.9 * len(runs) * 1.0), squeeze=False)
     for ax, run in zip(axes[:, 0], runs):
-        stages = _timeline(Path(run["run_dir"]))
+        stages = read_timelines(Path(run["run_dir"]))
         if not stages:
             ax.set_axis_off()
             continue

@@ -145,7 +145,7 @@ class BLLPipelineEngine(AccountedPipelineEngine):
     # ---- instructions ----------------------------------------------------------------------------
     def _bll_begin_step(self, step):
         self._state = _StepState(step=step)
-        self.tracer.set_step(step, self.weights())
+        self.tracer.set_step(step, self.weights)
         torch.manual_seed(self.seed_for_step(step))
         if self.feedback is not None:
             table = None

@@ -100,7 +100,7 @@ class AccountedPipelineEngine(PipelineEngine):
             torch.manual_seed(self.seed_for_step(step))
             batches = iter([batch_fn(step - 1, m, self.micro_batches) for m in range(self.micro_batches)])
             before = self._snapshot() if step in track_update_at else None
-            self.tracer.set_step(step, self.weights())
+            self.tracer.set_step(step, self.weights)
             start = time.perf_counter()
             loss = self.train_batch(batches).item()
             step_s = time.perf_counter() - start

@@ -93,12 +93,12 @@ class StageTracer:
         self.meter = SavedActivationMeter()
         self._meter_ready = False
 
-    def set_step(self, step: int | None, weights=()) -> None:
+    def set_step(self, step: int | None, weights=lambda: ()) -> None:
+        """`weights`: a callable returning the stage's weight tensors, called once, at the first
+        traced step (after ZeRO has moved parameters into its flat buffers at optimizer set-up)."""
         self.step = step
         if step is not None and step in self.steps and not self._meter_ready:
-            # Collected here, not at build time: ZeRO moves parameters into flat buffers when the
-            # optimizer is created.
-            self.meter.exclude(weights)
+            self.meter.exclude(weights())
             self._meter_ready = True
 
     def run(self, name: str, fn):
@@ -115,11 +115,21 @@ class StageTracer:
     def activation_peak_mb(self) -> float | None:
         return round(self.meter.peak_bytes / 2**20, 2) if self._meter_ready else None
 
-    def dump(self, path: Path) -> None:
-        path.write_text(json.dumps({"stage": self.stage, "clock": "time.monotonic",
+    def dump(self, run_dir: Path) -> None:
+        timeline_path(run_dir, self.stage).write_text(json.dumps({"stage": self.stage, "clock": "time.monotonic",
                                     "steps": [self.steps.start, self.steps.stop - 1],
                                     "events": [{"op": n, "step": s, "start": a, "end": b}
                                                for n, s, a, b in self.events]}))
+
+
+def timeline_path(run_dir: Path, stage: int) -> Path:
+    return run_dir / f"timeline_stage{stage}.json"
+
+
+def read_timelines(run_dir: Path) -> list[dict]:
+    """Every stage's timeline of a run, stage 0 first (empty when the run traced nothing)."""
+    paths = sorted(run_dir.glob("timeline_stage*.json"), key=lambda p: int(p.stem.removeprefix("timeline_stage")))
+    return [json.loads(path.read_text()) for path in paths]
 
 
 def traced(instruction_map: dict) -> dict:
