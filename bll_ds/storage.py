@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from bll_ds.errors import UserError
@@ -15,26 +16,27 @@ CHECKPOINT_BYTES_PER_PARAM = 18
 
 
 def check_run_dir_storage(run_dir: Path, params: int, keep_checkpoints: int) -> None:
-    existed = run_dir.exists()
+    # Every rank runs this before the process group exists, so it must not create or remove
+    # the run dir itself: one rank's clean-up would race another rank's probe. It probes the
+    # run dir, or (before the first run) its nearest existing ancestor, where the run will
+    # create it, with a private temporary folder per process.
+    probe_dir = run_dir
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".bll_ds_write_probe.{os.getpid()}"
-        with open(probe, "wb") as f:
-            f.write(b"\0" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
-        free = shutil.disk_usage(run_dir).free
+        probe = Path(tempfile.mkdtemp(prefix=".bll_ds_write_probe.", dir=probe_dir))
+        try:
+            with open(probe / "probe", "wb") as f:
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            shutil.rmtree(probe, ignore_errors=True)
+        free = shutil.disk_usage(probe_dir).free
     except OSError as err:
-        raise UserError(f"cannot write to the run dir {run_dir}: {err.strerror or err}.",
+        raise UserError(f"cannot write to the run dir {run_dir}: {err.strerror or err} (in {probe_dir}).",
                         "choose an --out on a writable filesystem with free space "
                         "(check its permissions and `df`).") from None
-    finally:
-        if not existed:  # leave nothing behind: the run creates it for real later
-            try:
-                run_dir.rmdir()
-            except OSError:
-                pass
     # keep_checkpoints complete ones, plus the one being written.
     needed = CHECKPOINT_BYTES_PER_PARAM * params * (keep_checkpoints + 1)
     if free < needed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,16 @@ def run_pretrain(args: list[str], ranks: int | None, cache_dir: Path, timeout: i
             cmd += ["--master_port", str(master_port)]
         cmd += script
     return subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def launch_failure(result: subprocess.CompletedProcess, tail: int = 2000) -> str:
+    """Why a launch failed: the first error line of each rank plus the tail. A C++ stack trace
+    from one rank can fill the whole tail and hide the Python error that started it."""
+    lines = (result.stdout + result.stderr).splitlines()
+    first_errors = [line for line in lines
+                    if re.search(r"(Error|Exception|error:)", line) and "frame #" not in line][:12]
+    return ("first errors:\n" + "\n".join(first_errors) + "\n--- tail ---\n"
+            + (result.stdout[-tail:] + result.stderr[-tail:]))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

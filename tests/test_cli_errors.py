@@ -89,3 +89,17 @@ def test_a_full_disk_is_found_before_training(tmp_path, monkeypatch):
         check_run_dir_storage(tmp_path / "run", 25_000_000, keep_checkpoints=2)
     assert not (tmp_path / "run").exists()
     check_run_dir_storage(tmp_path / "run", 1_000, keep_checkpoints=2)  # a small model fits
+
+
+def test_every_rank_checks_the_run_dir_at_once(tmp_path):
+    """All ranks probe before the process group exists. An earlier version created and removed
+    the run dir, so one rank's clean-up broke another rank's probe (seen in CI with 4 ranks)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bll_ds.storage import check_run_dir_storage
+
+    out = tmp_path / "runs" / "new-run"
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(20):
+            list(pool.map(lambda _: check_run_dir_storage(out, 1_000, keep_checkpoints=2), range(8)))
+    assert not out.exists() and sorted(tmp_path.iterdir()) == []  # nothing created, nothing left behind

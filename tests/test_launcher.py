@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bll_ds.data import Tokenizer
-from helpers import read_metrics, run_pretrain, train_losses
+from helpers import launch_failure, read_metrics, run_pretrain, train_losses
 
 pytestmark = pytest.mark.launcher
 
@@ -20,7 +20,7 @@ COMMON = ["--model", "models/test-1m.json", "--deepspeed_config", "ds_configs/te
 
 def launch(args, ranks, cache_dir, port):
     result = run_pretrain(COMMON + args, ranks, cache_dir, master_port=port)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, launch_failure(result)
     return result
 
 
@@ -133,7 +133,7 @@ def test_one_pipeline_step_equals_a_hand_computed_adamw_step(tmp_path, cache_dir
                            "--stages", "2", "--tokenizer", "char", "--seq_len", "32", "--steps", "1",
                            "--data", str(text_corpus), "--final_eval_batches", "1", "--seed", "11",
                            "--out", str(out)], 2, cache_dir, master_port=29617 + zero_stage)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, launch_failure(result)
 
     tokenizer = Tokenizer(str(out / "tokenizer.model"))
     streams = prepare_token_streams(load_corpus(str(text_corpus)), tokenizer, str(cache_dir), num_proc=1)
@@ -241,7 +241,7 @@ def test_bll_variants_and_zero1_replicas(variant, tmp_path, cache_dir, text_corp
                      "--steps", "8", "--bll_steps_per_call", "4", "--out", str(out)]
     args[args.index("ds_configs/test-1m.json")] = str(tmp_path / "ds.json")
     result = run_pretrain(args, 4, cache_dir, master_port=29627 + (variant == "dgl"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, launch_failure(result)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dp"] == 2 and all(s["replicas_identical"] for s in summary["stages_detail"])
     assert all(s["grads_sent"] == 0 for s in summary["stages_detail"])

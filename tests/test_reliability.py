@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from bll_ds import checkpoint
-from helpers import REPO, VENV_BIN, cpu_env, run_pretrain, train_losses
+from helpers import REPO, VENV_BIN, cpu_env, launch_failure, run_pretrain, train_losses
 
 pytestmark = pytest.mark.launcher
 
@@ -42,7 +42,7 @@ def test_a_rank_killed_mid_run_stops_the_launch_and_resume_matches_an_uninterrup
         tmp_path, cache_dir, text_corpus):
     straight = tmp_path / "straight"
     done = run_pretrain(ARGS + ["--data", str(text_corpus), "--out", str(straight)], 2, cache_dir, master_port=29661)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.returncode == 0, launch_failure(done)
 
     killed = tmp_path / "killed"
     launcher = _launch(ARGS + ["--data", str(text_corpus), "--out", str(killed)], cache_dir, 29662)
@@ -65,7 +65,7 @@ def test_a_rank_killed_mid_run_stops_the_launch_and_resume_matches_an_uninterrup
 
     resumed = run_pretrain(ARGS + ["--data", str(text_corpus), "--out", str(killed), "--resume"], 2, cache_dir,
                            master_port=29663)
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert resumed.returncode == 0, launch_failure(resumed)
     assert "removed incomplete checkpoint folders" in resumed.stdout + resumed.stderr
     want, got = train_losses(straight), train_losses(killed)
     assert max(got) == STEPS

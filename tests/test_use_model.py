@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bll_ds.data import EvalBatches, Tokenizer, load_corpus, open_stream, prepare_token_streams, token_dtype
-from helpers import REPO, cpu_env, run_pretrain
+from helpers import REPO, cpu_env, launch_failure, run_pretrain
 
 pytestmark = pytest.mark.launcher
 
@@ -22,7 +22,7 @@ def trained_run(tmp_path_factory, cache_dir, text_corpus):
                            "--method", "bll", "--stages", "2", "--tokenizer", "char", "--seq_len", "64",
                            "--data", str(text_corpus), "--steps", "12", "--eval_interval", "0",
                            "--final_eval_batches", "0", "--out", str(out)], 2, cache_dir, master_port=29651)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, launch_failure(result)
     return out
 
 
@@ -30,7 +30,7 @@ def trained_run(tmp_path_factory, cache_dir, text_corpus):
 def exported(trained_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "model"
     done = _script("export.py", str(trained_run), str(out))
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, launch_failure(done)
     return out
 
 
@@ -43,7 +43,7 @@ def _script(name, *args, launcher_ranks=None):
 
 
 def _json_out(done):
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, launch_failure(done)
     text = done.stdout
     return json.loads(text[text.index("{"):text.rindex("}") + 1])
 
@@ -61,7 +61,7 @@ def test_evaluate_under_the_launcher_splits_batches_and_agrees(trained_run, cach
     single = _json_out(_script("evaluate.py", str(trained_run), "--cache_dir", str(cache_dir), "--batches", "8"))
     done = _script("evaluate.py", str(trained_run), "--cache_dir", str(cache_dir), "--batches", "8",
                    "--json", str(tmp_path / "eval.json"), launcher_ranks=2)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, launch_failure(done)
     two = json.loads((tmp_path / "eval.json").read_text())
     assert two["ranks"] == 2 and two["tokens"] == single["tokens"]
     assert two["loss"] == pytest.approx(single["loss"], rel=1e-6)
@@ -120,7 +120,7 @@ def test_generate_is_seeded_and_the_same_from_run_and_export(trained_run, export
     args = ["--prompt", "ROMEO:", "--max_new_tokens", "30", "--seed", "3"]
     from_run = _script("generate.py", str(trained_run), *args)
     from_export = _script("generate.py", str(exported), *args)
-    assert from_run.returncode == 0, from_run.stderr[-2000:]
+    assert from_run.returncode == 0, launch_failure(from_run)
     assert from_run.stdout == from_export.stdout
     assert from_run.stdout.startswith("ROMEO:") and len(from_run.stdout) > len("ROMEO:\n")
     other_seed = _script("generate.py", str(exported), *args[:-1], "4")
