@@ -16,6 +16,7 @@ from pathlib import Path
 from bll_ds.bll.variants import VARIANTS as BLL_VARIANTS
 
 METHODS = ("bp", "bll")
+ON_NONFINITE = ("stop", "skip")
 
 
 def _doc(text: str, **kwargs):
@@ -59,6 +60,12 @@ class RunConfig:
     keep_checkpoints: int = _doc("Complete checkpoints kept on disk (older ones are deleted).", default=2)
     exit_interval: int = _doc("Save a checkpoint and exit cleanly once the step count is a multiple of this "
                               "(0 = never): run long jobs in slices under a scheduler's time limit.", default=0)
+    on_nonfinite: str = _doc("A step whose loss or gradients are NaN/inf is never applied. 'stop': the run "
+                             "stops, naming the step, the stage and the last good checkpoint. 'skip': the "
+                             "update is dropped and training goes on (the learning-rate schedule advances); "
+                             "block-local stages decide alone, backprop stages together.", default="stop")
+    max_consecutive_skips: int = _doc("With --on_nonfinite skip: a stage that skips more steps than this in a "
+                                      "row has diverged, and the run stops.", default=10)
     resume: bool = _doc("Continue the run in --out from its latest complete checkpoint.", default=False)
     cache_dir: str = _doc("Cache of tokenized corpora (flat token memmaps).",
                           default=str(Path.home() / ".cache" / "bll_ds"))
@@ -86,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         kind = {"int": int, "int | None": int, "float": float}.get(f.type, str)
         parser.add_argument(flag, type=kind, required=required,
                             default=None if required else f.default, help=f.metadata["help"],
-                            choices={"method": METHODS, "bll_variant": BLL_VARIANTS}.get(f.name))
+                            choices={"method": METHODS, "bll_variant": BLL_VARIANTS,
+                                     "on_nonfinite": ON_NONFINITE}.get(f.name))
         if "_" in f.name:  # accept --seq-len as well as --seq_len
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind,
                                 help=argparse.SUPPRESS)

@@ -22,6 +22,16 @@ def launch_env() -> tuple[int, int]:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
+# What the communication libraries raise on a rank whose peer has gone (gloo, then NCCL).
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
+              "remote process exited or there was a network error")
+
+
+def peer_lost(err: BaseException) -> str | None:
+    """The library's words if `err` says a peer rank has gone, else None."""
+    return next((text for text in _PEER_LOST if text in str(err)), None)
+
+
 def init() -> None:
     accel = get_accelerator()
     if accel.device_name() == "cpu":

@@ -30,6 +30,7 @@ from bll_ds.engine.trace import StageTracer
 from bll_ds.errors import UserError
 from bll_ds.metrics import MetricsLog, write_summary
 from bll_ds.modeling import build_pipeline_module, check_stages, count_parameters, load_model_spec
+from bll_ds.nonfinite_policy import NonFinitePolicy
 from bll_ds.prepare import prepare_run_data
 from bll_ds.storage import check_run_dir_storage
 from bll_ds.use import MODEL_CONFIG
@@ -47,6 +48,16 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
         if rank == 0 or err.rank_local:
             print(f"bll-ds: error: {err}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as err:
+        words = distributed.peer_lost(err)
+        if words is None:
+            raise
+        # Another rank stopped (its own error is printed above) or died: one line, not a wall
+        # of communication-library frames that hides the cause.
+        print(f"bll-ds: error: rank {rank} lost its connection to another rank, which stopped or died "
+              f"(\"{words}\"). Fix: see that rank's error above; a killed run continues with --resume.",
+              file=sys.stderr, flush=True)
+        return 3
     # No barrier on the error paths: after a failure on one rank the others may be blocked in a
     # receive that will never complete, and a barrier would keep this process alive with them.
     # Exiting non-zero lets the deepspeed launcher stop every rank.
@@ -63,6 +74,9 @@ def train(cfg: RunConfig, started: float) -> None:
     ds = load_ds_config(cfg.deepspeed_config, world, cfg.stages, cfg.steps)
     parse_tokenizer_spec(cfg.tokenizer)
     run_dir = Path(cfg.out)
+    if cfg.max_consecutive_skips < 0:
+        raise UserError(f"--max_consecutive_skips {cfg.max_consecutive_skips} is negative.",
+                        "pass 0 or more: the steps a stage may skip in a row before the run stops.")
     _check_run_dir(run_dir, cfg.resume)
     check_run_dir_storage(run_dir, count_parameters(spec), cfg.keep_checkpoints)
     created_run_dir = not run_dir.exists()
@@ -111,6 +125,7 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
                      ds.steps if cfg.progress else None)
     stage_log = MetricsLog(run_dir / f"metrics_stage{stage}.jsonl", run_dir / "tb" / f"stage{stage}",
                            dp_rank == 0, start_step)
+    on_nonfinite = NonFinitePolicy(cfg.on_nonfinite, cfg.max_consecutive_skips, stage, run_dir, stage_log.print)
     log.print(f"bll-ds: {cfg.method}{'/' + cfg.bll_variant if cfg.method == 'bll' else ''} | "
               f"{cfg.stages} stages x {ds.data_parallel} replicas | "
               f"{count_parameters(model_config) / 1e6:.2f}M params | vocab {model_config.vocab_size} | "
@@ -126,12 +141,12 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
         n = _call_length(step, cfg, ds.steps)
         logged = [s for s in range(step + 1, step + n + 1) if s % cfg.log_interval == 0 or s == ds.steps]
         records = engine.train_steps(step, n, sampler.get, track_update_at=logged)
-        _check_finite(records, stage, run_dir)  # rank-local: no collective across stages
+        on_nonfinite.check(records)  # rank-local: the engine already agreed with who shares the update
         step += n
         step_times += [r.step_s for r in records]
-        recent = (recent + records)[-10:]
+        recent = (recent + [r for r in records if r.nonfinite is None])[-10:]
         log.advance(n, records[-1].loss, tokens_per_step / records[-1].step_s)
-        _log_records([r for r in records if r.step in logged], log, stage_log, tokens_per_step)
+        _log_records([r for r in records if r.step in logged or r.nonfinite], log, stage_log, tokens_per_step)
         if cfg.eval_interval and step % cfg.eval_interval == 0 and step < ds.steps:
             val_loss = _evaluate(engine, eval_set, ds.data_parallel, dp_rank)
             log.log(step, {"val/loss": val_loss})
@@ -161,12 +176,16 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
 
 
 def _log_records(records, log: MetricsLog, stage_log: MetricsLog, tokens_per_step: int) -> None:
-    """The run log (last stage) gets the LM loss and throughput; each stage log its own terms."""
+    """The run log (last stage) gets the LM loss and throughput; each stage log its own terms.
+    A skipped step is logged with `skipped` 1 and no loss (NaN is not JSON)."""
     for r in records:
-        log.log(r.step, {"train/loss": r.loss, "train/lr": r.lr, "train/tokens_per_s": tokens_per_step / r.step_s,
+        loss = r.loss if math.isfinite(r.loss) else None
+        skipped = 1 if r.nonfinite else None
+        log.log(r.step, {"train/loss": loss, "train/skipped": skipped, "train/lr": r.lr,
+                         "train/tokens_per_s": tokens_per_step / r.step_s,
                          "train/tokens_seen": r.step * tokens_per_step})
-        stage_log.log(r.step, {"stage/loss": r.loss, "stage/step_s": r.step_s, "stage/busy_s": r.busy_s,
-                               "stage/idle_s": r.idle_s, "stage/grad_norm": r.grad_norm,
+        stage_log.log(r.step, {"stage/loss": loss, "stage/skipped": skipped, "stage/step_s": r.step_s,
+                               "stage/busy_s": r.busy_s, "stage/idle_s": r.idle_s, "stage/grad_norm": r.grad_norm,
                                "stage/update_norm": r.update_norm,
                                **{f"stage/{k}": v for k, v in r.terms.items()}}, echo=False)
 
@@ -178,8 +197,10 @@ def _run_summary(cfg: RunConfig, ds: DsSettings, engine, model_config, recent, s
     evaluation and checkpoints, at its very end."""
     mine = {**engine.accounting.summary(), "params_sha256": _params_digest(engine.module),
             "activation_peak_mb": engine.tracer.activation_peak_mb, "matmul_peak_gflops": matmul_peak_gflops,
-            "local_loss": round(statistics.mean(r.loss for r in recent), 5),
-            "local_terms": {k: round(statistics.mean(r.terms[k] for r in recent), 5) for k in recent[-1].terms}}
+            "local_loss": round(statistics.mean(r.loss for r in recent), 5) if recent else None,
+            "local_terms": {k: round(statistics.mean(r.terms[k] for r in recent), 5)
+                            for k in (recent[-1].terms if recent else {})},
+            "skipped_steps": engine.skipped_steps}
     warm = step_times[cfg.throughput_warmup_steps:] or step_times
     tokens_per_step = ds.train_batch_size * seq_len
     mine.update(_flop_rates(cfg, ds, engine.stage_id, model_config, seq_len, statistics.median(warm),
@@ -187,6 +208,7 @@ def _run_summary(cfg: RunConfig, ds: DsSettings, engine, model_config, recent, s
     stage_summaries = _gather_objects(mine)
     return {
         "method": cfg.method, "bll_variant": cfg.bll_variant if cfg.method == "bll" else None,
+        "on_nonfinite": cfg.on_nonfinite,
         "stages": cfg.stages, "dp": ds.data_parallel,
         "params": count_parameters(model_config), "steps": ds.steps, "resumed_from_step": start_step,
         "tokens_seen": ds.steps * tokens_per_step, "tokens_per_step": tokens_per_step,
@@ -239,15 +261,6 @@ def _call_length(step: int, cfg: RunConfig, total: int) -> int:
         if interval:
             n = min(n, interval - step % interval)
     return max(n, 1)
-
-
-def _check_finite(records, stage: int, run_dir: Path) -> None:
-    for r in records:
-        if not math.isfinite(r.loss):
-            last = checkpoint.latest_complete(run_dir)
-            raise UserError(f"the training loss is {r.loss} at step {r.step} on stage {stage}.",
-                            f"resume from the last good checkpoint ({last[0] if last else 'none: restart'}) "
-                            "with a lower learning rate or tighter gradient clipping.", rank_local=True)
 
 
 def _seq_len(cfg: RunConfig, model_config) -> int:

@@ -24,7 +24,7 @@ def cpu_env() -> dict:
 
 
 def run_pretrain(args: list[str], ranks: int | None, cache_dir: Path, timeout: int = 600,
-                 master_port: int | None = None) -> subprocess.CompletedProcess:
+                 master_port: int | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """ranks=None: one plain process; otherwise the deepspeed launcher with that many CPU ranks."""
     script = [str(REPO / "scripts" / "pretrain.py"), *args, "--cache_dir", str(cache_dir), "--no-progress"]
     if ranks is None:
@@ -34,7 +34,8 @@ def run_pretrain(args: list[str], ranks: int | None, cache_dir: Path, timeout: i
         if master_port:
             cmd += ["--master_port", str(master_port)]
         cmd += script
-    return subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env={**cpu_env(), **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def launch_failure(result: subprocess.CompletedProcess, tail: int = 2000) -> str:

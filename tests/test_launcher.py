@@ -249,18 +249,3 @@ def test_bll_variants_and_zero1_replicas(variant, tmp_path, cache_dir, text_corp
     assert tables == (9 if variant == "gaussian" else 0)  # dgl has no feedback network
     if variant == "gaussian":
         assert {"agreement", "guard_spread", "guard_decorrelation"} <= set(summary["stages_detail"][0]["local_terms"])
-
-
-def test_a_nan_loss_stops_every_rank_with_a_clear_message(tmp_path, cache_dir, text_corpus, repo):
-    cfg = json.loads((repo / "ds_configs/test-1m.json").read_text())
-    cfg["optimizer"]["params"]["lr"] = 1e6  # diverges within a few steps
-    cfg.pop("scheduler")
-    (tmp_path / "ds.json").write_text(json.dumps(cfg))
-    args = COMMON + ["--method", "bll", "--data", str(text_corpus), "--stages", "2", "--steps", "40",
-                     "--bll_steps_per_call", "4", "--out", str(tmp_path / "run")]
-    args[args.index("ds_configs/test-1m.json")] = str(tmp_path / "ds.json")
-    result = run_pretrain(args, 2, cache_dir, master_port=29631, timeout=180)
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("bll-ds: error:")]
-    assert errors and all("the training loss is nan" in e and "on stage" in e for e in errors), result.stderr[-2000:]
-    assert "Traceback" not in result.stderr

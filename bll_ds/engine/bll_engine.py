@@ -24,6 +24,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from bll_ds.bll.chunked_readout import slices_for, sliced_local_backward
 from bll_ds.engine import bll_schedule as bll
+from bll_ds.engine import nonfinite
 from bll_ds.engine.accounting import tensor_bytes
 from bll_ds.engine.feedback_channel import TableInbox, TableOutbox
 from bll_ds.engine.pipeline_engine import AccountedPipelineEngine, StepRecord, _as_float
@@ -82,6 +83,14 @@ class BLLPipelineEngine(AccountedPipelineEngine):
             dtype = next(self.module.parameters()).dtype
             self.inbox = TableInbox(self.grid.stage_to_global(self.stage_id + 1, data=replica),
                                     tuple(table_shape), dtype, self.device)
+        if self.fault.step is not None and self.feedback is not None:
+            self.feedback.local_loss = self._with_fault(self.feedback.local_loss)
+
+    def training_step(self) -> int:
+        return self._state.step
+
+    def step_losses(self) -> list[torch.Tensor]:
+        return self._state.losses
 
     def start_feedback(self, resumed_step: int) -> None:
         """Fresh run: pass the initial tables P_0 down the pipe, last stage first (a one-time
@@ -215,10 +224,15 @@ class BLLPipelineEngine(AccountedPipelineEngine):
             self.feedback.finish_step(lambda surrogate: DeepSpeedEngine.backward(self, surrogate, scale_wrt_gas=False))
 
     def _bll_optimizer_step(self, lr_kwargs=None):
+        if self.nonfinite:  # decided at ReduceGrads, by this stage (and its replicas) alone
+            nonfinite.skip_update(self, lr_kwargs)
+            self._last_grad_norm = self._last_update_norm = None
+            return
         step = self._state.step
         before = self._snapshot() if step in self._track_update_at else None
         self._last_grad_norm = self._local_grad_norm() if before is not None else None
         PipelineEngine._exec_optimizer_step(self, lr_kwargs)
+        self.nonfinite = nonfinite.after_optimizer_step(self, lr_kwargs)
         self._last_update_norm = self._update_norm(before) if before is not None else None
 
     def _local_grad_norm(self) -> float | None:
@@ -235,8 +249,9 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         busy, idle = self.accounting.end_step(step_s)
         self._records.append(StepRecord(
             step=state.step, loss=torch.stack(state.losses).mean().item(), step_s=step_s, busy_s=busy,
-            idle_s=idle, lr=self.get_lr()[0], grad_norm=_as_float(self.get_global_grad_norm()) or self._last_grad_norm,
-            update_norm=self._last_update_norm,
+            idle_s=idle, lr=self.get_lr()[0],
+            grad_norm=None if self.nonfinite else _as_float(self.get_global_grad_norm()) or self._last_grad_norm,
+            update_norm=self._last_update_norm, nonfinite=self.nonfinite,
             terms={k: torch.stack(v).mean().item() for k, v in state.terms.items()}))
 
     _INSTRUCTION_MAP = {

@@ -18,6 +18,7 @@ import torch
 from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
+from bll_ds.engine import nonfinite
 from bll_ds.engine.accounting import StageAccounting, tensor_bytes
 from bll_ds.engine.trace import StageTracer, traced
 
@@ -34,6 +35,7 @@ class StepRecord:
     grad_norm: float | None = None
     update_norm: float | None = None  # ||theta_after - theta_before||, on tracked steps only
     terms: dict = field(default_factory=dict)
+    nonfinite: str | None = None  # why the update was skipped (engine/nonfinite.py), None if applied
 
 
 def _as_float(value) -> float | None:
@@ -69,6 +71,24 @@ def _recv_grads(self, buffer_id):
     self.accounting.count("grads_received")
 
 
+def _guarded_reduce_grads(self):
+    """A non-finite step is decided here, before the all-reduce, while every rank still holds
+    its own gradients; its gradients are then dropped, not reduced."""
+    self.nonfinite = nonfinite.agreed_cause(self, nonfinite.local_cause(self.step_losses(), self.module.parameters()))
+    if self.nonfinite:
+        nonfinite.clear_gradients(self)
+        return
+    PipelineEngine._exec_reduce_grads(self)
+
+
+def _guarded_optimizer_step(self, lr_kwargs=None):
+    if self.nonfinite:
+        nonfinite.skip_update(self, lr_kwargs)
+        return
+    PipelineEngine._exec_optimizer_step(self, lr_kwargs)
+    self.nonfinite = nonfinite.after_optimizer_step(self, lr_kwargs)
+
+
 class AccountedPipelineEngine(PipelineEngine):
     _INSTRUCTION_MAP = traced({
         **PipelineEngine._INSTRUCTION_MAP,
@@ -76,6 +96,8 @@ class AccountedPipelineEngine(PipelineEngine):
         schedule.RecvActivation: _recv_activations,
         schedule.SendGrad: _send_grads,
         schedule.RecvGrad: _recv_grads,
+        schedule.ReduceGrads: _guarded_reduce_grads,
+        schedule.OptimizerStep: _guarded_optimizer_step,
     })
 
     def __init__(self, *args, seed: int = 0, **kwargs):
@@ -83,6 +105,30 @@ class AccountedPipelineEngine(PipelineEngine):
         self.seed = seed
         self.accounting = StageAccounting(self.stage_id, self.grid.data_parallel_id)
         self.tracer = StageTracer(self.stage_id, range(0))  # train.py sets the traced window
+        self.nonfinite = None  # this step's cause, set at its gradient all-reduce
+        self.fault = nonfinite.FaultInjection(self.stage_id)
+        if self.fault.step is not None and self.is_last_stage():
+            self.module.loss_fn = self._with_fault(self.module.loss_fn)
+
+    def _with_fault(self, loss_fn):
+        """loss_fn returns the loss, or (loss, terms) as a feedback block's local_loss does."""
+        def loss_with_fault(*args, **kwargs):
+            out = loss_fn(*args, **kwargs)
+            if not self.module.training:
+                return out
+            if isinstance(out, tuple):
+                return (self.fault.apply(out[0], self.training_step()), *out[1:])
+            return self.fault.apply(out, self.training_step())
+        return loss_with_fault
+
+    def training_step(self) -> int:
+        """1-based index of the optimizer step being computed."""
+        return self.global_steps + 1
+
+    def step_losses(self) -> list[torch.Tensor]:
+        """This stage's losses of the current step, before its optimizer step (backprop: the
+        last stage's; the others see a non-finite loss through their gradients)."""
+        return [self.total_loss] if self.is_last_stage() and torch.is_tensor(self.total_loss) else []
 
     def weights(self) -> list[torch.Tensor]:
         """Every tensor this stage keeps between steps (not activations)."""
@@ -106,8 +152,10 @@ class AccountedPipelineEngine(PipelineEngine):
             step_s = time.perf_counter() - start
             busy, idle = self.accounting.end_step(step_s)
             records.append(StepRecord(step=step, loss=loss, step_s=step_s, busy_s=busy, idle_s=idle,
-                                      lr=self.get_lr()[0], grad_norm=_as_float(self.get_global_grad_norm()),
-                                      update_norm=self._update_norm(before) if before is not None else None))
+                                      lr=self.get_lr()[0],
+                                      grad_norm=None if self.nonfinite else _as_float(self.get_global_grad_norm()),
+                                      update_norm=self._update_norm(before) if before is not None else None,
+                                      nonfinite=self.nonfinite))
         self.tracer.set_step(None)
         return records
 
