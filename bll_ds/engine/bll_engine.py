@@ -24,10 +24,9 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from bll_ds.bll.chunked_readout import slices_for, sliced_local_backward
 from bll_ds.engine import bll_schedule as bll
-from bll_ds.engine import nonfinite
 from bll_ds.engine.accounting import tensor_bytes
 from bll_ds.engine.feedback_channel import TableInbox, TableOutbox
-from bll_ds.engine.pipeline_engine import AccountedPipelineEngine, StepRecord, _as_float
+from bll_ds.engine.pipeline_engine import AccountedPipelineEngine, StepRecord, _as_float, guarded_optimizer_step
 from bll_ds.engine.trace import traced
 
 
@@ -224,16 +223,12 @@ class BLLPipelineEngine(AccountedPipelineEngine):
             self.feedback.finish_step(lambda surrogate: DeepSpeedEngine.backward(self, surrogate, scale_wrt_gas=False))
 
     def _bll_optimizer_step(self, lr_kwargs=None):
-        if self.nonfinite:  # decided at ReduceGrads, by this stage (and its replicas) alone
-            nonfinite.skip_update(self, lr_kwargs)
-            self._last_grad_norm = self._last_update_norm = None
-            return
-        step = self._state.step
-        before = self._snapshot() if step in self._track_update_at else None
-        self._last_grad_norm = self._local_grad_norm() if before is not None else None
-        PipelineEngine._exec_optimizer_step(self, lr_kwargs)
-        self.nonfinite = nonfinite.after_optimizer_step(self, lr_kwargs)
-        self._last_update_norm = self._update_norm(before) if before is not None else None
+        # self.nonfinite was decided at ReduceGrads, by this stage (and its replicas) alone.
+        tracked = not self.nonfinite and self._state.step in self._track_update_at
+        before = self._snapshot() if tracked else None
+        self._last_grad_norm = self._local_grad_norm() if tracked else None
+        guarded_optimizer_step(self, lr_kwargs)
+        self._last_update_norm = self._update_norm(before) if tracked else None
 
     def _local_grad_norm(self) -> float | None:
         """This stage's gradient norm before clipping (tracked steps only). With ZeRO-1 the

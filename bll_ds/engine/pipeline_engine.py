@@ -81,7 +81,8 @@ def _guarded_reduce_grads(self):
     PipelineEngine._exec_reduce_grads(self)
 
 
-def _guarded_optimizer_step(self, lr_kwargs=None):
+def guarded_optimizer_step(self, lr_kwargs=None):
+    """DeepSpeed's optimizer step, or the skip that ReduceGrads decided on."""
     if self.nonfinite:
         nonfinite.skip_update(self, lr_kwargs)
         return
@@ -97,7 +98,7 @@ class AccountedPipelineEngine(PipelineEngine):
         schedule.SendGrad: _send_grads,
         schedule.RecvGrad: _recv_grads,
         schedule.ReduceGrads: _guarded_reduce_grads,
-        schedule.OptimizerStep: _guarded_optimizer_step,
+        schedule.OptimizerStep: guarded_optimizer_step,
     })
 
     def __init__(self, *args, seed: int = 0, **kwargs):
