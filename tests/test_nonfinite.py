@@ -188,9 +188,11 @@ def test_zero1_replicas_skip_together_when_only_the_loss_is_non_finite(tmp_path,
 
 @pytest.mark.launcher
 def test_backprop_stages_skip_together(tmp_path, cache_dir, text_corpus):
-    """Only the last stage has a loss; the first learns of the bad step through its gradients and
-    the pipeline-wide agreement."""
-    out, _ = skip_run("bp", "5:1", tmp_path, cache_dir, text_corpus, 29675)
+    """Only the last stage has a loss. Poisoned in value only, its gradients (and so stage 0's)
+    stay finite: stage 0 learns of the bad step from the pipeline-wide agreement alone."""
+    out, result = skip_run("bp", "5:1:loss", tmp_path, cache_dir, text_corpus, 29675)
+    assert ("the step is non-finite on another rank that shares stage 0's update, at step 5 on stage 0; "
+            "update skipped") in result.stdout
     for stage, layers in ((0, [0, 1, 2]), (1, [3, 4, 5])):
         assert same_state(stage_state(out, 4, layers, stage), stage_state(out, 5, layers, stage))
         assert not same_state(stage_state(out, 5, layers, stage), stage_state(out, 6, layers, stage))
