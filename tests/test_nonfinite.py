@@ -25,25 +25,27 @@ ARGS = ["--model", "models/test-1m.json", "--tokenizer", "char", "--seq_len", "6
 
 # ---- units ----------------------------------------------------------------------------------------
 def test_fault_injection_spec():
-    assert nonfinite.FaultInjection(0, "").step is None
-    assert nonfinite.FaultInjection(1, "5:0").step is None  # another stage's fault
-    fault = nonfinite.FaultInjection(0, "5:0")
+    assert nonfinite.FaultInjection(0, spec="").step is None
+    assert nonfinite.FaultInjection(1, spec="5:0").step is None  # another stage's fault
+    fault = nonfinite.FaultInjection(0, replica=3, spec="5:0")  # every replica of the stage
     assert (fault.step, fault.kind) == (5, "grads")
-    assert nonfinite.FaultInjection(2, "7:2:loss").kind == "loss"
-    for bad in ("5", "x:0", "5:0:weights", "5:0:loss:1"):
+    assert nonfinite.FaultInjection(2, spec="7:2:loss").kind == "loss"
+    assert nonfinite.FaultInjection(2, replica=1, spec="7:2:loss:1").step == 7
+    assert nonfinite.FaultInjection(2, replica=0, spec="7:2:loss:1").step is None  # another replica's
+    for bad in ("5", "x:0", "5:0:weights", "5:0:loss:x", "5:0:loss:1:2"):
         with pytest.raises(ValueError, match="STEP:STAGE"):
-            nonfinite.FaultInjection(0, bad)
+            nonfinite.FaultInjection(0, spec=bad)
 
 
 @pytest.mark.parametrize("kind", ["grads", "loss"])
 def test_injected_kinds_poison_the_value_and_only_grads_poisons_gradients(kind):
     weight = torch.ones(3, requires_grad=True)
-    loss = nonfinite.FaultInjection(0, f"2:0:{kind}").apply((weight * 2).sum(), step=2)
+    loss = nonfinite.FaultInjection(0, spec=f"2:0:{kind}").apply((weight * 2).sum(), step=2)
     loss.backward()
     assert torch.isnan(loss)
     assert torch.isnan(weight.grad).all() == (kind == "grads")
     assert torch.isfinite(weight.grad).all() == (kind == "loss")
-    untouched = nonfinite.FaultInjection(0, f"2:0:{kind}").apply(torch.tensor(1.5), step=3)
+    untouched = nonfinite.FaultInjection(0, spec=f"2:0:{kind}").apply(torch.tensor(1.5), step=3)
     assert untouched.item() == 1.5
 
 
@@ -170,20 +172,24 @@ def test_a_skipped_step_leaves_nothing_behind(precision, bll_skipped, tmp_path, 
 
 @pytest.mark.launcher
 def test_zero1_replicas_skip_together_when_only_the_loss_is_non_finite(tmp_path, cache_dir, text_corpus, repo):
-    """The last stage's loss is NaN but its gradients are finite: only the loss check can see it.
-    ZeRO-1 over 2 replicas: the gradients are dropped before the all-reduce and both replicas agree."""
+    """Replica 1 of the last stage sees a NaN loss with finite gradients: only its loss check can
+    see it. ZeRO-1 over 2 replicas: replica 0 learns of it from the agreement, both drop their
+    gradients before the all-reduce, and the replicas stay identical."""
     cfg = json.loads((repo / "ds_configs/test-1m.json").read_text())
     cfg["zero_optimization"] = {"stage": 1}
     (tmp_path / "ds.json").write_text(json.dumps(cfg))
-    out, _ = skip_run("bll", "5:1:loss", tmp_path, cache_dir, text_corpus, 29674, ranks=4,
-                      extra=["--deepspeed_config", str(tmp_path / "ds.json")])
+    out, result = skip_run("bll", "5:1:loss:1", tmp_path, cache_dir, text_corpus, 29674, ranks=4,
+                           extra=["--deepspeed_config", str(tmp_path / "ds.json")])
+    # Announced by the stage's first replica, which found nothing wrong itself.
+    assert "the step is non-finite on another rank that shares stage 1's update, at step 5" in result.stdout
     assert same_state(stage_state(out, 4, [3, 4, 5], 1, zero_stage=1), stage_state(out, 5, [3, 4, 5], 1, zero_stage=1))
     assert not same_state(stage_state(out, 4, [0, 1, 2], 0, zero_stage=1),
                           stage_state(out, 5, [0, 1, 2], 0, zero_stage=1))
     summary = json.loads((out / "summary.json").read_text())
     assert [s["skipped_steps"] for s in summary["stages_detail"]] == [0, 1]
     assert all(s["replicas_identical"] for s in summary["stages_detail"])
-    assert "train/loss" not in {m["step"]: m for m in read_metrics(out)}[5]
+    logged = {m["step"]: m for m in read_metrics(out)}  # by replica 0, whose own loss was finite
+    assert logged[5]["train/skipped"] == 1 and all("train/skipped" not in logged[s] for s in logged if s != 5)
 
 
 @pytest.mark.launcher

@@ -14,10 +14,11 @@ uninterrupted one. DeepSpeed's own overflow skip (fp16 loss scaling, and the bf1
 optimizers on an invalid gradient norm) holds the schedule back instead; it stays in place
 behind this check as a backstop, and `after_optimizer_step` realigns the schedule when it fires.
 
-Fault injection, for tests and for checking a setup: BLL_DS_INJECT_NONFINITE="STEP:STAGE[:KIND]"
-makes that stage's training loss at that step NaN. KIND "grads" (default) poisons the loss and
-its gradients, as a real divergence does; "loss" poisons the reported value only, so the
-gradients stay finite and only the loss check can catch it.
+Fault injection, for tests and for checking a setup:
+BLL_DS_INJECT_NONFINITE="STEP:STAGE[:KIND[:REPLICA]]" makes that stage's training loss at that
+step NaN, on every data-parallel replica of the stage or on REPLICA only. KIND "grads" (default)
+poisons the loss and its gradients, as a real divergence does; "loss" poisons the reported value
+only, so the gradients stay finite and only the loss check can catch it.
 """
 
 from __future__ import annotations
@@ -93,17 +94,17 @@ def after_optimizer_step(engine, lr_kwargs) -> str | None:
 class FaultInjection:
     """BLL_DS_INJECT_NONFINITE, parsed once per process."""
 
-    def __init__(self, stage: int, spec: str | None = None):
+    def __init__(self, stage: int, replica: int = 0, spec: str | None = None):
         spec = os.environ.get(INJECT_ENV, "") if spec is None else spec
         self.step = None
         if not spec:
             return
         parts = spec.split(":")
-        if len(parts) not in (2, 3) or not parts[0].isdigit() or not parts[1].isdigit() \
-                or (len(parts) == 3 and parts[2] not in ("grads", "loss")):
-            raise ValueError(f"{INJECT_ENV}={spec!r}: expected STEP:STAGE or STEP:STAGE:grads|loss")
-        if int(parts[1]) == stage:
-            self.step, self.kind = int(parts[0]), (parts[2] if len(parts) == 3 else "grads")
+        if not 2 <= len(parts) <= 4 or not all(p.isdigit() for p in parts[:2] + parts[3:]) \
+                or (len(parts) >= 3 and parts[2] not in ("grads", "loss")):
+            raise ValueError(f"{INJECT_ENV}={spec!r}: expected STEP:STAGE[:grads|loss[:REPLICA]]")
+        if int(parts[1]) == stage and (len(parts) < 4 or int(parts[3]) == replica):
+            self.step, self.kind = int(parts[0]), (parts[2] if len(parts) >= 3 else "grads")
 
     def apply(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         if step != self.step:

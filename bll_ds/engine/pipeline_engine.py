@@ -107,7 +107,7 @@ class AccountedPipelineEngine(PipelineEngine):
         self.accounting = StageAccounting(self.stage_id, self.grid.data_parallel_id)
         self.tracer = StageTracer(self.stage_id, range(0))  # train.py sets the traced window
         self.nonfinite = None  # this step's cause, set at its gradient all-reduce
-        self.fault = nonfinite.FaultInjection(self.stage_id)
+        self.fault = nonfinite.FaultInjection(self.stage_id, self.grid.data_parallel_id)
         if self.fault.step is not None and self.is_last_stage():
             self.module.loss_fn = self._with_fault(self.module.loss_fn)
 
