@@ -47,11 +47,15 @@ def local_cause(losses: list[torch.Tensor], params) -> str | None:
 
 
 def agreed_cause(engine, cause: str | None) -> str | None:
-    """Every rank that shares this update learns whether any of them found a non-finite step."""
+    """Every rank that shares this update learns whether any of them found a non-finite step.
+    A block-local stage without replicas shares it with nobody: no tensor, no device sync."""
+    groups = [group for group in (engine.mpu.get_model_parallel_group(), engine.mpu.get_data_parallel_group())
+              if tdist.get_world_size(group) > 1]
+    if not groups:
+        return cause
     flag = torch.tensor([0.0 if cause is None else 1.0], device=engine.device)
-    for group in (engine.mpu.get_model_parallel_group(), engine.mpu.get_data_parallel_group()):
-        if tdist.get_world_size(group) > 1:
-            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX, group=group)
+    for group in groups:
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX, group=group)
     return cause or (PEER if flag.item() > 0 else None)
 
 
