@@ -20,25 +20,23 @@ from pathlib import Path
 import deepspeed.comm as dist
 import torch
 
+from bll_ds import run_dir as names
 from bll_ds.atomic import atomic_write_text
 from bll_ds.errors import UserError
 
-MARKER = "complete.json"
-LATEST = "latest"
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:07d}"
+MARKER = names.COMPLETE_MARKER
+LATEST = names.LATEST
+tag_for = names.checkpoint_tag
 
 
 def save(engine, run_dir: Path, step: int, meta: dict, keep: int) -> str:
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = names.checkpoints(run_dir)
     tag = tag_for(step)
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
         extra = engine.extra_state()  # block-local state DeepSpeed does not know: feedback weights, tables
         if extra is not None and engine.grid.data_parallel_id == 0:
-            torch.save(extra, ckpt_dir / tag / _extra_name(engine.stage_id))
+            torch.save(extra, ckpt_dir / tag / names.block_local_state(engine.stage_id))
     except OSError as err:  # a full disk, a lost mount: this checkpoint never becomes `latest`
         last = latest_complete(run_dir)
         raise UserError(f"writing checkpoint {ckpt_dir / tag} failed: {err.strerror or err}.",
@@ -61,7 +59,7 @@ def _prune(ckpt_dir: Path, keep: int) -> None:
 
 def latest_complete(run_dir: Path) -> tuple[str, dict] | None:
     """(tag, meta) of the checkpoint `latest` names, or None if the run has none."""
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = names.checkpoints(run_dir)
     latest = ckpt_dir / LATEST
     if not latest.is_file():
         return None
@@ -87,7 +85,7 @@ def check_compatible(saved: dict, current: dict, run_dir: Path) -> None:
 
 
 def load(engine, run_dir: Path, tag: str) -> None:
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = names.checkpoints(run_dir)
     fix = f"delete {ckpt_dir / tag}, point {ckpt_dir / LATEST} at an earlier step_* folder, or start a new --out."
     try:
         path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
@@ -98,21 +96,17 @@ def load(engine, run_dir: Path, tag: str) -> None:
     if path is None:  # DeepSpeed warns and returns None when files are missing
         raise UserError(f"checkpoint {ckpt_dir / tag} is missing DeepSpeed state files.", fix)
     if engine.extra_state() is not None:
-        extra = ckpt_dir / tag / _extra_name(engine.stage_id)
+        extra = ckpt_dir / tag / names.block_local_state(engine.stage_id)
         try:
             engine.load_extra_state(torch.load(extra, map_location="cpu", weights_only=False))
         except Exception as err:
             raise UserError(f"block-local state {extra} could not be loaded ({type(err).__name__}).", fix) from None
 
 
-def _extra_name(stage: int) -> str:
-    return f"bll_stage{stage:02d}.pt"
-
-
 def remove_incomplete(run_dir: Path) -> list[str]:
     """Folders from saves that were killed before completion; they are never loaded."""
     removed = []
-    for p in sorted((run_dir / "checkpoints").glob("step_*")):
+    for p in sorted(names.checkpoints(run_dir).glob("step_*")):
         if not (p / MARKER).is_file():
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)

@@ -4,6 +4,11 @@ Everything about *how DeepSpeed trains* (batch sizes, optimizer, scheduler, prec
 clipping) lives in the DeepSpeed JSON given with --deepspeed_config, unchanged from what a
 DeepSpeed user writes. Everything about *what* is trained (model, data, tokenizer, method,
 stages, steps, output) lives here.
+
+RunConfig groups its fields in sections (`cfg.bll`, `cfg.eval`, `cfg.checkpoint`,
+`cfg.nonfinite`, `cfg.metrics`), each a dataclass whose parts take them whole. The command line
+stays flat: a section field's flag is its section's prefix plus its name (`--bll_variant` fills
+`cfg.bll.variant`) unless the field names its own flag.
 """
 
 from __future__ import annotations
@@ -13,14 +18,82 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bll_ds.bll.variants import VARIANTS as BLL_VARIANTS
-
 METHODS = ("bp", "bll")
 ON_NONFINITE = ("stop", "skip")
 
 
-def _doc(text: str, **kwargs):
-    return field(metadata={"help": text}, **kwargs)
+def _doc(text: str, flag: str | None = None, **kwargs):
+    metadata = {"help": text} if flag is None else {"help": text, "flag": flag}
+    return field(metadata=metadata, **kwargs)
+
+
+@dataclass
+class BLLConfig:
+    """--method bll: the local loss and how the block-local pipeline runs (flags --bll_*)."""
+    variant: str = _doc("Local loss (docs/METHOD.md): prototype (the feedback network's target prototypes), "
+                        "gaussian, bernoulli (per-token agreement with a collapse guard), dgl (a free local "
+                        "head), drtp (fixed random feedback), or a variant of your own (--custom_import).",
+                        default="prototype")
+    steps_per_call: int = _doc("Optimizer steps per engine call, BLL only: the pipe fills and drains once per "
+                               "call, not once per step; 1 = drain after every step. Backprop drains after "
+                               "every step by construction (1F1B's flush) and runs one step per call.",
+                               default=32)
+    readout_max_logits_mb: float = _doc("The per-token local readouts (prototype, dgl, drtp) run in sequence "
+                                        "slices whose fp32 logits stay under this many MiB, so a large "
+                                        "vocabulary does not add a [tokens, V] stash per stage (0 = one slice).",
+                                        default=16.0)
+    guard_weight: float = _doc("Weight of the collapse guard of the gaussian/bernoulli variants.", default=1.0)
+    learn_variance: bool = _doc("gaussian variant: learn the message variances.", default=False)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation of the full forward network."""
+    interval: int = _doc("Steps between held-out evaluations (0 = only at the end).", default=250)
+    batches: int = _doc("Micro-batches per data-parallel replica in a periodic evaluation.", default=20)
+    final_batches: int = _doc("Micro-batches per replica in the final evaluation (0 = the whole held-out split).",
+                              flag="final_eval_batches", default=0)
+
+
+@dataclass
+class CheckpointConfig:
+    """Atomic checkpoints in RUN_DIR/checkpoints/ (bll_ds/checkpoint.py)."""
+    save_interval: int = _doc("Steps between checkpoints (0 = only at the end).", flag="save_interval",
+                              default=500)
+    keep: int = _doc("Complete checkpoints kept on disk (older ones are deleted).", flag="keep_checkpoints",
+                     default=2)
+    exit_interval: int = _doc("Save a checkpoint and exit cleanly once the step count is a multiple of this "
+                              "(0 = never): run long jobs in slices under a scheduler's time limit.",
+                              flag="exit_interval", default=0)
+    resume: bool = _doc("Continue the run in --out from its latest complete checkpoint.", flag="resume",
+                        default=False)
+
+
+@dataclass
+class NonFiniteConfig:
+    """Steps whose loss or gradients are NaN/inf (bll_ds/engine/nonfinite.py, nonfinite_policy.py)."""
+    policy: str = _doc("A step whose loss or gradients are NaN/inf is never applied. 'stop': the run stops, "
+                       "naming the step, the stage and the last good checkpoint. 'skip': the update is "
+                       "dropped and training goes on (the learning-rate schedule advances); block-local "
+                       "stages decide alone, backprop stages together.", flag="on_nonfinite", default="stop")
+    max_consecutive_skips: int = _doc("With --on_nonfinite skip: a stage that skips more steps than this in a "
+                                      "row has diverged, and the run stops.", flag="max_consecutive_skips",
+                                      default=10)
+
+
+@dataclass
+class MetricsConfig:
+    """What the run measures and logs (bll_ds/metrics/)."""
+    log_interval: int = _doc("Steps between metrics.jsonl / TensorBoard lines.", flag="log_interval", default=10)
+    throughput_warmup_steps: int = _doc("Steps excluded from the tokens/s median.", flag="throughput_warmup_steps",
+                                        default=5)
+    trace_steps: int = _doc("The last N warm-up steps are traced: every pipeline instruction timed into "
+                            "timeline_stage{k}.json, and the saved-activation peak metered (0 = off).",
+                            flag="trace_steps", default=3)
+    measure_matmul_peak: bool = _doc("Measure the device's fp32/bf16 matrix-product peak, for model FLOP "
+                                     "utilisation in summary.json (about 2 s: before and after training, the "
+                                     "best kept).", flag="measure_matmul_peak", default=True)
+    progress: bool = _doc("Show a tqdm progress bar on rank 0.", flag="progress", default=True)
 
 
 @dataclass
@@ -37,73 +110,79 @@ class RunConfig:
                           "dir) or a path to a sentencepiece .model file.", default="bpe:4096")
     steps: int | None = _doc("Optimizer steps. Default: the scheduler's total_num_steps in the DeepSpeed "
                              "config, else 1000. It also sets the scheduler's total_num_steps.", default=None)
-    bll_variant: str = _doc("Local loss of --method bll (docs/METHOD.md): prototype (feedback network's "
-                            "target prototypes, default), gaussian, bernoulli (per-token agreement with a "
-                            "collapse guard), dgl (free local head), drtp (fixed random feedback).",
-                            default="prototype")
-    bll_steps_per_call: int = _doc("Optimizer steps per engine call in --method bll. The pipe fills and drains "
-                                   "once per call, not once per step; 1 = drain after every step.", default=32)
-    bll_readout_max_logits_mb: float = _doc("The local readout (prototype, dgl, drtp) runs in sequence slices "
-                                            "whose fp32 logits stay under this many MiB, so a large vocabulary "
-                                            "does not add a [tokens, V] stash per stage (0 = one slice).",
-                                            default=16.0)
-    bll_guard_weight: float = _doc("Weight of the collapse guard of the gaussian/bernoulli variants.", default=1.0)
-    bll_learn_variance: bool = _doc("gaussian variant: learn the message variances.", default=False)
     seq_len: int | None = _doc("Tokens per training sequence. Default: the model's context length.", default=None)
     seed: int = _doc("Seed for weights and data order.", default=1234)
-    log_interval: int = _doc("Steps between metrics.jsonl / TensorBoard lines.", default=10)
-    eval_interval: int = _doc("Steps between held-out evaluations (0 = only at the end).", default=250)
-    eval_batches: int = _doc("Micro-batches per data-parallel replica in a periodic evaluation.", default=20)
-    final_eval_batches: int = _doc("Micro-batches per replica in the final evaluation "
-                                   "(0 = the whole held-out split).", default=0)
-    save_interval: int = _doc("Steps between checkpoints (0 = only at the end).", default=500)
-    keep_checkpoints: int = _doc("Complete checkpoints kept on disk (older ones are deleted).", default=2)
-    exit_interval: int = _doc("Save a checkpoint and exit cleanly once the step count is a multiple of this "
-                              "(0 = never): run long jobs in slices under a scheduler's time limit.", default=0)
-    on_nonfinite: str = _doc("A step whose loss or gradients are NaN/inf is never applied. 'stop': the run "
-                             "stops, naming the step, the stage and the last good checkpoint. 'skip': the "
-                             "update is dropped and training goes on (the learning-rate schedule advances); "
-                             "block-local stages decide alone, backprop stages together.", default="stop")
-    max_consecutive_skips: int = _doc("With --on_nonfinite skip: a stage that skips more steps than this in a "
-                                      "row has diverged, and the run stops.", default=10)
-    resume: bool = _doc("Continue the run in --out from its latest complete checkpoint.", default=False)
     cache_dir: str = _doc("Cache of tokenized corpora (flat token memmaps).",
                           default=str(Path.home() / ".cache" / "bll_ds"))
     tokenize_workers: int = _doc("Processes for datasets.map tokenization.", default=2)
-    throughput_warmup_steps: int = _doc("Steps excluded from the tokens/s median.", default=5)
-    trace_steps: int = _doc("The last N warm-up steps are traced: every pipeline instruction timed into "
-                            "timeline_stage{k}.json, and the saved-activation peak metered (0 = off).", default=3)
-    measure_matmul_peak: bool = _doc("Measure the device's fp32/bf16 matrix-product peak after training, for "
-                                     "model FLOP utilisation in summary.json (about 2 s: before and after training, the best kept).", default=True)
-    progress: bool = _doc("Show a tqdm progress bar on rank 0.", default=True)
+    custom_import: str | None = _doc("A .py file or module imported before the flags are parsed, e.g. one that "
+                                     "registers a BLL variant of your own (bll_ds/bll/variants.py).", default=None)
+    bll: BLLConfig = field(default_factory=BLLConfig, metadata={"prefix": "bll_"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"prefix": "eval_"})
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"prefix": ""})
+    nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig, metadata={"prefix": ""})
+    metrics: MetricsConfig = field(default_factory=MetricsConfig, metadata={"prefix": ""})
+
+
+def _is_section(f: dataclasses.Field) -> bool:
+    return "prefix" in f.metadata
+
+
+def _flag_fields():
+    """(section name or None, field, flag name) of every field that is a command-line flag."""
+    for f in dataclasses.fields(RunConfig):
+        if _is_section(f):
+            for sub in dataclasses.fields(f.default_factory):
+                yield f.name, sub, sub.metadata.get("flag", f.metadata["prefix"] + sub.name)
+        else:
+            yield None, f, f.name
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bll_ds.bll import variants  # late: the registry imports the feedback blocks (torch)
+
     parser = argparse.ArgumentParser(
-        prog="pretrain.py",
+        prog="pretrain.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Pretrain a causal LM on a DeepSpeed pipeline. Launch with: "
                     "deepspeed --num_gpus N scripts/pretrain.py --model ... --deepspeed_config ... --out DIR")
-    for f in dataclasses.fields(RunConfig):
-        flag = "--" + f.name
+    choices = {"method": METHODS, "bll_variant": variants.names(), "on_nonfinite": ON_NONFINITE}
+    for _, f, flag in _flag_fields():
         required = f.default is dataclasses.MISSING
         if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+            parser.add_argument("--" + flag, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=f.metadata["help"])
             continue
         kind = {"int": int, "int | None": int, "float": float}.get(f.type, str)
-        parser.add_argument(flag, type=kind, required=required,
-                            default=None if required else f.default, help=f.metadata["help"],
-                            choices={"method": METHODS, "bll_variant": BLL_VARIANTS,
-                                     "on_nonfinite": ON_NONFINITE}.get(f.name))
-        if "_" in f.name:  # accept --seq-len as well as --seq_len
-            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind,
-                                help=argparse.SUPPRESS)
+        parser.add_argument("--" + flag, type=kind, required=required, default=None if required else f.default,
+                            help=f.metadata["help"], choices=choices.get(flag))
+        if "_" in flag:  # accept --seq-len as well as --seq_len
+            parser.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, help=argparse.SUPPRESS)
     # Added by the deepspeed launcher; the rank comes from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
+def _import_custom(argv: list[str] | None) -> None:
+    """--custom_import first, so that what it registers is among the parser's choices."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--custom_import", "--custom-import", default=None)
+    spec = pre.parse_known_args(argv)[0].custom_import
+    if spec:
+        from bll_ds.bll import variants
+
+        try:
+            variants.import_custom(spec)
+        except (FileNotFoundError, ModuleNotFoundError) as err:
+            raise SystemExit(f"pretrain.py: error: --custom_import {spec}: {err}. Fix: pass a .py file that "
+                             f"exists or an importable module name.") from None
+
+
 def parse_run_config(argv: list[str] | None = None) -> RunConfig:
+    _import_custom(argv)
     args = vars(build_parser().parse_args(argv))
-    return RunConfig(**{f.name: args[f.name] for f in dataclasses.fields(RunConfig)})
+    top, sections = {}, {f.name: {} for f in dataclasses.fields(RunConfig) if _is_section(f)}
+    for section, f, flag in _flag_fields():
+        (top if section is None else sections[section])[f.name] = args[flag]
+    section_types = {f.name: f.default_factory for f in dataclasses.fields(RunConfig) if _is_section(f)}
+    return RunConfig(**top, **{name: section_types[name](**values) for name, values in sections.items()})

@@ -8,32 +8,28 @@ time, log, evaluate, checkpoint.
 from __future__ import annotations
 
 import hashlib
-import math
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import deepspeed.comm as dist
-import torch
 
 from bll_ds import checkpoint, distributed
+from bll_ds import run_dir as names
 from bll_ds.atomic import atomic_write_text
-from bll_ds.bench.flops import feedback_step_flops, stage_flops
-from bll_ds.bench.matmul_peak import matmul_peaks
 from bll_ds.config import RunConfig, parse_run_config
 from bll_ds.data import EvalBatches, MicroBatchSampler, parse_tokenizer_spec
 from bll_ds.ds_config import DsSettings, load_ds_config
 from bll_ds.engine import build_engine
 from bll_ds.engine.trace import StageTracer
 from bll_ds.errors import UserError
-from bll_ds.metrics import MetricsLog, write_summary
+from bll_ds.measure.matmul_peak import best_of, matmul_peaks
+from bll_ds.metrics import MetricsLog, build_summary, log_step_records, write_summary
 from bll_ds.modeling import build_pipeline_module, check_stages, count_parameters, load_model_spec
 from bll_ds.nonfinite_policy import NonFinitePolicy
 from bll_ds.prepare import prepare_run_data
 from bll_ds.storage import check_run_dir_storage
-from bll_ds.use import MODEL_CONFIG
 
 
 def main(argv: list[str] | None = None, started: float | None = None) -> int:
@@ -74,11 +70,11 @@ def train(cfg: RunConfig, started: float) -> None:
     ds = load_ds_config(cfg.deepspeed_config, world, cfg.stages, cfg.steps)
     parse_tokenizer_spec(cfg.tokenizer)
     run_dir = Path(cfg.out)
-    if cfg.max_consecutive_skips < 0:
-        raise UserError(f"--max_consecutive_skips {cfg.max_consecutive_skips} is negative.",
+    if cfg.nonfinite.max_consecutive_skips < 0:
+        raise UserError(f"--max_consecutive_skips {cfg.nonfinite.max_consecutive_skips} is negative.",
                         "pass 0 or more: the steps a stage may skip in a row before the run stops.")
-    _check_run_dir(run_dir, cfg.resume)
-    check_run_dir_storage(run_dir, count_parameters(spec), cfg.keep_checkpoints)
+    _check_run_dir(run_dir, cfg.checkpoint.resume)
+    check_run_dir_storage(run_dir, count_parameters(spec), cfg.checkpoint.keep)
     created_run_dir = not run_dir.exists()
     distributed.init()
     try:
@@ -96,22 +92,21 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
     if dist.get_rank() == 0:
         # The resolved model (the tokenizer sets the vocabulary): what evaluate/export/generate
         # rebuild from the checkpoint, without the spec file the run was started with.
-        atomic_write_text(run_dir / MODEL_CONFIG, model_config.to_json_string())
+        atomic_write_text(run_dir / names.MODEL_CONFIG, model_config.to_json_string())
     seq_len = _seq_len(cfg, model_config)
     engine = build_engine(cfg.method, build_pipeline_module(model_config, cfg.stages, cfg.seed), ds.config,
-                          model_config, cfg.seed, cfg.bll_variant, cfg.bll_guard_weight, cfg.bll_learn_variance,
-                          cfg.bll_readout_max_logits_mb)
+                          model_config, cfg.seed, cfg.bll)
     stage, dp_rank = engine.stage_id, engine.grid.data_parallel_id
     sampler = MicroBatchSampler(data.train_tokens, seq_len, ds.micro_batch_size, cfg.seed,
                                 dp_rank=dp_rank, dp_size=ds.data_parallel)
     # Periodic evaluations use a fixed subset spread over the held-out split; the final one
     # uses the whole split unless --final_eval_batches caps it.
-    eval_set = EvalBatches(data.val_tokens, seq_len, ds.micro_batch_size, cfg.eval_batches * ds.data_parallel)
+    eval_set = EvalBatches(data.val_tokens, seq_len, ds.micro_batch_size, cfg.eval.batches * ds.data_parallel)
     final_eval_set = EvalBatches(data.val_tokens, seq_len, ds.micro_batch_size,
-                                 (cfg.final_eval_batches or 10**9) * ds.data_parallel)
+                                 (cfg.eval.final_batches or 10**9) * ds.data_parallel)
     meta = _run_meta(cfg, ds, seq_len, data)
 
-    start_step = _maybe_resume(engine, run_dir, cfg.resume, meta)
+    start_step = _maybe_resume(engine, run_dir, cfg.checkpoint.resume, meta)
     if start_step >= ds.steps:
         if dist.get_rank() == 0:
             print(f"bll-ds: {run_dir} is already complete at step {start_step} (see summary.json); "
@@ -121,12 +116,13 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
     engine.tracer = StageTracer(stage, _trace_window(cfg, start_step))
     tokens_per_step = ds.train_batch_size * seq_len
     is_logger = dist.get_rank() == engine.grid.stage_to_global(cfg.stages - 1, data=0)
-    log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tb", is_logger, start_step,
-                     ds.steps if cfg.progress else None)
-    stage_log = MetricsLog(run_dir / f"metrics_stage{stage}.jsonl", run_dir / "tb" / f"stage{stage}",
+    log = MetricsLog(run_dir / names.METRICS, run_dir / names.TENSORBOARD, is_logger, start_step,
+                     ds.steps if cfg.metrics.progress else None)
+    stage_log = MetricsLog(names.stage_metrics(run_dir, stage), names.stage_tensorboard(run_dir, stage),
                            dp_rank == 0, start_step)
-    on_nonfinite = NonFinitePolicy(cfg.on_nonfinite, cfg.max_consecutive_skips, stage, run_dir, stage_log.print)
-    log.print(f"bll-ds: {cfg.method}{'/' + cfg.bll_variant if cfg.method == 'bll' else ''} | "
+    on_nonfinite = NonFinitePolicy(cfg.nonfinite.policy, cfg.nonfinite.max_consecutive_skips, stage, run_dir,
+                                   stage_log.print)
+    log.print(f"bll-ds: {cfg.method}{'/' + cfg.bll.variant if cfg.method == 'bll' else ''} | "
               f"{cfg.stages} stages x {ds.data_parallel} replicas | "
               f"{count_parameters(model_config) / 1e6:.2f}M params | vocab {model_config.vocab_size} | "
               f"{ds.micro_batches} micro-batches x {ds.micro_batch_size} x {seq_len} tokens | "
@@ -134,25 +130,26 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
 
     # Measured before and after training, the best kept: a neighbour's start-up or evaluation
     # can share the core during one of the two.
-    peaks_before = matmul_peaks(engine.device) if cfg.measure_matmul_peak else None
+    peaks_before = matmul_peaks(engine.device) if cfg.metrics.measure_matmul_peak else None
     step, step_times, recent, val_loss = start_step, [], [], None
     train_started = time.time()
     while step < ds.steps:
         n = _call_length(step, cfg, ds.steps)
-        logged = [s for s in range(step + 1, step + n + 1) if s % cfg.log_interval == 0 or s == ds.steps]
+        logged = [s for s in range(step + 1, step + n + 1) if s % cfg.metrics.log_interval == 0 or s == ds.steps]
         records = engine.train_steps(step, n, sampler.get, track_update_at=logged)
         on_nonfinite.check(records)  # rank-local: the engine already agreed with who shares the update
         step += n
         step_times += [r.step_s for r in records]
         recent = (recent + [r for r in records if r.nonfinite is None])[-10:]
         log.advance(n, records[-1].loss, tokens_per_step / records[-1].step_s)
-        _log_records([r for r in records if r.step in logged or r.nonfinite], log, stage_log, tokens_per_step)
-        if cfg.eval_interval and step % cfg.eval_interval == 0 and step < ds.steps:
+        log_step_records([r for r in records if r.step in logged or r.nonfinite], log, stage_log, tokens_per_step)
+        if cfg.eval.interval and step % cfg.eval.interval == 0 and step < ds.steps:
             val_loss = _evaluate(engine, eval_set, ds.data_parallel, dp_rank)
             log.log(step, {"val/loss": val_loss})
-        exiting = bool(cfg.exit_interval) and step % cfg.exit_interval == 0 and step < ds.steps
-        if (cfg.save_interval and step % cfg.save_interval == 0) or step == ds.steps or exiting:
-            checkpoint.save(engine, run_dir, step, meta, cfg.keep_checkpoints)
+        saving = cfg.checkpoint
+        exiting = bool(saving.exit_interval) and step % saving.exit_interval == 0 and step < ds.steps
+        if (saving.save_interval and step % saving.save_interval == 0) or step == ds.steps or exiting:
+            checkpoint.save(engine, run_dir, step, meta, saving.keep)
         if exiting:
             log.print(f"exit_interval: stopped after step {step}; continue with --resume")
             log.close()
@@ -161,13 +158,13 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
     train_wall_s = time.time() - train_started
     if dp_rank == 0 and engine.tracer.events:
         engine.tracer.dump(run_dir)
-    peaks = _best_peaks(peaks_before, matmul_peaks(engine.device)) if cfg.measure_matmul_peak else None
+    peaks = best_of(peaks_before, matmul_peaks(engine.device)) if cfg.metrics.measure_matmul_peak else None
 
     val_loss = _evaluate(engine, final_eval_set, ds.data_parallel, dp_rank)
     log.log(ds.steps, {"val/loss": val_loss})
-    summary = _run_summary(cfg, ds, engine, model_config, recent, step_times, seq_len, start_step, val_loss,
-                           started, wall_s=time.time() - started, train_wall_s=train_wall_s,
-                           matmul_peak_gflops=peaks)
+    summary = build_summary(cfg, ds, engine, model_config, recent, step_times, seq_len, start_step, val_loss,
+                            started, wall_s=time.time() - started, train_wall_s=train_wall_s,
+                            matmul_peak_gflops=peaks)
     if is_logger:
         write_summary(run_dir, summary)
     log.print(f"done: val_loss={val_loss:.4f} | summary in {run_dir / 'summary.json'}")
@@ -175,89 +172,21 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
     stage_log.close()
 
 
-def _log_records(records, log: MetricsLog, stage_log: MetricsLog, tokens_per_step: int) -> None:
-    """The run log (last stage) gets the LM loss and throughput; each stage log its own terms.
-    A skipped step is logged with `skipped` 1 and no loss (NaN is not JSON)."""
-    for r in records:
-        loss = r.loss if math.isfinite(r.loss) else None
-        skipped = 1 if r.nonfinite else None
-        log.log(r.step, {"train/loss": loss, "train/skipped": skipped, "train/lr": r.lr,
-                         "train/tokens_per_s": tokens_per_step / r.step_s,
-                         "train/tokens_seen": r.step * tokens_per_step})
-        stage_log.log(r.step, {"stage/loss": loss, "stage/skipped": skipped, "stage/step_s": r.step_s,
-                               "stage/busy_s": r.busy_s, "stage/idle_s": r.idle_s, "stage/grad_norm": r.grad_norm,
-                               "stage/update_norm": r.update_norm,
-                               **{f"stage/{k}": v for k, v in r.terms.items()}}, echo=False)
-
-
-def _run_summary(cfg: RunConfig, ds: DsSettings, engine, model_config, recent, step_times, seq_len: int,
-                 start_step: int, val_loss: float, started: float, wall_s: float, train_wall_s: float,
-                 matmul_peak_gflops: dict | None) -> dict:
-    """summary.json. Gathers every rank's stage summary: the run's one collective outside
-    evaluation and checkpoints, at its very end."""
-    mine = {**engine.accounting.summary(), "params_sha256": _params_digest(engine.module),
-            "activation_peak_mb": engine.tracer.activation_peak_mb, "matmul_peak_gflops": matmul_peak_gflops,
-            "local_loss": round(statistics.mean(r.loss for r in recent), 5) if recent else None,
-            "local_terms": {k: round(statistics.mean(r.terms[k] for r in recent), 5)
-                            for k in (recent[-1].terms if recent else {})},
-            "skipped_steps": engine.skipped_steps}
-    warm = step_times[cfg.throughput_warmup_steps:] or step_times
-    tokens_per_step = ds.train_batch_size * seq_len
-    mine.update(_flop_rates(cfg, ds, engine.stage_id, model_config, seq_len, statistics.median(warm),
-                            matmul_peak_gflops))
-    stage_summaries = _gather_objects(mine)
-    return {
-        "method": cfg.method, "bll_variant": cfg.bll_variant if cfg.method == "bll" else None,
-        "on_nonfinite": cfg.on_nonfinite,
-        "stages": cfg.stages, "dp": ds.data_parallel,
-        "params": count_parameters(model_config), "steps": ds.steps, "resumed_from_step": start_step,
-        "tokens_seen": ds.steps * tokens_per_step, "tokens_per_step": tokens_per_step,
-        "started_at": round(started, 3), "wall_s": round(wall_s, 2), "train_wall_s": round(train_wall_s, 2),
-        "tokens_per_s": round(tokens_per_step / statistics.median(warm), 1),
-        "step_s_median": round(statistics.median(warm), 5),
-        "val_loss": round(val_loss, 5), "seq_len": seq_len, "micro_batches": ds.micro_batches,
-        "micro_batch_size": ds.micro_batch_size, "bf16": ds.bf16,
-        "device": str(engine.device), "stage_layout": "per stage: data-parallel replica 0; "
-        "tokens_per_s and step times from the last stage",
-        "stages_detail": [{**s, "replicas_identical": len({r["params_sha256"] for r in stage_summaries
-                                                             if r["stage"] == s["stage"]}) == 1}
-                          for s in stage_summaries if s["dp_rank"] == 0],
-    }
-
-
-def _best_peaks(a: dict, b: dict) -> dict:
-    return {dtype: max(a[dtype], b[dtype]) for dtype in a}
-
-
-def _flop_rates(cfg: RunConfig, ds: DsSettings, stage: int, model_config, seq_len: int, step_s: float,
-                peaks: dict | None) -> dict:
-    """This stage's model FLOP/s over the median step, and its utilisation of the matmul peak
-    measured in this run (in the training precision). BLL stages count their local readout and
-    feedback update as work; see bll_ds/bench/flops.py for the conventions."""
-    variant = cfg.bll_variant
-    per_token = stage_flops(model_config, cfg.stages, seq_len, cfg.method, variant,
-                            micro_batch_tokens=ds.micro_batch_size * seq_len)[stage]
-    per_step = per_token * ds.micro_batch_size * ds.micro_batches * seq_len
-    if cfg.method == "bll" and stage < cfg.stages - 1:
-        per_step += feedback_step_flops(model_config, variant)
-    gflops = per_step / step_s / 1e9
-    peak = (peaks or {}).get("bf16" if ds.bf16 else "fp32")
-    return {"model_gflops_per_s": round(gflops, 2), "mfu": round(gflops / peak, 4) if peak else None}
-
-
 def _trace_window(cfg: RunConfig, start_step: int) -> range:
     """The last `trace_steps` steps of this process's throughput warm-up (so the tracing cost
     never enters tokens/s), and never the first step, which pays one-time costs."""
-    first = max(2, cfg.throughput_warmup_steps - cfg.trace_steps + 1)
-    last = max(cfg.throughput_warmup_steps, first + min(cfg.trace_steps, 1) - 1)
+    warmup, traced = cfg.metrics.throughput_warmup_steps, cfg.metrics.trace_steps
+    first = max(2, warmup - traced + 1)
+    last = max(warmup, first + min(traced, 1) - 1)
     return range(start_step + first, start_step + last + 1)
 
 
 def _call_length(step: int, cfg: RunConfig, total: int) -> int:
-    """Steps in the next engine call: up to --bll_steps_per_call, ending at the next evaluation,
-    checkpoint or exit step so those always see a drained pipe."""
-    n = min(cfg.bll_steps_per_call, total - step)
-    for interval in (cfg.eval_interval, cfg.save_interval, cfg.exit_interval):
+    """Steps in the next engine call: block-local learning runs up to --bll_steps_per_call
+    without a flush; backprop flushes every step anyway (1F1B), so it runs one. A call ends at
+    the next evaluation, checkpoint or exit step so those always see a drained pipe."""
+    n = min(cfg.bll.steps_per_call if cfg.method == "bll" else 1, total - step)
+    for interval in (cfg.eval.interval, cfg.checkpoint.save_interval, cfg.checkpoint.exit_interval):
         if interval:
             n = min(n, interval - step % interval)
     return max(n, 1)
@@ -273,7 +202,7 @@ def _seq_len(cfg: RunConfig, model_config) -> int:
 
 
 def _check_run_dir(run_dir: Path, resume: bool) -> None:
-    has_checkpoint = (run_dir / "checkpoints" / checkpoint.LATEST).is_file()
+    has_checkpoint = (names.checkpoints(run_dir) / checkpoint.LATEST).is_file()
     if resume and not has_checkpoint:
         raise UserError(f"--resume was given but {run_dir} holds no complete checkpoint.",
                         "drop --resume to start a new run, or point --out at the run to continue.")
@@ -287,7 +216,7 @@ def _run_meta(cfg: RunConfig, ds: DsSettings, seq_len: int, data) -> dict:
             "model_spec_sha256": hashlib.sha256(Path(cfg.model).read_bytes()).hexdigest(),
             "tokenizer_sha256": data.tokenizer.fingerprint, "micro_batch_size": ds.micro_batch_size,
             "micro_batches": ds.micro_batches, "seq_len": seq_len, "seed": cfg.seed, "data": cfg.data,
-            "bll_variant": cfg.bll_variant if cfg.method == "bll" else None}
+            "bll_variant": cfg.bll.variant if cfg.method == "bll" else None}
 
 
 def _maybe_resume(engine, run_dir: Path, resume: bool, meta: dict) -> int:
@@ -310,21 +239,6 @@ def _evaluate(engine, eval_set: EvalBatches, dp: int, dp_rank: int) -> float:
     with engine.accounting.paused():
         loss = engine.eval_batch(iter(mine), num_micro_batches=len(mine))
     return float(loss)
-
-
-def _params_digest(module) -> str:
-    """Hash of this rank's weights: data-parallel replicas of a stage must agree bit for bit."""
-    digest = hashlib.sha256()
-    for name, param in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _gather_objects(obj) -> list:
-    out = [None] * dist.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
 
 
 if __name__ == "__main__":

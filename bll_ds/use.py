@@ -26,8 +26,7 @@ from bll_ds.modeling import load_model_spec
 from bll_ds.modeling.layers import lm_loss
 from bll_ds.modeling.pipeline import build_sequential, to_hf_state_dict
 
-MODEL_CONFIG = "model_config.json"  # written by train.py: the resolved model of the run
-TOKENIZER_MODEL = "tokenizer.model"
+from bll_ds.run_dir import MODEL_CONFIG, TOKENIZER_MODEL, checkpoints, layer_weights
 
 
 def resolve_checkpoint(run_dir: Path, step: int | None = None) -> tuple[Path, dict]:
@@ -44,12 +43,12 @@ def resolve_checkpoint(run_dir: Path, step: int | None = None) -> tuple[Path, di
         tag, meta = latest
     else:
         tag = checkpoint.tag_for(step)
-        marker = run_dir / "checkpoints" / tag / checkpoint.MARKER
+        marker = checkpoints(run_dir) / tag / checkpoint.MARKER
         if not marker.is_file():
             raise UserError(f"{run_dir} has no complete checkpoint for step {step}.",
                             "omit --step for the latest one, or pick a step listed under checkpoints/.")
         meta = json.loads(marker.read_text())
-    return run_dir / "checkpoints" / tag, meta
+    return checkpoints(run_dir) / tag, meta
 
 
 def load_forward_network(run_dir: Path, step: int | None = None) -> tuple[object, nn.Sequential, dict]:
@@ -58,7 +57,7 @@ def load_forward_network(run_dir: Path, step: int | None = None) -> tuple[object
     config = load_model_spec(run_dir / MODEL_CONFIG)
     layers = build_sequential(config, seed=0)
     for index, layer in enumerate(layers):
-        path = ckpt / f"layer_{index:02d}-model_states.pt"
+        path = ckpt / layer_weights(index)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             layer.load_state_dict(state)
@@ -123,7 +122,7 @@ def _export_feedback(run_dir: Path, meta: dict, out: Path) -> list[str]:
         return []
     from safetensors.torch import save_file
 
-    ckpt = run_dir / "checkpoints" / checkpoint.tag_for(meta["step"])
+    ckpt = checkpoints(run_dir) / checkpoint.tag_for(meta["step"])
     written = []
     for path in sorted(ckpt.glob("bll_stage*.pt")):
         state = torch.load(path, map_location="cpu", weights_only=False)["feedback"]

@@ -21,19 +21,24 @@ import torch  # noqa: E402
 
 from bll_ds.data import EvalBatches, Tokenizer, load_corpus, open_stream, prepare_token_streams, token_dtype  # noqa: E402
 from bll_ds.errors import UserError  # noqa: E402
-from bll_ds.use import TOKENIZER_MODEL, load_forward_network  # noqa: E402
+from bll_ds.run_dir import TOKENIZER_MODEL  # noqa: E402
+from bll_ds.use import load_forward_network  # noqa: E402
 from bll_ds.use import evaluate as evaluate_batches  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir", help="a pretrain.py --out folder")
-    p.add_argument("--data", default=None, help="corpus (as pretrain.py --data); default: the run's own")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest complete one)")
-    p.add_argument("--batches", type=int, default=0, help="micro-batches to evaluate (0 = the whole held-out split)")
-    p.add_argument("--batch_size", type=int, default=None, help="sequences per batch (default: the run's micro-batch)")
-    p.add_argument("--cache_dir", default=str(Path.home() / ".cache" / "bll_ds"))
-    p.add_argument("--json", default=None, help="also write the result here")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run_dir", help="the run to evaluate: a pretrain.py --out folder")
+    p.add_argument("--data", default=None,
+                   help="corpus whose held-out split is evaluated (as pretrain.py --data); None = the run's own")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step to load; None = the latest complete one")
+    p.add_argument("--batches", type=int, default=0, help="micro-batches to evaluate; 0 = the whole held-out split")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="sequences per batch; None = the run's micro_batch_size")
+    p.add_argument("--cache_dir", default=str(Path.home() / ".cache" / "bll_ds"),
+                   help="folder of tokenized corpora, shared with pretrain.py --cache_dir")
+    p.add_argument("--json", default=None, help="file to also write the result JSON to; None = stdout only")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -24,10 +24,11 @@ from bll_ds.use import export  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir", help="a pretrain.py --out folder")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run_dir", help="the run to export: a pretrain.py --out folder")
     p.add_argument("out_dir", help="the new model folder (must not exist)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest complete one)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step to export; None = the latest complete one")
     args = p.parse_args(argv)
     try:
         info = export(Path(args.run_dir), Path(args.out_dir), args.step)

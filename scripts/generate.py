@@ -26,14 +26,17 @@ def load(source: Path, step: int | None):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("source", help="a pretrain.py --out folder or an exported model folder")
-    p.add_argument("--prompt", default="\n", help="text to continue")
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: the latest)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("source", help="what to sample from: a pretrain.py --out folder or an exported model folder")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: %(default)r)")
+    p.add_argument("--max_new_tokens", type=int, default=200,
+                   help="most tokens to sample after the prompt, capped by the model's context length")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 or less = greedy")
+    p.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens; 0 = all")
+    p.add_argument("--seed", type=int, default=1234, help="random seed for sampling")
+    p.add_argument("--step", type=int, default=None,
+                   help="checkpoint step of a run (ignored for an exported folder); None = the latest")
     args = p.parse_args(argv)
     try:
         model, tokenizer = load(Path(args.source), args.step)

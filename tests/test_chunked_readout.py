@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bll_ds.bll.chunked_readout import slices_for, sliced_local_backward
+from bll_ds.bll.stage_step import slices_for, sliced_local_backward
 from bll_ds.bll.feedback import build_feedback
 from bll_ds.engine.trace import SavedActivationMeter
 from bll_ds.modeling import load_model_spec

@@ -14,7 +14,7 @@ import torch
 
 from bll_ds.bench import memory
 from bll_ds.bench.rehearse import build_stage, forward_layers
-from bll_ds.bll.chunked_readout import slices_for, sliced_local_backward
+from bll_ds.bll.stage_step import slices_for, sliced_local_backward
 from bll_ds.bll.feedback import build_feedback
 from bll_ds.modeling import count_parameters, lm_loss, load_model_spec
 from bll_ds.modeling.layers import DecoderLayer
@@ -121,8 +121,8 @@ def test_stage_saved_bytes_match_the_engines_meter(spec, method, stages, stage, 
     def step(exclude_tables: bool, micro_batches: int = 2):
         weights = built.weights()
         if built.feedback is not None:
-            built.feedback.prepare(table if built.feedback.needs_table else None)
-            if exclude_tables and built.feedback.needs_table:
+            built.feedback.prepare(table if built.feedback.sends_table else None)
+            if exclude_tables and built.feedback.sends_table:
                 weights += [table, built.feedback.targets()]
 
         def run():

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bll_ds import run_dir as names
 from bll_ds.atomic import atomic_write_text
 from bll_ds.errors import UserError
 
@@ -159,7 +160,7 @@ def run_one(cfg: BenchConfig, arm: str, ds_config: Path, run_dir: Path) -> float
         log.write(shlex.join(cmd) + "\n")
         log.flush()
         done = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    if done.returncode != 0 or not (run_dir / "summary.json").is_file():
+    if done.returncode != 0 or not (run_dir / names.SUMMARY).is_file():
         tail = "\n".join(log_path.read_text().splitlines()[-15:])
         raise UserError(f"benchmark run {run_dir.name} failed (exit {done.returncode}); last lines of "
                         f"{log_path}:\n{tail}",
@@ -173,10 +174,10 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def read_run(run_dir: Path, warmup_steps: int, target_loss: float | None) -> dict:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    run_log = _jsonl(run_dir / "metrics.jsonl")
+    summary = json.loads((run_dir / names.SUMMARY).read_text())
+    run_log = _jsonl(run_dir / names.METRICS)
     last_stage = summary["stages"] - 1
-    step_s = {m["step"]: m["stage/step_s"] for m in _jsonl(run_dir / f"metrics_stage{last_stage}.jsonl")
+    step_s = {m["step"]: m["stage/step_s"] for m in _jsonl(names.stage_metrics(run_dir, last_stage))
               if "stage/step_s" in m}
     tokens = summary["tokens_per_step"]
     steady = [s for step, s in sorted(step_s.items()) if step > warmup_steps]
@@ -270,7 +271,7 @@ def main(argv: list[str]) -> int:
             run_dir = out / "runs" / f"M{m}-{arm}-r{repeat}"
             bar.set_postfix_str(run_dir.name)
             launcher_wall = None
-            if not (run_dir / "summary.json").is_file():
+            if not (run_dir / names.SUMMARY).is_file():
                 if run_dir.exists():  # a run killed half-way: start it again from scratch
                     shutil.rmtree(run_dir)
                 launcher_wall = run_one(cfg, arm, ds_configs[m], run_dir)

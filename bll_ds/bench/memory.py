@@ -31,7 +31,7 @@ against `measure_saved_activation_bytes` by tests/test_memory.py):
   readout, plus the engine's send window, plus the target tables. The readout (norm, logits,
   fp32 log-probabilities, int64 targets) of the prototype, dgl and drtp variants runs in
   `slices_for(variant, [b, T], V, readout_max_logits_mb)` sequence slices
-  (bll_ds/bll/chunked_readout.py `sliced_local_backward`, used by BLLPipelineEngine when there are
+  (bll_ds/bll/stage_step.py `sliced_local_backward`, which StageStep uses when there are
   several): one slice's readout is alive at a time (a slice of the block output is a view of it,
   so where the readout norm saves its input, and for b = 1 the targets, the whole micro-batch's
   storage is saved), then the block's backward runs once from the accumulated gradient of the
@@ -69,22 +69,22 @@ import argparse
 import functools
 import json
 import math
-import resource
 import subprocess
 import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import PretrainedConfig
 
-from bll_ds.bench.flops import _attention_width, _mlp_width
-from bll_ds.bll.chunked_readout import slices_for
+from bll_ds.bll import variants
 from bll_ds.bll.feedback import build_feedback
-from bll_ds.bll.variants import TABLE_VARIANTS, VARIANTS
+from bll_ds.bll.stage_step import slices_for
 from bll_ds.engine.feedback_channel import LAG
 from bll_ds.engine.trace import SavedActivationMeter
+from bll_ds.measure.flops import _attention_width, _mlp_width
 from bll_ds.modeling import load_model_spec
 from bll_ds.modeling.pipeline import layer_specs, stage_layer_counts
 
@@ -102,11 +102,7 @@ OUTBOX_TABLES = 2           # TableOutbox._pending: the last payload, and its pr
 SEND_WINDOW_PER_MICRO_BATCH = 2  # BLLPipelineEngine.max_inflight_sends = 2 * micro_batches (worst case)
 READOUT_MAX_LOGITS_MB = 16.0     # RunConfig.bll_readout_max_logits_mb's default (0 = one slice)
 
-# Local readouts whose saved tensors follow `readout_saved_bytes` (a norm and a [n, V] cross-entropy).
-CROSS_ENTROPY_VARIANTS = ("prototype", "dgl", "drtp")
-# Readouts whose [V]-way product reads a fixed table (a buffer that needs no gradient), so the
-# product does not save its normed input.
-FIXED_TABLE_VARIANTS = ("drtp",)
+LM_HEAD = "lm_head"  # the last stage's readout: the LM head with lm_loss
 
 # GPT-2 MLP: storages of width I saved per token by c_fc's activation and c_proj.
 # gelu_new is a Python expression: its input, tanh(.), 0.5*x, 1 + tanh(.), and the product.
@@ -172,24 +168,36 @@ def rope_table_bytes(config: PretrainedConfig, seq_len: int, e: int) -> int:
     return 2 * seq_len * head_dim * e
 
 
-def readout_saved_bytes(config: PretrainedConfig, e: int, vocab_size: int, fixed_table: bool = False) -> int:
-    """Per token: a norm, a [V]-way product and fp32 cross-entropy (log-probabilities [V] fp32
-    and the int64 target). This is the LM head with lm_loss, and BLL's prototype / dgl / drtp
-    readouts in one slice; the table or weight the product reads is not an activation. With a
-    `fixed_table` (drtp: a buffer, no gradient) the product does not save the norm's output."""
-    return norm_saved_bytes(config, e) + FP32 * vocab_size + INT64 - (e * config.hidden_size if fixed_table else 0)
+def readout_saved_bytes(config: PretrainedConfig, e: int, readout: str = LM_HEAD) -> int:
+    """Per token, the readout's saved tensors in one slice: a norm, a [V]-way product and fp32
+    cross-entropy (log-probabilities [V] fp32 and the int64 target) for the LM head with lm_loss;
+    a BLL variant's own count (feedback.py `readout_saved_bytes_per_token`) otherwise. The table
+    or weight the product reads is not an activation."""
+    norm = norm_saved_bytes(config, e)
+    if readout == LM_HEAD:
+        return norm + FP32 * config.vocab_size + INT64
+    per_token = variants.get(readout).readout_saved_bytes_per_token(config, e, norm)
+    if per_token is None:
+        raise ValueError(f"activations of the {readout!r} readout are not modelled; plan one of {modelled_variants()}")
+    return per_token
+
+
+def modelled_variants() -> tuple[str, ...]:
+    """BLL variants whose readout activations the planner models (those that declare them)."""
+    probe = SimpleNamespace(vocab_size=1, hidden_size=1)
+    return tuple(n for n in variants.names() if variants.get(n).readout_saved_bytes_per_token(probe, FP32, 0) is not None)
 
 
 def readout_slices(variant: str, micro_batch_size: int, seq_len: int, vocab_size: int,
                    max_logits_mb: float = READOUT_MAX_LOGITS_MB) -> int:
-    """Sequence slices of BLL's local readout, as the engine picks them (chunked_readout.slices_for)."""
+    """Sequence slices of BLL's local readout, as the engine picks them (stage_step.slices_for)."""
     return slices_for(variant, (micro_batch_size, seq_len), vocab_size, max_logits_mb)
 
 
 def sliced_readout_saved_bytes(config: PretrainedConfig, e: int, micro_batch_size: int, seq_len: int,
                                slices: int, variant: str = "prototype") -> int:
     """Peak saved bytes of one micro-batch's local readout run in `slices` sequence slices
-    (chunked_readout.sliced_local_backward: each slice's backward runs before the next slice).
+    (stage_step.sliced_local_backward: each slice's backward runs before the next slice).
 
     The largest slice has b x ceil(T / slices) tokens (tensor_split). A slice of the block output
     is a view of it: where the norm saves its input itself (`norm_saves_its_input`), the saved
@@ -198,7 +206,7 @@ def sliced_readout_saved_bytes(config: PretrainedConfig, e: int, micro_batch_siz
     With one slice this is b x T x `readout_saved_bytes`. Plus the loss's total_weight scalar.
     Also the last stage's LM head with lm_loss (one slice)."""
     n = micro_batch_size * seq_len
-    per_token = readout_saved_bytes(config, e, config.vocab_size, variant in FIXED_TABLE_VARIANTS)
+    per_token = readout_saved_bytes(config, e, variant)
     if slices == 1:
         return n * per_token + LOSS_TOTAL_WEIGHT
     whole = 0
@@ -245,10 +253,6 @@ def runtime_baseline_mb(modules: tuple[str, ...] = ("torch", "deepspeed", "trans
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=env, cwd=Path(__file__).resolve().parents[2])
     return float(out.stdout.strip().splitlines()[-1])
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,8 +345,7 @@ class Setup:
             raise ValueError(f"dtype and grad_accum_dtype must be one of {sorted(DTYPE_BYTES)}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}")
+        variants.get(self.variant)  # raises, naming the registered variants
         if self.zero_stage not in (0, 1):
             raise ValueError("only ZeRO stages 0 and 1 are planned (pipelines cannot use 2 or 3)")
         if self.readout_max_logits_mb < 0:
@@ -405,9 +408,8 @@ def plan(spec_path, stages: int, dp: int, micro_batch_size: int, seq_len: int, m
     _warn_about_dropout(config)
     setup = Setup(stages, dp, micro_batch_size, seq_len, micro_batches, dtype, zero_stage, method, variant,
                   grad_accum_dtype, readout_max_logits_mb)
-    if method == "bll" and stages > 1 and variant not in CROSS_ENTROPY_VARIANTS:
-        raise ValueError(f"activations of the {variant!r} readout are not modelled; "
-                         f"plan one of {CROSS_ENTROPY_VARIANTS}")
+    if method == "bll" and stages > 1 and variant not in modelled_variants():
+        raise ValueError(f"activations of the {variant!r} readout are not modelled; plan one of {modelled_variants()}")
     sizes = stage_sizes(config, stages, method, variant)
     layer_counts = stage_layer_counts(config, stages)
     return [_stage_memory(config, setup, k, layer_counts[k], sizes[k]) for k in range(stages)]
@@ -500,7 +502,7 @@ def _readout_phases(config, setup: Setup, last: bool, slices: int) -> tuple[int,
     slices are done (`hidden * detached.grad`). The micro-batch's peak is the body plus the larger."""
     if not _readout_on_stage(setup, last):
         return 0, 0
-    variant = "lm_head" if last else setup.variant
+    variant = LM_HEAD if last else setup.variant
     readout = sliced_readout_saved_bytes(config, setup.e, setup.micro_batch_size, setup.seq_len, slices, variant)
     block_grad = setup.tokens * config.hidden_size * setup.e if slices > 1 else 0
     return readout, block_grad
@@ -547,7 +549,7 @@ def _pipe_bytes_kept(config, setup: Setup, first: bool, last: bool) -> int:
 
 
 def _has_tables(setup: Setup) -> bool:
-    return setup.method == "bll" and setup.stages > 1 and setup.variant in TABLE_VARIANTS
+    return setup.method == "bll" and setup.stages > 1 and variants.get(setup.variant).sends_table
 
 
 def _table_bytes_saved_in_readout(config, setup: Setup, last: bool) -> int:
@@ -653,16 +655,6 @@ class GpuBudget:
 CLUSTER_MODELS = ("models/llama-1b.json", "models/llama-7b.json", "models/llama-13b.json")
 STAGE_OPTIONS = (1, 2, 4, 8, 16, 32)
 DP_OPTIONS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-def fits(spec_path, stages: int, dp: int, micro_batch_size: int = 1, seq_len: int = 2048,
-         micro_batches: int | None = None, dtype: str = "bf16", zero_stage: int = 1, method: str = "bll",
-         gpu: GpuBudget = GpuBudget(), readout_max_logits_mb: float = READOUT_MAX_LOGITS_MB, **kwargs) -> bool:
-    """Whether every stage of this run fits `gpu` (BLL's send window at its worst case, 2M).
-    micro_batches defaults to 4 x stages."""
-    stage_plan = plan(spec_path, stages, dp, micro_batch_size, seq_len, micro_batches or 4 * stages,
-                      dtype, zero_stage, method, readout_max_logits_mb=readout_max_logits_mb, **kwargs)
-    return max_stage_bytes(stage_plan) <= gpu.usable_bytes
 
 
 @dataclass
@@ -852,7 +844,7 @@ def _plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16")
     p.add_argument("--zero", type=int, choices=(0, 1), default=1)
     p.add_argument("--method", choices=METHODS, default="bll")
-    p.add_argument("--variant", choices=CROSS_ENTROPY_VARIANTS, default="prototype")
+    p.add_argument("--variant", choices=modelled_variants(), default="prototype")
     p.add_argument("--vocab_size", type=int, default=None)
     p.add_argument("--grad_accum_dtype", choices=sorted(DTYPE_BYTES), default="fp32")
     _add_readout_argument(p)

@@ -14,12 +14,11 @@ outputs at its worst case (2M, what the planner counts: the engine releases comp
 the next send, but a slow receiver fills the window), the inbox queue of received tables
 (LAG + 1) and the outbox of published payloads.
 
-Per step: `prepare(table)`; per micro-batch: forward, then the local loss and backward as
-BLLPipelineEngine._bll_local_backward runs them: in `slices_for(variant, ...,
-readout_max_logits_mb)` sequence slices through `sliced_local_backward` when there are several
-(each slice's loss backpropagated at once, then one backward through the block), else the whole
-loss; scaled by 1/M as DeepSpeed does. Then `finish_step` (g_k recomputed, one backward through
-it), gradient clipping, the optimizer step and `publish()`.
+The step itself is the engine's: bll_ds/bll/stage_step.py's `StageStep` (begin with the table;
+per micro-batch, after the forward, `local_backward`, sliced where the engine slices; then the
+STEP_END operations in their order: the feedback update, the gradient reduction (nothing to
+reduce at DP = 1), clipping and the optimizer step, and the table published upstream). Only
+the backward differs: plain autograd scaled by 1/M, as DeepSpeed's backward scales it.
 
 Optimizer: fp32 runs use torch AdamW (the planner's "fp32, ZeRO-0" row); bf16 runs keep fp32
 master weights, an fp32 gradient-accumulation buffer and fp32 moments next to bf16 weights and
@@ -51,11 +50,13 @@ import torch
 from torch import nn
 
 from bll_ds.bench import memory
-from bll_ds.bll.chunked_readout import slices_for, sliced_local_backward
-from bll_ds.bll.feedback import StageFeedback, build_feedback
-from bll_ds.bll.variants import TABLE_VARIANTS
-from bll_ds.engine.build import FEEDBACK_SEED_OFFSET, weight_decay_groups
+from bll_ds.bll.feedback import StageFeedback
+from bll_ds.bll.stage_step import StageStep, run_step_end
+from bll_ds.bll.variants import get as get_variant
+from bll_ds.config import BLLConfig
+from bll_ds.engine.build import build_stage_feedback, weight_decay_groups
 from bll_ds.engine.trace import SavedActivationMeter
+from bll_ds.measure.rss import peak_rss_mb
 from bll_ds.modeling import lm_loss, load_model_spec
 from bll_ds.modeling.pipeline import layer_specs, stage_layer_counts
 
@@ -92,11 +93,10 @@ def build_stage(config, stages: int, stage: int, seed: int = 0, variant: str = "
     module = nn.Sequential(*layers)
     feedback = None
     if not last:
-        torch.manual_seed(seed + FEEDBACK_SEED_OFFSET + stage)   # as build_engine
-        feedback = build_feedback(variant, config)
+        feedback = build_stage_feedback(BLLConfig(variant=variant), config, stage, seed)  # as build_engine
         module.add_module("bll_feedback", feedback)
     return Stage(module, feedback, first, last, counts[stage],
-                 sends_tables=stages > 1 and variant in TABLE_VARIANTS, variant=variant)
+                 sends_tables=stages > 1 and get_variant(variant).sends_table, variant=variant)
 
 
 def forward_layers(stage: Stage, inputs: torch.Tensor) -> torch.Tensor:
@@ -217,7 +217,7 @@ def rehearse(model: str = "models/llama-1b.json", stages: int = 8, stage: int | 
     config = load_model_spec(model)
     stage = (stages - 1) // 2 if stage is None else stage
     torch_dtype = DTYPES[dtype]
-    baseline_rss = memory.peak_rss_mb()
+    baseline_rss = peak_rss_mb()
 
     built = build_stage(config, stages, stage, seed, variant)
     built.module.to(torch_dtype)   # DeepSpeed casts the whole stage module, feedback included
@@ -228,9 +228,9 @@ def rehearse(model: str = "models/llama-1b.json", stages: int = 8, stage: int | 
 
     step_times, losses = [], []
     saved_step = saved_micro_batch = None
-    for step in range(steps):
+    for index in range(steps):
         # Step 0 is metered as the engines meter it; step 1 per micro-batch, tables excluded.
-        meter_mode = "step" if step == 0 and steps > 1 else "micro_batch" if step <= 1 else None
+        meter_mode = "step" if index == 0 and steps > 1 else "micro_batch" if index <= 1 else None
         start = time.perf_counter()
         loss, peak = _train_step(config, built, optimizer, holdings, micro_batch_size, seq_len, micro_batches,
                                  torch_dtype, generator, meter_mode, readout_max_logits_mb)
@@ -249,21 +249,15 @@ def rehearse(model: str = "models/llama-1b.json", stages: int = 8, stage: int | 
         params=sum(p.numel() for p in built.module.parameters() if p.requires_grad),
         micro_batch_size=micro_batch_size, seq_len=seq_len, micro_batches=micro_batches, steps=steps,
         readout_max_logits_mb=readout_max_logits_mb,
-        readout_slices=_readout_slices(config, built, micro_batch_size, seq_len, readout_max_logits_mb),
+        readout_slices=StageStep(built.feedback, lm_loss, readout_max_logits_mb).readout_slices(
+            (micro_batch_size, seq_len)),
         dtype=dtype, threads=threads, malloc_mmap_threshold=malloc_mmap_threshold,
         step_s=[round(t, 4) for t in step_times], median_step_s=round(statistics.median(step_times), 4),
-        baseline_rss_mb=round(baseline_rss, 1), peak_rss_mb=round(memory.peak_rss_mb(), 1),
+        baseline_rss_mb=round(baseline_rss, 1), peak_rss_mb=round(peak_rss_mb(), 1),
         predicted_rss_mb=round(baseline_rss + stage_plan.peak_bytes / memory.MIB, 1),
         saved_micro_batch_bytes=saved_micro_batch, predicted_saved_micro_batch_bytes=stage_plan.saved_per_micro_batch,
         saved_step_bytes=saved_step, predicted_meter_bytes=stage_plan.meter_bytes,
         plan=stage_plan.as_dict(), losses=[round(v, 4) for v in losses])
-
-
-def _readout_slices(config, built: Stage, micro_batch_size: int, seq_len: int, max_logits_mb: float) -> int:
-    """As BLLPipelineEngine._bll_local_backward picks them: never on the last stage."""
-    if built.last:
-        return 1
-    return slices_for(built.variant, (micro_batch_size, seq_len), config.vocab_size, max_logits_mb)
 
 
 def _set_mmap_threshold(n_bytes: int) -> None:
@@ -297,11 +291,10 @@ def _random_table(config, dtype) -> torch.Tensor:
 def _train_step(config, built: Stage, optimizer, holdings: EngineHoldings, micro_batch_size: int, seq_len: int,
                 micro_batches: int, dtype, generator, meter_mode: str | None,
                 readout_max_logits_mb: float = memory.READOUT_MAX_LOGITS_MB) -> tuple[float, int | None]:
-    """One optimizer step. Returns (mean loss, saved-activation peak or None)."""
-    feedback = built.feedback
+    """One optimizer step, as StageStep runs it. Returns (mean loss, saved-activation peak or None)."""
+    step = StageStep(built.feedback, lm_loss, readout_max_logits_mb)
     upstream = holdings.inbox[0] if holdings.inbox else None
-    if feedback is not None:
-        feedback.prepare(upstream)
+    step.begin(upstream)
     meter = None
     if meter_mode is not None:
         meter = SavedActivationMeter()
@@ -309,25 +302,39 @@ def _train_step(config, built: Stage, optimizer, holdings: EngineHoldings, micro
         if meter_mode == "micro_batch" and upstream is not None:
             # m_k (computed once per step, without a graph) and the received table: tables, not
             # part of the per-micro-batch measurement.
-            meter.exclude([upstream, feedback.targets()])
-    losses = []
+            meter.exclude([upstream, built.feedback.targets()])
+
+    def backward(loss: torch.Tensor, scale_by_micro_batches: bool) -> None:
+        """DeepSpeedEngine.backward: divides by the accumulation steps when asked; bf16's
+        gradients go into the fp32 accumulation buffer after each backward."""
+        (loss / micro_batches if scale_by_micro_batches else loss).backward()
+        optimizer.accumulate()
+
     with meter.hooks() if meter is not None else contextlib.nullcontext():
         for _ in range(micro_batches):
-            losses.append(_micro_batch(config, built, optimizer, holdings, micro_batch_size, seq_len,
-                                       micro_batches, dtype, generator, readout_max_logits_mb))
-    # The engines meter FinishStep too (bll_ds/engine/trace.py SAVES_ACTIVATIONS).
-    with meter.hooks() if meter_mode == "step" else contextlib.nullcontext():
-        if feedback is not None:
-            feedback.finish_step(lambda surrogate: surrogate.backward())
-    nn.utils.clip_grad_norm_([p for p in built.module.parameters() if p.grad is not None], 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    _exchange_tables(config, built, holdings, dtype)
-    return sum(losses) / len(losses), None if meter is None else meter.peak_bytes
+            outputs, labels = _forward_micro_batch(config, built, holdings, micro_batch_size, seq_len,
+                                                   micro_batches, generator)
+            step.local_backward(outputs, labels, backward)
+
+    def optimizer_step() -> None:
+        nn.utils.clip_grad_norm_([p for p in built.module.parameters() if p.grad is not None], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def finish_feedback() -> None:
+        # The engines meter FinishStep too (bll_ds/engine/trace.py SAVES_ACTIVATIONS).
+        with meter.hooks() if meter_mode == "step" else contextlib.nullcontext():
+            step.finish_feedback(backward)
+
+    run_step_end({"finish_feedback": finish_feedback, "reduce_grads": lambda: None,  # DP = 1
+                  "optimizer_step": optimizer_step,
+                  "publish_table": lambda: _exchange_tables(config, built, step, holdings, dtype)})
+    return step.mean_loss(), None if meter is None else meter.peak_bytes
 
 
-def _micro_batch(config, built: Stage, optimizer, holdings: EngineHoldings, micro_batch_size: int, seq_len: int,
-                 micro_batches: int, dtype, generator, readout_max_logits_mb: float) -> float:
+def _forward_micro_batch(config, built: Stage, holdings: EngineHoldings, micro_batch_size: int, seq_len: int,
+                         micro_batches: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets, the (received) input, the stage's forward and the send of its detached output."""
     labels = torch.randint(config.vocab_size, (micro_batch_size, seq_len), generator=generator)
     if built.first:
         inputs = torch.randint(config.vocab_size, (micro_batch_size, seq_len), generator=generator)
@@ -338,20 +345,7 @@ def _micro_batch(config, built: Stage, optimizer, holdings: EngineHoldings, micr
     outputs = forward_layers(built, inputs)
     if not built.last:
         _send(holdings, outputs.detach(), 2 * micro_batches)
-
-    def backward(loss: torch.Tensor, scale_wrt_gas: bool = True) -> None:
-        """DeepSpeedEngine.backward: divides by the accumulation steps when asked; bf16's
-        gradients go into the fp32 accumulation buffer after each backward."""
-        (loss / micro_batches if scale_wrt_gas else loss).backward()
-        optimizer.accumulate()
-
-    slices = _readout_slices(config, built, micro_batch_size, seq_len, readout_max_logits_mb)
-    if slices > 1:
-        loss, _ = sliced_local_backward(built.feedback, outputs, labels, slices, backward)
-    else:
-        loss = lm_loss(outputs, labels) if built.last else built.feedback.local_loss(outputs, labels)[0]
-        backward(loss)
-    return loss.item()
+    return outputs, labels
 
 
 def _send(holdings: EngineHoldings, detached: torch.Tensor, window: int) -> None:
@@ -363,7 +357,7 @@ def _send(holdings: EngineHoldings, detached: torch.Tensor, window: int) -> None
     holdings.send_window.append(detached)
 
 
-def _exchange_tables(config, built: Stage, holdings: EngineHoldings, dtype) -> None:
+def _exchange_tables(config, built: Stage, step: StageStep, holdings: EngineHoldings, dtype) -> None:
     """After the step: a new table arrives from downstream (the inbox keeps LAG + 1), and every
     stage but the first publishes its own upstream (the outbox keeps the payload, a clone, as
     TableOutbox.publish does)."""
@@ -374,7 +368,7 @@ def _exchange_tables(config, built: Stage, holdings: EngineHoldings, dtype) -> N
         holdings.inbox.append(_random_table(config, dtype))
     if built.first:
         return
-    table = built.module[-1].lm_head.weight.detach() if built.last else built.feedback.publish()
+    table = step.table_to_publish(built.module[-1].lm_head.weight if built.last else None)
     holdings.outbox.append(table.contiguous().clone())
     while len(holdings.outbox) > memory.OUTBOX_TABLES:
         holdings.outbox.popleft()
@@ -407,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variant", choices=memory.CROSS_ENTROPY_VARIANTS, default="prototype")
+    p.add_argument("--variant", choices=memory.modelled_variants(), default="prototype")
     p.add_argument("--readout_max_logits_mb", type=float, default=memory.READOUT_MAX_LOGITS_MB,
                    help="as --bll_readout_max_logits_mb: the local readout in sequence slices of at most this many "
                         "MiB of fp32 logits (0 = one slice)")

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from bll_ds.bll.variants import TABLE_VARIANTS, VARIANTS
+from bll_ds.bll import variants
 
 OP_KINDS = ("forward", "backward", "backward_input", "backward_weight", "local", "optimizer")
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "bll", "bll-noflush")
@@ -366,7 +366,7 @@ def _bll_schedule(name: str, costs: StageCosts, link: Link, micro_batches: int, 
     plus the link delay) and then `local` (its local loss and its own backward); no gradient
     crosses a stage. Per step: the optimizer. Target tables (when `link.table_bytes` > 0) go
     upstream after each optimizer step; stage k's step t begins by taking the table stage k+1
-    published after step t - lag (bll_ds/bll_schedule.py: BeginStep), so it waits if that table
+    published after step t - lag (bll_ds/engine/bll_schedule.py: BeginStep), so it waits if that table
     has not arrived. flush: a barrier between steps; no flush: none."""
     stages = costs.stages
     stage_ops = [[] for _ in range(stages)]
@@ -515,11 +515,11 @@ def stage_costs(layer: LayerCosts, num_layers: int, stages: int, method: str) ->
 def layer_costs_from_flops(config, seq_len: int, micro_batch_size: int, achieved_flops: float,
                            variant: str = "prototype", memory_bytes_per_s: float = 2.0e12,
                            optimizer_bytes_per_param: float = 30.0) -> LayerCosts:
-    """Costs from model FLOPs (bll_ds/bench/flops.py) at an assumed achieved FLOP/s. The
+    """Costs from model FLOPs (bll_ds/measure/flops.py) at an assumed achieved FLOP/s. The
     optimizer step is memory-bound: `optimizer_bytes_per_param` bytes moved per parameter
     (bf16 training, AdamW on fp32 master weights: read master, grad, m, v and write master, m, v
     in fp32 plus the bf16 copy, about 30) at `memory_bytes_per_s`."""
-    from bll_ds.bench import flops
+    from bll_ds.measure import flops
 
     tokens = seq_len * micro_batch_size
     to_s = tokens / achieved_flops
@@ -670,7 +670,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--latency_us", type=float, default=10.0, help="link latency per message, microseconds")
     p.add_argument("--bandwidth_gbps", type=float, default=25.0, help="link bandwidth, GB/s")
     p.add_argument("--dtype_bytes", type=int, default=2, help="bytes per activation / table element (bf16)")
-    p.add_argument("--variant", default="prototype", choices=VARIANTS, help="BLL variant (docs/METHOD.md)")
+    p.add_argument("--variant", default="prototype", choices=variants.names(), help="BLL variant (docs/METHOD.md)")
     p.add_argument("--stages", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="values of S")
     p.add_argument("--micro_batch_factors", type=int, nargs="+", default=[1, 2, 4, 8], help="M / S values")
     p.add_argument("--chunks", type=int, default=2, help="model chunks per device (interleaved 1F1B)")
@@ -687,7 +687,7 @@ def run_projection(args: argparse.Namespace) -> list[dict]:
     layer = layer_costs_from_flops(config, args.seq_len, args.micro_batch_size, args.achieved_tflops * 1e12,
                                    args.variant, memory_bytes_per_s=args.memory_gbps * 1e9)
     tokens = args.seq_len * args.micro_batch_size
-    table_bytes = config.vocab_size * config.hidden_size * args.dtype_bytes if args.variant in TABLE_VARIANTS else 0
+    table_bytes = variants.get(args.variant).table_bytes_per_step(config, args.dtype_bytes)
     link = Link(latency_s=args.latency_us * 1e-6, bandwidth_bytes_per_s=args.bandwidth_gbps * 1e9,
                 activation_bytes=tokens * config.hidden_size * args.dtype_bytes, table_bytes=table_bytes)
 

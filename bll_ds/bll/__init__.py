@@ -1,5 +1,2 @@
-"""Block-local learning: message families and their agreement losses, and the feedback network."""
-
-from bll_ds.bll.variants import TABLE_VARIANTS, VARIANTS
-
-__all__ = ["TABLE_VARIANTS", "VARIANTS"]
+"""Block-local learning: the variant registry (variants.py), message families and their agreement
+losses (messages.py), the feedback network (feedback.py) and one stage's step (stage_step.py)."""

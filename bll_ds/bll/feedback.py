@@ -35,16 +35,22 @@ distribution, whose loss is log V, not 0.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from bll_ds.bll.variants import VARIANTS
 from bll_ds.bll.messages import bernoulli_agreement, delta_categorical_agreement, gaussian_agreement
+from bll_ds.bll.variants import get as get_variant
+from bll_ds.bll.variants import register
 
+if TYPE_CHECKING:
+    from bll_ds.config import BLLConfig
 
+FP32, INT64 = 4, 8
 
 def readout_norm(config: PretrainedConfig) -> nn.Module:
     """The same normalisation the LM head applies before its projection."""
@@ -72,10 +78,56 @@ class TableMap(nn.Module):
 
 
 class StageFeedback(nn.Module):
-    """Base class. Per optimizer step: `prepare(upstream_table)`, then `local_loss` per
-    micro-batch, then `finish_step`, then (after the optimizer step) `publish()`."""
+    """Base class of every variant. Per optimizer step: `prepare(upstream_table)`, then
+    `local_loss` per micro-batch, then `finish_step`, then (after the optimizer step) `publish()`
+    (bll_ds/bll/stage_step.py runs them in that order).
 
-    needs_table = False
+    A variant declares its facts here, for the engine builder, the memory planner
+    (bll_ds/bench/memory.py) and the FLOPs model (bll_ds/measure/flops.py)."""
+
+    name: ClassVar[str] = ""
+    sends_table: ClassVar[bool] = False        # its target table m_k travels upstream once per step
+    per_token_readout: ClassVar[bool] = False  # the loss is a token mean of per-token terms: sliceable
+
+    @classmethod
+    def build(cls, config: PretrainedConfig, options: "BLLConfig | None" = None) -> "StageFeedback":
+        """The block for one stage; `options` is the run's BLL config section (--bll_* flags)."""
+        return cls(config)
+
+    @classmethod
+    def readout_flops_per_token(cls, config: PretrainedConfig) -> float:
+        """Training FLOPs per token (forward + backward) of the local loss, beyond the stage's blocks."""
+        raise NotImplementedError(f"BLL variant {cls.name!r} declares no readout FLOPs")
+
+    @classmethod
+    def readout_flops_per_micro_batch(cls, config: PretrainedConfig) -> float:
+        """Training FLOPs per micro-batch that do not scale with its tokens."""
+        return 0.0
+
+    @classmethod
+    def step_flops(cls, config: PretrainedConfig) -> float:
+        """Training FLOPs once per optimizer step (the feedback network's own update)."""
+        return 0.0
+
+    @classmethod
+    def trainable_matrix_parameters(cls, config: PretrainedConfig) -> int:
+        """Trainable weights of rank >= 2 (biases and norm gains, well under 1%, left out), counted
+        on the meta device: what the optimizer-step cost model charges the block."""
+        with torch.device("meta"):
+            block = cls.build(config)
+        return sum(p.numel() for p in block.parameters() if p.requires_grad and p.dim() >= 2)
+
+    @classmethod
+    def table_bytes_per_step(cls, config: PretrainedConfig, dtype_bytes: int) -> int:
+        """Bytes this variant sends upstream per optimizer step (one [V, H] table, or nothing)."""
+        return config.vocab_size * config.hidden_size * dtype_bytes if cls.sends_table else 0
+
+    @classmethod
+    def readout_saved_bytes_per_token(cls, config: PretrainedConfig, dtype_bytes: int,
+                                      norm_saved_bytes: int) -> int | None:
+        """Bytes autograd saves per token for the local readout, given what its norm saves
+        (model-family specific: the planner passes it). None: not modelled by the planner."""
+        return None
 
     def __init__(self, config: PretrainedConfig):
         super().__init__()
@@ -105,7 +157,19 @@ class StageFeedback(nn.Module):
 class TableFeedback(StageFeedback):
     """Variants whose targets come from the upstream table through g_k."""
 
-    needs_table = True
+    sends_table = True
+
+    @classmethod
+    def step_flops(cls, config: PretrainedConfig) -> float:
+        """g_k (TableMap, H -> Hg -> H, Hg = H as built) applied to the V x H table, per step:
+
+        targets()     g_k forward once per step, without a graph                2 products: 4 V H Hg
+        finish_step   g_k forward again (recomputed rather than held) and its
+                      backward: `down` grad of input and weight, `up` grad of
+                      weight only (the upstream table is detached)              5 products: 10 V H Hg
+        publish()     g_k forward after the optimizer step                      2 products: 4 V H Hg
+        """
+        return 18.0 * config.vocab_size * config.hidden_size * config.hidden_size
 
     def __init__(self, config: PretrainedConfig, hidden: int | None = None):
         super().__init__(config)
@@ -145,7 +209,32 @@ class TableFeedback(StageFeedback):
         return self._map_upstream()
 
 
-class PrototypeFeedback(TableFeedback):
+class _CrossEntropyReadout:
+    """Facts of a readout that is a norm, a [V]-way product and fp32 cross-entropy per token."""
+
+    per_token_readout = True
+    trained_operand = True  # the [V, H] operand takes a gradient, so the product saves its normed input
+
+    @classmethod
+    def readout_flops_per_token(cls, config):
+        """forward 2HV, grad of h 2HV, and (trained operand) grad of the operand 2HV."""
+        return (6.0 if cls.trained_operand else 4.0) * config.hidden_size * config.vocab_size
+
+    @classmethod
+    def readout_saved_bytes_per_token(cls, config, dtype_bytes, norm_saved_bytes):
+        """The norm's saved tensors and its output (which the product saves when its operand
+        takes a gradient), fp32 log-probabilities [V] and the int64 target; the operand itself is
+        a weight or a table, not an activation."""
+        unsaved_output = 0 if cls.trained_operand else dtype_bytes * config.hidden_size
+        return norm_saved_bytes - unsaved_output + FP32 * config.vocab_size + INT64
+
+
+@register
+class PrototypeFeedback(_CrossEntropyReadout, TableFeedback):
+    """q_k(y | h) = softmax_v(<norm(h), m_k(v)>), m_k = g_k(m_{k+1}); the default."""
+
+    name = "prototype"
+
     def local_loss(self, hidden, labels):
         logits = self.norm(hidden) @ self.targets().t()
         ce = delta_categorical_agreement(logits, labels).mean()
@@ -153,7 +242,26 @@ class PrototypeFeedback(TableFeedback):
 
 
 class _AgreementFeedback(TableFeedback):
-    """Per-token target messages nu_k(y_t) = m_k[y_t]; forward message P norm(h_k)."""
+    """Per-token target messages nu_k(y_t) = m_k[y_t]; forward message P norm(h_k). The collapse
+    guard takes statistics over all tokens of the micro-batch, so the readout is not sliced."""
+
+    @classmethod
+    def build(cls, config, options=None):
+        guard_weight = options.guard_weight if options is not None else 1.0
+        return cls(config, guard_weight)
+
+    @classmethod
+    def readout_flops_per_token(cls, config):
+        """Forward message P norm(h), P [H, H] trained: 6H^2; the collapse guard's covariance over
+        the micro-batch's tokens, centred^T centred [H, N] @ [N, H]: 2H^2 per token forward, 4H^2
+        backward. The target rows m_k[y_t] are a gather (0). Total 12H^2."""
+        return 12.0 * config.hidden_size ** 2
+
+    @classmethod
+    def readout_flops_per_micro_batch(cls, config):
+        """The collapse guard on the whole target table, covariance [H, V] @ [V, H], forward 2VH^2
+        and backward 4VH^2, which `local_loss` recomputes for every micro-batch."""
+        return 6.0 * config.vocab_size * config.hidden_size ** 2
 
     def __init__(self, config: PretrainedConfig, guard_weight: float, hidden: int | None = None):
         super().__init__(config, hidden)
@@ -184,8 +292,17 @@ class _AgreementFeedback(TableFeedback):
                       "output_std": out_mean.detach().std(0).mean()}
 
 
+@register
 class GaussianFeedback(_AgreementFeedback):
     """Unit variances s_a^2, s_b^2: fixed at 1/2 each, or learned (log-parametrised)."""
+
+    name = "gaussian"
+
+    @classmethod
+    def build(cls, config, options=None):
+        if options is None:
+            return cls(config, 1.0)
+        return cls(config, options.guard_weight, options.learn_variance)
 
     def __init__(self, config, guard_weight, learn_variance: bool = False, hidden=None):
         super().__init__(config, guard_weight, hidden)
@@ -202,7 +319,9 @@ class GaussianFeedback(_AgreementFeedback):
         return gaussian_agreement(mu, nu, self.log_var_a.float().exp(), self.log_var_b.float().exp())
 
 
+@register
 class BernoulliFeedback(_AgreementFeedback):
+    name = "bernoulli"
     min_std = 0.25  # of p = sigmoid(logit): a unit that is on with p=0.9 for half the tokens and 0.1 otherwise has 0.4
 
     def mean_parameter(self, msg):
@@ -212,8 +331,11 @@ class BernoulliFeedback(_AgreementFeedback):
         return bernoulli_agreement(logit_a, logit_b)
 
 
-class LocalHeadFeedback(StageFeedback):
+@register
+class LocalHeadFeedback(_CrossEntropyReadout, StageFeedback):
     """DGL special case: a free local readout W_k, no feedback from later stages."""
+
+    name = "dgl"
 
     def __init__(self, config: PretrainedConfig):
         super().__init__(config)
@@ -225,8 +347,12 @@ class LocalHeadFeedback(StageFeedback):
         return ce, {"ce": ce.detach()}
 
 
-class RandomFeedback(StageFeedback):
+@register
+class RandomFeedback(_CrossEntropyReadout, StageFeedback):
     """Direct-random-target-projection special case: fixed random prototypes r(v), never trained."""
+
+    name = "drtp"
+    trained_operand = False  # a buffer: the product needs no gradient for it, nor saves its input
 
     def __init__(self, config: PretrainedConfig):
         super().__init__(config)
@@ -252,14 +378,8 @@ def collapse_guard(rows: torch.Tensor, min_std: float = 1.0) -> tuple[torch.Tens
 
 def build_feedback(variant: str, config: PretrainedConfig, guard_weight: float = 1.0,
                    learn_variance: bool = False) -> StageFeedback:
-    if variant == "prototype":
-        return PrototypeFeedback(config)
-    if variant == "gaussian":
-        return GaussianFeedback(config, guard_weight, learn_variance)
-    if variant == "bernoulli":
-        return BernoulliFeedback(config, guard_weight)
-    if variant == "dgl":
-        return LocalHeadFeedback(config)
-    if variant == "drtp":
-        return RandomFeedback(config)
-    raise ValueError(f"unknown BLL variant {variant!r}; choose one of {VARIANTS}")
+    """The feedback block of `variant` (a registered name) with these options."""
+    from bll_ds.config import BLLConfig  # the config module imports the registry, not this file
+
+    return get_variant(variant).build(config, BLLConfig(variant=variant, guard_weight=guard_weight,
+                                                        learn_variance=learn_variance))

@@ -63,7 +63,7 @@ def delta_categorical_agreement(target_logits: torch.Tensor, target: torch.Tenso
 
         -log integral delta(z - h) q(y | z) dz = -log q(y | h) = cross-entropy(scores(h), y)
 
-    This is the default instantiation for causal LMs (DESIGN.md section 2, "prototype feedback"):
+    This is the default instantiation for causal LMs (docs/METHOD.md §3, the prototype variant):
     beta is a proper distribution over the vocabulary, so it cannot collapse to a constant.
     """
     return F.cross_entropy(target_logits.float().reshape(-1, target_logits.shape[-1]), target.reshape(-1),

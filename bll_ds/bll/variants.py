@@ -1,4 +1,79 @@
-"""Names of the block-local variants (one flag, --bll_variant); docs/METHOD.md defines each."""
+"""The registry of block-local variants: one class per local loss, looked up by its name.
 
-VARIANTS = ("prototype", "gaussian", "bernoulli", "dgl", "drtp")
-TABLE_VARIANTS = ("prototype", "gaussian", "bernoulli")  # feedback tables travel upstream
+A variant is a feedback block class (a subclass of `bll_ds.bll.feedback.StageFeedback`) that
+declares its own facts as class attributes and class methods: whether it sends a target table
+upstream, whether its readout is per token (and so can run in sequence slices), what it adds in
+FLOPs and bytes per token, per micro-batch and per step. `--bll_variant`'s choices, the engine
+builder, the memory planner and the FLOPs model all ask the class; none of them lists variants.
+
+Adding a variant is one class in one file:
+
+    @register
+    class MyFeedback(StageFeedback):
+        name = "mine"
+        def local_loss(self, hidden, labels): ...
+
+The built-in variants live in bll_ds/bll/feedback.py; a variant defined elsewhere is made known
+to the trainer with `--custom_import path/to/file.py` (or a module name), which imports the file
+before the flags are parsed (tests/test_variant_registry.py does that through the launcher).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+_REGISTRY: dict[str, type] = {}
+_BUILT_IN = "bll_ds.bll.feedback"
+
+
+def register(cls: type) -> type:
+    """Class decorator: make `cls` available as `--bll_variant cls.name`."""
+    name = getattr(cls, "name", None)
+    if not name:
+        raise TypeError(f"{cls.__qualname__} needs a class attribute `name` to be registered as a BLL variant")
+    existing = _REGISTRY.get(name)
+    if existing is not None:
+        if existing.__qualname__ != cls.__qualname__:
+            raise ValueError(f"BLL variant {name!r} is already registered by "
+                             f"{existing.__module__}.{existing.__qualname__}")
+        return existing  # the same file imported twice (say as a test module and by --custom_import)
+    _REGISTRY[name] = cls
+    return cls
+
+
+def names() -> tuple[str, ...]:
+    """Every registered variant, built-ins first in their definition order."""
+    importlib.import_module(_BUILT_IN)
+    return tuple(_REGISTRY)
+
+
+def get(name: str) -> type:
+    importlib.import_module(_BUILT_IN)
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown BLL variant {name!r}; choose one of {tuple(_REGISTRY)} "
+                         f"(a variant of your own: --custom_import FILE.py)")
+    return _REGISTRY[name]
+
+
+def import_custom(spec: str) -> None:
+    """Import a module that registers variants: a .py path or a dotted module name. A file's
+    folder goes on sys.path first, as for a script, so that it can import its neighbours."""
+    path = Path(spec)
+    if spec.endswith(".py"):
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file {spec}")
+        module_name = f"bll_ds_custom_{path.stem}"
+        if module_name in sys.modules:
+            return
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        loader = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(loader)
+        sys.modules[module_name] = module
+        loader.loader.exec_module(module)
+    else:
+        importlib.import_module(spec)

@@ -46,6 +46,7 @@ from pathlib import Path
 
 from bll_ds.atomic import atomic_write_bytes
 from bll_ds.errors import UserError
+from bll_ds.run_dir import TOKENIZER_MODEL
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 NUM_SPECIALS = 3
@@ -139,7 +140,7 @@ def build_tokenizer(spec: str, train_docs: list[str], out_dir: str) -> Tokenizer
     kind, size = parse_tokenizer_spec(spec)
     spec = str(spec).strip()
     os.makedirs(out_dir, exist_ok=True)
-    model_path = os.path.join(out_dir, "tokenizer.model")
+    model_path = os.path.join(out_dir, TOKENIZER_MODEL)
     meta_path = os.path.join(out_dir, "tokenizer.json")
 
     if os.path.isfile(model_path) and os.path.isfile(meta_path):

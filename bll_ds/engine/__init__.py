@@ -1,7 +1,7 @@
 """Pipeline engines on top of DeepSpeed: the 1F1B backprop baseline with p2p accounting."""
 
-from bll_ds.engine.accounting import StageAccounting, peak_rss_mb
+from bll_ds.engine.accounting import StageAccounting
 from bll_ds.engine.build import build_engine
 from bll_ds.engine.pipeline_engine import AccountedPipelineEngine
 
-__all__ = ["StageAccounting", "peak_rss_mb", "build_engine", "AccountedPipelineEngine"]
+__all__ = ["StageAccounting", "build_engine", "AccountedPipelineEngine"]

@@ -9,11 +9,12 @@ is excluded with `paused()`.
 from __future__ import annotations
 
 import contextlib
-import resource
 import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from bll_ds.measure.rss import peak_rss_mb
 
 
 @dataclass
@@ -38,11 +39,6 @@ def tensor_bytes(obj) -> int:
     if torch.is_tensor(obj):
         return obj.numel() * obj.element_size()
     return sum(tensor_bytes(t) for t in obj)
-
-
-def peak_rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 class StageAccounting:

@@ -15,15 +15,13 @@ data-parallel group (ZeRO-1 sharding, gradient all-reduce across a stage's repli
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as tdist
-from deepspeed.runtime.engine import DeepSpeedEngine
-from deepspeed.runtime.pipe.engine import PipelineEngine
 
-from bll_ds.bll.chunked_readout import slices_for, sliced_local_backward
+from bll_ds.bll.stage_step import StageStep
 from bll_ds.engine import bll_schedule as bll
+from bll_ds.engine import deepspeed_internals as ds_internals
 from bll_ds.engine.accounting import tensor_bytes
 from bll_ds.engine.feedback_channel import TableInbox, TableOutbox
 from bll_ds.engine.pipeline_engine import AccountedPipelineEngine, StepRecord, _as_float, guarded_optimizer_step
@@ -50,27 +48,18 @@ def singleton_groups():
     return groups[tdist.get_rank()]
 
 
-@dataclass
-class _StepState:
-    step: int = 0
-    losses: list = field(default_factory=list)
-    terms: dict = field(default_factory=dict)
-    micro_batch: int = 0
-
-
 class BLLPipelineEngine(AccountedPipelineEngine):
     def __init__(self, *args, feedback=None, table_shape=None, max_inflight_sends: int = 0,
-                 variant: str = "prototype", readout_max_logits_mb: float = 0.0, **kwargs):
+                 readout_max_logits_mb: float = 0.0, **kwargs):
         """feedback: this stage's feedback block (None on the last stage). table_shape: (V, H) of
         the target tables when the variant sends them upstream, else None. readout_max_logits_mb:
         the local readout runs in sequence slices whose logits stay under this (0 = one slice)."""
         super().__init__(*args, **kwargs)
         self.feedback = feedback
-        self.variant = variant
-        self.readout_max_logits_mb = readout_max_logits_mb
         self.max_inflight_sends = max_inflight_sends or 2 * self.micro_batches
         self._sends: list[tuple[object, torch.Tensor]] = []
-        self._state = _StepState()
+        self._step = 0            # the optimizer step being computed (1-based)
+        self._micro_batch = 0
         self._records: list[StepRecord] = []
         self._step_started = None
         self._last_update_norm = self._last_grad_norm = None
@@ -84,12 +73,17 @@ class BLLPipelineEngine(AccountedPipelineEngine):
                                     tuple(table_shape), dtype, self.device)
         if self.fault.step is not None and self.feedback is not None:
             self.feedback.local_loss = self._with_fault(self.feedback.local_loss)
+        # Built after the fault wrappers: the step calls the (possibly wrapped) losses.
+        self.stage_step = StageStep(self.feedback, self.module.loss_fn, readout_max_logits_mb)
+
+    def _backward(self, loss: torch.Tensor, scale_by_micro_batches: bool) -> None:
+        ds_internals.stage_backward(self, loss, scale_by_micro_batches)
 
     def training_step(self) -> int:
-        return self._state.step
+        return self._step
 
     def step_losses(self) -> list[torch.Tensor]:
-        return self._state.losses
+        return self.stage_step.losses
 
     def start_feedback(self, resumed_step: int) -> None:
         """Fresh run: pass the initial tables P_0 down the pipe, last stage first (a one-time
@@ -100,22 +94,18 @@ class BLLPipelineEngine(AccountedPipelineEngine):
                 self.outbox.published = resumed_step + 1
             return
         if self.inbox is not None:
-            self.feedback.prepare(self.inbox.table_for_step(1))
+            self.stage_step.begin(self.inbox.table_for_step(1))
         self._publish_table()
 
     def _publish_table(self) -> None:
         """Send this stage's current table upstream (non-blocking) and count it."""
         if self.outbox is None:
             return
-        table = self._table_to_publish()
+        head = self.module.forward_funcs[-1].lm_head.weight if self.is_last_stage() else None
+        table = self.stage_step.table_to_publish(head)
         with self.accounting.p2p():
             self.outbox.publish(table)
         self.accounting.count("tables_sent", tensor_bytes(table), "bytes_up")
-
-    def _table_to_publish(self) -> torch.Tensor:
-        if self.is_last_stage():
-            return self.module.forward_funcs[-1].lm_head.weight.detach()
-        return self.feedback.publish()
 
     # ---- the training entry ---------------------------------------------------------------------
     def train_steps(self, first_step: int, num_steps: int, batch_fn, track_update_at=()) -> list[StepRecord]:
@@ -128,7 +118,7 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         self._step_started = time.perf_counter()
         sched = bll.BLLTrainSchedule(micro_batches=self.micro_batches, stages=self.num_stages,
                                      stage_id=self.stage_id, first_step=first_step, num_steps=num_steps)
-        self._exec_schedule(sched)
+        ds_internals.run_schedule(self, sched)
         # The drain belongs to the call's last step: it is wall time the pipe spends emptying.
         start = time.perf_counter()
         self.drain(first_step + num_steps)
@@ -152,40 +142,39 @@ class BLLPipelineEngine(AccountedPipelineEngine):
 
     # ---- instructions ----------------------------------------------------------------------------
     def _bll_begin_step(self, step):
-        self._state = _StepState(step=step)
+        self._step, self._micro_batch = step, 0
         self.tracer.set_step(step, self.weights)
         torch.manual_seed(self.seed_for_step(step))
-        if self.feedback is not None:
-            table = None
-            if self.inbox is not None:
-                with self.accounting.p2p():
-                    table = self.inbox.table_for_step(step)
-            self.feedback.prepare(table)
+        table = None
+        if self.inbox is not None:
+            with self.accounting.p2p():
+                table = self.inbox.table_for_step(step)
+        self.stage_step.begin(table)
 
     def _bll_load_micro_batch(self, buffer_id):
-        inputs, labels = self._batch_fn(self._state.step - 1, self._state.micro_batch, self.micro_batches)
-        self._state.micro_batch += 1
+        inputs, labels = self._batch_fn(self._step - 1, self._micro_batch, self.micro_batches)
+        self._micro_batch += 1
+        buffers = ds_internals.pipe_buffers(self)
         if self.is_first_stage():
-            self.pipe_buffers["inputs"][buffer_id] = inputs.to(self.device)
-        self.pipe_buffers["labels"][buffer_id] = labels.to(self.device)
+            buffers["inputs"][buffer_id] = inputs.to(self.device)
+        buffers["labels"][buffer_id] = labels.to(self.device)
 
     def _bll_recv_activations(self, buffer_id):
         with self.accounting.p2p():
-            PipelineEngine._exec_recv_activations(self, buffer_id)
-        received = self.pipe_buffers["inputs"][buffer_id]
+            ds_internals.recv_activations(self, buffer_id)
+        received = ds_internals.pipe_buffers(self)["inputs"][buffer_id]
         received.requires_grad_(False)  # no gradient goes back upstream
         self.accounting.count("acts_received")
 
     def _bll_forward(self, buffer_id):
-        self.tput_timer.start()
-        self.pipe_buffers["outputs"][buffer_id] = DeepSpeedEngine.forward(self, self.pipe_buffers["inputs"][buffer_id])
+        ds_internals.start_throughput_timer(self)
+        buffers = ds_internals.pipe_buffers(self)
+        buffers["outputs"][buffer_id] = ds_internals.stage_forward(self, buffers["inputs"][buffer_id])
 
     def _bll_send_activations(self, buffer_id):
-        outputs = self.pipe_buffers["outputs"][buffer_id].detach()
+        outputs = ds_internals.pipe_buffers(self)["outputs"][buffer_id].detach()
         with self.accounting.p2p():
-            if self.first_output_send:
-                self.first_output_send = False
-                self._send_tensor_meta(outputs, self.next_stage)
+            ds_internals.send_tensor_meta_once(self, outputs)
             while len(self._sends) >= self.max_inflight_sends:
                 self._sends.pop(0)[0].wait()
             # Completed sends release their output now, not when the window fills: the window
@@ -197,34 +186,17 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         self.accounting.count("acts_sent", tensor_bytes(outputs), "bytes_down")
 
     def _bll_local_backward(self, buffer_id):
-        outputs = self.pipe_buffers["outputs"][buffer_id]
-        labels = self.pipe_buffers["labels"][buffer_id]
-        slices = 1 if self.is_last_stage() else slices_for(self.variant, outputs.shape, self.feedback.vocab_size,
-                                                           self.readout_max_logits_mb)
-        if slices > 1:
-            loss, terms = sliced_local_backward(
-                self.feedback, outputs, labels, slices,
-                lambda part, scale: DeepSpeedEngine.backward(self, part, scale_wrt_gas=scale))
-        else:
-            if self.is_last_stage():
-                loss, terms = self.module.loss_fn(outputs, labels), {}
-            else:
-                loss, terms = self.feedback.local_loss(outputs, labels)
-            DeepSpeedEngine.backward(self, loss)  # scales by 1/micro-batches, as DeepSpeed does
-        state = self._state
-        state.losses.append(loss.detach().float())
-        for name, value in terms.items():
-            state.terms.setdefault(name, []).append(value.float())
-        self.pipe_buffers["outputs"][buffer_id] = None
-        self.pipe_buffers["inputs"][buffer_id] = None
+        buffers = ds_internals.pipe_buffers(self)
+        self.stage_step.local_backward(buffers["outputs"][buffer_id], buffers["labels"][buffer_id], self._backward)
+        buffers["outputs"][buffer_id] = None
+        buffers["inputs"][buffer_id] = None
 
     def _bll_finish_step(self):
-        if self.feedback is not None:
-            self.feedback.finish_step(lambda surrogate: DeepSpeedEngine.backward(self, surrogate, scale_wrt_gas=False))
+        self.stage_step.finish_feedback(self._backward)
 
     def _bll_optimizer_step(self, lr_kwargs=None):
         # self.nonfinite was decided at ReduceGrads, by this stage (and its replicas) alone.
-        tracked = not self.nonfinite and self._state.step in self._track_update_at
+        tracked = not self.nonfinite and self._step in self._track_update_at
         before = self._snapshot() if tracked else None
         self._last_grad_norm = self._local_grad_norm() if tracked else None
         guarded_optimizer_step(self, lr_kwargs)
@@ -240,14 +212,12 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         self._publish_table()
         now = time.perf_counter()
         step_s, self._step_started = now - self._step_started, now
-        state = self._state
         busy, idle = self.accounting.end_step(step_s)
         self._records.append(StepRecord(
-            step=state.step, loss=torch.stack(state.losses).mean().item(), step_s=step_s, busy_s=busy,
+            step=self._step, loss=self.stage_step.mean_loss(), step_s=step_s, busy_s=busy,
             idle_s=idle, lr=self.get_lr()[0],
             grad_norm=None if self.nonfinite else _as_float(self.get_global_grad_norm()) or self._last_grad_norm,
-            update_norm=self._last_update_norm, nonfinite=self.nonfinite,
-            terms={k: torch.stack(v).mean().item() for k, v in state.terms.items()}))
+            update_norm=self._last_update_norm, nonfinite=self.nonfinite, terms=self.stage_step.mean_terms()))
 
     _INSTRUCTION_MAP = {
         **AccountedPipelineEngine._INSTRUCTION_MAP,  # already traced

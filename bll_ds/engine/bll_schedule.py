@@ -1,5 +1,6 @@
 """The block-local schedule: per micro-batch every stage receives, forwards, sends, and runs its
-local backward; at the step boundary it steps its own optimizer. There is no SendGrad/RecvGrad
+local backward; at the step boundary it steps its own optimizer. What each instruction computes
+is bll_ds/bll/stage_step.py's. There is no SendGrad/RecvGrad
 and no instruction waits for a later stage.
 
 One schedule covers `num_steps` optimizer steps (one `train_steps` call), so the pipe fills once
@@ -9,6 +10,8 @@ per call, not once per step.
 from __future__ import annotations
 
 from deepspeed.runtime.pipe import schedule as ds_schedule
+
+from bll_ds.bll.stage_step import STEP_END
 
 
 class BeginStep(ds_schedule.PipeInstruction):
@@ -47,6 +50,11 @@ class PublishTable(ds_schedule.PipeInstruction):
     """Send this stage's updated target table upstream (non-blocking)."""
 
 
+# The step boundary as instructions, in bll_ds/bll/stage_step.py's STEP_END order.
+STEP_END_INSTRUCTIONS = {"finish_feedback": FinishStep, "reduce_grads": ds_schedule.ReduceGrads,
+                         "optimizer_step": StageOptimizerStep, "publish_table": PublishTable}
+
+
 class BLLTrainSchedule(ds_schedule.PipeSchedule):
     """Distinct instruction types (not DeepSpeed's LoadMicroBatch, ForwardPass, ...), so that the
     engine's evaluation, which runs DeepSpeed's stock inference schedule, keeps the stock methods."""
@@ -71,4 +79,4 @@ class BLLTrainSchedule(ds_schedule.PipeSchedule):
                     cmds.append(SendActivationBLL(buffer_id=0))
                 cmds.append(LocalBackward(buffer_id=0))
                 yield cmds
-            yield [FinishStep(), ds_schedule.ReduceGrads(), StageOptimizerStep(), PublishTable()]
+            yield [STEP_END_INSTRUCTIONS[name]() for name in STEP_END]

@@ -1,19 +1,16 @@
-"""Build the pipeline engine for a run.
-
-`deepspeed.initialize` always constructs the stock PipelineEngine, so the engine class is
-constructed here the same way `deepspeed.initialize` does it (same config class, same mpu from
-the PipelineModule), only with our subclass.
+"""Build the pipeline engine for a run: the stage's feedback block (block-local learning), the
+stage-local grid, DeepSpeed's model-parallel flags, and the engine itself (constructed by hand in
+deepspeed_internals.py, since `deepspeed.initialize` always builds the stock PipelineEngine).
 """
 
 from __future__ import annotations
 
-import deepspeed
 import torch
-from deepspeed.runtime.config import DeepSpeedConfig
 from torch import nn
 
-from bll_ds.bll.feedback import build_feedback
-from bll_ds.bll.variants import TABLE_VARIANTS
+from bll_ds.bll.variants import get as get_variant
+from bll_ds.config import BLLConfig
+from bll_ds.engine import deepspeed_internals as ds_internals
 from bll_ds.engine.bll_engine import BLLPipelineEngine, StageLocalGrid, singleton_groups
 from bll_ds.engine.pipeline_engine import AccountedPipelineEngine
 
@@ -28,25 +25,32 @@ def weight_decay_groups(module: nn.Module) -> list[dict]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_stage_feedback(bll: BLLConfig, model_config, stage: int, seed: int):
+    """Stage `stage`'s feedback block (not on the last stage), seeded apart from every layer."""
+    torch.manual_seed(seed + FEEDBACK_SEED_OFFSET + stage)
+    return get_variant(bll.variant).build(model_config, bll)
+
+
 def build_engine(method: str, module, ds_config: dict, model_config=None, seed: int = 0,
-                 bll_variant: str = "prototype", guard_weight: float = 1.0, learn_variance: bool = False,
-                 readout_max_logits_mb: float = 0.0):
+                 bll: BLLConfig | None = None):
+    """`bll`: the run's BLL section (method "bll" only; default BLLConfig())."""
+    ds_internals.check_deepspeed()  # before any group is created: a mismatch names the member
     grid = module.mpu()
     engine_kwargs = {}
     if method == "bll":
+        bll = bll or BLLConfig()
         stage, last = grid.get_stage_id(), grid.get_pipe_parallel_world_size() - 1
         feedback = None
         if stage < last:
-            torch.manual_seed(seed + FEEDBACK_SEED_OFFSET + stage)
-            feedback = build_feedback(bll_variant, model_config, guard_weight, learn_variance)
+            feedback = build_stage_feedback(bll, model_config, stage, seed)
             # A submodule of the stage's module: DeepSpeed's optimizer, precision casts and
             # ZeRO sharding see its parameters like any other. (Its weights are checkpointed by
             # bll_ds.checkpoint, since DeepSpeed saves pipeline layers only.)
             module.add_module("bll_feedback", feedback)
-        table_shape = ((model_config.vocab_size, model_config.hidden_size)
-                       if bll_variant in TABLE_VARIANTS else None)
-        engine_kwargs = dict(feedback=feedback, table_shape=table_shape, variant=bll_variant,
-                             readout_max_logits_mb=readout_max_logits_mb)
+        sends_table = get_variant(bll.variant).sends_table
+        table_shape = (model_config.vocab_size, model_config.hidden_size) if sends_table else None
+        engine_kwargs = dict(feedback=feedback, table_shape=table_shape,
+                             readout_max_logits_mb=bll.readout_max_logits_mb)
         grid = StageLocalGrid(grid, singleton_groups())
     # DeepSpeed's gradient-norm code (clipping; fp32 and ZeRO-1 paths) sums squared norms over the
     # model-parallel group but counts a parameter only on model-parallel rank 0 unless it is
@@ -57,10 +61,6 @@ def build_engine(method: str, module, ds_config: dict, model_config=None, seed: 
     # stage-local group of block-local learning, the stage's own norm.
     for param in module.parameters():
         param.model_parallel = True
-    config_class = DeepSpeedConfig(ds_config, grid)
-    deepspeed.set_optimizer_flags(config_class, module)
     engine_class = BLLPipelineEngine if method == "bll" else AccountedPipelineEngine
-    engine = engine_class(args=None, model=module, model_parameters=weight_decay_groups(module),
-                          mpu=grid, config=ds_config, config_class=config_class, seed=seed, **engine_kwargs)
-    engine._configure_python_gc()
-    return engine
+    return ds_internals.construct_pipeline_engine(engine_class, module, grid, ds_config,
+                                                  weight_decay_groups(module), seed=seed, **engine_kwargs)

@@ -33,13 +33,11 @@ class TableOutbox:
         self.dst_rank = dst_rank
         self.published = 0  # tables sent so far (P_0 .. P_{published-1})
         self._pending: list[tuple[object, torch.Tensor]] = []
-        self.bytes_sent = 0
 
     def publish(self, table: torch.Tensor) -> None:
         payload = table.detach().contiguous().clone()
         self._pending.append((tdist.isend(payload, self.dst_rank, tag=TABLE_TAG), payload))
         self.published += 1
-        self.bytes_sent += payload.numel() * payload.element_size()
         self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
 
     def flush(self) -> None:

@@ -28,6 +28,8 @@ import os
 import torch
 import torch.distributed as tdist
 
+from bll_ds.engine import deepspeed_internals as ds_internals
+
 INJECT_ENV = "BLL_DS_INJECT_NONFINITE"
 
 # Causes, as they appear in StepRecord.nonfinite and in messages.
@@ -79,17 +81,13 @@ def skip_update(engine, lr_kwargs) -> None:
     """The optimizer step of a skipped step: no update, no optimizer-state change, counters on."""
     clear_gradients(engine)
     advance_schedule(engine, lr_kwargs)
-    engine._step_applied = False
-    engine.skipped_steps += 1
-    engine.global_steps += 1
-    engine.global_samples += engine.train_batch_size()
-    engine.losses = None
+    ds_internals.count_skipped_step(engine)
 
 
 def after_optimizer_step(engine, lr_kwargs) -> str | None:
     """DeepSpeed's own optimizer skipped the step (an invalid gradient norm after the all-reduce)
     and held the schedule back: advance it, as for every other skipped step."""
-    if getattr(engine, "_step_applied", True):
+    if ds_internals.step_was_applied(engine):
         return None
     advance_schedule(engine, lr_kwargs)
     return DEEPSPEED

@@ -18,6 +18,7 @@ import torch
 from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
+from bll_ds.engine import deepspeed_internals as ds_internals
 from bll_ds.engine import nonfinite
 from bll_ds.engine.accounting import StageAccounting, tensor_bytes
 from bll_ds.engine.trace import StageTracer, traced
@@ -45,29 +46,30 @@ def _as_float(value) -> float | None:
 
 def _send_activations(self, buffer_id):
     with self.accounting.p2p():
-        PipelineEngine._exec_send_activations(self, buffer_id)
-    self.accounting.count("acts_sent", tensor_bytes(self.pipe_buffers["outputs"][buffer_id]), "bytes_down")
+        ds_internals.send_activations(self, buffer_id)
+    self.accounting.count("acts_sent", tensor_bytes(ds_internals.pipe_buffers(self)["outputs"][buffer_id]),
+                          "bytes_down")
 
 
 def _recv_activations(self, buffer_id):
     with self.accounting.p2p():
-        PipelineEngine._exec_recv_activations(self, buffer_id)
+        ds_internals.recv_activations(self, buffer_id)
     self.accounting.count("acts_received")
 
 
 def _send_grads(self, buffer_id):
     # The stock method frees the input buffer whose .grad it sends: measure first.
-    inputs = self.pipe_buffers["inputs"][buffer_id]
+    inputs = ds_internals.pipe_buffers(self)["inputs"][buffer_id]
     grads = inputs.grad if torch.is_tensor(inputs) else [t.grad for t in inputs if t.is_floating_point()]
     n_bytes = tensor_bytes(grads)
     with self.accounting.p2p():
-        PipelineEngine._exec_send_grads(self, buffer_id)
+        ds_internals.send_grads(self, buffer_id)
     self.accounting.count("grads_sent", n_bytes, "bytes_up")
 
 
 def _recv_grads(self, buffer_id):
     with self.accounting.p2p():
-        PipelineEngine._exec_recv_grads(self, buffer_id)
+        ds_internals.recv_grads(self, buffer_id)
     self.accounting.count("grads_received")
 
 
@@ -78,7 +80,7 @@ def _guarded_reduce_grads(self):
     if self.nonfinite:
         nonfinite.clear_gradients(self)
         return
-    PipelineEngine._exec_reduce_grads(self)
+    ds_internals.reduce_grads(self)
 
 
 def guarded_optimizer_step(self, lr_kwargs=None):
@@ -86,13 +88,13 @@ def guarded_optimizer_step(self, lr_kwargs=None):
     if self.nonfinite:
         nonfinite.skip_update(self, lr_kwargs)
         return
-    PipelineEngine._exec_optimizer_step(self, lr_kwargs)
+    ds_internals.optimizer_step(self, lr_kwargs)
     self.nonfinite = nonfinite.after_optimizer_step(self, lr_kwargs)
 
 
 class AccountedPipelineEngine(PipelineEngine):
     _INSTRUCTION_MAP = traced({
-        **PipelineEngine._INSTRUCTION_MAP,
+        **ds_internals.stock_instruction_map(),
         schedule.SendActivation: _send_activations,
         schedule.RecvActivation: _recv_activations,
         schedule.SendGrad: _send_grads,
@@ -129,7 +131,8 @@ class AccountedPipelineEngine(PipelineEngine):
     def step_losses(self) -> list[torch.Tensor]:
         """This stage's losses of the current step, before its optimizer step (backprop: the
         last stage's; the others see a non-finite loss through their gradients)."""
-        return [self.total_loss] if self.is_last_stage() and torch.is_tensor(self.total_loss) else []
+        loss = ds_internals.last_stage_loss(self)
+        return [loss] if self.is_last_stage() and torch.is_tensor(loss) else []
 
     def weights(self) -> list[torch.Tensor]:
         """Every tensor this stage keeps between steps (not activations)."""

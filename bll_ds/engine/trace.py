@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from bll_ds import run_dir as names
+
 # Instructions whose forward computation saves tensors for backward: metered.
 SAVES_ACTIVATIONS = {"ForwardPass", "ForwardBLL", "LocalBackward", "FinishStep"}
 
@@ -116,20 +118,15 @@ class StageTracer:
         return round(self.meter.peak_bytes / 2**20, 2) if self._meter_ready else None
 
     def dump(self, run_dir: Path) -> None:
-        timeline_path(run_dir, self.stage).write_text(json.dumps({"stage": self.stage, "clock": "time.monotonic",
+        names.timeline(run_dir, self.stage).write_text(json.dumps({"stage": self.stage, "clock": "time.monotonic",
                                     "steps": [self.steps.start, self.steps.stop - 1],
                                     "events": [{"op": n, "step": s, "start": a, "end": b}
                                                for n, s, a, b in self.events]}))
 
 
-def timeline_path(run_dir: Path, stage: int) -> Path:
-    return run_dir / f"timeline_stage{stage}.json"
-
-
 def read_timelines(run_dir: Path) -> list[dict]:
     """Every stage's timeline of a run, stage 0 first (empty when the run traced nothing)."""
-    paths = sorted(run_dir.glob("timeline_stage*.json"), key=lambda p: int(p.stem.removeprefix("timeline_stage")))
-    return [json.loads(path.read_text()) for path in paths]
+    return [json.loads(path.read_text()) for path in names.timelines(run_dir)]
 
 
 def traced(instruction_map: dict) -> dict:

@@ -6,7 +6,7 @@ imposed at load time, because the pipeline depends on them:
 
 - `_attn_implementation = "sdpa"`: a decoder block called outside its HF model gets no causal
   mask from the model. SDPA with no mask takes its `is_causal` path; eager attention would
-  silently let positions see the future (DESIGN.md §3, "causality trap").
+  silently let positions see the future (tests/test_modeling.py checks causality).
 - `vocab_size` is set from the run's tokenizer (the spec's value is a placeholder).
 """
 
@@ -49,10 +49,3 @@ def load_model_spec(path: str | Path, vocab_size: int | None = None) -> Pretrain
     config.use_cache = False
     return config
 
-
-def num_layers(config: PretrainedConfig) -> int:
-    return config.num_hidden_layers
-
-
-def context_length(config: PretrainedConfig) -> int:
-    return config.max_position_embeddings

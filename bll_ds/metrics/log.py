@@ -1,5 +1,4 @@
-"""Run outputs: JSON lines and TensorBoard events, a tqdm progress bar, plain log lines, and
-summary.json at the end.
+"""Run logs: JSON lines and TensorBoard events, a tqdm progress bar, plain log lines.
 
 Two kinds of writer, so that logging never needs a collective across stages during training:
 - the run log, on the last stage's first replica (it holds the real LM loss): metrics.jsonl, tb/;
@@ -10,13 +9,13 @@ Two kinds of writer, so that logging never needs a collective across stages duri
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from bll_ds.atomic import atomic_write_text
 
 
 class MetricsLog:
@@ -75,5 +74,17 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def write_summary(run_dir: Path, summary: dict) -> None:
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+def log_step_records(records, log: MetricsLog, stage_log: MetricsLog, tokens_per_step: int) -> None:
+    """The run log (last stage) gets the LM loss and throughput; each stage log its own terms.
+    A skipped step is logged with `skipped` 1 and no loss (NaN is not JSON)."""
+    for r in records:
+        loss = r.loss if math.isfinite(r.loss) else None
+        skipped = 1 if r.nonfinite else None
+        log.log(r.step, {"train/loss": loss, "train/skipped": skipped, "train/lr": r.lr,
+                         "train/tokens_per_s": tokens_per_step / r.step_s,
+                         "train/tokens_seen": r.step * tokens_per_step})
+        stage_log.log(r.step, {"stage/loss": loss, "stage/skipped": skipped, "stage/step_s": r.step_s,
+                               "stage/busy_s": r.busy_s, "stage/idle_s": r.idle_s, "stage/grad_norm": r.grad_norm,
+                               "stage/update_norm": r.update_norm,
+                               **{f"stage/{k}": v for k, v in r.terms.items()}}, echo=False)

@@ -18,8 +18,8 @@ What FlopCounterMode counts instead (torch 2.13), checked by tests/test_flops.py
   and counts 0; under the MATH backend it decomposes into bmm's and counts exactly our convention.
 - On GPU, the flash / efficient / cuDNN kernels count forward 4*T*H_attn per token (not halved
   either) but backward 5 products instead of 4 (the scores are recomputed), i.e. 2.5 x forward:
-  FlopCounterMode's attention training FLOPs are 3.5/3 of ours. `ATTENTION_BACKWARD_RECOMPUTE`
-  records that factor; nothing here uses it.
+  FlopCounterMode's attention training FLOPs are 3.5/3 of ours (tests/test_flops.py guards the
+  factor).
 
 Stage layout (DeepSpeed's type-based partition, bll_ds/modeling/pipeline.py): decoder layers per
 `stage_layer_counts`, the embedding on stage 0, the LM head (final norm + Linear(H, V)) on the
@@ -32,12 +32,11 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
-from bll_ds.bll.variants import TABLE_VARIANTS, VARIANTS
+from bll_ds.bll.variants import get as get_variant
 from bll_ds.modeling.pipeline import stage_layer_counts
 
 METHODS = ("bp", "bll")
 TRAIN_OVER_FORWARD = 3           # forward + input-gradient + weight-gradient products
-ATTENTION_BACKWARD_RECOMPUTE = 2.5  # FlopCounterMode's GPU SDPA backward / forward (see above)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,59 +89,25 @@ def head_forward_flops(config: PretrainedConfig) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# BLL local readouts (non-last stages), per token and per micro-batch
+# BLL local readouts (non-last stages): each variant declares its own (bll_ds/bll/feedback.py)
 # ---------------------------------------------------------------------------------------------
 
 def readout_flops_per_token(config: PretrainedConfig, variant: str) -> float:
     """Training FLOPs per token of a non-last stage's local loss (forward + backward), beyond the
-    stage's own blocks. Mirrors bll_ds/bll/feedback.py:
-
-    prototype  logits = norm(h) @ m_k^T, m_k [V, H] a leaf that accumulates its gradient:
-               forward 2HV, grad of h 2HV, grad of m_k 2HV -> 6HV.
-    dgl        a free head Linear(H, V): same three products -> 6HV.
-    drtp       a fixed random table (buffer, no gradient): forward + grad of h -> 4HV.
-    gaussian,  forward message P norm(h), P [H, H] trained: 6H^2; plus the collapse guard's
-    bernoulli  covariance over the micro-batch's tokens, centred^T centred [H, N] @ [N, H]:
-               2H^2 per token forward, 4H^2 backward -> 6H^2. The target rows m_k[y_t] are a
-               gather (0). Total 12H^2. (The guard on the table is per micro-batch, see
-               `readout_flops_per_micro_batch`.)
-    """
-    hidden, vocab = config.hidden_size, config.vocab_size
-    if variant in ("prototype", "dgl"):
-        return 6.0 * hidden * vocab
-    if variant == "drtp":
-        return 4.0 * hidden * vocab
-    if variant in ("gaussian", "bernoulli"):
-        return 12.0 * hidden * hidden
-    raise ValueError(f"unknown BLL variant {variant!r}; choose one of {VARIANTS}")
+    stage's own blocks: prototype and dgl 6HV, drtp 4HV, gaussian and bernoulli 12H^2."""
+    return get_variant(variant).readout_flops_per_token(config)
 
 
 def readout_flops_per_micro_batch(config: PretrainedConfig, variant: str) -> float:
-    """Per micro-batch (independent of its token count): the gaussian / bernoulli collapse guard
-    on the whole target table, covariance [H, V] @ [V, H] forward 2VH^2 and backward 4VH^2, which
-    `local_loss` recomputes for every micro-batch. Other variants: 0."""
-    if variant in ("gaussian", "bernoulli"):
-        return 6.0 * config.vocab_size * config.hidden_size ** 2
-    return 0.0
+    """Per micro-batch, independent of its token count (the gaussian / bernoulli collapse guard on
+    the whole table: 6VH^2); 0 for the others."""
+    return get_variant(variant).readout_flops_per_micro_batch(config)
 
 
-def feedback_step_flops(config: PretrainedConfig, variant: str, feedback_hidden: int | None = None) -> float:
-    """Per optimizer STEP, per non-last stage: the feedback block g_k (TableMap, H -> Hg -> H with
-    Hg = feedback_hidden or H) applied to the V x H table. Table variants only (else 0):
-
-    targets()     g_k forward once per step, without a graph                2 products: 4 V H Hg
-    finish_step   g_k forward again (recomputed rather than held) and its
-                  backward: `down` grad of input and weight, `up` grad of
-                  weight only (the upstream table is detached)              5 products: 10 V H Hg
-    publish()     g_k forward after the optimizer step                      2 products: 4 V H Hg
-    """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown BLL variant {variant!r}; choose one of {VARIANTS}")
-    if variant not in TABLE_VARIANTS:
-        return 0.0
-    hidden = config.hidden_size
-    width = feedback_hidden or hidden
-    return 18.0 * config.vocab_size * hidden * width
+def feedback_step_flops(config: PretrainedConfig, variant: str) -> float:
+    """Per optimizer STEP, per non-last stage: the feedback network's own update (the table
+    variants' g_k on the V x H table: 18 V H^2); 0 for dgl and drtp."""
+    return get_variant(variant).step_flops(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,8 +141,7 @@ class StageFlops:
 def _check_method(method: str, variant: str) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown BLL variant {variant!r}; choose one of {VARIANTS}")
+    get_variant(variant)  # raises, naming the registered variants
 
 
 def stage_flop_split(config: PretrainedConfig, stages: int, seq_len: int, method: str = "bp",
@@ -223,34 +187,13 @@ def model_flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
 # Parameters per stage (for optimizer-step cost estimates)
 # ---------------------------------------------------------------------------------------------
 
-def feedback_parameters(config: PretrainedConfig, variant: str, feedback_hidden: int | None = None) -> float:
-    """Trainable parameters of one non-last stage's feedback block and readout (feedback.py):
-    table variants hold g_k (H -> Hg -> H), gaussian / bernoulli also P [H, H], dgl its free
-    head [V, H], drtp nothing trainable (biases and norm weights left out)."""
-    hidden = config.hidden_size
-    table_map = 2 * hidden * (feedback_hidden or hidden)
-    return {"prototype": table_map, "gaussian": table_map + hidden * hidden,
-            "bernoulli": table_map + hidden * hidden, "dgl": config.vocab_size * hidden,
-            "drtp": 0.0}[variant]
+def feedback_parameters(config: PretrainedConfig, variant: str) -> float:
+    """Trainable parameters of one non-last stage's feedback block and readout, matrices only
+    (biases and norm weights left out): the table variants' g_k, gaussian / bernoulli also P,
+    dgl its free head [V, H], drtp nothing trainable."""
+    return float(get_variant(variant).trainable_matrix_parameters(config))
 
 
 def embedding_parameters(config: PretrainedConfig) -> float:
     positions = config.max_position_embeddings if config.model_type == "gpt2" else 0
     return (config.vocab_size + positions) * config.hidden_size
-
-
-def stage_parameters(config: PretrainedConfig, layers_per_stage: list[float], method: str = "bp",
-                     variant: str = "prototype", feedback_hidden: int | None = None) -> list[float]:
-    """Trainable parameters per stage, from the weight products (norm weights and biases, well
-    under 1%, are left out). Stage 0 holds the embedding (and GPT-2's positions), the last the
-    LM head; under BLL each non-last stage also holds its feedback block."""
-    _check_method(method, variant)
-    per_layer = layer_projection_flops(config) / 2
-    feedback = feedback_parameters(config, variant, feedback_hidden) if method == "bll" else 0.0
-    params = []
-    for k, layers in enumerate(layers_per_stage):
-        last = k == len(layers_per_stage) - 1
-        count = layers * per_layer + (embedding_parameters(config) if k == 0 else 0.0)
-        count += config.vocab_size * config.hidden_size if last else feedback
-        params.append(count)
-    return params

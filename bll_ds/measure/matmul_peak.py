@@ -30,3 +30,8 @@ def matmul_peaks(device: torch.device) -> dict[str, float]:
     """GFLOP/s in fp32 and bf16."""
     return {name: round(matmul_flops_per_s(device, dtype) / 1e9, 1)
             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+
+
+def best_of(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Per dtype, the better of two measurements (a neighbour may have shared the core in one)."""
+    return {dtype: max(a[dtype], b[dtype]) for dtype in a}

@@ -1,0 +1,164 @@
+"""The one place that reaches into DeepSpeed's private members (pinned: deepspeed 0.19.8).
+
+The engines subclass DeepSpeed's PipelineEngine and run their own instructions, which needs a
+few things DeepSpeed does not offer publicly: the stock instruction handlers called unbound, the
+engine-level forward and backward that PipelineEngine refuses outside train_batch, the pipe
+buffers, the tensor-meta handshake, the counters a skipped step must advance, and the engine
+constructed by hand (deepspeed.initialize always builds the stock class). Everything of that kind
+is a function here, so that the rest of the code never names a private DeepSpeed member.
+
+`check_deepspeed()` runs when an engine is built, before any process group traffic: if the
+installed DeepSpeed lacks a member this module uses, it stops with the member's name and the
+pinned version, instead of an AttributeError deep inside a launched rank.
+"""
+
+from __future__ import annotations
+
+import deepspeed
+from deepspeed.runtime.config import DeepSpeedConfig
+from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.pipe import schedule
+from deepspeed.runtime.pipe.engine import PipelineEngine
+
+from bll_ds.errors import UserError
+
+PINNED_VERSION = "0.19.8"  # pyproject.toml pins the same
+
+# Members looked up on the classes (methods and class attributes) ...
+CLASS_MEMBERS = {
+    PipelineEngine: ("_INSTRUCTION_MAP", "_exec_schedule", "_exec_send_activations", "_exec_recv_activations",
+                     "_exec_send_grads", "_exec_recv_grads", "_exec_reduce_grads", "_exec_optimizer_step",
+                     "_send_tensor_meta", "train_batch", "eval_batch", "is_first_stage", "is_last_stage"),
+    DeepSpeedEngine: ("forward", "backward", "_configure_python_gc", "get_global_grad_norm", "get_lr",
+                      "zero_grad", "bfloat16_enabled", "fp16_enabled", "zero_optimization", "train_batch_size"),
+}
+SCHEDULE_MEMBERS = ("PipeSchedule", "PipeInstruction", "BufferOpInstruction", "SendActivation", "RecvActivation",
+                    "SendGrad", "RecvGrad", "ReduceGrads", "OptimizerStep")
+# ... and on a constructed engine (set in DeepSpeed's __init__).
+INSTANCE_MEMBERS = ("pipe_buffers", "first_output_send", "next_stage", "tput_timer", "global_steps",
+                    "global_samples", "skipped_steps", "total_loss", "micro_batches", "grid", "module",
+                    "optimizer", "lr_scheduler", "mpu")
+
+
+def _mismatch(member: str) -> UserError:
+    return UserError(f"the installed DeepSpeed {deepspeed.__version__} has no {member}, which bll-ds uses "
+                     f"(bll_ds/engine/deepspeed_internals.py); bll-ds is built against deepspeed {PINNED_VERSION}.",
+                     f"install the pinned version: pip install --no-build-isolation deepspeed=={PINNED_VERSION} "
+                     f"(or `make venv`).")
+
+
+def check_deepspeed() -> None:
+    """Every class-level member this module touches exists (fast: attribute look-ups only)."""
+    for cls, members in CLASS_MEMBERS.items():
+        for member in members:
+            if not hasattr(cls, member):
+                raise _mismatch(f"{cls.__name__}.{member}")
+    for member in SCHEDULE_MEMBERS:
+        if not hasattr(schedule, member):
+            raise _mismatch(f"deepspeed.runtime.pipe.schedule.{member}")
+
+
+def check_engine(engine) -> None:
+    """The instance attributes this module reads exist on a freshly constructed engine."""
+    for member in INSTANCE_MEMBERS:
+        if not hasattr(engine, member):
+            raise _mismatch(f"PipelineEngine instance attribute {member}")
+
+
+# ---- construction ------------------------------------------------------------------------------
+
+def construct_pipeline_engine(engine_class, module, grid, ds_config: dict, model_parameters, **kwargs):
+    """Build `engine_class` (a PipelineEngine subclass) as deepspeed.initialize builds the stock
+    PipelineEngine: the same config class and optimizer flags, the mpu from the PipelineModule."""
+    check_deepspeed()
+    config_class = DeepSpeedConfig(ds_config, grid)
+    deepspeed.set_optimizer_flags(config_class, module)
+    engine = engine_class(args=None, model=module, model_parameters=model_parameters, mpu=grid,
+                          config=ds_config, config_class=config_class, **kwargs)
+    engine._configure_python_gc()
+    check_engine(engine)
+    return engine
+
+
+# ---- stock handlers, called unbound on our subclasses --------------------------------------------
+
+def stock_instruction_map() -> dict:
+    """DeepSpeed's instruction class -> handler map, which our engines extend."""
+    return dict(PipelineEngine._INSTRUCTION_MAP)
+
+
+def run_schedule(engine, pipe_schedule) -> None:
+    engine._exec_schedule(pipe_schedule)
+
+
+def send_activations(engine, buffer_id: int) -> None:
+    PipelineEngine._exec_send_activations(engine, buffer_id)
+
+
+def recv_activations(engine, buffer_id: int) -> None:
+    PipelineEngine._exec_recv_activations(engine, buffer_id)
+
+
+def send_grads(engine, buffer_id: int) -> None:
+    PipelineEngine._exec_send_grads(engine, buffer_id)
+
+
+def recv_grads(engine, buffer_id: int) -> None:
+    PipelineEngine._exec_recv_grads(engine, buffer_id)
+
+
+def reduce_grads(engine) -> None:
+    PipelineEngine._exec_reduce_grads(engine)
+
+
+def optimizer_step(engine, lr_kwargs=None) -> None:
+    PipelineEngine._exec_optimizer_step(engine, lr_kwargs)
+
+
+def stage_forward(engine, inputs):
+    """The engine-level forward (precision casts, hooks) that PipelineEngine.forward refuses to
+    run outside its own schedule."""
+    return DeepSpeedEngine.forward(engine, inputs)
+
+
+def stage_backward(engine, loss, scale_by_micro_batches: bool = True) -> None:
+    """DeepSpeed's backward (loss scaling, bf16/ZeRO gradient hooks), dividing by the
+    gradient-accumulation steps when asked, as it does for every micro-batch of its own."""
+    DeepSpeedEngine.backward(engine, loss, scale_wrt_gas=scale_by_micro_batches)
+
+
+def send_tensor_meta_once(engine, outputs) -> None:
+    """The shape/dtype handshake the receiving stage's stock RecvActivation expects, once."""
+    if engine.first_output_send:
+        engine.first_output_send = False
+        engine._send_tensor_meta(outputs, engine.next_stage)
+
+
+def start_throughput_timer(engine) -> None:
+    engine.tput_timer.start()
+
+
+def pipe_buffers(engine) -> dict:
+    """DeepSpeed's per-buffer slots: "inputs", "labels", "outputs"."""
+    return engine.pipe_buffers
+
+
+def last_stage_loss(engine):
+    """The loss DeepSpeed's last stage computed in the current train_batch (a tensor, or None)."""
+    return engine.total_loss
+
+
+# ---- the counters a skipped step advances -------------------------------------------------------
+
+def count_skipped_step(engine) -> None:
+    """What DeepSpeed's own overflow skip does to its counters, minus holding the schedule back."""
+    engine._step_applied = False
+    engine.skipped_steps += 1
+    engine.global_steps += 1
+    engine.global_samples += engine.train_batch_size()
+    engine.losses = None
+
+
+def step_was_applied(engine) -> bool:
+    """False when DeepSpeed's optimizer skipped its last step (an invalid gradient norm)."""
+    return getattr(engine, "_step_applied", True)

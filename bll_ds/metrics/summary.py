@@ -1,0 +1,85 @@
+"""summary.json: the run's figures, assembled once at its end from every rank's stage summary."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from bll_ds.atomic import atomic_write_text
+from bll_ds.measure.flops import feedback_step_flops, stage_flops
+from bll_ds.modeling import count_parameters
+from bll_ds.run_dir import SUMMARY
+
+
+def build_summary(cfg, ds, engine, model_config, recent, step_times, seq_len: int, start_step: int,
+                  val_loss: float, started: float, wall_s: float, train_wall_s: float,
+                  matmul_peak_gflops: dict | None) -> dict:
+    """Gathers every rank's stage summary: the run's one collective outside evaluation and
+    checkpoints, at its very end. `recent`: the last applied StepRecords; `step_times`: every
+    step's seconds on this rank (the warm-up ones are left out of the medians)."""
+    mine = {**engine.accounting.summary(), "params_sha256": params_digest(engine.module),
+            "activation_peak_mb": engine.tracer.activation_peak_mb, "matmul_peak_gflops": matmul_peak_gflops,
+            "local_loss": round(statistics.mean(r.loss for r in recent), 5) if recent else None,
+            "local_terms": {k: round(statistics.mean(r.terms[k] for r in recent), 5)
+                            for k in (recent[-1].terms if recent else {})},
+            "skipped_steps": engine.skipped_steps}
+    warm = step_times[cfg.metrics.throughput_warmup_steps:] or step_times
+    tokens_per_step = ds.train_batch_size * seq_len
+    mine.update(flop_rates(cfg, ds, engine.stage_id, model_config, seq_len, statistics.median(warm),
+                           matmul_peak_gflops))
+    stage_summaries = _gather_objects(mine)
+    return {
+        "method": cfg.method, "bll_variant": cfg.bll.variant if cfg.method == "bll" else None,
+        "on_nonfinite": cfg.nonfinite.policy,
+        "stages": cfg.stages, "dp": ds.data_parallel,
+        "params": count_parameters(model_config), "steps": ds.steps, "resumed_from_step": start_step,
+        "tokens_seen": ds.steps * tokens_per_step, "tokens_per_step": tokens_per_step,
+        "started_at": round(started, 3), "wall_s": round(wall_s, 2), "train_wall_s": round(train_wall_s, 2),
+        "tokens_per_s": round(tokens_per_step / statistics.median(warm), 1),
+        "step_s_median": round(statistics.median(warm), 5),
+        "val_loss": round(val_loss, 5), "seq_len": seq_len, "micro_batches": ds.micro_batches,
+        "micro_batch_size": ds.micro_batch_size, "bf16": ds.bf16,
+        "device": str(engine.device), "stage_layout": "per stage: data-parallel replica 0; "
+        "tokens_per_s and step times from the last stage",
+        "stages_detail": [{**s, "replicas_identical": len({r["params_sha256"] for r in stage_summaries
+                                                             if r["stage"] == s["stage"]}) == 1}
+                          for s in stage_summaries if s["dp_rank"] == 0],
+    }
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    atomic_write_text(Path(run_dir) / SUMMARY, json.dumps(summary, indent=2) + "\n")
+
+
+def flop_rates(cfg, ds, stage: int, model_config, seq_len: int, step_s: float, peaks: dict | None) -> dict:
+    """This stage's model FLOP/s over the median step, and its utilisation of the matmul peak
+    measured in this run (in the training precision). BLL stages count their local readout and
+    feedback update as work; see bll_ds/measure/flops.py for the conventions."""
+    variant = cfg.bll.variant
+    per_token = stage_flops(model_config, cfg.stages, seq_len, cfg.method, variant,
+                            micro_batch_tokens=ds.micro_batch_size * seq_len)[stage]
+    per_step = per_token * ds.micro_batch_size * ds.micro_batches * seq_len
+    if cfg.method == "bll" and stage < cfg.stages - 1:
+        per_step += feedback_step_flops(model_config, variant)
+    gflops = per_step / step_s / 1e9
+    peak = (peaks or {}).get("bf16" if ds.bf16 else "fp32")
+    return {"model_gflops_per_s": round(gflops, 2), "mfu": round(gflops / peak, 4) if peak else None}
+
+
+def params_digest(module) -> str:
+    """Hash of this rank's weights: data-parallel replicas of a stage must agree bit for bit."""
+    digest = hashlib.sha256()
+    for name, param in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _gather_objects(obj) -> list:
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out

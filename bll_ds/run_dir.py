@@ -1,0 +1,63 @@
+"""Every name inside a run directory (--out), defined once.
+
+    RUN_DIR/
+        model_config.json              the resolved model (the tokenizer sets the vocabulary)
+        tokenizer.model                the run's sentencepiece tokenizer (reused on resume)
+        summary.json                   written once, at the end
+        metrics.jsonl, tb/             the run log (last stage)
+        metrics_stage{k}.jsonl, tb/stage{k}/   one stage log per stage
+        timeline_stage{k}.json         traced pipeline instructions of stage k
+        checkpoints/latest             names the newest complete checkpoint
+        checkpoints/step_NNNNNNN/      DeepSpeed's files (layer_NN-model_states.pt, ...),
+                                       complete.json, bll_stage{kk}.pt
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MODEL_CONFIG = "model_config.json"
+TOKENIZER_MODEL = "tokenizer.model"
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tb"
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"                  # inside CHECKPOINTS
+COMPLETE_MARKER = "complete.json"  # inside a checkpoint folder, written last
+TIMELINE_PREFIX = "timeline_stage"
+
+
+def checkpoints(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def checkpoint_tag(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def block_local_state(stage: int) -> str:
+    """A stage's block-local state inside a checkpoint folder (feedback weights, table queue)."""
+    return f"bll_stage{stage:02d}.pt"
+
+
+def layer_weights(index: int) -> str:
+    """DeepSpeed's file for pipeline layer `index` (its position in the pipeline) in a checkpoint folder."""
+    return f"layer_{index:02d}-model_states.pt"
+
+
+def stage_metrics(run_dir: Path, stage: int) -> Path:
+    return Path(run_dir) / f"metrics_stage{stage}.jsonl"
+
+
+def stage_tensorboard(run_dir: Path, stage: int) -> Path:
+    return Path(run_dir) / TENSORBOARD / f"stage{stage}"
+
+
+def timeline(run_dir: Path, stage: int) -> Path:
+    return Path(run_dir) / f"{TIMELINE_PREFIX}{stage}.json"
+
+
+def timelines(run_dir: Path) -> list[Path]:
+    """Every stage's timeline file, stage 0 first."""
+    paths = Path(run_dir).glob(f"{TIMELINE_PREFIX}*.json")
+    return sorted(paths, key=lambda p: int(p.stem.removeprefix(TIMELINE_PREFIX)))
