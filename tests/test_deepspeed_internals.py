@@ -52,8 +52,8 @@ def test_the_build_runs_the_check_first(monkeypatch):
 
 
 # Private DeepSpeed members and unbound stock handlers, as they would be written elsewhere.
-PRIVATE_USE = re.compile(r"\bPipelineEngine\._|\bDeepSpeedEngine\.|\._exec_\w+|_send_tensor_meta|"
-                         r"_step_applied|_configure_python_gc|(?<!ds_internals)\.pipe_buffers\b|first_output_send|tput_timer|"
+PRIVATE_USE = re.compile(r"\bPipelineEngine\._|\bDeepSpeedEngine\.|\._exec_\w+|_send_tensor_meta|_step_applied|"
+                         r"_configure_python_gc|(?<!ds_internals)\.pipe_buffers\b|first_output_send|tput_timer|"
                          r"\.total_loss\b|DeepSpeedConfig\(|set_optimizer_flags")
 
 

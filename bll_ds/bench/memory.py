@@ -185,7 +185,8 @@ def readout_saved_bytes(config: PretrainedConfig, e: int, readout: str = LM_HEAD
 def modelled_variants() -> tuple[str, ...]:
     """BLL variants whose readout activations the planner models (those that declare them)."""
     probe = SimpleNamespace(vocab_size=1, hidden_size=1)
-    return tuple(n for n in variants.names() if variants.get(n).readout_saved_bytes_per_token(probe, FP32, 0) is not None)
+    return tuple(name for name in variants.names()
+                 if variants.get(name).readout_saved_bytes_per_token(probe, FP32, 0) is not None)
 
 
 def readout_slices(variant: str, micro_batch_size: int, seq_len: int, vocab_size: int,
