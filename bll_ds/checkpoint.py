@@ -82,6 +82,11 @@ def check_compatible(saved: dict, current: dict, run_dir: Path) -> None:
                 f"{key}={current.get(key)!r}.",
                 "resume with the same model, tokenizer, stages, replicas, batch shape and seed, "
                 "or start a new --out.")
+    if bool(saved.get("emulated")) != bool(current.get("emulated")):
+        raise UserError(f"the checkpoint in {run_dir} was written by "
+                        f"{'the one-process emulator' if saved.get('emulated') else 'a launched pipeline'}, "
+                        f"and its optimizer state is laid out for that.",
+                        f"resume {'with' if saved.get('emulated') else 'without'} --emulate, or start a new --out.")
 
 
 def load(engine, run_dir: Path, tag: str) -> None:

@@ -104,6 +104,9 @@ class RunConfig:
     method: str = _doc("'bll' = block-local learning (each stage trains on its own local loss); "
                        "'bp' = DeepSpeed's own pipeline backprop (1F1B), the baseline.", default="bll")
     stages: int = _doc("Pipeline stages S. The launch needs N = S x data-parallel replicas ranks.", default=2)
+    emulate: bool = _doc("Train the S-stage pipeline in this one process, on one device (CUDA when present, "
+                         "else every CPU core), with the launched run's semantics (bll_ds/engine/emulator.py): "
+                         "run with python, not a launcher. For depth sweeps at 8-16+ stages.", default=False)
     data: str | None = _doc("Text/jsonl/parquet file, folder, glob, or HF dataset name[:config]. "
                             "Default: the Python standard library sources of this interpreter.", default=None)
     tokenizer: str = _doc("'char', 'bpe:N', 'unigram:N' (trained on the training split, saved in the run "

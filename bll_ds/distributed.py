@@ -32,12 +32,15 @@ def peer_lost(err: BaseException) -> str | None:
     return next((text for text in _PEER_LOST if text in str(err)), None)
 
 
-def init() -> None:
+def init(all_cores: bool = False) -> None:
+    """all_cores: this process is the whole job (the one-process emulator), so its intra-op pool
+    takes every core unless BLL_DS_THREADS says otherwise."""
     accel = get_accelerator()
     if accel.device_name() == "cpu":
         # One intra-op thread per rank: N ranks share the machine's cores, and oversubscribed
         # OpenMP pools make every stage slower and the timings meaningless.
-        torch.set_num_threads(max(1, int(os.environ.get("BLL_DS_THREADS", "1"))))
+        default = str(os.cpu_count() or 1) if all_cores else "1"
+        torch.set_num_threads(max(1, int(os.environ.get("BLL_DS_THREADS", default))))
     else:
         accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False)

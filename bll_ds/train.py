@@ -22,6 +22,7 @@ from bll_ds.config import RunConfig, parse_run_config
 from bll_ds.data import EvalBatches, MicroBatchSampler, parse_tokenizer_spec
 from bll_ds.ds_config import DsSettings, load_ds_config
 from bll_ds.engine import build_engine
+from bll_ds.engine.emulator import EmulatedPipeline
 from bll_ds.engine.trace import StageTracer
 from bll_ds.errors import UserError
 from bll_ds.measure.matmul_peak import best_of, matmul_peaks
@@ -67,7 +68,11 @@ def train(cfg: RunConfig, started: float) -> None:
     spec = load_model_spec(cfg.model)
     check_stages(spec, cfg.stages)
     _seq_len(cfg, spec)
-    ds = load_ds_config(cfg.deepspeed_config, world, cfg.stages, cfg.steps)
+    if cfg.emulate and world > 1:
+        raise UserError(f"--emulate trains all {cfg.stages} stages in one process, but this is one of {world} "
+                        f"launched ranks.", "run it with python, not a launcher: python scripts/pretrain.py --emulate ...")
+    # The emulator is S ranks of one replica each, in one process.
+    ds = load_ds_config(cfg.deepspeed_config, cfg.stages if cfg.emulate else world, cfg.stages, cfg.steps)
     parse_tokenizer_spec(cfg.tokenizer)
     run_dir = Path(cfg.out)
     if cfg.nonfinite.max_consecutive_skips < 0:
@@ -76,7 +81,7 @@ def train(cfg: RunConfig, started: float) -> None:
     _check_run_dir(run_dir, cfg.checkpoint.resume)
     check_run_dir_storage(run_dir, count_parameters(spec), cfg.checkpoint.keep)
     created_run_dir = not run_dir.exists()
-    distributed.init()
+    distributed.init(all_cores=cfg.emulate)
     try:
         _train(cfg, ds, run_dir, started)
     except UserError:
@@ -94,8 +99,11 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
         # rebuild from the checkpoint, without the spec file the run was started with.
         atomic_write_text(run_dir / names.MODEL_CONFIG, model_config.to_json_string())
     seq_len = _seq_len(cfg, model_config)
-    engine = build_engine(cfg.method, build_pipeline_module(model_config, cfg.stages, cfg.seed), ds.config,
-                          model_config, cfg.seed, cfg.bll)
+    if cfg.emulate:
+        engine = EmulatedPipeline(cfg.method, model_config, cfg.stages, ds, cfg.seed, cfg.bll)
+    else:
+        engine = build_engine(cfg.method, build_pipeline_module(model_config, cfg.stages, cfg.seed), ds.config,
+                              model_config, cfg.seed, cfg.bll)
     stage, dp_rank = engine.stage_id, engine.grid.data_parallel_id
     sampler = MicroBatchSampler(data.train_tokens, seq_len, ds.micro_batch_size, cfg.seed,
                                 dp_rank=dp_rank, dp_size=ds.data_parallel)
@@ -118,10 +126,11 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
     is_logger = dist.get_rank() == engine.grid.stage_to_global(cfg.stages - 1, data=0)
     log = MetricsLog(run_dir / names.METRICS, run_dir / names.TENSORBOARD, is_logger, start_step,
                      ds.steps if cfg.metrics.progress else None)
-    stage_log = MetricsLog(names.stage_metrics(run_dir, stage), names.stage_tensorboard(run_dir, stage),
-                           dp_rank == 0, start_step)
-    on_nonfinite = NonFinitePolicy(cfg.nonfinite.policy, cfg.nonfinite.max_consecutive_skips, stage, run_dir,
-                                   stage_log.print)
+    # One stage log and non-finite policy per stage this process trains (the emulator: all).
+    stage_logs = {k: MetricsLog(names.stage_metrics(run_dir, k), names.stage_tensorboard(run_dir, k),
+                                dp_rank == 0, start_step) for k in engine.local_stages}
+    on_nonfinite = {k: NonFinitePolicy(cfg.nonfinite.policy, cfg.nonfinite.max_consecutive_skips, k, run_dir,
+                                       stage_logs[k].print) for k in engine.local_stages}
     log.print(f"bll-ds: {cfg.method}{'/' + cfg.bll.variant if cfg.method == 'bll' else ''} | "
               f"{cfg.stages} stages x {ds.data_parallel} replicas | "
               f"{count_parameters(model_config) / 1e6:.2f}M params | vocab {model_config.vocab_size} | "
@@ -131,18 +140,22 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
     # Measured before and after training, the best kept: a neighbour's start-up or evaluation
     # can share the core during one of the two.
     peaks_before = matmul_peaks(engine.device) if cfg.metrics.measure_matmul_peak else None
-    step, step_times, recent, val_loss = start_step, [], [], None
+    step, step_times, val_loss = start_step, [], None
+    recent = {k: [] for k in engine.local_stages}
     train_started = time.time()
     while step < ds.steps:
         n = _call_length(step, cfg, ds.steps)
         logged = [s for s in range(step + 1, step + n + 1) if s % cfg.metrics.log_interval == 0 or s == ds.steps]
-        records = engine.train_steps(step, n, sampler.get, track_update_at=logged)
-        on_nonfinite.check(records)  # rank-local: the engine already agreed with who shares the update
+        by_stage = engine.train_steps(step, n, sampler.get, track_update_at=logged)
+        for k, stage_records in by_stage.items():
+            on_nonfinite[k].check(stage_records)  # rank-local: the engine already agreed with who shares the update
+            recent[k] = (recent[k] + [r for r in stage_records if r.nonfinite is None])[-10:]
+            log_step_records([r for r in stage_records if r.step in logged or r.nonfinite],
+                             log if k == stage else None, stage_logs[k], tokens_per_step)
+        records = by_stage[stage]
         step += n
         step_times += [r.step_s for r in records]
-        recent = (recent + [r for r in records if r.nonfinite is None])[-10:]
         log.advance(n, records[-1].loss, tokens_per_step / records[-1].step_s)
-        log_step_records([r for r in records if r.step in logged or r.nonfinite], log, stage_log, tokens_per_step)
         if cfg.eval.interval and step % cfg.eval.interval == 0 and step < ds.steps:
             val_loss = _evaluate(engine, eval_set, ds.data_parallel, dp_rank)
             log.log(step, {"val/loss": val_loss})
@@ -152,8 +165,7 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
             checkpoint.save(engine, run_dir, step, meta, saving.keep)
         if exiting:
             log.print(f"exit_interval: stopped after step {step}; continue with --resume")
-            log.close()
-            stage_log.close()
+            _close(log, *stage_logs.values())
             return
     train_wall_s = time.time() - train_started
     if dp_rank == 0 and engine.tracer.events:
@@ -168,8 +180,12 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
     if is_logger:
         write_summary(run_dir, summary)
     log.print(f"done: val_loss={val_loss:.4f} | summary in {run_dir / 'summary.json'}")
-    log.close()
-    stage_log.close()
+    _close(log, *stage_logs.values())
+
+
+def _close(*logs: MetricsLog) -> None:
+    for log in logs:
+        log.close()
 
 
 def _trace_window(cfg: RunConfig, start_step: int) -> range:
@@ -216,7 +232,7 @@ def _run_meta(cfg: RunConfig, ds: DsSettings, seq_len: int, data) -> dict:
             "model_spec_sha256": hashlib.sha256(Path(cfg.model).read_bytes()).hexdigest(),
             "tokenizer_sha256": data.tokenizer.fingerprint, "micro_batch_size": ds.micro_batch_size,
             "micro_batches": ds.micro_batches, "seq_len": seq_len, "seed": cfg.seed, "data": cfg.data,
-            "bll_variant": cfg.bll.variant if cfg.method == "bll" else None}
+            "bll_variant": cfg.bll.variant if cfg.method == "bll" else None, "emulated": cfg.emulate}
 
 
 def _maybe_resume(engine, run_dir: Path, resume: bool, meta: dict) -> int:

@@ -108,7 +108,7 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         self.accounting.count("tables_sent", tensor_bytes(table), "bytes_up")
 
     # ---- the training entry ---------------------------------------------------------------------
-    def train_steps(self, first_step: int, num_steps: int, batch_fn, track_update_at=()) -> list[StepRecord]:
+    def train_steps(self, first_step: int, num_steps: int, batch_fn, track_update_at=()) -> dict[int, list]:
         """Run optimizer steps first_step+1 .. first_step+num_steps with the block-local schedule,
         then drain what is in flight (the only point where stages wait for each other)."""
         self.module.train()
@@ -128,7 +128,7 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         last.idle_s += waited
         self.accounting.counters.idle_s += waited
         self.tracer.set_step(None)
-        return self._records
+        return {self.stage_id: self._records}
 
     def drain(self, completed_step: int) -> None:
         for work, _ in self._sends:

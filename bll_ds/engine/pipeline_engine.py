@@ -6,7 +6,8 @@ wrap the stock methods with timing and counting. The schedule and every numeric 
 DeepSpeed's own; this is the backprop baseline that every block-local claim is measured against.
 
 Both engines (this one and the block-local one) expose the same training entry,
-`train_steps(first_step, num_steps, batch_fn) -> [StepRecord]`, so train.py has one loop.
+`train_steps(first_step, num_steps, batch_fn) -> {stage: [StepRecord]}` (this rank's stage; the
+one-process emulator returns every stage's), so train.py has one loop.
 """
 
 from __future__ import annotations
@@ -143,7 +144,16 @@ class AccountedPipelineEngine(PipelineEngine):
         a resume without saving RNG states."""
         return self.seed * 1_000_003 + step * 1009 + self.global_rank
 
-    def train_steps(self, first_step: int, num_steps: int, batch_fn, track_update_at=()) -> list[StepRecord]:
+    @property
+    def local_stages(self) -> list[int]:
+        """The stages this process trains (one; the emulator trains all)."""
+        return [self.stage_id]
+
+    def stage_views(self) -> list:
+        """Per local stage: what summary.json reads (accounting, module, tracer, skipped_steps)."""
+        return [self]
+
+    def train_steps(self, first_step: int, num_steps: int, batch_fn, track_update_at=()) -> dict[int, list]:
         """Steps first_step+1 .. first_step+num_steps, one DeepSpeed train_batch (1F1B, flushed) each."""
         records = []
         for step in range(first_step + 1, first_step + num_steps + 1):
@@ -161,7 +171,7 @@ class AccountedPipelineEngine(PipelineEngine):
                                       update_norm=self._update_norm(before) if before is not None else None,
                                       nonfinite=self.nonfinite))
         self.tracer.set_step(None)
-        return records
+        return {self.stage_id: records}
 
     def start_feedback(self, resumed_step: int) -> None:
         """Backprop has no feedback network."""

@@ -75,15 +75,17 @@ def _fmt(value) -> str:
 
 
 
-def log_step_records(records, log: MetricsLog, stage_log: MetricsLog, tokens_per_step: int) -> None:
-    """The run log (last stage) gets the LM loss and throughput; each stage log its own terms.
+def log_step_records(records, log: MetricsLog | None, stage_log: MetricsLog, tokens_per_step: int) -> None:
+    """The run log (last stage; None for the emulator's other stages) gets the LM loss and
+    throughput; each stage log its own terms.
     A skipped step is logged with `skipped` 1 and no loss (NaN is not JSON)."""
     for r in records:
         loss = r.loss if math.isfinite(r.loss) else None
         skipped = 1 if r.nonfinite else None
-        log.log(r.step, {"train/loss": loss, "train/skipped": skipped, "train/lr": r.lr,
-                         "train/tokens_per_s": tokens_per_step / r.step_s,
-                         "train/tokens_seen": r.step * tokens_per_step})
+        if log is not None:
+                log.log(r.step, {"train/loss": loss, "train/skipped": skipped, "train/lr": r.lr,
+                             "train/tokens_per_s": tokens_per_step / r.step_s,
+                             "train/tokens_seen": r.step * tokens_per_step})
         stage_log.log(r.step, {"stage/loss": loss, "stage/skipped": skipped, "stage/step_s": r.step_s,
                                "stage/busy_s": r.busy_s, "stage/idle_s": r.idle_s, "stage/grad_norm": r.grad_norm,
                                "stage/update_norm": r.update_norm,

@@ -18,20 +18,15 @@ from bll_ds.run_dir import SUMMARY
 def build_summary(cfg, ds, engine, model_config, recent, step_times, seq_len: int, start_step: int,
                   val_loss: float, started: float, wall_s: float, train_wall_s: float,
                   matmul_peak_gflops: dict | None) -> dict:
-    """Gathers every rank's stage summary: the run's one collective outside evaluation and
-    checkpoints, at its very end. `recent`: the last applied StepRecords; `step_times`: every
-    step's seconds on this rank (the warm-up ones are left out of the medians)."""
-    mine = {**engine.accounting.summary(), "params_sha256": params_digest(engine.module),
-            "activation_peak_mb": engine.tracer.activation_peak_mb, "matmul_peak_gflops": matmul_peak_gflops,
-            "local_loss": round(statistics.mean(r.loss for r in recent), 5) if recent else None,
-            "local_terms": {k: round(statistics.mean(r.terms[k] for r in recent), 5)
-                            for k in (recent[-1].terms if recent else {})},
-            "skipped_steps": engine.skipped_steps}
+    """Gathers every rank's stage summaries: the run's one collective outside evaluation and
+    checkpoints, at its very end. `recent`: per local stage, its last applied StepRecords;
+    `step_times`: every step's seconds on this rank (the warm-up ones are left out of the medians)."""
     warm = step_times[cfg.metrics.throughput_warmup_steps:] or step_times
     tokens_per_step = ds.train_batch_size * seq_len
-    mine.update(flop_rates(cfg, ds, engine.stage_id, model_config, seq_len, statistics.median(warm),
-                           matmul_peak_gflops))
-    stage_summaries = _gather_objects(mine)
+    mine = [_stage_summary(cfg, ds, view, model_config, recent[view.stage_id], seq_len, statistics.median(warm),
+                           matmul_peak_gflops) for view in engine.stage_views()]
+    stage_summaries = [s for part in _gather_objects(mine) for s in part]
+    first_replica = [s for s in stage_summaries if s["dp_rank"] == 0]
     return {
         "method": cfg.method, "bll_variant": cfg.bll.variant if cfg.method == "bll" else None,
         "on_nonfinite": cfg.nonfinite.policy,
@@ -41,14 +36,30 @@ def build_summary(cfg, ds, engine, model_config, recent, step_times, seq_len: in
         "started_at": round(started, 3), "wall_s": round(wall_s, 2), "train_wall_s": round(train_wall_s, 2),
         "tokens_per_s": round(tokens_per_step / statistics.median(warm), 1),
         "step_s_median": round(statistics.median(warm), 5),
+        # The whole pipeline's model FLOP/s per replica (local readouts and feedback counted as work).
+        "model_gflops_per_s": round(sum(s["model_gflops_per_s"] for s in first_replica), 2),
         "val_loss": round(val_loss, 5), "seq_len": seq_len, "micro_batches": ds.micro_batches,
         "micro_batch_size": ds.micro_batch_size, "bf16": ds.bf16,
-        "device": str(engine.device), "stage_layout": "per stage: data-parallel replica 0; "
-        "tokens_per_s and step times from the last stage",
+        "device": str(engine.device), "emulated": cfg.emulate,
+        "stage_layout": "per stage: data-parallel replica 0; tokens_per_s and step times from the last stage"
+        + ("; emulated in one process: stages run one after another, busy_s is each stage's own compute"
+           if cfg.emulate else ""),
         "stages_detail": [{**s, "replicas_identical": len({r["params_sha256"] for r in stage_summaries
                                                              if r["stage"] == s["stage"]}) == 1}
-                          for s in stage_summaries if s["dp_rank"] == 0],
+                          for s in first_replica],
     }
+
+
+def _stage_summary(cfg, ds, view, model_config, recent, seq_len: int, step_s: float, peaks: dict | None) -> dict:
+    """One stage's part of summary.json; `view` is a launched engine or an emulated stage."""
+    out = {**view.accounting.summary(), "params_sha256": params_digest(view.module),
+           "activation_peak_mb": view.tracer.activation_peak_mb, "matmul_peak_gflops": peaks,
+           "local_loss": round(statistics.mean(r.loss for r in recent), 5) if recent else None,
+           "local_terms": {k: round(statistics.mean(r.terms[k] for r in recent), 5)
+                           for k in (recent[-1].terms if recent else {})},
+           "skipped_steps": view.skipped_steps}
+    out.update(flop_rates(cfg, ds, view.stage_id, model_config, seq_len, step_s, peaks))
+    return out
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:

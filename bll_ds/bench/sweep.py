@@ -1,0 +1,248 @@
+"""Depth sweep: block-local learning against backprop at 2-16 stages, and truncated backprop.
+
+    python -m bll_ds.bench sweep --plan depth --data ../shared/data/kernel-docs.jsonl --out runs/sweep-d16
+    python -m bll_ds.bench sweep --plan shakespeare --data ../shared/data/tinyshakespeare.txt --out runs/sweep-char8
+
+Every run is one `python scripts/pretrain.py --emulate` process (bll_ds/engine/emulator.py), one
+after another, on the same tokens (tokenizer, seed, batch shape and schedule are shared):
+
+    bp-L{N}            backprop on the plan's model: N = all its layers (the baseline), or the
+                       truncated models with N = L/S layers that show how much depth buys
+    bll-{variant}-S{S} block-local learning, S stages of the full model
+
+The first run trains the tokenizer; the sweep keeps a copy (OUT/tokenizer.model) that every later
+run loads, so all runs see the same tokens. A run with a summary.json is done; a run with checkpoints is resumed (--resume); so the command
+continues where a killed sweep stopped. --only picks runs by name. The table (sweep.md, sweep.json)
+and the plot of held-out loss against tokens are rewritten from whatever runs are complete or in
+progress, each time the command runs (--table_only: without training).
+
+    recovered = (L_truncated - L_BLL) / (L_truncated - L_BP)
+
+compares BLL at S stages with backprop on the L/S-layer model (what one stage holds) and on all L
+layers: 0 = the later stages add nothing, 1 = BLL matches backprop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from bll_ds import run_dir as names
+from bll_ds.atomic import atomic_write_text
+from bll_ds.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A named sweep: the model, its DeepSpeed config, tokenizer, length and the runs."""
+    model: str
+    deepspeed_config: str
+    tokenizer: str
+    steps: int
+    stages: tuple[int, ...]
+    variants: tuple[str, ...]
+    eval_points: int = 20
+    eval_batches: int = 20
+    final_eval_batches: int = 200
+    seq_len: int | None = None
+
+
+PLANS = {
+    # 16 layers, 4.3M parameters; 1280 steps x 16 x 256 tokens = 5.24M tokens.
+    "depth": Plan("models/llama-d16.json", "ds_configs/llama-d16.json", "bpe:4096", 1280, (2, 4, 8, 16),
+                  ("prototype", "dgl")),
+    # nanogpt-char widened to 8 layers, the recipe of docs/BENCHMARKS.md's Tiny Shakespeare tables
+    # (2000 steps x 12 x 64 = 1.54M characters).
+    "shakespeare": Plan("models/nanogpt-char-d8.json", "ds_configs/nanogpt-char.json", "char", 2000, (4, 8),
+                        ("prototype", "dgl"), seq_len=64),
+}
+
+
+def _layers(model: str) -> int:
+    spec = json.loads((REPO / model).read_text())
+    return spec.get("num_hidden_layers", spec.get("n_layer"))
+
+
+def runs_of(plan: Plan) -> dict[str, list[str]]:
+    """Run name -> the pretrain.py flags that make it (besides the shared ones)."""
+    layers = _layers(plan.model)
+    runs = {f"bp-L{layers}": ["--method", "bp", "--stages", "1"]}
+    for s in plan.stages:
+        for variant in plan.variants:
+            runs[f"bll-{variant}-S{s}"] = ["--method", "bll", "--bll_variant", variant, "--stages", str(s)]
+    for s in (1, *plan.stages):
+        if layers // s < layers:
+            runs[f"bp-L{layers // s}"] = ["--method", "bp", "--stages", "1", "--truncate", str(layers // s)]
+    return runs
+
+
+def _truncated_spec(plan: Plan, layers: int, out: Path) -> Path:
+    spec = json.loads((REPO / plan.model).read_text())
+    spec["num_hidden_layers" if "num_hidden_layers" in spec else "n_layer"] = layers
+    path = out / "specs" / f"{Path(plan.model).stem}-L{layers}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(spec, indent=2) + "\n")
+    return path
+
+
+def _command(plan: Plan, name: str, flags: list[str], args, out: Path) -> list[str]:
+    model = plan.model
+    if "--truncate" in flags:
+        at = flags.index("--truncate")
+        model, flags = str(_truncated_spec(plan, int(flags[at + 1]), out)), flags[:at] + flags[at + 2:]
+    run_dir = out / name
+    shared = out / names.TOKENIZER_MODEL  # trained by the first run, then used by every run
+    tokenizer = str(shared) if shared.is_file() and plan.tokenizer != "char" else plan.tokenizer
+    cmd = [sys.executable, str(REPO / "scripts" / "pretrain.py"), "--emulate", "--model", model,
+           "--deepspeed_config", args.deepspeed_config or plan.deepspeed_config, "--tokenizer", tokenizer,
+           "--steps", str(plan.steps), "--eval_interval", str(plan.steps // plan.eval_points),
+           "--eval_batches", str(plan.eval_batches), "--final_eval_batches", str(plan.final_eval_batches),
+           "--save_interval", str(plan.steps // 10), "--log_interval", "10", "--seed", str(args.seed),
+           "--out", str(run_dir), "--no-progress", *flags]
+    if plan.seq_len:
+        cmd += ["--seq_len", str(plan.seq_len)]
+    if args.data:
+        cmd += ["--data", args.data]
+    if (names.checkpoints(run_dir) / names.LATEST).is_file():
+        cmd.append("--resume")
+    return cmd + list(args.extra)
+
+
+def _share_tokenizer(run_dir: Path, out: Path) -> None:
+    """One tokenizer for the whole sweep: the same tokens for every run, trained and tokenized once."""
+    source, shared = run_dir / names.TOKENIZER_MODEL, out / names.TOKENIZER_MODEL
+    if source.is_file() and not shared.is_file():
+        shutil.copyfile(source, shared)
+
+
+def val_curve(run_dir: Path, tokens_per_step: int | None = None) -> list[tuple[int, float]]:
+    """(tokens, held-out loss) at every evaluation of a run, from its metrics.jsonl."""
+    metrics = run_dir / names.METRICS
+    if not metrics.is_file():
+        return []
+    points = {}
+    for line in metrics.read_text().splitlines():
+        m = json.loads(line)
+        if "val/loss" in m:
+            points[m["step"]] = m["val/loss"]
+        if tokens_per_step is None and "train/tokens_seen" in m:
+            tokens_per_step = m["train/tokens_seen"] // m["step"]
+    return [(step * (tokens_per_step or 0), loss) for step, loss in sorted(points.items())]
+
+
+def tabulate(plan: Plan, out: Path) -> dict:
+    """Every run's final and half-way held-out loss, BLL/BP ratios and recovered fractions."""
+    layers = _layers(plan.model)
+    rows, curves = [], {}
+    for name in runs_of(plan):
+        run_dir = out / name
+        curve = val_curve(run_dir)
+        if not curve:
+            continue
+        curves[name] = curve
+        summary_path = run_dir / names.SUMMARY
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+        rows.append({"run": name, "complete": summary is not None, "tokens": curve[-1][0],
+                     "final": summary["val_loss"] if summary else None, "last_eval": curve[-1][1],
+                     "half": dict((round(t / max(curve[-1][0], 1), 2), v) for t, v in curve).get(0.5),
+                     "tokens_per_s": summary["tokens_per_s"] if summary else None,
+                     "model_gflops_per_s": summary.get("model_gflops_per_s") if summary else None})
+    by_name = {r["run"]: r for r in rows}
+    bp = by_name.get(f"bp-L{layers}")
+    for r in rows:
+        if not r["run"].startswith("bll-") or bp is None:
+            continue
+        stages = int(r["run"].rsplit("-S", 1)[1])
+        truncated = by_name.get(f"bp-L{layers // stages}")
+        for key, point in (("final", "final"), ("half", "half")):
+            mine, base = r[point], bp[point]
+            r[f"ratio_{key}"] = round(mine / base, 4) if mine and base else None
+            if truncated and mine and base and truncated[point] and truncated[point] != base:
+                r[f"recovered_{key}"] = round((truncated[point] - mine) / (truncated[point] - base), 3)
+    result = {"plan": plan.__dict__ | {"stages": list(plan.stages), "variants": list(plan.variants)},
+              "rows": rows, "curves": curves}
+    atomic_write_text(out / "sweep.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "sweep.md", _markdown(rows))
+    if curves:
+        _plot(curves, out / "sweep_val_loss.png", title=f"{Path(plan.model).stem}: held-out loss")
+    return result
+
+
+def _markdown(rows: list[dict]) -> str:
+    def f(value, digits=4):
+        return "" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
+    lines = ["| run | tokens | final held-out | BLL/BP | recovered | half-way held-out | BLL/BP at half | "
+             "recovered at half | tokens/s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        final = r["final"] if r["complete"] else None
+        lines.append(f"| {r['run']}{'' if r['complete'] else ' (running)'} | {r['tokens'] / 1e6:.2f}M | "
+                     f"{f(final) or f(r['last_eval']) + ' (last eval)'} | {f(r.get('ratio_final'))} | "
+                     f"{f(r.get('recovered_final'), 3)} | {f(r['half'])} | {f(r.get('ratio_half'))} | "
+                     f"{f(r.get('recovered_half'), 3)} | {f(r['tokens_per_s'], 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(curves: dict, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, curve in sorted(curves.items()):
+        style = "-" if name.startswith("bll-prototype") else "--" if name.startswith("bll-") else ":"
+        ax.plot([t / 1e6 for t, _ in curve], [v for _, v in curve], style, label=name, linewidth=1.5)
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("held-out loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m bll_ds.bench sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--plan", choices=sorted(PLANS), default="depth")
+    p.add_argument("--out", required=True, help="Sweep folder: one run dir per run, sweep.md/json, the plot.")
+    p.add_argument("--data", default=None, help="Corpus (default: the trainer's default corpus).")
+    p.add_argument("--only", default=None, help="Comma-separated run names (default: every run of the plan).")
+    p.add_argument("--deepspeed_config", default=None, help="Override the plan's DeepSpeed config (e.g. another lr).")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--table_only", action="store_true", help="Rewrite the table and plot; train nothing.")
+    p.add_argument("--list", action="store_true", help="Print the runs and their commands; train nothing.")
+    p.add_argument("extra", nargs="*", help="After --: flags passed to every pretrain.py run.")
+    args = p.parse_args(argv)
+    plan, out = PLANS[args.plan], Path(args.out)
+    runs = runs_of(plan)
+    chosen = args.only.split(",") if args.only else list(runs)
+    unknown = [name for name in chosen if name not in runs]
+    if unknown:
+        raise UserError(f"--only names runs {unknown} that the {args.plan} plan does not have.",
+                        f"choose from {', '.join(runs)}.")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in chosen:
+        cmd = _command(plan, name, runs[name], args, out)
+        if args.list:
+            print(name, " ".join(cmd))
+            continue
+        if args.table_only or (out / name / names.SUMMARY).is_file():
+            continue
+        print(f"sweep: {name}: {' '.join(cmd)}", flush=True)
+        with open(out / f"{name}.log", "a") as log:
+            code = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+        _share_tokenizer(out / name, out)
+        if code != 0:
+            print(f"sweep: {name} failed (exit {code}); see {out / (name + '.log')}", file=sys.stderr, flush=True)
+            tabulate(plan, out)
+            return code
+        tabulate(plan, out)
+    print(tabulate(plan, out) and (out / "sweep.md").read_text(), end="")
+    return 0

@@ -1,0 +1,200 @@
+"""One pipeline stage inside the one-process emulator (bll_ds/engine/emulator.py).
+
+A stage here owns what a launched stage's rank owns: its layers (and feedback block), its own
+optimizer and learning-rate schedule built from the same DeepSpeed config, its own RNG stream,
+traffic counters and skip count. The numerics follow DeepSpeed's fp32 path step for step:
+
+    backward      loss / M per micro-batch (DeepSpeed's scale_wrt_gas), gradients accumulate
+    clip          by this stage's own norm (BLL) or by the global norm the emulator passes (BP)
+    step          torch.optim.AdamW/Adam (the config's "torch_adam": true), then the scheduler
+                  from deepspeed.runtime.lr_schedules, constructed as DeepSpeed constructs it
+    skip          a non-finite step drops its gradients and advances the schedule (engine/nonfinite.py)
+
+bf16 (the config's "bf16": {"enabled": true}) keeps bf16 weights for compute and fp32 master
+weights, gradients and optimizer state, as DeepSpeed's bf16 optimizer does; gradients are moved
+into the fp32 accumulators after every backward call. That path is close to DeepSpeed's, not bit
+for bit (the equivalence tests run fp32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from deepspeed.runtime import lr_schedules
+from torch import nn
+
+from bll_ds.engine.accounting import StageAccounting
+from bll_ds.engine.build import weight_decay_groups
+from bll_ds.engine.nonfinite import FaultInjection, local_cause
+from bll_ds.engine.trace import StageTracer
+from bll_ds.errors import UserError
+
+TORCH_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+
+
+def build_optimizer(param_groups: list[dict], ds_config: dict) -> torch.optim.Optimizer:
+    """The optimizer DeepSpeed builds for {"type": "AdamW"|"Adam", "params": {..., "torch_adam": true}}."""
+    spec = ds_config.get("optimizer") or {}
+    params = dict(spec.get("params", {}))
+    kind = str(spec.get("type", "")).lower()
+    if kind not in TORCH_OPTIMIZERS or not params.pop("torch_adam", False):
+        raise UserError(f"--emulate runs torch's Adam/AdamW, the optimizer DeepSpeed builds for "
+                        f"\"torch_adam\": true; the DeepSpeed config asks for {spec or 'no optimizer'}.",
+                        'set "optimizer": {"type": "AdamW", "params": {..., "torch_adam": true}}, '
+                        "or train with the launcher.")
+    adam_w_mode = params.pop("adam_w_mode", True)
+    optimizer_class = torch.optim.AdamW if kind == "adamw" or adam_w_mode else torch.optim.Adam
+    return optimizer_class(param_groups, foreach=params.pop("foreach", None), **params)
+
+
+def build_scheduler(optimizer, ds_config: dict):
+    spec = ds_config.get("scheduler")
+    if not spec:
+        return None
+    scheduler_class = getattr(lr_schedules, spec["type"], None) or getattr(torch.optim.lr_scheduler, spec["type"])
+    return scheduler_class(optimizer, **spec.get("params", {}))
+
+
+class EmulatedStage:
+    def __init__(self, stage_id: int, layers: list[tuple[int, nn.Module]], feedback: nn.Module | None,
+                 ds_config: dict, micro_batches: int, device, bf16: bool, seed: int):
+        """layers: (position in the pipeline, layer) pairs, as DeepSpeed numbers its layer files."""
+        self.stage_id = stage_id
+        self.layer_index = [index for index, _ in layers]
+        self.module = nn.Module()  # layers and feedback, as a launched stage's module holds them
+        self.module.layers = nn.ModuleList(layer for _, layer in layers)
+        if feedback is not None:
+            self.module.bll_feedback = feedback
+        self.feedback = feedback
+        self.module.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+        self.micro_batches, self.seed, self.device = micro_batches, seed, device
+        self.params = list(self.module.parameters())
+        # fp32 path: the parameters are their own masters. bf16: fp32 copies hold the update.
+        self.masters = [p.detach().float().clone() for p in self.params] if bf16 else self.params
+        groups = weight_decay_groups(self.module)
+        if bf16:
+            master_of = {id(p): m for p, m in zip(self.params, self.masters)}
+            groups = [{**g, "params": [master_of[id(p)] for p in g["params"]]} for g in groups]
+        self.optimizer = build_optimizer(groups, ds_config)
+        self.scheduler = build_scheduler(self.optimizer, ds_config)
+        self.clip = float(ds_config.get("gradient_clipping", 0.0) or 0.0)
+        self.accounting = StageAccounting(stage_id, 0)
+        self.tracer = StageTracer(stage_id, range(0))
+        self.fault = FaultInjection(stage_id, 0)
+        self.skipped_steps = 0
+        self.step = 0  # the optimizer step being computed (1-based)
+        self.busy_s = 0.0  # this step's compute time on this stage
+        self._rng = None
+
+    # ---- per step ----------------------------------------------------------------------------
+    def begin_step(self, step: int, rank: int) -> None:
+        """Reseed from (seed, step, rank), as AccountedPipelineEngine.seed_for_step does on a
+        launched rank: the stage's RNG stream is the one its rank would consume."""
+        self.step, self.busy_s = step, 0.0
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1009 + rank)
+        self._rng = generator.get_state()
+
+    @contextlib.contextmanager
+    def running(self):
+        """This stage's RNG stream and compute clock, around any of its work."""
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self._rng)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.busy_s += time.perf_counter() - start
+            self._rng = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.module.layers:
+            x = layer(x)
+        return x
+
+    def with_fault(self, loss_fn):
+        """BLL_DS_INJECT_NONFINITE for this stage (engine/nonfinite.py), as the launcher applies it."""
+        if self.fault.step is None:
+            return loss_fn
+
+        def loss_with_fault(*args, **kwargs):
+            out = loss_fn(*args, **kwargs)
+            if isinstance(out, tuple):
+                return (self.fault.apply(out[0], self.step), *out[1:])
+            return self.fault.apply(out, self.step)
+        return loss_with_fault
+
+    def backward(self, loss: torch.Tensor, scale_by_micro_batches: bool) -> None:
+        (loss / self.micro_batches if scale_by_micro_batches else loss).backward()
+        self.accumulate_grads()
+
+    def accumulate_grads(self) -> None:
+        """bf16: move the bf16 gradients into the fp32 accumulators (fp32: nothing to do)."""
+        if self.masters is self.params:
+            return
+        for p, m in zip(self.params, self.masters):
+            if p.grad is not None:
+                m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
+                p.grad = None
+
+    def grads(self) -> list[torch.Tensor]:
+        return [m.grad for m in self.masters if m.grad is not None]
+
+    def nonfinite_cause(self, losses: list[torch.Tensor]) -> str | None:
+        return local_cause(losses, self.masters)
+
+    def grad_square_norm(self) -> torch.Tensor:
+        """Sum of the squared per-parameter gradient norms, in parameter order, as DeepSpeed's
+        clip_grad_norm_ adds them up before its model-parallel all-reduce."""
+        grads = self.grads()
+        if not grads:
+            return torch.zeros((), device=self.device)
+        return torch.stack([g.detach().float().norm(2) for g in grads]).pow(2).sum().float()
+
+    def optimizer_step(self, norm: torch.Tensor) -> None:
+        """Clip with `norm` (this stage's own, or the global one for backprop), step, advance the
+        schedule. DeepSpeed's fp32 clip, to the rounding: grads *= min(1, max_norm / (norm + 1e-6))."""
+        if self.clip > 0:
+            coefficient = torch.minimum(torch.tensor([1.0], device=norm.device),
+                                        torch.tensor([self.clip], device=norm.device) / (norm + 1e-6))
+            torch._foreach_mul_(self.grads(), coefficient.squeeze(0))
+        self.optimizer.step()
+        if self.masters is not self.params:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.masters)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._advance_schedule()
+
+    def skip_step(self) -> None:
+        """A non-finite step: no update, no optimizer-state change, the schedule goes on."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad = None
+        self._advance_schedule()
+        self.skipped_steps += 1
+
+    def _advance_schedule(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # ---- checkpoint state ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "masters": None if self.masters is self.params else [m.detach().cpu() for m in self.masters],
+                "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state["masters"] is not None:
+            with torch.no_grad():
+                for m, saved in zip(self.masters, state["masters"]):
+                    m.copy_(saved)
+        self.skipped_steps = state["skipped_steps"]

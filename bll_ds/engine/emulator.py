@@ -1,0 +1,293 @@
+"""The one-process pipeline emulator: an S-stage run in one process, on one device.
+
+`python scripts/pretrain.py --emulate --stages S ...` trains the same S-stage model as a launch of
+S ranks, with the same semantics, so that depth sweeps (8, 16 stages) need neither S processes on
+a few cores nor S GPUs:
+
+- the same layers per stage, initial weights, micro-batches and targets (train.py's sampler);
+- per stage: its own optimizer, learning-rate schedule, clipping norm, RNG stream and non-finite
+  verdict (emulated_stage.py);
+- block-local learning runs every stage through bll/stage_step.py's StageStep and STEP_END, the
+  code the launched engine runs, and passes the tables with feedback_channel.py's LAG: stage k
+  uses P_{max(t - LAG, 0)} of stage k+1 during its step t;
+- `--method bp` is pipeline backprop as DeepSpeed's 1F1B computes it: one autograd graph through
+  all stages per micro-batch, every stage clipped by the global norm and stepped together.
+
+The object has the engine interface train.py drives (train_steps, eval_batch, start_feedback,
+save_checkpoint, load_checkpoint), so the run dir is the launcher's: metrics, per-stage logs,
+summary.json, and checkpoints with DeepSpeed's per-layer weight files, which evaluate, export and
+generate read unchanged. What is not emulated: data parallelism (one replica per stage) and time
+(stages run one after another; tokens/s is the whole pipeline's work on one device).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from bll_ds import run_dir as names
+from bll_ds.bll.stage_step import StageStep, run_step_end
+from bll_ds.bll.variants import get as get_variant
+from bll_ds.engine.accounting import tensor_bytes
+from bll_ds.engine.build import build_stage_feedback
+from bll_ds.engine.emulated_stage import EmulatedStage
+from bll_ds.engine.feedback_channel import LAG
+from bll_ds.engine.pipeline_engine import StepRecord
+from bll_ds.modeling.layers import lm_loss
+from bll_ds.modeling.pipeline import build_sequential, stage_layer_counts
+
+EMULATOR_STATE = "emulator_state.pt"
+
+
+class _OneRankGrid:
+    """The launched engines' grid, as train.py asks it: one replica, and this process logs."""
+    data_parallel_id = 0
+
+    @staticmethod
+    def stage_to_global(stage: int, data: int = 0) -> int:
+        return 0
+
+
+def emulation_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class EmulatedPipeline:
+    grid = _OneRankGrid()
+
+    def __init__(self, method: str, model_config, stages: int, ds, seed: int, bll):
+        self.method, self.num_stages, self.bll = method, stages, bll
+        self.device = emulation_device()
+        self.micro_batches = ds.micro_batches
+        layers = list(enumerate(build_sequential(model_config, seed)))
+        counts = stage_layer_counts(model_config, stages)
+        bounds = [1 + sum(counts[:k]) for k in range(stages + 1)]
+        bounds[0], bounds[-1] = 0, len(layers)  # the embedding rides with the first stage, the head with the last
+        self.sends_table = method == "bll" and get_variant(bll.variant).sends_table
+        self.stages = []
+        for k in range(stages):
+            feedback = build_stage_feedback(bll, model_config, k, seed) if method == "bll" and k < stages - 1 else None
+            stage = EmulatedStage(k, layers[bounds[k]:bounds[k + 1]], feedback, ds.config, ds.micro_batches,
+                                  self.device, ds.bf16, seed)
+            if feedback is not None:
+                feedback.local_loss = stage.with_fault(feedback.local_loss)
+            stage.stage_step = StageStep(feedback, stage.with_fault(lm_loss), bll.readout_max_logits_mb)
+            self.stages.append(stage)
+        self.last = self.stages[-1]
+        # tables[k]: stage k's published tables {j: P_j} that stage k-1 may still need
+        self.tables: list[dict[int, torch.Tensor]] = [{} for _ in range(stages)]
+
+    # ---- what train.py reads as "this rank's stage": the last one, which carries the LM loss ----
+    @property
+    def stage_id(self) -> int:
+        return self.num_stages - 1
+
+    @property
+    def local_stages(self) -> list[int]:
+        return list(range(self.num_stages))
+
+    @property
+    def accounting(self):
+        return self.last.accounting
+
+    @property
+    def tracer(self):
+        return self.last.tracer
+
+    @tracer.setter
+    def tracer(self, value):
+        self.last.tracer = value
+
+    @property
+    def module(self):
+        return self.last.module
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.last.skipped_steps
+
+    def stage_views(self) -> list[EmulatedStage]:
+        """Every stage, for summary.json's stages_detail."""
+        return self.stages
+
+    # ---- feedback tables -------------------------------------------------------------------------
+    def _publish(self, stage: EmulatedStage, step: int) -> None:
+        if not self.sends_table or stage.stage_id == 0:
+            return
+        head = stage.module.layers[-1].lm_head.weight if stage is self.last else None
+        table = stage.stage_step.table_to_publish(head).detach().clone()
+        history = self.tables[stage.stage_id]
+        history[step] = table
+        for old in [j for j in history if j < step + 1 - LAG]:
+            del history[old]
+        stage.accounting.count("tables_sent", tensor_bytes(table), "bytes_up")
+
+    def _table_for(self, stage: EmulatedStage, step: int) -> torch.Tensor | None:
+        if not self.sends_table or stage is self.last:
+            return None
+        stage.accounting.count("tables_received")
+        return self.tables[stage.stage_id + 1][max(step - LAG, 0)]
+
+    def start_feedback(self, resumed_step: int) -> None:
+        """Fresh run: the initial tables P_0, last stage first, as the launched stages chain them."""
+        if resumed_step > 0:
+            return
+        for stage in reversed(self.stages):
+            if self.sends_table and stage is not self.last:
+                stage.stage_step.begin(self._table_for(stage, 1))
+            self._publish(stage, 0)
+
+    # ---- training ----------------------------------------------------------------------------------
+    def train_steps(self, first_step: int, num_steps: int, batch_fn, track_update_at=()) -> dict[int, list]:
+        """Steps first_step+1 .. first_step+num_steps; returns every stage's StepRecords."""
+        for stage in self.stages:
+            stage.module.train()
+        records = {k: [] for k in self.local_stages}
+        for step in range(first_step + 1, first_step + num_steps + 1):
+            start = time.perf_counter()
+            before = {s.stage_id: _snapshot(s) for s in self.stages} if step in track_update_at else {}
+            for stage in self.stages:
+                stage.begin_step(step, rank=stage.stage_id)
+            step_fn = self._bll_step if self.method == "bll" else self._bp_step
+            norms, causes = step_fn(step, batch_fn)
+            step_s = time.perf_counter() - start
+            for stage in self.stages:
+                busy, _ = stage.accounting.end_step(stage.busy_s)
+                update = _update_norm(stage, before[stage.stage_id]) if before and not causes[stage.stage_id] else None
+                losses = stage.stage_step.losses if self.method == "bll" else self._bp_losses
+                records[stage.stage_id].append(StepRecord(
+                    step=step, loss=torch.stack(losses).mean().item() if losses else float("nan"), step_s=step_s,
+                    busy_s=busy, idle_s=0.0, lr=stage.lr(), grad_norm=None if causes[stage.stage_id] else norms[stage.stage_id],
+                    update_norm=update, nonfinite=causes[stage.stage_id],
+                    terms=stage.stage_step.mean_terms() if self.method == "bll" else {}))
+        return records
+
+    def _micro_batch(self, step: int, m: int, batch_fn):
+        inputs, labels = batch_fn(step - 1, m, self.micro_batches)
+        return inputs.to(self.device), labels.to(self.device)
+
+    def _bll_step(self, step: int, batch_fn):
+        for stage in self.stages:
+            with stage.running():
+                stage.stage_step.begin(self._table_for(stage, step))
+        for m in range(self.micro_batches):
+            x, labels = self._micro_batch(step, m, batch_fn)
+            for stage in self.stages:
+                with stage.running():
+                    outputs = stage.forward(x)
+                    if stage is not self.last:
+                        x = outputs.detach()  # what the launched stage sends: no gradient goes back
+                        stage.accounting.count("acts_sent", tensor_bytes(x), "bytes_down")
+                    if stage.stage_id > 0:
+                        stage.accounting.count("acts_received")
+                    stage.stage_step.local_backward(outputs, labels, stage.backward)
+        norms, causes = {}, {}
+        for stage in self.stages:
+            with stage.running():
+                run_step_end({
+                    "finish_feedback": lambda: stage.stage_step.finish_feedback(stage.backward),
+                    "reduce_grads": lambda: causes.__setitem__(stage.stage_id,
+                                                               stage.nonfinite_cause(stage.stage_step.losses)),
+                    "optimizer_step": lambda: self._stage_update(stage, causes, norms),
+                    "publish_table": lambda: self._publish(stage, step),
+                })
+        return norms, causes
+
+    def _stage_update(self, stage: EmulatedStage, causes: dict, norms: dict) -> None:
+        if causes[stage.stage_id]:
+            stage.skip_step()
+            return
+        norm = stage.grad_square_norm().sqrt()
+        norms[stage.stage_id] = float(norm)
+        stage.optimizer_step(norm)
+
+    def _bp_step(self, step: int, batch_fn):
+        """One graph per micro-batch through every stage; the last stage's loss / M back-propagated."""
+        self._bp_losses = []
+        for m in range(self.micro_batches):
+            x, labels = self._micro_batch(step, m, batch_fn)
+            for stage in self.stages:
+                with stage.running():
+                    x = stage.forward(x)
+                if stage is not self.last:
+                    stage.accounting.count("acts_sent", tensor_bytes(x), "bytes_down")
+                    self.stages[stage.stage_id + 1].accounting.count("grads_sent", tensor_bytes(x), "bytes_up")
+            with self.last.running():
+                loss = self.last.stage_step.lm_loss(x, labels)
+                self._bp_losses.append(loss.detach().float())
+                (loss / self.micro_batches).backward()
+            for stage in self.stages:
+                stage.accumulate_grads()
+        # The launched stages agree on one verdict and clip by one norm (model-parallel group = all).
+        cause = self.last.nonfinite_cause(self._bp_losses) or next(
+            (c for s in self.stages[:-1] if (c := s.nonfinite_cause([]))), None)
+        norm = None if cause else sum(s.grad_square_norm() for s in self.stages).sqrt()
+        for stage in self.stages:
+            with stage.running():
+                stage.skip_step() if cause else stage.optimizer_step(norm)
+        norm = None if cause else float(norm)
+        return {s.stage_id: norm for s in self.stages}, {s.stage_id: cause for s in self.stages}
+
+    @torch.no_grad()
+    def eval_batch(self, batches, num_micro_batches: int) -> float:
+        """Mean held-out loss of the full forward network, one micro-batch at a time."""
+        for stage in self.stages:
+            stage.module.eval()
+        losses = []
+        for inputs, labels in batches:
+            x = inputs.to(self.device)
+            for stage in self.stages:
+                x = stage.forward(x)
+            losses.append(lm_loss(x, labels.to(self.device)).float())
+        return torch.stack(losses).mean().item()
+
+    def drain(self, completed_step: int) -> None:
+        """Nothing is ever in flight."""
+
+    # ---- checkpoints: DeepSpeed's layer files, so that use.py reads an emulated run unchanged ----
+    def extra_state(self):
+        return None  # written by save_checkpoint itself, for every stage
+
+    def save_checkpoint(self, ckpt_dir: str, tag: str, client_state: dict, save_latest: bool = False) -> None:
+        folder = Path(ckpt_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        for stage in self.stages:
+            for index, layer in zip(stage.layer_index, stage.module.layers):
+                torch.save({k: v.detach().clone() for k, v in layer.state_dict().items()},
+                           folder / names.layer_weights(index))
+            if self.method == "bll":
+                inbox = self.tables[stage.stage_id + 1] if stage is not self.last else {}
+                torch.save({"feedback": stage.feedback.state_dict() if stage.feedback is not None else None,
+                            "inbox": {"queue": [(j, t.cpu()) for j, t in sorted(inbox.items())]}},
+                           folder / names.block_local_state(stage.stage_id))
+        torch.save({"client_state": client_state, "stages": [s.state_dict() for s in self.stages],
+                    "own_tables": {k: [(j, t.cpu()) for j, t in sorted(h.items())] for k, h in enumerate(self.tables)}},
+                   folder / EMULATOR_STATE)
+
+    def load_checkpoint(self, ckpt_dir: str, tag: str, **_) -> tuple[str | None, dict | None]:
+        folder = Path(ckpt_dir) / tag
+        if not (folder / EMULATOR_STATE).is_file():
+            return None, None
+        state = torch.load(folder / EMULATOR_STATE, map_location="cpu", weights_only=False)
+        for stage, stage_state in zip(self.stages, state["stages"]):
+            for index, layer in zip(stage.layer_index, stage.module.layers):
+                layer.load_state_dict(torch.load(folder / names.layer_weights(index), map_location="cpu",
+                                                 weights_only=True))
+            if stage.feedback is not None:
+                block = torch.load(folder / names.block_local_state(stage.stage_id), map_location="cpu",
+                                   weights_only=False)
+                stage.feedback.load_state_dict(block["feedback"])
+            stage.load_state_dict(stage_state)
+        self.tables = [{j: t.to(self.device) for j, t in state["own_tables"].get(k, [])}
+                       for k in range(self.num_stages)]
+        return str(folder), state["client_state"]
+
+
+def _snapshot(stage: EmulatedStage) -> list[torch.Tensor]:
+    return [m.detach().float().clone() for m in stage.masters]
+
+
+def _update_norm(stage: EmulatedStage, before: list[torch.Tensor]) -> float:
+    return sum(float((m.detach().float() - b).pow(2).sum()) for m, b in zip(stage.masters, before)) ** 0.5

@@ -1,0 +1,111 @@
+"""The one-process emulator (--emulate) against the launched pipeline it emulates.
+
+For backprop and for block-local learning (prototype, dgl) at 2 and 4 stages, both train 20 fp32
+steps on the same data: every stage's per-step loss and every final weight must agree to a
+relative difference of 1e-4. The emulated run dir must also work with evaluate and resume
+exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import launch_failure, run_pretrain
+
+from bll_ds.use import load_forward_network
+
+STEPS = 20
+TOLERANCE = 1e-4
+PORTS = {("bp", None, 2): 29661, ("bp", None, 4): 29662, ("bll", "prototype", 2): 29663,
+         ("bll", "prototype", 4): 29664, ("bll", "dgl", 2): 29665, ("bll", "dgl", 4): 29666}
+
+
+def _args(method, variant, stages, out, steps=STEPS, data=None):
+    args = ["--model", "models/test-1m.json", "--deepspeed_config", "ds_configs/test-1m.json",
+            "--tokenizer", "char", "--steps", str(steps), "--seq_len", "32", "--stages", str(stages),
+            "--method", method, "--log_interval", "1", "--eval_interval", "0", "--final_eval_batches", "4",
+            "--save_interval", "10", "--no-measure_matmul_peak", "--out", str(out)]
+    if data is not None:
+        args += ["--data", str(data)]
+    return args + (["--bll_variant", variant] if variant else [])
+
+
+def _stage_losses(run_dir, stages):
+    out = {}
+    for k in range(stages):
+        for line in (run_dir / f"metrics_stage{k}.jsonl").read_text().splitlines():
+            m = json.loads(line)
+            if "stage/loss" in m:
+                out[(k, m["step"])] = m["stage/loss"]
+    return out
+
+
+def _relative(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(a), abs(b), 1e-12)
+
+
+def _worst_weight_difference(run_a, run_b) -> float:
+    _, layers_a, _ = load_forward_network(run_a)
+    _, layers_b, _ = load_forward_network(run_b)
+    worst = 0.0
+    for (name, a), (_, b) in zip(layers_a.state_dict().items(), layers_b.state_dict().items()):
+        worst = max(worst, float((a - b).norm() / max(float(a.norm()), 1e-12)))
+    return worst
+
+
+@pytest.mark.parametrize("method,variant,stages", list(PORTS))
+def test_emulator_equals_the_launched_pipeline(method, variant, stages, tmp_path, cache_dir, text_corpus):
+    launched, emulated = tmp_path / "launched", tmp_path / "emulated"
+    result = run_pretrain(_args(method, variant, stages, launched, data=text_corpus), ranks=stages,
+                          cache_dir=cache_dir, master_port=PORTS[(method, variant, stages)])
+    assert result.returncode == 0, launch_failure(result)
+    result = run_pretrain(_args(method, variant, stages, emulated, data=text_corpus) + ["--emulate"], ranks=None,
+                          cache_dir=cache_dir)
+    assert result.returncode == 0, launch_failure(result)
+
+    losses_l, losses_e = _stage_losses(launched, stages), _stage_losses(emulated, stages)
+    assert set(losses_l) == set(losses_e) and len(losses_l) == stages * STEPS
+    worst_loss = max(_relative(losses_l[key], losses_e[key]) for key in losses_l)
+    assert worst_loss <= TOLERANCE, f"per-step losses differ by {worst_loss:.2e} (relative)"
+    worst_weight = _worst_weight_difference(launched, emulated)
+    assert worst_weight <= TOLERANCE, f"final weights differ by {worst_weight:.2e} (relative norm)"
+
+    summary_l = json.loads((launched / "summary.json").read_text())
+    summary_e = json.loads((emulated / "summary.json").read_text())
+    assert summary_e["emulated"] and not summary_l["emulated"]
+    assert _relative(summary_l["val_loss"], summary_e["val_loss"]) <= TOLERANCE
+    # The traffic the launched stages count is the traffic the emulator counts.
+    for detail_l, detail_e in zip(summary_l["stages_detail"], summary_e["stages_detail"]):
+        for key in ("acts_sent", "grads_sent", "tables_sent", "bytes_down", "bytes_up"):
+            assert detail_l[key] == detail_e[key], (detail_l["stage"], key)
+    if method == "bll":
+        assert all(d["grads_sent"] == 0 for d in summary_e["stages_detail"])
+
+
+def test_emulated_run_resumes_exactly_and_evaluates(tmp_path, cache_dir, text_corpus, repo):
+    """A run killed at step 10 (its checkpoint) and resumed ends where an uninterrupted one does."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = ["--emulate", "--bll_variant", "prototype"]
+    result = run_pretrain(_args("bll", None, 4, straight, data=text_corpus) + args, ranks=None, cache_dir=cache_dir)
+    assert result.returncode == 0, launch_failure(result)
+    result = run_pretrain(_args("bll", None, 4, resumed, data=text_corpus) + args + ["--exit_interval", "10"],
+                          ranks=None, cache_dir=cache_dir)
+    assert result.returncode == 0 and "continue with --resume" in result.stdout, launch_failure(result)
+    result = run_pretrain(_args("bll", None, 4, resumed, data=text_corpus) + args + ["--resume"], ranks=None,
+                          cache_dir=cache_dir)
+    assert result.returncode == 0, launch_failure(result)
+    assert _stage_losses(straight, 4) == _stage_losses(resumed, 4)
+    assert _worst_weight_difference(straight, resumed) == 0.0
+
+    # A launch may not resume an emulated run: its optimizer state is laid out per process.
+    result = run_pretrain(_args("bll", None, 4, resumed, steps=30, data=text_corpus) + ["--bll_variant", "prototype",
+                          "--resume"], ranks=4, cache_dir=cache_dir, master_port=29667)
+    assert result.returncode != 0 and "--emulate" in result.stderr, launch_failure(result)
+
+    config, layers, _ = load_forward_network(straight)
+    with torch.no_grad():
+        logits = layers(torch.zeros(1, 8, dtype=torch.long))
+    assert logits.shape == (1, 8, config.vocab_size) and math.isfinite(float(logits.sum()))
