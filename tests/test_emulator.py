@@ -15,6 +15,8 @@ import pytest
 import torch
 from helpers import launch_failure, run_pretrain
 
+from bll_ds.engine.emulated_stage import build_optimizer
+from bll_ds.errors import UserError
 from bll_ds.use import load_forward_network
 
 STEPS = 20
@@ -109,3 +111,19 @@ def test_emulated_run_resumes_exactly_and_evaluates(tmp_path, cache_dir, text_co
     with torch.no_grad():
         logits = layers(torch.zeros(1, 8, dtype=torch.long))
     assert logits.shape == (1, 8, config.vocab_size) and math.isfinite(float(logits.sum()))
+
+
+def test_emulate_refuses_a_launched_rank(tmp_path, cache_dir, text_corpus):
+    result = run_pretrain(_args("bll", "prototype", 2, tmp_path / "run", data=text_corpus) + ["--emulate"],
+                          ranks=None, cache_dir=cache_dir, env={"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    assert result.returncode == 2 and "run it with python, not a launcher" in result.stderr, launch_failure(result)
+    assert not (tmp_path / "run").exists()
+
+
+def test_emulated_optimizer_is_the_one_deepspeed_builds_or_a_clear_error():
+    param = torch.nn.Parameter(torch.ones(2, 2))
+    config = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1, "torch_adam": True}}}
+    optimizer = build_optimizer([{"params": [param]}], config)
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["weight_decay"] == 0.1
+    with pytest.raises(UserError, match="torch_adam"):
+        build_optimizer([{"params": [param]}], {"optimizer": {"type": "Lamb", "params": {"lr": 1e-3}}})

@@ -71,15 +71,18 @@ def _layers(model: str) -> int:
 
 
 def runs_of(plan: Plan) -> dict[str, list[str]]:
-    """Run name -> the pretrain.py flags that make it (besides the shared ones)."""
+    """Run name -> the pretrain.py flags that make it (besides the shared ones), most telling
+    first: the baseline, the 1-layer control, then from the deepest pipeline down, each BLL run
+    after the truncated model its recovered fraction needs; the second variant last."""
     layers = _layers(plan.model)
     runs = {f"bp-L{layers}": ["--method", "bp", "--stages", "1"]}
-    for s in plan.stages:
-        for variant in plan.variants:
+    for variant in plan.variants:
+        for s in sorted(plan.stages, reverse=True):
+            if layers // s < layers:
+                runs.setdefault(f"bp-L{layers // s}", ["--method", "bp", "--stages", "1", "--truncate", str(layers // s)])
             runs[f"bll-{variant}-S{s}"] = ["--method", "bll", "--bll_variant", variant, "--stages", str(s)]
-    for s in (1, *plan.stages):
-        if layers // s < layers:
-            runs[f"bp-L{layers // s}"] = ["--method", "bp", "--stages", "1", "--truncate", str(layers // s)]
+    if layers > 1:
+        runs.setdefault("bp-L1", ["--method", "bp", "--stages", "1", "--truncate", "1"])
     return runs
 
 
@@ -122,19 +125,19 @@ def _share_tokenizer(run_dir: Path, out: Path) -> None:
         shutil.copyfile(source, shared)
 
 
-def val_curve(run_dir: Path, tokens_per_step: int | None = None) -> list[tuple[int, float]]:
-    """(tokens, held-out loss) at every evaluation of a run, from its metrics.jsonl."""
+def val_curve(run_dir: Path) -> list[tuple[int, int, float]]:
+    """(step, tokens, held-out loss) at every evaluation of a run, from its metrics.jsonl."""
     metrics = run_dir / names.METRICS
     if not metrics.is_file():
         return []
-    points = {}
+    points, tokens_per_step = {}, None
     for line in metrics.read_text().splitlines():
         m = json.loads(line)
         if "val/loss" in m:
             points[m["step"]] = m["val/loss"]
         if tokens_per_step is None and "train/tokens_seen" in m:
             tokens_per_step = m["train/tokens_seen"] // m["step"]
-    return [(step * (tokens_per_step or 0), loss) for step, loss in sorted(points.items())]
+    return [(step, step * (tokens_per_step or 0), loss) for step, loss in sorted(points.items())]
 
 
 def tabulate(plan: Plan, out: Path) -> dict:
@@ -146,12 +149,13 @@ def tabulate(plan: Plan, out: Path) -> dict:
         curve = val_curve(run_dir)
         if not curve:
             continue
-        curves[name] = curve
+        curves[name] = [(tokens, loss) for _, tokens, loss in curve]
         summary_path = run_dir / names.SUMMARY
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-        rows.append({"run": name, "complete": summary is not None, "tokens": curve[-1][0],
-                     "final": summary["val_loss"] if summary else None, "last_eval": curve[-1][1],
-                     "half": dict((round(t / max(curve[-1][0], 1), 2), v) for t, v in curve).get(0.5),
+        half_step = (summary["steps"] if summary else plan.steps) // 2
+        rows.append({"run": name, "complete": summary is not None, "tokens": curve[-1][1],
+                     "final": summary["val_loss"] if summary else None, "last_eval": curve[-1][2],
+                     "half": {step: loss for step, _, loss in curve}.get(half_step),
                      "tokens_per_s": summary["tokens_per_s"] if summary else None,
                      "model_gflops_per_s": summary.get("model_gflops_per_s") if summary else None})
     by_name = {r["run"]: r for r in rows}

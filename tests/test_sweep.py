@@ -1,0 +1,65 @@
+"""The depth sweep's plan and table (no training: run dirs are written by hand here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from bll_ds import run_dir as names
+from bll_ds.bench import sweep
+from bll_ds.errors import UserError
+
+
+def test_depth_plan_has_the_baseline_every_stage_count_and_the_truncated_models():
+    runs = sweep.runs_of(sweep.PLANS["depth"])
+    assert list(runs)[0] == "bp-L16"
+    for s in (2, 4, 8, 16):
+        for variant in ("prototype", "dgl"):
+            assert runs[f"bll-{variant}-S{s}"][-2:] == ["--stages", str(s)]
+    assert {name for name in runs if name.startswith("bp-")} == {"bp-L16", "bp-L8", "bp-L4", "bp-L2", "bp-L1"}
+    assert runs["bp-L1"][-2:] == ["--truncate", "1"]
+
+
+def _fake_run(out, name, curve, final=None, tokens_per_step=100):
+    run = out / name
+    run.mkdir(parents=True)
+    lines = [{"step": step, "train/tokens_seen": step * tokens_per_step} for step, _ in curve]
+    lines += [{"step": step, "val/loss": loss} for step, loss in curve]
+    (run / names.METRICS).write_text("\n".join(json.dumps(m) for m in lines) + "\n")
+    if final is not None:
+        (run / names.SUMMARY).write_text(json.dumps({"val_loss": final, "tokens_per_s": 1000.0, "steps": 10}))
+
+
+def test_table_gives_ratio_and_recovered_fraction_at_the_end_and_half_way(tmp_path):
+    _fake_run(tmp_path, "bp-L16", [(5, 5.0), (10, 4.0)], final=4.0)
+    _fake_run(tmp_path, "bp-L8", [(5, 5.5), (10, 5.0)], final=5.0)   # what one of 2 stages holds
+    _fake_run(tmp_path, "bll-prototype-S2", [(5, 5.25), (10, 4.2)], final=4.2)
+    _fake_run(tmp_path, "bll-dgl-S2", [(5, 6.0)])                      # still running, half-way
+    plan = dataclasses.replace(sweep.PLANS["depth"], steps=10)
+    rows = {r["run"]: r for r in sweep.tabulate(plan, tmp_path)["rows"]}
+    bll = rows["bll-prototype-S2"]
+    assert bll["ratio_final"] == pytest.approx(4.2 / 4.0, abs=1e-4)
+    assert bll["recovered_final"] == pytest.approx((5.0 - 4.2) / (5.0 - 4.0), abs=1e-3)
+    assert bll["ratio_half"] == pytest.approx(5.25 / 5.0, abs=1e-4)
+    assert bll["recovered_half"] == pytest.approx(0.5, abs=1e-3)
+    assert not rows["bll-dgl-S2"]["complete"] and rows["bll-dgl-S2"]["ratio_final"] is None
+    table = (tmp_path / "sweep.md").read_text()
+    assert rows["bll-dgl-S2"]["ratio_half"] == pytest.approx(6.0 / 5.0, abs=1e-4)
+    assert "bll-dgl-S2 (running)" in table and "1.0500" in table
+    assert (tmp_path / "sweep_val_loss.png").stat().st_size > 0
+
+
+def test_unknown_run_name_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="bll-prototype-S3"):
+        sweep.main(["--plan", "depth", "--out", str(tmp_path), "--only", "bll-prototype-S3"])
+
+
+def test_list_prints_every_run_with_resume_once_checkpointed(tmp_path, capsys):
+    (tmp_path / "bp-L16" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "bp-L16" / "checkpoints" / names.LATEST).write_text("step_0000128")
+    assert sweep.main(["--plan", "depth", "--out", str(tmp_path), "--list", "--", "--steps", "10"]) == 0
+    lines = dict(line.split(" ", 1) for line in capsys.readouterr().out.splitlines() if line.startswith(("bp-", "bll-")))
+    assert "--resume" in lines["bp-L16"] and "--resume" not in lines["bp-L1"]
+    assert lines["bp-L1"].rstrip().endswith("--steps 10") and "--emulate" in lines["bll-dgl-S16"]
