@@ -70,7 +70,8 @@ def train(cfg: RunConfig, started: float) -> None:
     _seq_len(cfg, spec)
     if cfg.emulate and world > 1:
         raise UserError(f"--emulate trains all {cfg.stages} stages in one process, but this is one of {world} "
-                        f"launched ranks.", "run it with python, not a launcher: python scripts/pretrain.py --emulate ...")
+                        f"launched ranks.",
+                        "run it with python, not a launcher: python scripts/pretrain.py --emulate ...")
     # The emulator is S ranks of one replica each, in one process.
     ds = load_ds_config(cfg.deepspeed_config, cfg.stages if cfg.emulate else world, cfg.stages, cfg.steps)
     parse_tokenizer_spec(cfg.tokenizer)

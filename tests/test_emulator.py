@@ -21,8 +21,8 @@ from bll_ds.use import load_forward_network
 
 STEPS = 20
 TOLERANCE = 1e-4
-PORTS = {("bp", None, 2): 29661, ("bp", None, 4): 29662, ("bll", "prototype", 2): 29663,
-         ("bll", "prototype", 4): 29664, ("bll", "dgl", 2): 29665, ("bll", "dgl", 4): 29666}
+PORTS = {("bp", None, 2): 29681, ("bp", None, 4): 29682, ("bll", "prototype", 2): 29683,
+         ("bll", "prototype", 4): 29684, ("bll", "dgl", 2): 29685, ("bll", "dgl", 4): 29686}
 
 
 def _args(method, variant, stages, out, steps=STEPS, data=None):
@@ -58,6 +58,7 @@ def _worst_weight_difference(run_a, run_b) -> float:
     return worst
 
 
+@pytest.mark.launcher
 @pytest.mark.parametrize("method,variant,stages", list(PORTS))
 def test_emulator_equals_the_launched_pipeline(method, variant, stages, tmp_path, cache_dir, text_corpus):
     launched, emulated = tmp_path / "launched", tmp_path / "emulated"
@@ -87,6 +88,7 @@ def test_emulator_equals_the_launched_pipeline(method, variant, stages, tmp_path
         assert all(d["grads_sent"] == 0 for d in summary_e["stages_detail"])
 
 
+@pytest.mark.launcher
 def test_emulated_run_resumes_exactly_and_evaluates(tmp_path, cache_dir, text_corpus, repo):
     """A run killed at step 10 (its checkpoint) and resumed ends where an uninterrupted one does."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -104,7 +106,7 @@ def test_emulated_run_resumes_exactly_and_evaluates(tmp_path, cache_dir, text_co
 
     # A launch may not resume an emulated run: its optimizer state is laid out per process.
     result = run_pretrain(_args("bll", None, 4, resumed, steps=30, data=text_corpus) + ["--bll_variant", "prototype",
-                          "--resume"], ranks=4, cache_dir=cache_dir, master_port=29667)
+                          "--resume"], ranks=4, cache_dir=cache_dir, master_port=29687)
     assert result.returncode != 0 and "--emulate" in result.stderr, launch_failure(result)
 
     config, layers, _ = load_forward_network(straight)

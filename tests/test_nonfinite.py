@@ -144,6 +144,24 @@ def test_bll_skips_only_the_stage_that_went_non_finite(bll_skipped):
 
 
 @pytest.mark.launcher
+def test_the_emulator_skips_exactly_as_the_launched_pipeline(bll_skipped, tmp_path, cache_dir, text_corpus):
+    """--emulate with the same fault: stage 0 alone skips step 5, and every logged figure matches."""
+    launched, _ = bll_skipped
+    emulated = tmp_path / "emulated"
+    args = ARGS + ["--deepspeed_config", "ds_configs/test-1m.json", "--method", "bll", "--data", str(text_corpus),
+                   "--on_nonfinite", "skip", "--out", str(emulated), "--emulate"]
+    result = run_pretrain(args, None, cache_dir, env={nonfinite.INJECT_ENV: "5:0"})
+    assert result.returncode == 0, launch_failure(result)
+    for stage in (0, 1):
+        mine, theirs = stage_metrics(emulated, stage), stage_metrics(launched, stage)
+        for step in range(1, STEPS + 1):
+            assert mine[step].get("stage/skipped") == theirs[step].get("stage/skipped"), (stage, step)
+            assert mine[step].get("stage/loss") == theirs[step].get("stage/loss"), (stage, step)
+    assert stage_metrics(emulated, 0)[5]["stage/skipped"] == 1 and "stage/skipped" not in stage_metrics(emulated, 1)[5]
+    detail = json.loads((emulated / "summary.json").read_text())["stages_detail"]
+    assert [d["skipped_steps"] for d in detail] == [1, 0]
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_skipped_step_leaves_nothing_behind(precision, bll_skipped, tmp_path, cache_dir, text_corpus, repo):
     """Stopped right after the skipped step and resumed (with empty gradient buffers): the same

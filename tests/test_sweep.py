@@ -60,6 +60,7 @@ def test_list_prints_every_run_with_resume_once_checkpointed(tmp_path, capsys):
     (tmp_path / "bp-L16" / "checkpoints").mkdir(parents=True)
     (tmp_path / "bp-L16" / "checkpoints" / names.LATEST).write_text("step_0000128")
     assert sweep.main(["--plan", "depth", "--out", str(tmp_path), "--list", "--", "--steps", "10"]) == 0
-    lines = dict(line.split(" ", 1) for line in capsys.readouterr().out.splitlines() if line.startswith(("bp-", "bll-")))
+    printed = capsys.readouterr().out.splitlines()
+    lines = dict(line.split(" ", 1) for line in printed if line.startswith(("bp-", "bll-")))
     assert "--resume" in lines["bp-L16"] and "--resume" not in lines["bp-L1"]
     assert lines["bp-L1"].rstrip().endswith("--steps 10") and "--emulate" in lines["bll-dgl-S16"]

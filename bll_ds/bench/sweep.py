@@ -11,8 +11,8 @@ after another, on the same tokens (tokenizer, seed, batch shape and schedule are
     bll-{variant}-S{S} block-local learning, S stages of the full model
 
 The first run trains the tokenizer; the sweep keeps a copy (OUT/tokenizer.model) that every later
-run loads, so all runs see the same tokens. A run with a summary.json is done; a run with checkpoints is resumed (--resume); so the command
-continues where a killed sweep stopped. --only picks runs by name. The table (sweep.md, sweep.json)
+run loads, so all runs see the same tokens. A run with a summary.json is done; a run with
+checkpoints is resumed (--resume); so the command continues where a killed sweep stopped. --only picks runs by name. The table (sweep.md, sweep.json)
 and the plot of held-out loss against tokens are rewritten from whatever runs are complete or in
 progress, each time the command runs (--table_only: without training).
 
@@ -78,8 +78,9 @@ def runs_of(plan: Plan) -> dict[str, list[str]]:
     runs = {f"bp-L{layers}": ["--method", "bp", "--stages", "1"]}
     for variant in plan.variants:
         for s in sorted(plan.stages, reverse=True):
-            if layers // s < layers:
-                runs.setdefault(f"bp-L{layers // s}", ["--method", "bp", "--stages", "1", "--truncate", str(layers // s)])
+            per_stage = layers // s
+            if per_stage < layers:
+                runs.setdefault(f"bp-L{per_stage}", ["--method", "bp", "--stages", "1", "--truncate", str(per_stage)])
             runs[f"bll-{variant}-S{s}"] = ["--method", "bll", "--bll_variant", variant, "--stages", str(s)]
     if layers > 1:
         runs.setdefault("bp-L1", ["--method", "bp", "--stages", "1", "--truncate", "1"])

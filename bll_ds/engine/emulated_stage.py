@@ -57,6 +57,16 @@ def build_scheduler(optimizer, ds_config: dict):
     return scheduler_class(optimizer, **spec.get("params", {}))
 
 
+def _rng_states() -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+
+
+def _set_rng_states(states: tuple) -> None:
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state(states[1])
+
+
 class EmulatedStage:
     def __init__(self, stage_id: int, layers: list[tuple[int, nn.Module]], feedback: nn.Module | None,
                  ds_config: dict, micro_batches: int, device, bf16: bool, seed: int):
@@ -91,23 +101,25 @@ class EmulatedStage:
     # ---- per step ----------------------------------------------------------------------------
     def begin_step(self, step: int, rank: int) -> None:
         """Reseed from (seed, step, rank), as AccountedPipelineEngine.seed_for_step does on a
-        launched rank: the stage's RNG stream is the one its rank would consume."""
+        launched rank: the stage's RNG stream (CPU, and CUDA where present) is its rank's."""
         self.step, self.busy_s = step, 0.0
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 1009 + rank)
-        self._rng = generator.get_state()
+        outer = _rng_states()
+        torch.manual_seed(self.seed * 1_000_003 + step * 1009 + rank)
+        self._rng = _rng_states()
+        _set_rng_states(outer)
 
     @contextlib.contextmanager
     def running(self):
         """This stage's RNG stream and compute clock, around any of its work."""
-        outer = torch.get_rng_state()
-        torch.set_rng_state(self._rng)
+        outer = _rng_states()
+        _set_rng_states(self._rng)
         start = time.perf_counter()
         try:
             yield
         finally:
             self.busy_s += time.perf_counter() - start
-            self._rng = torch.get_rng_state()
-            torch.set_rng_state(outer)
+            self._rng = _rng_states()
+            _set_rng_states(outer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.module.layers:

@@ -154,14 +154,14 @@ class EmulatedPipeline:
             norms, causes = step_fn(step, batch_fn)
             step_s = time.perf_counter() - start
             for stage in self.stages:
+                k = stage.stage_id
                 busy, _ = stage.accounting.end_step(stage.busy_s)
-                update = _update_norm(stage, before[stage.stage_id]) if before and not causes[stage.stage_id] else None
                 losses = stage.stage_step.losses if self.method == "bll" else self._bp_losses
-                records[stage.stage_id].append(StepRecord(
+                records[k].append(StepRecord(
                     step=step, loss=torch.stack(losses).mean().item() if losses else float("nan"), step_s=step_s,
-                    busy_s=busy, idle_s=0.0, lr=stage.lr(), grad_norm=None if causes[stage.stage_id] else norms[stage.stage_id],
-                    update_norm=update, nonfinite=causes[stage.stage_id],
-                    terms=stage.stage_step.mean_terms() if self.method == "bll" else {}))
+                    busy_s=busy, idle_s=0.0, lr=stage.lr(), grad_norm=None if causes[k] else norms[k],
+                    update_norm=_update_norm(stage, before[k]) if before and not causes[k] else None,
+                    nonfinite=causes[k], terms=stage.stage_step.mean_terms() if self.method == "bll" else {}))
         return records
 
     def _micro_batch(self, step: int, m: int, batch_fn):
