@@ -9,11 +9,12 @@ exactly.
 from __future__ import annotations
 
 import json
-import math
+import subprocess
+import sys
 
 import pytest
 import torch
-from helpers import launch_failure, run_pretrain
+from helpers import cpu_env, launch_failure, run_pretrain
 
 from bll_ds.engine.emulated_stage import build_optimizer
 from bll_ds.errors import UserError
@@ -109,10 +110,13 @@ def test_emulated_run_resumes_exactly_and_evaluates(tmp_path, cache_dir, text_co
                           "--resume"], ranks=4, cache_dir=cache_dir, master_port=29687)
     assert result.returncode != 0 and "--emulate" in result.stderr, launch_failure(result)
 
-    config, layers, _ = load_forward_network(straight)
-    with torch.no_grad():
-        logits = layers(torch.zeros(1, 8, dtype=torch.long))
-    assert logits.shape == (1, 8, config.vocab_size) and math.isfinite(float(logits.sum()))
+    # scripts/evaluate.py reads the emulated run as it reads a launched one.
+    evaluated = subprocess.run([sys.executable, str(repo / "scripts" / "evaluate.py"), str(straight), "--batches", "4",
+                                "--cache_dir", str(cache_dir), "--json", str(tmp_path / "eval.json")],
+                               cwd=repo, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, launch_failure(evaluated)
+    summary = json.loads((straight / "summary.json").read_text())
+    assert json.loads((tmp_path / "eval.json").read_text())["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
 
 
 def test_emulate_refuses_a_launched_rank(tmp_path, cache_dir, text_corpus):

@@ -64,3 +64,18 @@ def test_list_prints_every_run_with_resume_once_checkpointed(tmp_path, capsys):
     lines = dict(line.split(" ", 1) for line in printed if line.startswith(("bp-", "bll-")))
     assert "--resume" in lines["bp-L16"] and "--resume" not in lines["bp-L1"]
     assert lines["bp-L1"].rstrip().endswith("--steps 10") and "--emulate" in lines["bll-dgl-S16"]
+
+
+def test_bll_runs_wait_until_depth_pays_for_backprop(tmp_path, capsys):
+    """Where 16 layers end no lower than 1 layer, BLL runs would measure nothing about depth."""
+    plan = sweep.PLANS["depth"]
+    assert "has not finished" in sweep.depth_pays(plan, tmp_path, 0.05)
+    _fake_run(tmp_path, "bp-L16", [(10, 3.85)], final=3.8455)
+    _fake_run(tmp_path, "bp-L1", [(10, 3.83)], final=3.8339)
+    verdict = sweep.depth_pays(plan, tmp_path, 0.05)
+    assert "depth does not pay" in verdict and "+0.3%" in verdict
+    assert sweep.main(["--plan", "depth", "--out", str(tmp_path), "--only", "bll-dgl-S2"]) == 3
+    assert "stopped before bll-dgl-S2" in capsys.readouterr().err
+    _fake_run(tmp_path, "bp-L8", [(10, 4.0)], final=4.0)  # unrelated runs do not change the verdict
+    (tmp_path / "bp-L1" / names.SUMMARY).write_text(json.dumps({"val_loss": 4.2, "steps": 10}))
+    assert sweep.depth_pays(plan, tmp_path, 0.05) is None
