@@ -3,7 +3,8 @@
 For backprop and for block-local learning (prototype, dgl) at 2 and 4 stages, both train 20 fp32
 steps on the same data: every stage's per-step loss and every final weight must agree to a
 relative difference of 1e-4. The emulated run dir must also work with evaluate and resume
-exactly.
+exactly. The auxiliary-layer readout (issue 11's first lever) is checked the same way, with a
+launched run that is killed and resumed.
 """
 
 from __future__ import annotations
@@ -117,6 +118,28 @@ def test_emulated_run_resumes_exactly_and_evaluates(tmp_path, cache_dir, text_co
     assert evaluated.returncode == 0, launch_failure(evaluated)
     summary = json.loads((straight / "summary.json").read_text())
     assert json.loads((tmp_path / "eval.json").read_text())["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
+
+
+@pytest.mark.launcher
+def test_aux_readout_launched_killed_and_resumed_equals_emulated(tmp_path, cache_dir, text_corpus):
+    """prototype-aux (bll_ds/bll/aux_readout.py) through the launcher, killed at step 10 and
+    resumed, ends where one straight emulated run does, and no gradient crosses a stage."""
+    launched, emulated = tmp_path / "launched", tmp_path / "emulated"
+    args = _args("bll", "prototype-aux", 2, launched, data=text_corpus)
+    result = run_pretrain(args + ["--exit_interval", "10"], ranks=2, cache_dir=cache_dir, master_port=29688)
+    assert result.returncode == 0 and "continue with --resume" in result.stdout, launch_failure(result)
+    result = run_pretrain(args + ["--resume"], ranks=2, cache_dir=cache_dir, master_port=29688)
+    assert result.returncode == 0, launch_failure(result)
+    result = run_pretrain(_args("bll", "prototype-aux", 2, emulated, data=text_corpus) + ["--emulate"], ranks=None,
+                          cache_dir=cache_dir)
+    assert result.returncode == 0, launch_failure(result)
+    losses_l, losses_e = _stage_losses(launched, 2), _stage_losses(emulated, 2)
+    assert set(losses_l) == set(losses_e) and len(losses_l) == 2 * STEPS
+    assert max(_relative(losses_l[key], losses_e[key]) for key in losses_l) <= TOLERANCE
+    assert _worst_weight_difference(launched, emulated) <= TOLERANCE
+    summary = json.loads((launched / "summary.json").read_text())
+    assert all(d["grads_sent"] == 0 for d in summary["stages_detail"])
+    assert summary["stages_detail"][0]["tables_sent"] == 0 and summary["stages_detail"][1]["tables_sent"] > 0
 
 
 def test_emulate_refuses_a_launched_rank(tmp_path, cache_dir, text_corpus):

@@ -79,3 +79,12 @@ def test_bll_runs_wait_until_depth_pays_for_backprop(tmp_path, capsys):
     _fake_run(tmp_path, "bp-L8", [(10, 4.0)], final=4.0)  # unrelated runs do not change the verdict
     (tmp_path / "bp-L1" / names.SUMMARY).write_text(json.dumps({"val_loss": 4.2, "steps": 10}))
     assert sweep.depth_pays(plan, tmp_path, 0.05) is None
+
+
+def test_variants_replace_the_plans_and_unknown_ones_are_refused(tmp_path, capsys):
+    assert sweep.main(["--plan", "shakespeare", "--out", str(tmp_path), "--list",
+                       "--variants", "prototype-aux"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert "bll-prototype-aux-S8" in listed and "bll-prototype-S8" not in listed and "bp-L8" in listed
+    with pytest.raises(UserError, match="not registered"):
+        sweep.main(["--plan", "shakespeare", "--out", str(tmp_path), "--list", "--variants", "protoype"])

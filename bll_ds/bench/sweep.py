@@ -31,11 +31,12 @@ import json
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bll_ds import run_dir as names
 from bll_ds.atomic import atomic_write_text
+from bll_ds.bll import variants as bll_variants
 from bll_ds.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -245,6 +246,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--data", default=None, help="Corpus (default: the trainer's default corpus).")
     p.add_argument("--only", default=None, help="Comma-separated run names (default: every run of the plan).")
     p.add_argument("--deepspeed_config", default=None, help="Override the plan's DeepSpeed config (e.g. another lr).")
+    p.add_argument("--variants", default=None,
+                   help="Comma-separated BLL variants to run instead of the plan's (e.g. prototype,dgl,prototype-aux).")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--table_only", action="store_true", help="Rewrite the table and plot; train nothing.")
     p.add_argument("--list", action="store_true", help="Print the runs and their commands; train nothing.")
@@ -254,6 +257,16 @@ def main(argv: list[str]) -> int:
     p.add_argument("extra", nargs="*", help="After --: flags passed to every pretrain.py run.")
     args = p.parse_args(argv)
     plan, out = PLANS[args.plan], Path(args.out)
+    if args.variants:
+        chosen_variants = tuple(args.variants.split(","))
+        if "--custom_import" in args.extra:  # a variant of the user's own, registered as the runs will
+            bll_variants.import_custom(args.extra[args.extra.index("--custom_import") + 1])
+        unknown = [v for v in chosen_variants if v not in bll_variants.names()]
+        if unknown:
+            raise UserError(f"--variants names {unknown}, which are not registered BLL variants.",
+                            f"choose from {', '.join(bll_variants.names())}, "
+                            "or register one with `-- --custom_import FILE.py`.")
+        plan = replace(plan, variants=chosen_variants)
     runs = runs_of(plan)
     chosen = args.only.split(",") if args.only else list(runs)
     unknown = [name for name in chosen if name not in runs]

@@ -13,7 +13,7 @@ Adding a variant is one class in one file:
         name = "mine"
         def local_loss(self, hidden, labels): ...
 
-The built-in variants live in bll_ds/bll/feedback.py; a variant defined elsewhere is made known
+The built-in variants live in bll_ds/bll/feedback.py and bll_ds/bll/aux_readout.py; a variant defined elsewhere is made known
 to the trainer with `--custom_import path/to/file.py` (or a module name), which imports the file
 before the flags are parsed (tests/test_variant_registry.py does that through the launcher).
 """
@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 _REGISTRY: dict[str, type] = {}
-_BUILT_IN = "bll_ds.bll.feedback"
+_BUILT_IN = ("bll_ds.bll.feedback", "bll_ds.bll.aux_readout")
 
 
 def register(cls: type) -> type:
@@ -44,14 +44,19 @@ def register(cls: type) -> type:
     return cls
 
 
+def _import_built_ins() -> None:
+    for module in _BUILT_IN:
+        importlib.import_module(module)
+
+
 def names() -> tuple[str, ...]:
     """Every registered variant, built-ins first in their definition order."""
-    importlib.import_module(_BUILT_IN)
+    _import_built_ins()
     return tuple(_REGISTRY)
 
 
 def get(name: str) -> type:
-    importlib.import_module(_BUILT_IN)
+    _import_built_ins()
     if name not in _REGISTRY:
         raise ValueError(f"unknown BLL variant {name!r}; choose one of {tuple(_REGISTRY)} "
                          f"(a variant of your own: --custom_import FILE.py)")
