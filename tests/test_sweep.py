@@ -73,7 +73,7 @@ def test_bll_runs_wait_until_depth_pays_for_backprop(tmp_path, capsys):
     _fake_run(tmp_path, "bp-L16", [(10, 3.85)], final=3.8455)
     _fake_run(tmp_path, "bp-L1", [(10, 3.83)], final=3.8339)
     verdict = sweep.depth_pays(plan, tmp_path, 0.05)
-    assert "depth does not pay" in verdict and "+0.3%" in verdict
+    assert "depth does not pay" in verdict and "+0.30%" in verdict
     assert sweep.main(["--plan", "depth", "--out", str(tmp_path), "--only", "bll-dgl-S2"]) == 3
     assert "stopped before bll-dgl-S2" in capsys.readouterr().err
     _fake_run(tmp_path, "bp-L8", [(10, 4.0)], final=4.0)  # unrelated runs do not change the verdict

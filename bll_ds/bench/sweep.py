@@ -202,7 +202,7 @@ def depth_pays(plan: Plan, out: Path, gate: float) -> str | None:
     if deep <= (1 - gate) * shallow:
         return None
     return (f"depth does not pay here: backprop on {layers} layers ends at held-out {deep:.4f}, the 1-layer model "
-            f"at {shallow:.4f} ({(deep / shallow - 1) * 100:+.1f}%; the gate asks for -{gate * 100:.0f}% or lower). "
+            f"at {shallow:.4f} ({(deep / shallow - 1) * 100:+.2f}%; the gate asks for -{gate * 100:.2f}% or lower). "
             f"Train longer (-- --steps N), or choose a model and budget where depth pays; --depth_gate 0 runs anyway.")
 
 
