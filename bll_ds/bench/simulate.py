@@ -528,8 +528,7 @@ def layer_costs_from_flops(config, seq_len: int, micro_batch_size: int, achieved
     head = flops.head_forward_flops(config)
     layer_params = projection / 2  # 2 FLOPs per weight per token
     opt_s = optimizer_bytes_per_param / memory_bytes_per_s
-    readout = (flops.readout_flops_per_token(config, variant)
-               + flops.readout_flops_per_micro_batch(config, variant) / tokens)
+    readout = flops.readout_flops_per_micro_batch_token(config, variant, tokens)
     return LayerCosts(
         layer_forward_s=(projection + attention) * to_s,
         layer_backward_s=2 * (projection + attention) * to_s,

@@ -290,7 +290,6 @@ def main(argv: list[str]) -> int:
         run_dir = out / name
         if run_dir.exists() and not (names.checkpoints(run_dir) / names.LATEST).is_file():
             shutil.rmtree(run_dir)  # started but never checkpointed (or its checkpoints stayed on another machine)
-            cmd = _command(plan, name, runs[name], args, out)
         print(f"sweep: {name}: {' '.join(cmd)}", flush=True)
         with open(out / f"{name}.log", "a") as log:
             code = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode

@@ -20,7 +20,8 @@ import json
 from pathlib import Path
 
 from bll_ds.bll import variants
-from bll_ds.measure.flops import TRAIN_OVER_FORWARD, layer_forward_flops
+from bll_ds.measure.flops import (TRAIN_OVER_FORWARD, feedback_step_flops, layer_forward_flops,
+                                  readout_flops_per_micro_batch_token)
 from bll_ds.modeling import load_model_spec
 
 FP32, BF16 = 4, 2
@@ -31,9 +32,8 @@ def variant_costs(config, seq_len: int, micro_batch_tokens: int, micro_batches: 
     rows = []
     for name in variants.names():
         cls = variants.get(name)
-        per_token = (cls.readout_flops_per_token(config)
-                     + cls.readout_flops_per_micro_batch(config) / micro_batch_tokens
-                     + cls.step_flops(config) / (micro_batch_tokens * micro_batches))
+        per_token = (readout_flops_per_micro_batch_token(config, name, micro_batch_tokens)
+                     + feedback_step_flops(config, name) / (micro_batch_tokens * micro_batches))
         rows.append({"variant": name, "readout_flops_per_token": per_token,
                      "over_one_layer": per_token / layer,
                      "table_bytes_per_step_fp32": cls.table_bytes_per_step(config, FP32),

@@ -13,8 +13,8 @@ Adding a variant is one class in one file:
         name = "mine"
         def local_loss(self, hidden, labels): ...
 
-The built-in variants live in bll_ds/bll/feedback.py and bll_ds/bll/aux_readout.py; a variant defined elsewhere is made known
-to the trainer with `--custom_import path/to/file.py` (or a module name), which imports the file
+The built-in variants live in bll_ds/bll/feedback.py and bll_ds/bll/aux_readout.py; a variant
+defined elsewhere is made known to the trainer with `--custom_import path/to/file.py` (or a module name), which imports the file
 before the flags are parsed (tests/test_variant_registry.py does that through the launcher).
 """
 

@@ -104,6 +104,13 @@ def readout_flops_per_micro_batch(config: PretrainedConfig, variant: str) -> flo
     return get_variant(variant).readout_flops_per_micro_batch(config)
 
 
+def readout_flops_per_micro_batch_token(config: PretrainedConfig, variant: str, micro_batch_tokens: int) -> float:
+    """The local loss's training FLOPs per token of a micro-batch of `micro_batch_tokens` tokens:
+    the per-token readout plus the per-micro-batch costs spread over its tokens."""
+    return (readout_flops_per_token(config, variant)
+            + readout_flops_per_micro_batch(config, variant) / micro_batch_tokens)
+
+
 def feedback_step_flops(config: PretrainedConfig, variant: str) -> float:
     """Per optimizer STEP, per non-last stage: the feedback network's own update (the table
     variants' g_k on the V x H table: 18 V H^2); 0 for dgl and drtp."""
@@ -164,8 +171,7 @@ def stage_flop_split(config: PretrainedConfig, stages: int, seq_len: int, method
         scores = layers * attention
         readout = 0.0
         if method == "bll" and not last:
-            readout = (readout_flops_per_token(config, variant)
-                       + readout_flops_per_micro_batch(config, variant) / tokens)
+            readout = readout_flops_per_micro_batch_token(config, variant, tokens)
         result.append(StageFlops(forward=weights + scores, backward_input=weights + 2 * scores,
                                  backward_weight=weights, local_readout=readout))
     return result
