@@ -14,8 +14,9 @@ Adding a variant is one class in one file:
         def local_loss(self, hidden, labels): ...
 
 The built-in variants live in bll_ds/bll/feedback.py and bll_ds/bll/aux_readout.py; a variant
-defined elsewhere is made known to the trainer with `--custom_import path/to/file.py` (or a module name), which imports the file
-before the flags are parsed (tests/test_variant_registry.py does that through the launcher).
+defined elsewhere is made known to the trainer with `--custom_import path/to/file.py` (or a
+module name), which imports the file before the flags are parsed (tests/test_variant_registry.py
+does that through the launcher).
 """
 
 from __future__ import annotations
