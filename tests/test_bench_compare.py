@@ -43,6 +43,19 @@ def test_unknown_arm_is_a_clear_error():
         compare.parse_args(["--model", "m", "--deepspeed_config", "d", "--out", "o", "--arms", "bp,gpipe"])
 
 
+def test_a_variant_arm_trains_that_variant_and_an_unknown_variant_fails_before_any_launch():
+    cfg = compare.parse_args(["--model", "m", "--deepspeed_config", "d", "--out", "o",
+                              "--arms", "bp,bll,bll:dgl-overlap"])
+    cmd = compare.launch_command(cfg, "bll:dgl-overlap", compare.Path("ds.json"), compare.Path("run"))
+    assert cmd[cmd.index("--bll_variant") + 1] == "dgl-overlap" and "--bll_steps_per_call" in cmd
+    assert "--bll_variant" not in compare.launch_command(cfg, "bll", compare.Path("ds.json"), compare.Path("run"))
+    assert compare.arm_dir_name("bll:dgl-overlap") == "bll-dgl-overlap"
+    with pytest.raises(ValueError, match="unknown BLL variant 'nope'"):
+        compare.parse_args(["--model", "m", "--deepspeed_config", "d", "--out", "o", "--arms", "bll:nope"])
+    with pytest.raises(UserError, match="unknown arm"):
+        compare.parse_args(["--model", "m", "--deepspeed_config", "d", "--out", "o", "--arms", "bp:dgl"])
+
+
 def test_extra_arguments_after_double_dash_reach_every_run():
     cfg = compare.parse_args(["--model", "m", "--deepspeed_config", "d", "--out", "o", "--", "--seq_len", "64"])
     cmd = compare.launch_command(cfg, "bll", compare.Path("ds.json"), compare.Path("run"))

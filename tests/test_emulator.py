@@ -3,8 +3,8 @@
 For backprop and for block-local learning (prototype, dgl) at 2 and 4 stages, both train 20 fp32
 steps on the same data: every stage's per-step loss and every final weight must agree to a
 relative difference of 1e-4. The emulated run dir must also work with evaluate and resume
-exactly. The auxiliary-layer readout (issue 11's first lever) is checked the same way, with a
-launched run that is killed and resumed.
+exactly. Issue 11's levers (auxiliary-layer and overlap readouts) are checked the same way, with
+a launched run that is killed and resumed.
 """
 
 from __future__ import annotations
@@ -120,17 +120,24 @@ def test_emulated_run_resumes_exactly_and_evaluates(tmp_path, cache_dir, text_co
     assert json.loads((tmp_path / "eval.json").read_text())["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
 
 
+LEVER_PORTS = {"prototype-aux": 29688, "prototype-overlap": 29689, "dgl-overlap": 29690}
+
+
 @pytest.mark.launcher
-def test_aux_readout_launched_killed_and_resumed_equals_emulated(tmp_path, cache_dir, text_corpus):
-    """prototype-aux (bll_ds/bll/aux_readout.py) through the launcher, killed at step 10 and
-    resumed, ends where one straight emulated run does, and no gradient crosses a stage."""
+@pytest.mark.parametrize("variant", list(LEVER_PORTS))
+def test_lever_launched_killed_and_resumed_equals_emulated(tmp_path, cache_dir, text_corpus, variant):
+    """Issue 11's levers (bll_ds/bll/aux_readout.py, overlap.py) through the launcher, killed at
+    step 10 and resumed, end where one straight emulated run does, and no gradient crosses a
+    stage. The overlap variants send a layer copy upstream (dgl-overlap: nothing else), through
+    the same channel, lag and checkpointed queue as the tables."""
     launched, emulated = tmp_path / "launched", tmp_path / "emulated"
-    args = _args("bll", "prototype-aux", 2, launched, data=text_corpus)
-    result = run_pretrain(args + ["--exit_interval", "10"], ranks=2, cache_dir=cache_dir, master_port=29688)
+    args = _args("bll", variant, 2, launched, data=text_corpus)
+    port = LEVER_PORTS[variant]
+    result = run_pretrain(args + ["--exit_interval", "10"], ranks=2, cache_dir=cache_dir, master_port=port)
     assert result.returncode == 0 and "continue with --resume" in result.stdout, launch_failure(result)
-    result = run_pretrain(args + ["--resume"], ranks=2, cache_dir=cache_dir, master_port=29688)
+    result = run_pretrain(args + ["--resume"], ranks=2, cache_dir=cache_dir, master_port=port)
     assert result.returncode == 0, launch_failure(result)
-    result = run_pretrain(_args("bll", "prototype-aux", 2, emulated, data=text_corpus) + ["--emulate"], ranks=None,
+    result = run_pretrain(_args("bll", variant, 2, emulated, data=text_corpus) + ["--emulate"], ranks=None,
                           cache_dir=cache_dir)
     assert result.returncode == 0, launch_failure(result)
     losses_l, losses_e = _stage_losses(launched, 2), _stage_losses(emulated, 2)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from bll_ds import run_dir as names
 from bll_ds.atomic import atomic_write_text
+from bll_ds.bll.variants import get as get_variant
 from bll_ds.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,6 +43,23 @@ ARMS = {
     "bll": ["--method", "bll", "--bll_steps_per_call", "1000000"],  # no flush: the pipe drains once per call
     "bll-flush": ["--method", "bll", "--bll_steps_per_call", "1"],  # drained after every step, like 1F1B
 }
+
+
+
+def arm_args(arm: str) -> list[str]:
+    """An arm's pretrain.py flags. `bll:VARIANT` and `bll-flush:VARIANT` train that registered
+    --bll_variant (the bare arms train the default), so levers can be timed side by side."""
+    base, _, variant = arm.partition(":")
+    if base not in ARMS or (variant and base == "bp"):
+        raise UserError(f"unknown arm {arm!r}.", f"choose from {sorted(ARMS)}, or bll:VARIANT / bll-flush:VARIANT.")
+    if not variant:
+        return list(ARMS[base])
+    get_variant(variant)  # an unknown name fails here, before any launch, listing the registered ones
+    return [*ARMS[base], "--bll_variant", variant]
+
+
+def arm_dir_name(arm: str) -> str:
+    return arm.replace(":", "-")
 
 
 @dataclass
@@ -83,7 +101,8 @@ def parse_args(argv: list[str]) -> BenchConfig:
     p.add_argument("--sequences_per_step", type=int, default=0,
                    help="hold the sequences per step (per replica) fixed across M: micro-batch size = this / M "
                         "(0 = keep the config's micro-batch size, so tokens per step grow with M)")
-    p.add_argument("--arms", default="bp,bll", help=f"comma-separated, from {sorted(ARMS)}")
+    p.add_argument("--arms", default="bp,bll", help=f"comma-separated, from {sorted(ARMS)}; bll:VARIANT and "
+                   "bll-flush:VARIANT train that --bll_variant")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup_steps", type=int, default=3, help="steps left out of throughput")
     p.add_argument("--eval_interval", type=int, default=0, help="held-out evaluation every N steps (0 = end only)")
@@ -94,9 +113,8 @@ def parse_args(argv: list[str]) -> BenchConfig:
     own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     a = p.parse_args(own)
     arms = tuple(a.arms.split(","))
-    unknown = [arm for arm in arms if arm not in ARMS]
-    if unknown:
-        raise UserError(f"unknown arm(s) {unknown}.", f"choose from {sorted(ARMS)}.")
+    for arm in arms:
+        arm_args(arm)
     return BenchConfig(model=a.model, deepspeed_config=a.deepspeed_config, out=a.out, data=a.data,
                        tokenizer=a.tokenizer, stages=a.stages, data_parallel=a.data_parallel, steps=a.steps,
                        micro_batches=tuple(int(m) for m in a.micro_batches.split(",")), arms=arms,
@@ -143,7 +161,7 @@ def launch_command(cfg: BenchConfig, arm: str, ds_config: Path, run_dir: Path) -
            "--log_interval", "1", "--eval_interval", str(cfg.eval_interval),
            "--eval_batches", str(cfg.eval_batches), "--final_eval_batches", str(cfg.final_eval_batches),
            "--save_interval", "0", "--keep_checkpoints", "1",
-           "--throughput_warmup_steps", str(cfg.warmup_steps), "--no-progress", *ARMS[arm]]
+           "--throughput_warmup_steps", str(cfg.warmup_steps), "--no-progress", *arm_args(arm)]
     if cfg.data:
         cmd += ["--data", cfg.data]
     return cmd + list(cfg.extra)
@@ -268,7 +286,7 @@ def main(argv: list[str]) -> int:
     runs = []
     with tqdm(total=len(order), unit="run", dynamic_ncols=True, file=sys.stderr) as bar:
         for repeat, m, arm in order:
-            run_dir = out / "runs" / f"M{m}-{arm}-r{repeat}"
+            run_dir = out / "runs" / f"M{m}-{arm_dir_name(arm)}-r{repeat}"
             bar.set_postfix_str(run_dir.name)
             launcher_wall = None
             if not (run_dir / names.SUMMARY).is_file():

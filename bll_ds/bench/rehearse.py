@@ -71,7 +71,7 @@ class Stage:
     first: bool
     last: bool
     decoder_layers: int
-    sends_tables: bool           # the variant's tables travel upstream (the engine's table_shape is set)
+    sends_tables: bool           # the variant's messages travel upstream (the engine's table_shape is set)
     variant: str = "prototype"
 
     def weights(self) -> list[torch.Tensor]:
@@ -96,7 +96,7 @@ def build_stage(config, stages: int, stage: int, seed: int = 0, variant: str = "
         feedback = build_stage_feedback(BLLConfig(variant=variant), config, stage, seed)  # as build_engine
         module.add_module("bll_feedback", feedback)
     return Stage(module, feedback, first, last, counts[stage],
-                 sends_tables=stages > 1 and get_variant(variant).sends_table, variant=variant)
+                 sends_tables=stages > 1 and get_variant(variant).message_shape(config) is not None, variant=variant)
 
 
 def forward_layers(stage: Stage, inputs: torch.Tensor) -> torch.Tensor:
@@ -279,20 +279,22 @@ def _holdings(config, built: Stage, micro_batch_size: int, seq_len: int, dtype) 
     holdings = EngineHoldings(receive_buffer=receive)
     if built.sends_tables and not built.last:
         for _ in range(memory.INBOX_TABLES):
-            holdings.inbox.append(_random_table(config, dtype))
+            holdings.inbox.append(_random_message(config, built.variant, dtype))
     return holdings
 
 
-def _random_table(config, dtype) -> torch.Tensor:
-    """Stands in for a target table received from the downstream stage (rows like an LM head's)."""
-    return (torch.randn(config.vocab_size, config.hidden_size) * config.initializer_range).to(dtype)
+def _random_message(config, variant: str, dtype) -> torch.Tensor:
+    """Stands in for a message received from the downstream stage (a target table: rows like an
+    LM head's; entries of a sent layer on the same scale)."""
+    shape = get_variant(variant).message_shape(config)
+    return (torch.randn(shape) * config.initializer_range).to(dtype)
 
 
 def _train_step(config, built: Stage, optimizer, holdings: EngineHoldings, micro_batch_size: int, seq_len: int,
                 micro_batches: int, dtype, generator, meter_mode: str | None,
                 readout_max_logits_mb: float = memory.READOUT_MAX_LOGITS_MB) -> tuple[float, int | None]:
     """One optimizer step, as StageStep runs it. Returns (mean loss, saved-activation peak or None)."""
-    step = StageStep(built.feedback, lm_loss, readout_max_logits_mb)
+    step = StageStep(built.feedback, lm_loss, readout_max_logits_mb, built.variant)
     upstream = holdings.inbox[0] if holdings.inbox else None
     step.begin(upstream)
     meter = None
@@ -365,10 +367,11 @@ def _exchange_tables(config, built: Stage, step: StageStep, holdings: EngineHold
         return
     if not built.last:
         holdings.inbox.popleft()
-        holdings.inbox.append(_random_table(config, dtype))
+        holdings.inbox.append(_random_message(config, built.variant, dtype))
     if built.first:
         return
-    table = step.table_to_publish(built.module[-1].lm_head.weight if built.last else None)
+    layers = [layer for name, layer in built.module.named_children() if name != "bll_feedback"]
+    table = step.table_to_publish(built.module[-1].lm_head.weight if built.last else None, layers)
     holdings.outbox.append(table.contiguous().clone())
     while len(holdings.outbox) > memory.OUTBOX_TABLES:
         holdings.outbox.popleft()

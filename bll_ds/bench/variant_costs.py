@@ -44,7 +44,7 @@ def variant_costs(config, seq_len: int, micro_batch_tokens: int, micro_batches: 
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| variant | readout MFLOP/token | x one layer | table MiB/step fp32 | bf16 | feedback params | sliced |",
+    lines = ["| variant | readout MFLOP/token | x one layer | message upstream MiB/step fp32 | bf16 | feedback params | sliced |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['readout_flops_per_token'] / 1e6:.2f} | {r['over_one_layer']:.2f} | "

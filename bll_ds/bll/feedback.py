@@ -35,6 +35,7 @@ distribution, whose loss is log V, not 0.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -118,9 +119,23 @@ class StageFeedback(nn.Module):
         return sum(p.numel() for p in block.parameters() if p.requires_grad and p.dim() >= 2)
 
     @classmethod
+    def message_shape(cls, config: PretrainedConfig) -> tuple[int, ...] | None:
+        """The one tensor stage k+1 sends to stage k once per optimizer step (None: nothing).
+        The engine's channel (engine/feedback_channel.py) carries exactly this shape."""
+        return (config.vocab_size, config.hidden_size) if cls.sends_table else None
+
+    @classmethod
+    def compose_message(cls, table: torch.Tensor | None, stage_layers) -> torch.Tensor | None:
+        """Built on the sending stage k+1 after its optimizer step: its table (m_{k+1}, or W_out on
+        the last stage). `stage_layers` are its forward layers, for variants that send more than
+        the table (bll_ds/bll/overlap.py); `prepare` on stage k receives the result."""
+        return table
+
+    @classmethod
     def table_bytes_per_step(cls, config: PretrainedConfig, dtype_bytes: int) -> int:
-        """Bytes this variant sends upstream per optimizer step (one [V, H] table, or nothing)."""
-        return config.vocab_size * config.hidden_size * dtype_bytes if cls.sends_table else 0
+        """Bytes this variant sends upstream per optimizer step (its message, or nothing)."""
+        shape = cls.message_shape(config)
+        return math.prod(shape) * dtype_bytes if shape is not None else 0
 
     @classmethod
     def readout_saved_bytes_per_token(cls, config: PretrainedConfig, dtype_bytes: int,

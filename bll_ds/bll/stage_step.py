@@ -16,7 +16,8 @@ The engine's instructions (bll_ds/engine/bll_engine.py) and the scale rehearsal
                      reduce_grads        all-reduce over the stage's replicas; a non-finite step is
                                          decided here and dropped (engine/nonfinite.py)
                      optimizer_step      clip by this stage's own norm, step its own optimizer
-                     publish_table       m_k (last stage: W_out) sent upstream, detached
+                     publish_table       m_k (last stage: W_out) sent upstream, detached (variants
+                                         that send more compose it: bll_ds/bll/overlap.py)
 
 `backward(loss, scale_by_micro_batches)` is supplied by the caller: DeepSpeed's engine backward
 (which divides by the gradient-accumulation steps when asked) or a plain autograd stand-in.
@@ -85,8 +86,12 @@ class StageStep:
     """One stage's local learning. `feedback` is None on the last stage, whose loss is
     `lm_loss(outputs, labels)`; `readout_max_logits_mb` as --bll_readout_max_logits_mb."""
 
-    def __init__(self, feedback: StageFeedback | None, lm_loss, readout_max_logits_mb: float = 0.0):
+    def __init__(self, feedback: StageFeedback | None, lm_loss, readout_max_logits_mb: float = 0.0,
+                 variant: str | None = None):
+        """`variant`: the run's --bll_variant, which decides what the last stage (no feedback
+        block of its own) sends upstream; the other stages take it from their block."""
         self.feedback = feedback
+        self.variant = type(feedback) if feedback is not None else get_variant(variant) if variant else None
         self.lm_loss = lm_loss
         self.readout_max_logits_mb = readout_max_logits_mb
         self.losses: list[torch.Tensor] = []  # this step's, one per micro-batch
@@ -124,11 +129,13 @@ class StageStep:
         if self.feedback is not None:
             self.feedback.finish_step(lambda surrogate: backward(surrogate, False))
 
-    def table_to_publish(self, lm_head_weight: torch.Tensor | None) -> torch.Tensor | None:
-        """What goes upstream after the optimizer step: m_k, or on the last stage W_out itself."""
-        if self.feedback is None:
-            return lm_head_weight.detach()
-        return self.feedback.publish()
+    def table_to_publish(self, lm_head_weight: torch.Tensor | None, stage_layers=()) -> torch.Tensor | None:
+        """What goes upstream after the optimizer step: the variant's message built from m_k (on
+        the last stage W_out itself) and, for variants that ask, this stage's forward layers."""
+        table = lm_head_weight.detach() if self.feedback is None else self.feedback.publish()
+        if self.variant is None:
+            return table
+        return self.variant.compose_message(table, stage_layers)
 
     def mean_loss(self) -> float:
         return torch.stack(self.losses).mean().item()

@@ -50,10 +50,11 @@ def singleton_groups():
 
 class BLLPipelineEngine(AccountedPipelineEngine):
     def __init__(self, *args, feedback=None, table_shape=None, max_inflight_sends: int = 0,
-                 readout_max_logits_mb: float = 0.0, **kwargs):
-        """feedback: this stage's feedback block (None on the last stage). table_shape: (V, H) of
-        the target tables when the variant sends them upstream, else None. readout_max_logits_mb:
-        the local readout runs in sequence slices whose logits stay under this (0 = one slice)."""
+                 readout_max_logits_mb: float = 0.0, variant: str | None = None, **kwargs):
+        """feedback: this stage's feedback block (None on the last stage). table_shape: the shape
+        of the variant's upstream message ((V, H) for a target table), None if it sends none.
+        readout_max_logits_mb: the local readout runs in sequence slices whose logits stay under
+        this (0 = one slice). variant: the --bll_variant, which composes the message."""
         super().__init__(*args, **kwargs)
         self.feedback = feedback
         self.max_inflight_sends = max_inflight_sends or 2 * self.micro_batches
@@ -74,7 +75,7 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         if self.fault.step is not None and self.feedback is not None:
             self.feedback.local_loss = self._with_fault(self.feedback.local_loss)
         # Built after the fault wrappers: the step calls the (possibly wrapped) losses.
-        self.stage_step = StageStep(self.feedback, self.module.loss_fn, readout_max_logits_mb)
+        self.stage_step = StageStep(self.feedback, self.module.loss_fn, readout_max_logits_mb, variant)
 
     def _backward(self, loss: torch.Tensor, scale_by_micro_batches: bool) -> None:
         ds_internals.stage_backward(self, loss, scale_by_micro_batches)
@@ -102,7 +103,7 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         if self.outbox is None:
             return
         head = self.module.forward_funcs[-1].lm_head.weight if self.is_last_stage() else None
-        table = self.stage_step.table_to_publish(head)
+        table = self.stage_step.table_to_publish(head, self.module.forward_funcs)
         with self.accounting.p2p():
             self.outbox.publish(table)
         self.accounting.count("tables_sent", tensor_bytes(table), "bytes_up")

@@ -47,10 +47,8 @@ def build_engine(method: str, module, ds_config: dict, model_config=None, seed: 
             # ZeRO sharding see its parameters like any other. (Its weights are checkpointed by
             # bll_ds.checkpoint, since DeepSpeed saves pipeline layers only.)
             module.add_module("bll_feedback", feedback)
-        sends_table = get_variant(bll.variant).sends_table
-        table_shape = (model_config.vocab_size, model_config.hidden_size) if sends_table else None
-        engine_kwargs = dict(feedback=feedback, table_shape=table_shape,
-                             readout_max_logits_mb=bll.readout_max_logits_mb)
+        engine_kwargs = dict(feedback=feedback, table_shape=get_variant(bll.variant).message_shape(model_config),
+                             readout_max_logits_mb=bll.readout_max_logits_mb, variant=bll.variant)
         grid = StageLocalGrid(grid, singleton_groups())
     # DeepSpeed's gradient-norm code (clipping; fp32 and ZeRO-1 paths) sums squared norms over the
     # model-parallel group but counts a parameter only on model-parallel rank 0 unless it is

@@ -80,7 +80,9 @@ class EmulatedStage:
         self.feedback = feedback
         self.module.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
         self.micro_batches, self.seed, self.device = micro_batches, seed, device
-        self.params = list(self.module.parameters())
+        # Trainable parameters only: a frozen copy (bll_ds/bll/overlap.py) is refreshed from the
+        # downstream stage's message, never by this stage's optimizer or bf16 master copy.
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
         # fp32 path: the parameters are their own masters. bf16: fp32 copies hold the update.
         self.masters = [p.detach().float().clone() for p in self.params] if bf16 else self.params
         groups = weight_decay_groups(self.module)

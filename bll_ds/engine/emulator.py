@@ -65,7 +65,7 @@ class EmulatedPipeline:
         counts = stage_layer_counts(model_config, stages)
         bounds = [1 + sum(counts[:k]) for k in range(stages + 1)]
         bounds[0], bounds[-1] = 0, len(layers)  # the embedding rides with the first stage, the head with the last
-        self.sends_table = method == "bll" and get_variant(bll.variant).sends_table
+        self.sends_table = method == "bll" and get_variant(bll.variant).message_shape(model_config) is not None
         self.stages = []
         for k in range(stages):
             feedback = build_stage_feedback(bll, model_config, k, seed) if method == "bll" and k < stages - 1 else None
@@ -73,7 +73,8 @@ class EmulatedPipeline:
                                   self.device, ds.bf16, seed)
             if feedback is not None:
                 feedback.local_loss = stage.with_fault(feedback.local_loss)
-            stage.stage_step = StageStep(feedback, stage.with_fault(lm_loss), bll.readout_max_logits_mb)
+            stage.stage_step = StageStep(feedback, stage.with_fault(lm_loss), bll.readout_max_logits_mb,
+                                         bll.variant if method == "bll" else None)
             self.stages.append(stage)
         self.last = self.stages[-1]
         # tables[k]: stage k's published tables {j: P_j} that stage k-1 may still need
@@ -117,7 +118,7 @@ class EmulatedPipeline:
         if not self.sends_table or stage.stage_id == 0:
             return
         head = stage.module.layers[-1].lm_head.weight if stage is self.last else None
-        table = stage.stage_step.table_to_publish(head).detach().clone()
+        table = stage.stage_step.table_to_publish(head, stage.module.layers).detach().clone()
         history = self.tables[stage.stage_id]
         history[step] = table
         for old in [j for j in history if j < step + 1 - LAG]:

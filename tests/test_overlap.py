@@ -1,0 +1,148 @@
+"""The overlap readouts (bll_ds/bll/overlap.py): loss by hand through the sent layer, the message
+round trip, no gradient into the copy, declared costs. The launcher run (no cross-stage gradient,
+exact resume) is in tests/test_emulator.py."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from bll_ds.bll.feedback import build_feedback
+from bll_ds.bll.overlap import layer_numel
+from bll_ds.bll.variants import get as get_variant
+from bll_ds.measure.flops import readout_flops_per_token
+from bll_ds.modeling import load_model_spec
+from bll_ds.modeling.layers import DecoderLayer, TokenEmbedding
+
+T, V, H = 6, 11, 8
+VARIANTS = ["prototype-overlap", "dgl-overlap"]
+
+
+@pytest.fixture
+def config(repo, tmp_path):
+    spec = json.loads((repo / "models/test-1m.json").read_text())
+    spec.update(hidden_size=H, intermediate_size=16, num_attention_heads=2, num_key_value_heads=2,
+                max_position_embeddings=T)
+    (tmp_path / "tiny.json").write_text(json.dumps(spec))
+    return load_model_spec(tmp_path / "tiny.json", vocab_size=V)
+
+
+def _downstream_layer(config, seed=5):
+    """Stage k+1's first decoder layer, trained away from its initialisation (random weights)."""
+    torch.manual_seed(seed)
+    layer = DecoderLayer(config, layer_idx=1)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    return layer
+
+
+def test_prototype_overlap_loss_is_the_readout_of_the_sent_layer_by_hand(config):
+    """L_k = CE(<norm(D(h)), g_k(m_{k+1})>, y) with D the downstream layer exactly as sent, g_k
+    written out (m + W2 gelu(W1 m + b1) + b2) and the RMS norm by hand."""
+    torch.manual_seed(0)
+    feedback = build_feedback("prototype-overlap", config)
+    with torch.no_grad():  # g_k away from its zero-initialised second layer
+        feedback.g.down.weight.normal_(std=0.3)
+    layer, table = _downstream_layer(config), torch.randn(V, H)
+    feedback.prepare(type(feedback).compose_message(table, [layer]))
+    hidden, labels = torch.randn(2, T, H), torch.randint(0, V, (2, T))
+    loss, terms = feedback.local_loss(hidden, labels)
+
+    g = feedback.g
+    targets = table + F.gelu(table @ g.up.weight.t() + g.up.bias) @ g.down.weight.t() + g.down.bias
+    with torch.no_grad():
+        read = layer(hidden)
+    normed = read / torch.sqrt(read.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps) * feedback.norm.weight
+    scores = normed @ targets.t()
+    by_hand = (torch.logsumexp(scores, -1) - scores.gather(-1, labels[..., None])[..., 0]).mean()
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert terms["ce"].item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_dgl_overlap_loss_is_its_own_head_on_the_sent_layer_by_hand(config):
+    torch.manual_seed(1)
+    feedback = build_feedback("dgl-overlap", config)
+    layer = _downstream_layer(config)
+    feedback.prepare(type(feedback).compose_message(None, [layer]))
+    hidden, labels = torch.randn(2, T, H), torch.randint(0, V, (2, T))
+    loss, _ = feedback.local_loss(hidden, labels)
+    with torch.no_grad():
+        read = layer(hidden)
+    normed = read / torch.sqrt(read.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps)
+    scores = normed @ feedback.head.weight.t()
+    by_hand = (torch.logsumexp(scores, -1) - scores.gather(-1, labels[..., None])[..., 0]).mean()
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_message_carries_the_table_and_the_first_decoder_layer_and_nothing_else(config, variant):
+    """compose_message on stage k+1 (its layers: the embedding, if any, is skipped) and prepare
+    on stage k: the copy holds exactly the sent weights, the table exactly the sent table, and
+    the declared shape and bytes are the message's."""
+    cls = get_variant(variant)
+    layer, later = _downstream_layer(config, seed=2), _downstream_layer(config, seed=3)
+    table = torch.randn(V, H)
+    message = cls.compose_message(table if cls.sends_table else None, [TokenEmbedding(config), layer, later])
+    entries = (V * H if cls.sends_table else 0) + sum(p.numel() for p in layer.parameters())
+    assert message.shape == cls.message_shape(config) == (entries,)
+    assert entries == (V * H if cls.sends_table else 0) + layer_numel(config)
+    assert cls.table_bytes_per_step(config, 2) == 2 * entries
+
+    feedback = build_feedback(variant, config)
+    feedback.prepare(message)
+    for (name, sent), (_, copy) in zip(layer.named_parameters(), feedback.aux.named_parameters()):
+        assert torch.equal(sent, copy), name
+    if cls.sends_table:
+        assert torch.equal(feedback._upstream, table)
+    with pytest.raises(ValueError, match="same variant and model"):
+        feedback.prepare(torch.cat([message, torch.zeros(1)]))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_copy_takes_no_gradient_and_the_stage_gets_one_through_it(config, variant):
+    """dL_k/dD_k is never formed (nothing to send back, nothing for the optimizer); the block
+    output receives the gradient of the loss through D_k, causally."""
+    torch.manual_seed(4)
+    cls = get_variant(variant)
+    feedback = build_feedback(variant, config)
+    feedback.prepare(cls.compose_message(torch.randn(V, H) if cls.sends_table else None,
+                                         [_downstream_layer(config)]))
+    hidden = torch.randn(1, T, H, requires_grad=True)
+    labels = torch.full((1, T), -100)
+    labels[0, 3] = 5
+    loss, _ = feedback.local_loss(hidden, labels)
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in feedback.aux.parameters())
+    per_token = hidden.grad[0].abs().sum(-1)
+    assert (per_token[4:] == 0).all() and (per_token[:4] > 0).all()
+    plain = variant.removesuffix("-overlap")
+    assert cls.trainable_matrix_parameters(config) == get_variant(plain).trainable_matrix_parameters(config)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_declared_readout_flops_match_the_flop_counter(config, variant):
+    """The copy's forward and its input gradient, no weight gradient, plus the plain readout."""
+    torch.manual_seed(6)
+    cls = get_variant(variant)
+    feedback = build_feedback(variant, config)
+    feedback.prepare(cls.compose_message(torch.randn(V, H) if cls.sends_table else None,
+                                         [_downstream_layer(config)]))
+    if cls.sends_table:
+        feedback.targets()  # g_k on the table: once per step (step_flops), not per token
+    batch = 2
+    hidden = torch.randn(batch, T, H, requires_grad=True)
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        loss, _ = feedback.local_loss(hidden, torch.randint(0, V, (batch, T)))
+        loss.backward()
+    assert readout_flops_per_token(config, variant) == pytest.approx(counter.get_total_flops() / (batch * T),
+                                                                     rel=0.02)
+
+
+def test_a_stage_without_a_decoder_layer_cannot_send_an_overlap_message(config):
+    with pytest.raises(ValueError, match="needs a decoder layer"):
+        get_variant("dgl-overlap").compose_message(None, [TokenEmbedding(config)])
