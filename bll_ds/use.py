@@ -153,3 +153,30 @@ def evaluate(forward, batches, rank: int = 0, world: int = 1) -> dict:
     loss = (totals[0] / totals[1]).item()
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(totals[1]),
             "tokens_per_s": totals[1].item() / max(totals[2].item(), 1e-9)}
+
+
+@torch.no_grad()
+def residual_norms(layers: nn.Sequential, batches, max_batches: int = 4) -> list[dict]:
+    """Per decoder layer: the RMS of the residual stream it reads and of the update it adds, over
+    the first `max_batches` batches. A stage whose update dwarfs its input has overwritten, not
+    refined, what the earlier stages computed (docs/BENCHMARKS.md, issue 11's overlap variants)."""
+    from bll_ds.modeling.layers import DecoderLayer
+
+    sums: dict[int, list[float]] = {}
+    for count, (inputs, _) in enumerate(batches):
+        if count == max_batches:
+            break
+        hidden = inputs
+        for index, layer in enumerate(layers):
+            out = layer(hidden)
+            if isinstance(layer, DecoderLayer):
+                stream, update = hidden.float(), (out - hidden).float()
+                row = sums.setdefault(index, [0.0, 0.0, 0])
+                row[0] += stream.pow(2).mean().item()
+                row[1] += update.pow(2).mean().item()
+                row[2] += 1
+            hidden = out
+    return [{"layer": index, "stream_rms": math.sqrt(a / n), "update_rms": math.sqrt(b / n),
+             "update_over_stream": math.sqrt(b / a) if a > 0 else float("inf")}
+            for index, (a, b, n) in sorted(sums.items())]
+

@@ -3,6 +3,7 @@
 
     python scripts/evaluate.py runs/pretrain                       # the run's own held-out split
     python scripts/evaluate.py runs/pretrain --data other.txt      # any corpus, the run's tokenizer
+    python scripts/evaluate.py runs/pretrain --residual_norms      # how much each layer adds to the stream
     deepspeed --num_gpus 2 scripts/evaluate.py runs/pretrain       # ranks split the batches
 
 The held-out split of --data is taken as training takes it (README: "Held-out data"), in windows
@@ -22,7 +23,7 @@ import torch  # noqa: E402
 from bll_ds.data import EvalBatches, Tokenizer, load_corpus, open_stream, prepare_token_streams, token_dtype  # noqa: E402
 from bll_ds.errors import UserError  # noqa: E402
 from bll_ds.run_dir import TOKENIZER_MODEL  # noqa: E402
-from bll_ds.use import load_forward_network  # noqa: E402
+from bll_ds.use import load_forward_network, residual_norms  # noqa: E402
 from bll_ds.use import evaluate as evaluate_batches  # noqa: E402
 
 
@@ -38,6 +39,8 @@ def main(argv=None) -> int:
                    help="sequences per batch; None = the run's micro_batch_size")
     p.add_argument("--cache_dir", default=str(Path.home() / ".cache" / "bll_ds"),
                    help="folder of tokenized corpora, shared with pretrain.py --cache_dir")
+    p.add_argument("--residual_norms", action="store_true",
+                   help="also report, per decoder layer, the RMS of the residual stream it reads and of its update")
     p.add_argument("--json", default=None, help="file to also write the result JSON to; None = stdout only")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -70,6 +73,8 @@ def run(run_dir: Path, args, rank: int, world: int) -> dict:
     val = open_stream(streams.val_path, token_dtype(tokenizer.vocab_size))
     batches = EvalBatches(val, meta["seq_len"], args.batch_size or meta["micro_batch_size"], args.batches or 10**9)
     result = evaluate_batches(layers, batches, rank, world)
+    if getattr(args, "residual_norms", False):
+        result["residual_norms"] = residual_norms(layers, batches)
     if world > 1:
         torch.distributed.destroy_process_group()
     return {"run_dir": str(run_dir), "step": meta["step"], "data": data or "default corpus",

@@ -67,6 +67,26 @@ def test_evaluate_under_the_launcher_splits_batches_and_agrees(trained_run, cach
     assert two["loss"] == pytest.approx(single["loss"], rel=1e-6)
 
 
+def test_residual_norms_are_each_layers_stream_and_update_rms(trained_run, cache_dir):
+    """--residual_norms reports one row per decoder layer; checked by hand on one batch."""
+    from bll_ds.modeling.layers import DecoderLayer
+    from bll_ds.use import load_forward_network, residual_norms
+
+    result = _json_out(_script("evaluate.py", str(trained_run), "--cache_dir", str(cache_dir), "--batches", "2",
+                               "--residual_norms"))
+    _, layers, meta = load_forward_network(trained_run)
+    decoder = [i for i, layer in enumerate(layers) if isinstance(layer, DecoderLayer)]
+    assert [row["layer"] for row in result["residual_norms"]] == decoder
+    batch = (torch.randint(0, 60, (2, meta["seq_len"])), None)
+    row = residual_norms(layers, [batch], max_batches=1)[0]
+    with torch.no_grad():
+        stream = layers[:decoder[0]](batch[0]).float()
+        update = layers[decoder[0]](stream) - stream
+    assert row["stream_rms"] == pytest.approx(stream.pow(2).mean().sqrt().item(), rel=1e-5)
+    assert row["update_over_stream"] == pytest.approx((update.pow(2).mean() / stream.pow(2).mean()).sqrt().item(),
+                                                      rel=1e-4)
+
+
 def test_evaluate_on_another_corpus_uses_the_runs_tokenizer(trained_run, cache_dir, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("To be, or not to be, that is the question.\n" * 200)

@@ -69,6 +69,9 @@ PLANS = {
     # The final evaluation covers the whole held-out split.
     "shakespeare": Plan("models/nanogpt-char-d8.json", "ds_configs/nanogpt-char-d8.json", "char", 8000, (4, 8),
                         ("prototype", "dgl"), final_eval_batches=0, seq_len=64),
+    # The same recipe on 16 layers, for S = 16 (issue 11); lr 4e-3 as tuned for 8 layers.
+    "shakespeare-d16": Plan("models/nanogpt-char-d16.json", "ds_configs/nanogpt-char-d8.json", "char", 8000, (16,),
+                            ("dgl",), final_eval_batches=0, seq_len=64),
 }
 
 

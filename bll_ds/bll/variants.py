@@ -13,9 +13,9 @@ Adding a variant is one class in one file:
         name = "mine"
         def local_loss(self, hidden, labels): ...
 
-The built-in variants live in bll_ds/bll/feedback.py, aux_readout.py and overlap.py; a variant
-defined elsewhere is made known to the trainer with `--custom_import path/to/file.py` (or a
-module name), which imports the file before the flags are parsed (tests/test_variant_registry.py
+The built-in variants live in bll_ds/bll/feedback.py, aux_readout.py, overlap.py and context.py;
+a variant defined elsewhere is made known to the trainer with `--custom_import path/to/file.py`
+(or a module name), which imports the file before the flags are parsed (tests/test_variant_registry.py
 does that through the launcher).
 """
 
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 _REGISTRY: dict[str, type] = {}
-_BUILT_IN = ("bll_ds.bll.feedback", "bll_ds.bll.aux_readout", "bll_ds.bll.overlap")
+_BUILT_IN = ("bll_ds.bll.feedback", "bll_ds.bll.aux_readout", "bll_ds.bll.overlap", "bll_ds.bll.context")
 
 
 def register(cls: type) -> type:
