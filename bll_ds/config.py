@@ -30,10 +30,12 @@ def _doc(text: str, flag: str | None = None, **kwargs):
 @dataclass
 class BLLConfig:
     """--method bll: the local loss and how the block-local pipeline runs (flags --bll_*)."""
-    variant: str = _doc("Local loss (docs/METHOD.md): prototype (the feedback network's target prototypes), "
-                        "gaussian, bernoulli (per-token agreement with a collapse guard), dgl (a free local "
-                        "head), drtp (fixed random feedback), or a variant of your own (--custom_import).",
-                        default="prototype")
+    variant: str = _doc("Local loss (docs/METHOD.md): dgl-context (a free local head that also reconstructs "
+                        "the two preceding tokens; closest to backprop at 8 and 16 stages), prototype (the "
+                        "feedback network's target prototypes), gaussian, bernoulli (per-token agreement with a "
+                        "collapse guard), dgl (a free local head), drtp (fixed random feedback), the -aux and "
+                        "-overlap levers, or a variant of your own (--custom_import).",
+                        default="dgl-context")
     steps_per_call: int = _doc("Optimizer steps per engine call, BLL only: the pipe fills and drains once per "
                                "call, not once per step; 1 = drain after every step. Backprop drains after "
                                "every step by construction (1F1B's flush) and runs one step per call.",

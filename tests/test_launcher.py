@@ -165,8 +165,8 @@ def test_one_pipeline_step_equals_a_hand_computed_adamw_step(tmp_path, cache_dir
 def bll_run(tmp_path_factory, cache_dir, text_corpus):
     """30 block-local steps (prototype feedback) on 2 stages, checkpoint every 10, 8 steps per call."""
     out = tmp_path_factory.mktemp("bll") / "run"
-    launch(["--method", "bll", "--data", str(text_corpus), "--stages", "2", "--steps", "30", "--save_interval", "10",
-            "--bll_steps_per_call", "8", "--out", str(out)], 2, cache_dir, 29621)
+    launch(["--method", "bll", "--bll_variant", "prototype", "--data", str(text_corpus), "--stages", "2", "--steps", "30",
+            "--save_interval", "10", "--bll_steps_per_call", "8", "--out", str(out)], 2, cache_dir, 29621)
     return out
 
 
@@ -191,8 +191,8 @@ def test_bll_sends_no_gradients_and_learns(bll_run, straight_run):
 
 def test_bll_resume_continues_exactly(bll_run, tmp_path, cache_dir, text_corpus):
     out = tmp_path / "run"
-    base = ["--method", "bll", "--data", str(text_corpus), "--stages", "2", "--steps", "30", "--save_interval", "10",
-            "--bll_steps_per_call", "8", "--out", str(out)]
+    base = ["--method", "bll", "--bll_variant", "prototype", "--data", str(text_corpus), "--stages", "2", "--steps", "30",
+            "--save_interval", "10", "--bll_steps_per_call", "8", "--out", str(out)]
     launch(base + ["--exit_interval", "20"], 2, cache_dir, 29622)
     launch(base + ["--resume"], 2, cache_dir, 29623)
     resumed, straight = train_losses(out), train_losses(bll_run)

@@ -1,11 +1,12 @@
 """The feedback network: one feedback block per pipeline stage, with its own weights.
 
 Stage k < S-1 owns one block. It turns the target side of the problem into block k's local loss
-(bll_ds/bll/messages.py gives the loss families):
+(bll_ds/bll/messages.py gives the loss families; the default, dgl-context, is dgl plus the
+reconstruction terms of bll_ds/bll/context.py):
 
     variant     backward message beta_k                              local loss L_k (per token)
     ---------   --------------------------------------------------   -----------------------------------------
-    prototype   q_k(y | z) = softmax_v(<norm(z), m_k(v)>)             -log q_k(y_t | h_k)           (default)
+    prototype   q_k(y | z) = softmax_v(<norm(z), m_k(v)>)             -log q_k(y_t | h_k)           (the paper's form)
     gaussian    N(z; nu_k(y_t), s_b^2), nu_k = m_k(y_t)               gaussian_agreement(P norm(h_k), nu_k)
     bernoulli   Bernoulli(sigmoid(nu_k(y_t))), nu_k = m_k(y_t)        bernoulli_agreement(P norm(h_k), nu_k)
     dgl         q_k(y | z) = softmax(W_k norm(z)), W_k free           -log q_k(y_t | h_k)   (Belilovsky et al.)
@@ -246,7 +247,7 @@ class _CrossEntropyReadout:
 
 @register
 class PrototypeFeedback(_CrossEntropyReadout, TableFeedback):
-    """q_k(y | h) = softmax_v(<norm(h), m_k(v)>), m_k = g_k(m_{k+1}); the default."""
+    """q_k(y | h) = softmax_v(<norm(h), m_k(v)>), m_k = g_k(m_{k+1}); the default until issue 11."""
 
     name = "prototype"
 
