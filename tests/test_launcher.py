@@ -215,7 +215,7 @@ def test_stage0_update_ignores_the_last_stage_only_in_bll(method, bll_run, strai
     """Resume one step from the same checkpoint twice, once with the last stage's weights
     perturbed. Block-local: stage 0's new weights are bit-identical. Backprop: they differ."""
     source = bll_run if method == "bll" else straight_run
-    extra = ["--bll_steps_per_call", "8"] if method == "bll" else []
+    extra = ["--bll_variant", "prototype", "--bll_steps_per_call", "8"] if method == "bll" else []
     stage0 = {}
     for name, port in (("plain", 29624), ("perturbed", 29625)):
         out = tmp_path / name

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.launcher
 def trained_run(tmp_path_factory, cache_dir, text_corpus):
     out = tmp_path_factory.mktemp("use") / "run"
     result = run_pretrain(["--model", "models/test-1m.json", "--deepspeed_config", "ds_configs/test-1m.json",
-                           "--method", "bll", "--stages", "2", "--tokenizer", "char", "--seq_len", "64",
+                           "--method", "bll", "--bll_variant", "prototype", "--stages", "2", "--tokenizer", "char",
+                           "--seq_len", "64",
                            "--data", str(text_corpus), "--steps", "12", "--eval_interval", "0",
                            "--final_eval_batches", "0", "--out", str(out)], 2, cache_dir, master_port=29651)
     assert result.returncode == 0, launch_failure(result)
