@@ -179,4 +179,3 @@ def residual_norms(layers: nn.Sequential, batches, max_batches: int = 4) -> list
     return [{"layer": index, "stream_rms": math.sqrt(a / n), "update_rms": math.sqrt(b / n),
              "update_over_stream": math.sqrt(b / a) if a > 0 else float("inf")}
             for index, (a, b, n) in sorted(sums.items())]
-

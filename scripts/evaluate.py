@@ -73,7 +73,7 @@ def run(run_dir: Path, args, rank: int, world: int) -> dict:
     val = open_stream(streams.val_path, token_dtype(tokenizer.vocab_size))
     batches = EvalBatches(val, meta["seq_len"], args.batch_size or meta["micro_batch_size"], args.batches or 10**9)
     result = evaluate_batches(layers, batches, rank, world)
-    if getattr(args, "residual_norms", False):
+    if args.residual_norms:
         result["residual_norms"] = residual_norms(layers, batches)
     if world > 1:
         torch.distributed.destroy_process_group()

@@ -14,6 +14,21 @@ SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 VENV_BIN = Path(sys.executable).parent
 
 
+TINY_SEQ, TINY_VOCAB, TINY_HIDDEN = 6, 11, 8  # tiny_model_config's context, vocabulary, width
+
+
+def tiny_model_config(folder: Path):
+    """test-1m's family shrunk to TINY_HIDDEN units, 2 heads, a TINY_SEQ context and a TINY_VOCAB
+    vocabulary: small enough to check a local loss by hand (the readout unit tests)."""
+    from bll_ds.modeling import load_model_spec
+
+    spec = json.loads((REPO / "models/test-1m.json").read_text())
+    spec.update(hidden_size=TINY_HIDDEN, intermediate_size=16, num_attention_heads=2, num_key_value_heads=2,
+                max_position_embeddings=TINY_SEQ)
+    (folder / "tiny.json").write_text(json.dumps(spec))
+    return load_model_spec(folder / "tiny.json", vocab_size=TINY_VOCAB)
+
+
 def cpu_env() -> dict:
     env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",

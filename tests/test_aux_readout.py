@@ -1,28 +1,22 @@
 """The auxiliary-layer readouts (bll_ds/bll/aux_readout.py): loss by hand, causality, declared costs."""
 
-import json
-
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+from helpers import TINY_SEQ, TINY_VOCAB, tiny_model_config
 
 from bll_ds.bll.feedback import build_feedback
 from bll_ds.bll.stage_step import slices_for
 from bll_ds.bll.variants import get as get_variant
 from bll_ds.measure.flops import TRAIN_OVER_FORWARD, layer_forward_flops, readout_flops_per_token
-from bll_ds.modeling import load_model_spec
 
-T, V = 6, 11
+T, V = TINY_SEQ, TINY_VOCAB
 
 
 @pytest.fixture
-def config(repo, tmp_path):
-    spec = json.loads((repo / "models/test-1m.json").read_text())
-    spec.update(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=2,
-                max_position_embeddings=T)
-    (tmp_path / "tiny.json").write_text(json.dumps(spec))
-    return load_model_spec(tmp_path / "tiny.json", vocab_size=V)
+def config(tmp_path):
+    return tiny_model_config(tmp_path)
 
 
 def test_with_its_residual_branches_closed_the_aux_readout_is_the_plain_prototype_readout(config):

@@ -1,27 +1,21 @@
 """The context-preserving local loss (bll_ds/bll/context.py): targets, loss by hand, costs."""
 
-import json
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from helpers import TINY_HIDDEN, TINY_SEQ, TINY_VOCAB, tiny_model_config
 
 from bll_ds.bll.context import IGNORE, ContextLocalHeadFeedback, preceding_tokens
 from bll_ds.bll.feedback import build_feedback
 from bll_ds.bll.stage_step import slices_for
 from bll_ds.measure.flops import readout_flops_per_token
-from bll_ds.modeling import load_model_spec
 
-T, V, H = 6, 11, 8
+T, V, H = TINY_SEQ, TINY_VOCAB, TINY_HIDDEN
 
 
 @pytest.fixture
-def config(repo, tmp_path):
-    spec = json.loads((repo / "models/test-1m.json").read_text())
-    spec.update(hidden_size=H, intermediate_size=16, num_attention_heads=2, num_key_value_heads=2,
-                max_position_embeddings=T)
-    (tmp_path / "tiny.json").write_text(json.dumps(spec))
-    return load_model_spec(tmp_path / "tiny.json", vocab_size=V)
+def config(tmp_path):
+    return tiny_model_config(tmp_path)
 
 
 def test_preceding_tokens_are_the_inputs_offset_positions_back():

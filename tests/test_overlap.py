@@ -2,32 +2,26 @@
 round trip, no gradient into the copy, declared costs. The launcher run (no cross-stage gradient,
 exact resume) is in tests/test_emulator.py."""
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+from helpers import TINY_HIDDEN, TINY_SEQ, TINY_VOCAB, tiny_model_config
 
 from bll_ds.bll.feedback import build_feedback
 from bll_ds.bll.overlap import layer_numel
 from bll_ds.bll.variants import get as get_variant
 from bll_ds.measure.flops import readout_flops_per_token
-from bll_ds.modeling import load_model_spec
 from bll_ds.modeling.layers import DecoderLayer, TokenEmbedding
 
-T, V, H = 6, 11, 8
+T, V, H = TINY_SEQ, TINY_VOCAB, TINY_HIDDEN
 VARIANTS = ["prototype-overlap", "dgl-overlap"]
 
 
 @pytest.fixture
-def config(repo, tmp_path):
-    spec = json.loads((repo / "models/test-1m.json").read_text())
-    spec.update(hidden_size=H, intermediate_size=16, num_attention_heads=2, num_key_value_heads=2,
-                max_position_embeddings=T)
-    (tmp_path / "tiny.json").write_text(json.dumps(spec))
-    return load_model_spec(tmp_path / "tiny.json", vocab_size=V)
+def config(tmp_path):
+    return tiny_model_config(tmp_path)
 
 
 def _downstream_layer(config, seed=5):

@@ -45,7 +45,6 @@ ARMS = {
 }
 
 
-
 def arm_args(arm: str) -> list[str]:
     """An arm's pretrain.py flags. `bll:VARIANT` and `bll-flush:VARIANT` train that registered
     --bll_variant (the bare arms train the default), so levers can be timed side by side."""

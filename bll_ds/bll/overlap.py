@@ -84,7 +84,7 @@ class _OverlapLayer(_AuxiliaryLayer):
     def __init__(self, config):
         super().__init__(config)
         self.aux.requires_grad_(False)
-        self._table_shape = (config.vocab_size, config.hidden_size) if self.sends_table else None
+        self._table_shape = super().message_shape(config)  # the base variant's table, or None
 
     def prepare(self, message):
         if message is None:
