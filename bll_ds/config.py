@@ -34,7 +34,10 @@ class BLLConfig:
                         "the two preceding tokens; closest to backprop at 8 and 16 stages), prototype (the "
                         "feedback network's target prototypes), gaussian, bernoulli (per-token agreement with a "
                         "collapse guard), dgl (a free local head), drtp (fixed random feedback), the -aux and "
-                        "-overlap levers, or a variant of your own (--custom_import).",
+                        "-overlap levers, or a variant of your own (--custom_import). Options follow the name: "
+                        "NAME:dim=r:neg=n:table=bf16:refresh=k, a readout in r dimensions, a softmax over the "
+                        "micro-batch's targets and n sampled negatives, the table in bf16 and sent every k "
+                        "steps (bll_ds/bll/variant_options.py).",
                         default="dgl-context")
     steps_per_call: int = _doc("Optimizer steps per engine call, BLL only: the pipe fills and drains once per "
                                "call, not once per step; 1 = drain after every step. Backprop drains after "
@@ -150,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pretrain.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Pretrain a causal LM on a DeepSpeed pipeline. Launch with: "
                     "deepspeed --num_gpus N scripts/pretrain.py --model ... --deepspeed_config ... --out DIR")
-    choices = {"method": METHODS, "bll_variant": variants.names(), "on_nonfinite": ON_NONFINITE}
+    choices = {"method": METHODS, "on_nonfinite": ON_NONFINITE}
+    types = {"bll_variant": variants.argparse_type}  # a name, optionally with options (variant_options.py)
     for _, f, flag in _flag_fields():
         required = f.default is dataclasses.MISSING
         if f.type == "bool":
@@ -158,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 help=f.metadata["help"])
             continue
         kind = {"int": int, "int | None": int, "float": float}.get(f.type, str)
-        parser.add_argument("--" + flag, type=kind, required=required, default=None if required else f.default,
+        parser.add_argument("--" + flag, type=types.get(flag, kind), required=required, default=None if required else f.default,
                             help=f.metadata["help"], choices=choices.get(flag))
         if "_" in flag:  # accept --seq-len as well as --seq_len
             parser.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, help=argparse.SUPPRESS)

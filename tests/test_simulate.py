@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from bll_ds.bench.simulate import SCHEDULES, Link, StageCosts, main, simulate
+from bll_ds.bench.simulate import (PROJECTION_ARMS, SCHEDULES, LayerCosts, Link, StageCosts,
+                                   balanced_layers_per_stage, main, simulate, stage_costs)
 from helpers import REPO
 
 F, B = 1.0, 2.0  # forward, full backward per micro-batch and stage
@@ -178,10 +179,34 @@ def test_cli_project_writes_its_files(tmp_path):
           "--stages", "2", "8", "--micro_batch_factors", "1", "2", "--timeline_stages", "2",
           "--timeline_micro_batches", "4", "--out", str(out)])
     report = json.loads((out / "projection.json").read_text())
-    assert len(report["rows"]) == len(SCHEDULES) * 2 * 2
+    assert len(report["rows"]) == len(PROJECTION_ARMS) * 2 * 2
     by = {(r["schedule"], r["S"], r["M"]): r for r in report["rows"]}
     assert by[("1f1b", 2, 4)]["speedup_vs_1f1b"] == 1.0
+    assert by[("zb-h1-balanced", 8, 16)]["speedup_vs_zb_h1_balanced"] == 1.0
     assert all(0.0 <= r["bubble"] < 1.0 for r in report["rows"])
     assert (out / "projection.md").read_text().startswith("| schedule |")
     for png in ("projection.png", "timeline.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+# --- balanced stage boundaries -----------------------------------------------------------------
+
+def test_balanced_partition_equalises_stage_time_around_the_head_and_readouts():
+    layer = LayerCosts(layer_forward_s=1.0, layer_backward_s=2.0, head_forward_s=1.0, head_backward_s=2.0,
+                       embedding_forward_s=0.0, readout_s=0.75)
+    bp = balanced_layers_per_stage(layer, 8, 4, "bp")
+    assert sum(bp) == pytest.approx(8) and bp == pytest.approx([2.25, 2.25, 2.25, 1.25])
+    costs = stage_costs(layer, 8, 4, "bp", balanced=True)
+    totals = [f + b for f, b in zip(costs.fwd, costs.bwd)]
+    assert totals == pytest.approx([totals[0]] * 4)
+    # BLL: the three non-last stages carry a readout of 0.25 layers each.
+    bll = balanced_layers_per_stage(layer, 8, 4, "bll")
+    assert sum(bll) == pytest.approx(8) and bll == pytest.approx([2.1875, 2.1875, 2.1875, 1.4375])
+    bll_costs = stage_costs(layer, 8, 4, "bll", balanced=True)
+    assert [f + l for f, l in zip(bll_costs.fwd, bll_costs.local)] == pytest.approx([7.3125] * 4)
+    # A head heavier than a stage's share: the last stage gets no layers, the others share them.
+    heavy = LayerCosts(layer_forward_s=1.0, layer_backward_s=2.0, head_forward_s=10.0, head_backward_s=20.0)
+    assert balanced_layers_per_stage(heavy, 4, 3, "bp") == pytest.approx([2.0, 2.0, 0.0])
+    # Balancing never slows the pipeline down: the slowest stage is no slower than the uniform split's.
+    uniform = stage_costs(layer, 8, 4, "bp")
+    assert max(totals) <= max(f + b for f, b in zip(uniform.fwd, uniform.bwd))

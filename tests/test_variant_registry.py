@@ -30,7 +30,7 @@ class BottleneckHeadFeedback(StageFeedback):
         self.up = nn.Linear(self.RANK, config.vocab_size, bias=False)
 
     @classmethod
-    def readout_flops_per_token(cls, config):
+    def readout_flops_per_token(cls, config, micro_batch_tokens=None):
         """Two trained products, each forward + grad of input + grad of weight."""
         return 6.0 * cls.RANK * (config.hidden_size + config.vocab_size)
 

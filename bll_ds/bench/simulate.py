@@ -477,8 +477,32 @@ def layers_per_stage(num_layers: int, stages: int) -> list[float]:
     return [num_layers / stages] * stages
 
 
-def stage_costs(layer: LayerCosts, num_layers: int, stages: int, method: str) -> StageCosts:
-    """Per-stage costs of a model of `num_layers` decoder layers cut into `stages` stages.
+def balanced_layers_per_stage(layer: LayerCosts, num_layers: int, stages: int, method: str) -> list[float]:
+    """The partition that gives every stage the same forward + backward time, as Megatron users
+    balance a pipeline for its LM head (--decoder-last-pipeline-num-layers): the last stage takes
+    fewer layers by the head's cost in layers, and under BLL every other stage carries its
+    readout. Idealised: fractions of a layer are allowed (an integer split lands near it); a
+    stage whose extras alone exceed the others' share gets no layers (water-filling)."""
+    unit = layer.layer_forward_s + layer.layer_backward_s
+    extras = [0.0] * stages
+    extras[0] += (layer.embedding_forward_s + layer.embedding_backward_s) / unit
+    extras[-1] += (layer.head_forward_s + layer.head_backward_s) / unit
+    if method == "bll":
+        for k in range(stages - 1):
+            extras[k] += layer.readout_s / unit
+    active = set(range(stages))
+    while True:
+        share = (num_layers + sum(extras[k] for k in active)) / len(active)
+        starved = {k for k in active if share < extras[k]}
+        if not starved:
+            break
+        active -= starved
+    return [share - extras[k] if k in active else 0.0 for k in range(stages)]
+
+
+def stage_costs(layer: LayerCosts, num_layers: int, stages: int, method: str, balanced: bool = False) -> StageCosts:
+    """Per-stage costs of a model of `num_layers` decoder layers cut into `stages` stages, by
+    DeepSpeed's uniform partition or (`balanced`) by `balanced_layers_per_stage`.
     method "bp": fwd/bwd/bwd_input/bwd_weight/opt; "bll": fwd/local/opt (local = the stage's own
     backward plus its local readout; the last stage's 'readout' is the real head and loss)."""
     if method not in ("bp", "bll"):
@@ -488,7 +512,8 @@ def stage_costs(layer: LayerCosts, num_layers: int, stages: int, method: str) ->
     head_input = layer.head_backward_input_s
     head_input = layer.head_backward_s / 2 if head_input is None else head_input
     fwd, bwd, bwd_input, local, opt = [], [], [], [], []
-    counts = layers_per_stage(num_layers, stages)
+    counts = (balanced_layers_per_stage(layer, num_layers, stages, method) if balanced
+              else layers_per_stage(num_layers, stages))
     for k, layers in enumerate(counts):
         first, last = k == 0, k == stages - 1
         fwd.append(layers * layer.layer_forward_s + first * layer.embedding_forward_s
@@ -546,33 +571,45 @@ def layer_costs_from_flops(config, seq_len: int, micro_batch_size: int, achieved
 # Projection over S and M
 # ---------------------------------------------------------------------------------------------
 
-def project(costs_for: Callable[[int, str], StageCosts], link: Link, tokens_per_micro_batch: int,
-            stage_counts=(4, 8, 16, 32, 64), micro_batch_factors=(1, 2, 4, 8), schedules=SCHEDULES,
+BALANCED = "-balanced"
+# The projection's arms: every schedule on DeepSpeed's uniform partition, and the backprop
+# schedules users balance for the LM head (and BLL's no-flush schedule) on the balanced one.
+PROJECTION_ARMS = ("gpipe", "1f1b", "1f1b" + BALANCED, "interleaved", "zb-h1", "zb-h1" + BALANCED,
+                   "bll", "bll-noflush", "bll-noflush" + BALANCED)
+REFERENCE_ARM = "zb-h1" + BALANCED  # the strongest backprop arm here: every projection row compares with it
+
+
+def project(costs_for: Callable[[int, str, bool], StageCosts], link: Link, tokens_per_micro_batch: int,
+            stage_counts=(4, 8, 16, 32, 64), micro_batch_factors=(1, 2, 4, 8), arms=PROJECTION_ARMS,
             chunks: int = 2, noflush_steps: int = 6) -> list[dict]:
-    """One row per (schedule, S, M) with M = factor * S: step_s (steady state), bubble,
-    tokens_per_s, and speedup_vs_1f1b (this schedule's tokens/s over 1F1B's at the same S, M;
-    None when 1f1b is not simulated). `costs_for(S, method)` gives the stage costs, method "bp"
-    or "bll" (see `stage_costs`).
+    """One row per (arm, S, M) with M = factor * S: step_s (steady state), bubble, tokens_per_s,
+    speedup_vs_1f1b (over 1F1B on DeepSpeed's partition at the same S, M) and
+    speedup_vs_zb_h1_balanced (over ZB-H1 on the balanced partition); None where that arm is not
+    simulated. An arm is a schedule, with "-balanced" on `balanced_layers_per_stage`'s partition.
+    `costs_for(S, method, balanced)` gives the stage costs, method "bp" or "bll" (`stage_costs`).
 
     Steps simulated: the barrier makes every flushed BP step identical, so 1 suffices; flushed
     BLL runs table_lag + 1 so that a table arriving late would show; the no-flush schedule runs
     `noflush_steps` so that its pipe fill washes out of the steady-state mean."""
     rows = []
     for stages in stage_counts:
-        costs = {method: costs_for(stages, method) for method in ("bp", "bll")}
+        costs = {}
         for factor in micro_batch_factors:
             micro_batches = factor * stages
             found = {}
-            for name in schedules:
+            for arm in arms:
+                name, balanced = arm.removesuffix(BALANCED), arm.endswith(BALANCED)
+                method = SCHEDULE_METHOD[name]
+                if (method, balanced) not in costs:
+                    costs[method, balanced] = costs_for(stages, method, balanced)
                 steps = {"bll": link.table_lag + 1, "bll-noflush": noflush_steps}.get(name, 1)
-                result = simulate(name, costs[SCHEDULE_METHOD[name]], link, micro_batches, steps, chunks)
-                found[name] = result
-                rows.append(dict(schedule=name, S=stages, M=micro_batches, step_s=result.step_time_s,
-                                 bubble=result.bubble_fraction,
-                                 tokens_per_s=micro_batches * tokens_per_micro_batch / result.step_time_s))
-            baseline = found.get("1f1b")
-            for row in rows[-len(schedules):]:
-                row["speedup_vs_1f1b"] = (baseline.step_time_s / row["step_s"]) if baseline else None
+                found[arm] = simulate(name, costs[method, balanced], link, micro_batches, steps, chunks)
+                rows.append(dict(schedule=arm, S=stages, M=micro_batches, step_s=found[arm].step_time_s,
+                                 bubble=found[arm].bubble_fraction,
+                                 tokens_per_s=micro_batches * tokens_per_micro_batch / found[arm].step_time_s))
+            for row in rows[-len(arms):]:
+                for key, reference in (("speedup_vs_1f1b", "1f1b"), ("speedup_vs_zb_h1_balanced", REFERENCE_ARM)):
+                    row[key] = found[reference].step_time_s / row["step_s"] if reference in found else None
     return rows
 
 
@@ -581,12 +618,15 @@ def project(costs_for: Callable[[int, str], StageCosts], link: Link, tokens_per_
 # ---------------------------------------------------------------------------------------------
 
 def projection_markdown(rows: list[dict]) -> str:
-    lines = ["| schedule | S | M | step (s) | bubble | tokens/s | speedup vs 1F1B |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| schedule | S | M | step (s) | bubble | tokens/s | vs 1F1B | vs balanced ZB-H1 |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def ratio(value):
+        return "" if value is None else f"{value:.3f}"
     for r in rows:
-        speedup = "" if r["speedup_vs_1f1b"] is None else f"{r['speedup_vs_1f1b']:.3f}"
         lines.append(f"| {r['schedule']} | {r['S']} | {r['M']} | {r['step_s']:.4g} | {r['bubble']:.3f} "
-                     f"| {r['tokens_per_s']:.4g} | {speedup} |")
+                     f"| {r['tokens_per_s']:.4g} | {ratio(r['speedup_vs_1f1b'])} "
+                     f"| {ratio(r.get('speedup_vs_zb_h1_balanced'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -595,12 +635,14 @@ OP_COLOURS = {"forward": "tab:blue", "backward": "tab:orange", "backward_input":
 
 
 def plot_projection(rows: list[dict], path: Path) -> None:
-    """Bubble fraction (top) and speedup vs 1F1B (bottom) against S, one column per M/S."""
+    """Bubble fraction (top) and speedup vs balanced ZB-H1 (bottom; vs 1F1B where that arm was
+    not simulated) against S, one column per M/S."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     factors = sorted({r["M"] // r["S"] for r in rows})
+    key = "speedup_vs_zb_h1_balanced" if any(r.get("speedup_vs_zb_h1_balanced") for r in rows) else "speedup_vs_1f1b"
     names = list(dict.fromkeys(r["schedule"] for r in rows))
     fig, axes = plt.subplots(2, len(factors), figsize=(3.2 * len(factors), 6), squeeze=False, sharex=True)
     for col, factor in enumerate(factors):
@@ -609,13 +651,13 @@ def plot_projection(rows: list[dict], path: Path) -> None:
                           key=lambda r: r["S"])
             xs = [r["S"] for r in mine]
             axes[0][col].plot(xs, [r["bubble"] for r in mine], marker="o", label=name)
-            if mine and mine[0]["speedup_vs_1f1b"] is not None:
-                axes[1][col].plot(xs, [r["speedup_vs_1f1b"] for r in mine], marker="o", label=name)
+            if mine and mine[0].get(key) is not None:
+                axes[1][col].plot(xs, [r[key] for r in mine], marker="o", label=name)
         axes[0][col].set_title(f"M = {factor} S")
         axes[1][col].set_xlabel("stages S")
         axes[1][col].set_xscale("log", base=2)
     axes[0][0].set_ylabel("bubble fraction")
-    axes[1][0].set_ylabel("tokens/s over 1F1B")
+    axes[1][0].set_ylabel("tokens/s over " + ("balanced ZB-H1" if key == "speedup_vs_zb_h1_balanced" else "1F1B"))
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(names), fontsize="small")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
@@ -669,7 +711,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--latency_us", type=float, default=10.0, help="link latency per message, microseconds")
     p.add_argument("--bandwidth_gbps", type=float, default=25.0, help="link bandwidth, GB/s")
     p.add_argument("--dtype_bytes", type=int, default=2, help="bytes per activation / table element (bf16)")
-    p.add_argument("--variant", default="prototype", choices=variants.names(), help="BLL variant (docs/METHOD.md)")
+    p.add_argument("--variant", default="prototype", type=variants.argparse_type,
+                   help="BLL variant with its options, e.g. dgl-context:dim=64:neg=2048 (docs/METHOD.md)")
     p.add_argument("--stages", type=int, nargs="+", default=[4, 8, 16, 32, 64], help="values of S")
     p.add_argument("--micro_batch_factors", type=int, nargs="+", default=[1, 2, 4, 8], help="M / S values")
     p.add_argument("--chunks", type=int, default=2, help="model chunks per device (interleaved 1F1B)")
@@ -690,8 +733,8 @@ def run_projection(args: argparse.Namespace) -> list[dict]:
     link = Link(latency_s=args.latency_us * 1e-6, bandwidth_bytes_per_s=args.bandwidth_gbps * 1e9,
                 activation_bytes=tokens * config.hidden_size * args.dtype_bytes, table_bytes=table_bytes)
 
-    def costs_for(stages: int, method: str) -> StageCosts:
-        return stage_costs(layer, config.num_hidden_layers, stages, method)
+    def costs_for(stages: int, method: str, balanced: bool = False) -> StageCosts:
+        return stage_costs(layer, config.num_hidden_layers, stages, method, balanced)
 
     rows = project(costs_for, link, tokens, args.stages, args.micro_batch_factors, chunks=args.chunks)
     for row in rows:

@@ -37,6 +37,7 @@ from pathlib import Path
 from bll_ds import run_dir as names
 from bll_ds.atomic import atomic_write_text
 from bll_ds.bll import variants as bll_variants
+from bll_ds.bll.variant_options import run_name
 from bll_ds.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,6 +70,11 @@ PLANS = {
     # The final evaluation covers the whole held-out split.
     "shakespeare": Plan("models/nanogpt-char-d8.json", "ds_configs/nanogpt-char-d8.json", "char", 8000, (4, 8),
                         ("prototype", "dgl"), final_eval_batches=0, seq_len=64),
+    # The depth plan's model and recipe at a real vocabulary (issue 12): kernel-docs through a
+    # 32,768-piece BPE, S = 8, 5.24M tokens. The local readouts' cost grows 8x with V; the cheap
+    # readout options (docs/METHOD.md, "Readout options") are compared here with the full one.
+    "kernel-32k": Plan("models/llama-d16.json", "ds_configs/llama-d16-v32k.json", "bpe:32768", 1280, (8,),
+                       ("dgl-context",)),
     # The same recipe on 16 layers, for S = 16 (issue 11); lr 4e-3 as tuned for 8 layers.
     "shakespeare-d16": Plan("models/nanogpt-char-d16.json", "ds_configs/nanogpt-char-d8.json", "char", 8000, (16,),
                             ("dgl",), final_eval_batches=0, seq_len=64),
@@ -91,7 +97,7 @@ def runs_of(plan: Plan) -> dict[str, list[str]]:
             per_stage = layers // s
             if per_stage < layers:
                 runs.setdefault(f"bp-L{per_stage}", ["--method", "bp", "--stages", "1", "--truncate", str(per_stage)])
-            runs[f"bll-{variant}-S{s}"] = ["--method", "bll", "--bll_variant", variant, "--stages", str(s)]
+            runs[f"bll-{run_name(variant)}-S{s}"] = ["--method", "bll", "--bll_variant", variant, "--stages", str(s)]
     if layers > 1:
         runs.setdefault("bp-L1", ["--method", "bp", "--stages", "1", "--truncate", "1"])
     return runs
@@ -264,11 +270,11 @@ def main(argv: list[str]) -> int:
         chosen_variants = tuple(args.variants.split(","))
         if "--custom_import" in args.extra:  # a variant of the user's own, registered as the runs will
             bll_variants.import_custom(args.extra[args.extra.index("--custom_import") + 1])
-        unknown = [v for v in chosen_variants if v not in bll_variants.names()]
+        unknown = [v for v in chosen_variants if not bll_variants.is_known(v)]
         if unknown:
-            raise UserError(f"--variants names {unknown}, which are not registered BLL variants.",
-                            f"choose from {', '.join(bll_variants.names())}, "
-                            "or register one with `-- --custom_import FILE.py`.")
+            raise UserError(f"--variants names {unknown}, which are not registered BLL variants (with valid options).",
+                            f"choose from {', '.join(bll_variants.names())}, options as NAME:dim=64:neg=2048 "
+                            "(bll_ds/bll/variant_options.py), or register one with `-- --custom_import FILE.py`.")
         plan = replace(plan, variants=chosen_variants)
     runs = runs_of(plan)
     chosen = args.only.split(",") if args.only else list(runs)

@@ -35,15 +35,15 @@ class _AuxiliaryLayer:
     per_token_readout = False  # A_k's attention needs the whole sequence: no sequence slices
 
     @classmethod
-    def readout_flops_per_token(cls, config):
+    def readout_flops_per_token(cls, config, micro_batch_tokens=None):
         from bll_ds.measure.flops import TRAIN_OVER_FORWARD, layer_forward_flops
 
         # The plain readout's (6HV), plus A_k's forward, input-gradient and weight-gradient products.
         context = config.max_position_embeddings
-        return super().readout_flops_per_token(config) + TRAIN_OVER_FORWARD * layer_forward_flops(config, context)
+        return super().readout_flops_per_token(config, micro_batch_tokens) + TRAIN_OVER_FORWARD * layer_forward_flops(config, context)
 
     @classmethod
-    def readout_saved_bytes_per_token(cls, config, dtype_bytes, norm_saved_bytes):
+    def readout_saved_bytes_per_token(cls, config, dtype_bytes, norm_saved_bytes, micro_batch_tokens=None):
         return None  # A_k's activations depend on the sequence length: not modelled by the planner
 
     def __init__(self, config):

@@ -20,7 +20,8 @@ token x_t rides in the residual stream from the embedding on, so reconstructing 
 heads are never used at inference and are not exported. No message crosses a stage boundary (dgl
 sends nothing).
 
-Cost: J more [V]-way readouts per token, 6 H V FLOPs each, on top of dgl's. The offset targets of
+Cost: J more [V]-way readouts per token, 6 H V FLOPs each, on top of dgl's (`readout_heads`; with
+the options of variant_options.py, 6 r C each, the heads sharing z and the candidates). The offset targets of
 a token come from labels earlier in the sequence, so the readout is not cut into sequence slices.
 """
 
@@ -30,7 +31,6 @@ import torch
 from torch import nn
 
 from bll_ds.bll.feedback import LocalHeadFeedback
-from bll_ds.bll.messages import delta_categorical_agreement
 from bll_ds.bll.variants import register
 
 IGNORE = -100
@@ -58,29 +58,29 @@ class ContextLocalHeadFeedback(LocalHeadFeedback):
     name = "dgl-context"
     per_token_readout = False  # the offset targets reach back across a sequence slice's start
 
-    @classmethod
-    def readout_flops_per_token(cls, config):
-        """dgl's 6 H V, and 6 H V for each of the J reconstruction heads."""
-        return (1 + cls.offsets) * super().readout_flops_per_token(config)
-
     offsets = 2   # J
     weight = 0.5  # lambda
+    readout_heads = 1 + offsets  # the next-token head and J reconstruction heads share z and the candidates
 
     def __init__(self, config):
         super().__init__(config)
-        self.context_heads = nn.ModuleList(nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        width = self.readout_width(config)
+        self.context_heads = nn.ModuleList(nn.Linear(width, config.vocab_size, bias=False)
                                            for _ in range(self.offsets))
         for head in self.context_heads:
             nn.init.normal_(head.weight, std=config.initializer_range)
 
     def local_loss(self, hidden, labels):
-        normed = self.norm(hidden)
-        ce = delta_categorical_agreement(self.head(normed), labels).mean()
-        terms = {"ce": ce.detach()}
+        # The offset targets are earlier labels of the same micro-batch, so the candidates drawn
+        # for the labels (neg=n) hold every target of every head.
+        candidates = self.draw_candidates(labels)
+        z = self.readout_input(hidden)
+        ce = self.readout_cross_entropy(z, self.head.weight, labels, candidates).mean()
+        terms = {"ce": ce.detach(), **self.candidate_terms(candidates)}
         reconstruction = 0.0
         for offset, head in enumerate(self.context_heads, start=1):
             targets = preceding_tokens(labels, offset)
-            term = masked_mean(delta_categorical_agreement(head(normed), targets), targets)
+            term = masked_mean(self.readout_cross_entropy(z, head.weight, targets, candidates), targets)
             terms[f"context_ce_{offset}"] = term.detach()
             reconstruction = reconstruction + term / len(self.context_heads)
         return ce + self.weight * reconstruction, terms

@@ -46,6 +46,7 @@ from transformers import PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from bll_ds.bll.messages import bernoulli_agreement, delta_categorical_agreement, gaussian_agreement
+from bll_ds.bll.variant_options import TABLE_DTYPES, VariantOptions, fixed_projection, shared_candidates
 from bll_ds.bll.variants import get as get_variant
 from bll_ds.bll.variants import register
 
@@ -90,6 +91,33 @@ class StageFeedback(nn.Module):
     name: ClassVar[str] = ""
     sends_table: ClassVar[bool] = False        # its target table m_k travels upstream once per step
     per_token_readout: ClassVar[bool] = False  # the loss is a token mean of per-token terms: sliceable
+    # What follows the name (bll_ds/bll/variant_options.py); variants.get builds a subclass per set.
+    variant_options: ClassVar[VariantOptions] = VariantOptions()
+
+    @classmethod
+    def accepted_options(cls) -> frozenset[str]:
+        """The options (VariantOptions fields) this variant implements."""
+        return frozenset()
+
+    @classmethod
+    def option_attributes(cls, options: VariantOptions) -> dict:
+        """Class attributes that options change (e.g. a sampled softmax is not sliceable)."""
+        return {}
+
+    @classmethod
+    def readout_width(cls, config: PretrainedConfig) -> int:
+        """r: the width of the local readout and of the table (dim=r, else the hidden size)."""
+        return cls.variant_options.dim or config.hidden_size
+
+    @classmethod
+    def table_refresh(cls) -> int:
+        """Steps between tables sent upstream (refresh=k; feedback_channel.py's lag rule)."""
+        return cls.variant_options.refresh
+
+    @classmethod
+    def message_dtype(cls, default: torch.dtype) -> torch.dtype:
+        """The dtype the message travels and is held in (table=..., else the model's `default`)."""
+        return TABLE_DTYPES.get(cls.variant_options.table, default)
 
     @classmethod
     def build(cls, config: PretrainedConfig, options: "BLLConfig | None" = None) -> "StageFeedback":
@@ -97,8 +125,10 @@ class StageFeedback(nn.Module):
         return cls(config)
 
     @classmethod
-    def readout_flops_per_token(cls, config: PretrainedConfig) -> float:
-        """Training FLOPs per token (forward + backward) of the local loss, beyond the stage's blocks."""
+    def readout_flops_per_token(cls, config: PretrainedConfig, micro_batch_tokens: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward) of the local loss, beyond the stage's blocks,
+        in a micro-batch of `micro_batch_tokens` tokens (default one sequence; a shared-candidate
+        softmax's width grows with the micro-batch's distinct targets)."""
         raise NotImplementedError(f"BLL variant {cls.name!r} declares no readout FLOPs")
 
     @classmethod
@@ -123,7 +153,7 @@ class StageFeedback(nn.Module):
     def message_shape(cls, config: PretrainedConfig) -> tuple[int, ...] | None:
         """The one tensor stage k+1 sends to stage k once per optimizer step (None: nothing).
         The engine's channel (engine/feedback_channel.py) carries exactly this shape."""
-        return (config.vocab_size, config.hidden_size) if cls.sends_table else None
+        return (config.vocab_size, cls.readout_width(config)) if cls.sends_table else None
 
     @classmethod
     def compose_message(cls, table: torch.Tensor | None, stage_layers) -> torch.Tensor | None:
@@ -133,14 +163,20 @@ class StageFeedback(nn.Module):
         return table
 
     @classmethod
-    def table_bytes_per_step(cls, config: PretrainedConfig, dtype_bytes: int) -> int:
-        """Bytes this variant sends upstream per optimizer step (its message, or nothing)."""
+    def table_bytes_per_step(cls, config: PretrainedConfig, dtype_bytes: int) -> float:
+        """Bytes this variant sends upstream per optimizer step (its message, or nothing), in the
+        training dtype's `dtype_bytes` unless table= sets its own; averaged over the refresh
+        period when the message travels every k steps."""
         shape = cls.message_shape(config)
-        return math.prod(shape) * dtype_bytes if shape is not None else 0
+        if shape is None:
+            return 0
+        dtype = TABLE_DTYPES.get(cls.variant_options.table)
+        element = dtype.itemsize if dtype is not None else dtype_bytes
+        return math.prod(shape) * element / cls.table_refresh()
 
     @classmethod
     def readout_saved_bytes_per_token(cls, config: PretrainedConfig, dtype_bytes: int,
-                                      norm_saved_bytes: int) -> int | None:
+                                      norm_saved_bytes: int, micro_batch_tokens: int | None = None) -> int | None:
         """Bytes autograd saves per token for the local readout, given what its norm saves
         (model-family specific: the planner passes it). None: not modelled by the planner."""
         return None
@@ -176,8 +212,13 @@ class TableFeedback(StageFeedback):
     sends_table = True
 
     @classmethod
+    def accepted_options(cls):
+        return super().accepted_options() | {"table", "refresh"}
+
+    @classmethod
     def step_flops(cls, config: PretrainedConfig) -> float:
-        """g_k (TableMap, H -> Hg -> H, Hg = H as built) applied to the V x H table, per step:
+        """g_k (TableMap, r -> Hg -> r, Hg = r as built; r = H unless dim=r) applied to the V x r
+        table, per step (written for r = H below):
 
         targets()     g_k forward once per step, without a graph                2 products: 4 V H Hg
         finish_step   g_k forward again (recomputed rather than held) and its
@@ -185,11 +226,24 @@ class TableFeedback(StageFeedback):
                       weight only (the upstream table is detached)              5 products: 10 V H Hg
         publish()     g_k forward after the optimizer step                      2 products: 4 V H Hg
         """
-        return 18.0 * config.vocab_size * config.hidden_size * config.hidden_size
+        width = cls.readout_width(config)
+        return 18.0 * config.vocab_size * width * width
+
+    @classmethod
+    def compose_message(cls, table, stage_layers):
+        """The last stage's W_out [V, H] enters a reduced readout's width through the fixed
+        projection R (so that at initialisation, with P_k = R^T, the local readout is the real
+        head's restricted to R's span); every table travels in the declared dtype."""
+        width = cls.variant_options.dim
+        if width and table.shape[-1] != width:
+            table = table @ fixed_projection(table.shape[-1], width).to(table.device, table.dtype)
+        dtype = TABLE_DTYPES.get(cls.variant_options.table)
+        return table if dtype is None else table.to(dtype)
 
     def __init__(self, config: PretrainedConfig, hidden: int | None = None):
         super().__init__(config)
-        self.g = TableMap(config.hidden_size, hidden or config.hidden_size)
+        width = self.readout_width(config)
+        self.g = TableMap(width, hidden or width)
 
     def targets(self) -> torch.Tensor:
         """m_k = g_k(m_{k+1}), computed once per step without a graph: the micro-batches only
@@ -226,23 +280,95 @@ class TableFeedback(StageFeedback):
 
 
 class _CrossEntropyReadout:
-    """Facts of a readout that is a norm, a [V]-way product and fp32 cross-entropy per token."""
+    """A readout that is a norm, a [V]-way product and fp32 cross-entropy per token, per head:
+
+        z = norm(h)                  or, with dim=r, z = P_k norm(h), P_k [r, H] trained
+        L = CE(z O^T, y)             O [V, r]: W_k (dgl), m_k (prototype), r(v) (drtp)
+        with neg=n: L = CE(z O[C]^T + log w_C, y), C the micro-batch's shared candidates
+                    (variant_options.py: the distinct targets and n sampled negatives)"""
 
     per_token_readout = True
     trained_operand = True  # the [V, H] operand takes a gradient, so the product saves its normed input
+    readout_heads = 1       # [V]-way products per token that share z and the candidates
 
     @classmethod
-    def readout_flops_per_token(cls, config):
-        """forward 2HV, grad of h 2HV, and (trained operand) grad of the operand 2HV."""
-        return (6.0 if cls.trained_operand else 4.0) * config.hidden_size * config.vocab_size
+    def accepted_options(cls):
+        return super().accepted_options() | {"dim", "neg"}
 
     @classmethod
-    def readout_saved_bytes_per_token(cls, config, dtype_bytes, norm_saved_bytes):
-        """The norm's saved tensors and its output (which the product saves when its operand
-        takes a gradient), fp32 log-probabilities [V] and the int64 target; the operand itself is
-        a weight or a table, not an activation."""
-        unsaved_output = 0 if cls.trained_operand else dtype_bytes * config.hidden_size
-        return norm_saved_bytes - unsaved_output + FP32 * config.vocab_size + INT64
+    def option_attributes(cls, options):
+        # The candidates are shared by the micro-batch's tokens: a slice would draw its own.
+        return {**super().option_attributes(options), **({"per_token_readout": False} if options.neg else {})}
+
+    @classmethod
+    def readout_candidates(cls, config, micro_batch_tokens: int | None = None) -> int:
+        """C, the softmax's width: V, or with neg=n at most n + the micro-batch's tokens (its
+        distinct targets, fewer in practice; the run logs the measured `readout_candidates`)."""
+        negatives = cls.variant_options.neg
+        if not negatives:
+            return config.vocab_size
+        return min(config.vocab_size, negatives + (micro_batch_tokens or config.max_position_embeddings))
+
+    @classmethod
+    def readout_flops_per_token(cls, config, micro_batch_tokens=None):
+        """Per head: forward 2rC, grad of z 2rC, and (trained operand) grad of the operand 2rC;
+        with dim=r, P_k's forward and both gradients, 6Hr, once. Full readout: 6HV."""
+        width, candidates = cls.readout_width(config), cls.readout_candidates(config, micro_batch_tokens)
+        per_head = (6.0 if cls.trained_operand else 4.0) * width * candidates
+        reduce = 6.0 * config.hidden_size * width if cls.variant_options.dim else 0.0
+        return reduce + cls.readout_heads * per_head
+
+    @classmethod
+    def readout_saved_bytes_per_token(cls, config, dtype_bytes, norm_saved_bytes, micro_batch_tokens=None):
+        """The norm's saved tensors and its output (which the next product saves when its operand
+        takes a gradient), with dim=r also z [r]; per head fp32 log-probabilities [C] and the
+        int64 target; the operand itself is a weight or a table, not an activation."""
+        unsaved_output = 0 if cls.trained_operand or cls.variant_options.dim else dtype_bytes * config.hidden_size
+        reduced = dtype_bytes * cls.readout_width(config) if cls.variant_options.dim else 0
+        candidates = cls.readout_candidates(config, micro_batch_tokens)
+        return norm_saved_bytes - unsaved_output + reduced + cls.readout_heads * (FP32 * candidates + INT64)
+
+    def _build_readout(self, config) -> None:
+        """P_k when dim=r (a submodule named `reduce`), starting as R^T (variant_options.py);
+        with neg=n the candidate sampler's seed and its count of draws so far."""
+        width = self.variant_options.dim
+        self.reduce = nn.Linear(config.hidden_size, width, bias=False) if width else None
+        if self.reduce is not None and not self.reduce.weight.is_meta:
+            with torch.no_grad():
+                self.reduce.weight.copy_(fixed_projection(config.hidden_size, width).t())
+        if self.variant_options.neg:
+            # Buffers, so that the checkpoint carries them: a resumed run draws what an
+            # uninterrupted one would. The seed comes from the stage's seeded construction
+            # (engine/build.py), so stages, and runs with other seeds, draw differently.
+            seed = torch.randint(0, 2**62, (), dtype=torch.long)
+            self.register_buffer("sample_seed", seed if not seed.is_meta else torch.zeros((), dtype=torch.long))
+            self.register_buffer("draws", torch.zeros((), dtype=torch.long))
+
+    def readout_input(self, hidden):
+        normed = self.norm(hidden)
+        return self.reduce(normed) if self.reduce is not None else normed
+
+    def draw_candidates(self, labels):
+        """This micro-batch's shared candidates (None: the full softmax), from a generator of the
+        block's own seeded by (sample_seed, draws): independent of whatever else consumes random
+        numbers on the stage, so the launched and the emulated pipelines draw alike."""
+        if not self.variant_options.neg:
+            return None
+        generator = torch.Generator().manual_seed(int(self.sample_seed) + 1_000_003 * int(self.draws))
+        self.draws += 1
+        return shared_candidates(labels, self.vocab_size, self.variant_options.neg, generator)
+
+    @staticmethod
+    def readout_cross_entropy(z, operand, labels, candidates):
+        """Per-token -log q(y | z), q = softmax(z operand^T) over the vocabulary or the candidates."""
+        if candidates is None:
+            return delta_categorical_agreement(z @ operand.t(), labels)
+        logits = z @ operand[candidates.ids].t() + candidates.log_weight.to(z.dtype)
+        return delta_categorical_agreement(logits, candidates.position(labels))
+
+    @staticmethod
+    def candidate_terms(candidates) -> dict:
+        return {} if candidates is None else {"readout_candidates": torch.tensor(float(len(candidates)))}
 
 
 @register
@@ -251,10 +377,14 @@ class PrototypeFeedback(_CrossEntropyReadout, TableFeedback):
 
     name = "prototype"
 
+    def __init__(self, config, hidden=None):
+        super().__init__(config, hidden)
+        self._build_readout(config)
+
     def local_loss(self, hidden, labels):
-        logits = self.norm(hidden) @ self.targets().t()
-        ce = delta_categorical_agreement(logits, labels).mean()
-        return ce, {"ce": ce.detach(), "table_drift": self.table_drift()}
+        candidates = self.draw_candidates(labels)
+        ce = self.readout_cross_entropy(self.readout_input(hidden), self.targets(), labels, candidates).mean()
+        return ce, {"ce": ce.detach(), "table_drift": self.table_drift(), **self.candidate_terms(candidates)}
 
 
 class _AgreementFeedback(TableFeedback):
@@ -267,7 +397,7 @@ class _AgreementFeedback(TableFeedback):
         return cls(config, guard_weight)
 
     @classmethod
-    def readout_flops_per_token(cls, config):
+    def readout_flops_per_token(cls, config, micro_batch_tokens=None):
         """Forward message P norm(h), P [H, H] trained: 6H^2; the collapse guard's covariance over
         the micro-batch's tokens, centred^T centred [H, N] @ [N, H]: 2H^2 per token forward, 4H^2
         backward. The target rows m_k[y_t] are a gather (0). Total 12H^2."""
@@ -355,12 +485,14 @@ class LocalHeadFeedback(_CrossEntropyReadout, StageFeedback):
 
     def __init__(self, config: PretrainedConfig):
         super().__init__(config)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._build_readout(config)
+        self.head = nn.Linear(self.readout_width(config), config.vocab_size, bias=False)
         nn.init.normal_(self.head.weight, std=config.initializer_range)
 
     def local_loss(self, hidden, labels):
-        ce = delta_categorical_agreement(self.head(self.norm(hidden)), labels).mean()
-        return ce, {"ce": ce.detach()}
+        candidates = self.draw_candidates(labels)
+        ce = self.readout_cross_entropy(self.readout_input(hidden), self.head.weight, labels, candidates).mean()
+        return ce, {"ce": ce.detach(), **self.candidate_terms(candidates)}
 
 
 @register
@@ -369,6 +501,10 @@ class RandomFeedback(_CrossEntropyReadout, StageFeedback):
 
     name = "drtp"
     trained_operand = False  # a buffer: the product needs no gradient for it, nor saves its input
+
+    @classmethod
+    def accepted_options(cls):
+        return frozenset()  # its fixed random prototypes are a full [V, H] buffer; no options
 
     def __init__(self, config: PretrainedConfig):
         super().__init__(config)

@@ -60,14 +60,14 @@ class _OverlapLayer(_AuxiliaryLayer):
     sits where the auxiliary variants keep their own trained layer (`self.aux`)."""
 
     @classmethod
-    def readout_flops_per_token(cls, config):
+    def readout_flops_per_token(cls, config, micro_batch_tokens=None):
         from bll_ds.measure.flops import layer_attention_flops, layer_projection_flops
 
         # The plain readout's, plus D_k's forward and input gradient. Frozen weights take no
         # gradient: a weight product costs 2 x its forward, while the attention scores, both of
         # whose operands are activations, cost 3 x.
         context = config.max_position_embeddings
-        plain = super(_AuxiliaryLayer, cls).readout_flops_per_token(config)
+        plain = super(_AuxiliaryLayer, cls).readout_flops_per_token(config, micro_batch_tokens)
         return plain + 2 * layer_projection_flops(config) + 3 * layer_attention_flops(config, context)
 
     @classmethod

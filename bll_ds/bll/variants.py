@@ -26,7 +26,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from bll_ds.bll.variant_options import parse_spec
+
 _REGISTRY: dict[str, type] = {}
+_SPECIALISED: dict[str, type] = {}  # "name:key=value..." -> its subclass, built once
 _BUILT_IN = ("bll_ds.bll.feedback", "bll_ds.bll.aux_readout", "bll_ds.bll.overlap", "bll_ds.bll.context")
 
 
@@ -51,17 +54,51 @@ def _import_built_ins() -> None:
 
 
 def names() -> tuple[str, ...]:
-    """Every registered variant, built-ins first in their definition order."""
+    """Every registered variant, built-ins first in their definition order (without options)."""
     _import_built_ins()
     return tuple(_REGISTRY)
 
 
-def get(name: str) -> type:
+def get(spec: str) -> type:
+    """The variant class of `spec`: a registered name, optionally followed by options
+    (bll_ds/bll/variant_options.py: "dgl-context:dim=64:neg=2048"). With options, a subclass whose
+    `variant_options` hold them, so that every cost the class declares is the run's."""
     _import_built_ins()
+    name, options = parse_spec(spec)
     if name not in _REGISTRY:
         raise ValueError(f"unknown BLL variant {name!r}; choose one of {tuple(_REGISTRY)} "
                          f"(a variant of your own: --custom_import FILE.py)")
-    return _REGISTRY[name]
+    base = _REGISTRY[name]
+    if not options.set_names():
+        return base
+    canonical = name + options.suffix()
+    if canonical not in _SPECIALISED:
+        unsupported = [key for key in options.set_names() if key not in base.accepted_options()]
+        if unsupported:
+            raise ValueError(f"BLL variant {name!r} does not take the option(s) {unsupported}; it takes "
+                             f"{sorted(base.accepted_options()) or 'none'} (bll_ds/bll/variant_options.py)")
+        attributes = {"name": canonical, "variant_options": options, **base.option_attributes(options)}
+        _SPECIALISED[canonical] = type(f"{base.__name__}[{options.suffix()[1:]}]", (base,), attributes)
+    return _SPECIALISED[canonical]
+
+
+def argparse_type(spec: str) -> str:
+    """`type=` for a command-line flag that takes a variant spec: a clear error, not a traceback."""
+    import argparse
+
+    try:
+        get(spec)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return spec
+
+
+def is_known(spec: str) -> bool:
+    try:
+        get(spec)
+    except ValueError:
+        return False
+    return True
 
 
 def import_custom(spec: str) -> None:

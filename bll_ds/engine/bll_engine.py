@@ -23,7 +23,8 @@ from bll_ds.bll.stage_step import StageStep
 from bll_ds.engine import bll_schedule as bll
 from bll_ds.engine import deepspeed_internals as ds_internals
 from bll_ds.engine.accounting import tensor_bytes
-from bll_ds.engine.feedback_channel import TableInbox, TableOutbox
+from bll_ds.bll.variants import get as get_variant
+from bll_ds.engine.feedback_channel import TableInbox, TableOutbox, publishes_after, tables_published
 from bll_ds.engine.pipeline_engine import AccountedPipelineEngine, StepRecord, _as_float, guarded_optimizer_step
 from bll_ds.engine.trace import traced
 
@@ -57,6 +58,7 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         this (0 = one slice). variant: the --bll_variant, which composes the message."""
         super().__init__(*args, **kwargs)
         self.feedback = feedback
+        self.table_refresh = get_variant(variant).table_refresh() if variant else 1
         self.max_inflight_sends = max_inflight_sends or 2 * self.micro_batches
         self._sends: list[tuple[object, torch.Tensor]] = []
         self._step = 0            # the optimizer step being computed (1-based)
@@ -69,9 +71,9 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         if table_shape is not None and not self.is_first_stage():
             self.outbox = TableOutbox(self.grid.stage_to_global(self.stage_id - 1, data=replica))
         if table_shape is not None and not self.is_last_stage():
-            dtype = next(self.module.parameters()).dtype
+            dtype = get_variant(variant).message_dtype(next(self.module.parameters()).dtype)
             self.inbox = TableInbox(self.grid.stage_to_global(self.stage_id + 1, data=replica),
-                                    tuple(table_shape), dtype, self.device)
+                                    tuple(table_shape), dtype, self.device, self.table_refresh)
         if self.fault.step is not None and self.feedback is not None:
             self.feedback.local_loss = self._with_fault(self.feedback.local_loss)
         # Built after the fault wrappers: the step calls the (possibly wrapped) losses.
@@ -92,15 +94,16 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         from the step."""
         if resumed_step > 0:
             if self.outbox is not None:
-                self.outbox.published = resumed_step + 1
+                self.outbox.published = tables_published(resumed_step, self.table_refresh)
             return
         if self.inbox is not None:
             self.stage_step.begin(self.inbox.table_for_step(1))
-        self._publish_table()
+        self._publish_table(0)
 
-    def _publish_table(self) -> None:
-        """Send this stage's current table upstream (non-blocking) and count it."""
-        if self.outbox is None:
+    def _publish_table(self, completed_step: int) -> None:
+        """Send this stage's current table upstream (non-blocking) and count it, after the steps
+        the refresh period picks (feedback_channel.py)."""
+        if self.outbox is None or not publishes_after(completed_step, self.table_refresh):
             return
         head = self.module.forward_funcs[-1].lm_head.weight if self.is_last_stage() else None
         table = self.stage_step.table_to_publish(head, self.module.forward_funcs)
@@ -138,7 +141,7 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         if self.outbox is not None:
             self.outbox.flush()
         if self.inbox is not None:
-            self.inbox.drain(published=completed_step + 1)
+            self.inbox.drain(published=tables_published(completed_step, self.table_refresh))
             self.accounting.counters.tables_received = self.inbox.received
 
     # ---- instructions ----------------------------------------------------------------------------
@@ -210,7 +213,7 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item() if grads else None
 
     def _bll_publish_table(self):
-        self._publish_table()
+        self._publish_table(self._step)
         now = time.perf_counter()
         step_s, self._step_started = now - self._step_started, now
         busy, idle = self.accounting.end_step(step_s)

@@ -9,7 +9,7 @@ a few cores nor S GPUs:
   verdict (emulated_stage.py);
 - block-local learning runs every stage through bll/stage_step.py's StageStep and STEP_END, the
   code the launched engine runs, and passes the tables with feedback_channel.py's LAG: stage k
-  uses P_{max(t - LAG, 0)} of stage k+1 during its step t;
+  uses P_{max(t - LAG, 0)} of stage k+1 during its step t (rounded down to the refresh grid);
 - `--method bp` is pipeline backprop as DeepSpeed's 1F1B computes it: one autograd graph through
   all stages per micro-batch, every stage clipped by the global norm and stepped together.
 
@@ -33,7 +33,7 @@ from bll_ds.bll.variants import get as get_variant
 from bll_ds.engine.accounting import tensor_bytes
 from bll_ds.engine.build import build_stage_feedback
 from bll_ds.engine.emulated_stage import EmulatedStage
-from bll_ds.engine.feedback_channel import LAG
+from bll_ds.engine.feedback_channel import publishes_after, table_index
 from bll_ds.engine.pipeline_engine import StepRecord
 from bll_ds.modeling.layers import lm_loss
 from bll_ds.modeling.pipeline import build_sequential, stage_layer_counts
@@ -66,6 +66,7 @@ class EmulatedPipeline:
         bounds = [1 + sum(counts[:k]) for k in range(stages + 1)]
         bounds[0], bounds[-1] = 0, len(layers)  # the embedding rides with the first stage, the head with the last
         self.sends_table = method == "bll" and get_variant(bll.variant).message_shape(model_config) is not None
+        self.table_refresh = get_variant(bll.variant).table_refresh() if method == "bll" else 1
         self.stages = []
         for k in range(stages):
             feedback = build_stage_feedback(bll, model_config, k, seed) if method == "bll" and k < stages - 1 else None
@@ -115,13 +116,13 @@ class EmulatedPipeline:
 
     # ---- feedback tables -------------------------------------------------------------------------
     def _publish(self, stage: EmulatedStage, step: int) -> None:
-        if not self.sends_table or stage.stage_id == 0:
+        if not self.sends_table or stage.stage_id == 0 or not publishes_after(step, self.table_refresh):
             return
         head = stage.module.layers[-1].lm_head.weight if stage is self.last else None
         table = stage.stage_step.table_to_publish(head, stage.module.layers).detach().clone()
         history = self.tables[stage.stage_id]
         history[step] = table
-        for old in [j for j in history if j < step + 1 - LAG]:
+        for old in [j for j in history if j < table_index(step + 1, self.table_refresh)]:
             del history[old]
         stage.accounting.count("tables_sent", tensor_bytes(table), "bytes_up")
 
@@ -129,7 +130,7 @@ class EmulatedPipeline:
         if not self.sends_table or stage is self.last:
             return None
         stage.accounting.count("tables_received")
-        return self.tables[stage.stage_id + 1][max(step - LAG, 0)]
+        return self.tables[stage.stage_id + 1][table_index(step, self.table_refresh)]
 
     def start_feedback(self, resumed_step: int) -> None:
         """Fresh run: the initial tables P_0, last stage first, as the launched stages chain them."""

@@ -6,6 +6,10 @@ for another stage's current step:
     stage k+1 publishes P_j after its optimizer step j (P_0 at start-up);
     stage k uses P_{max(t - LAG, 0)} during its step t, with LAG = 2.
 
+With refresh=k (a variant option, bll_ds/bll/variant_options.py) stage k+1 publishes only after
+steps j = 0, k, 2k, ... and stage k uses P_j with j = k * floor(max(t - LAG, 0) / k): the same
+rule with the step rounded down to the refresh grid (`table_index`), so k = 1 is the rule above.
+
 Stage k+1 runs behind stage k by about one micro-batch (it needs stage k's activations), so when
 stage k starts step t, P_{t-2} was sent about a whole step earlier: the receive finds it waiting.
 LAG = 1 would make stage k wait for stage k+1 to finish the step it is still working on.
@@ -24,6 +28,21 @@ import torch.distributed as tdist
 
 LAG = 2
 TABLE_TAG = 17  # keeps table messages apart from activations on the same pair of ranks
+
+
+def publishes_after(step: int, refresh: int = 1) -> bool:
+    """Whether a stage sends its table after optimizer step `step` (0: the initial table)."""
+    return step % refresh == 0
+
+
+def table_index(step: int, refresh: int = 1) -> int:
+    """j of the table P_j that a stage uses during its (1-based) step `step`."""
+    return max(step - LAG, 0) // refresh * refresh
+
+
+def tables_published(completed_step: int, refresh: int = 1) -> int:
+    """Tables a stage has sent once it has finished step `completed_step` (P_0 included)."""
+    return completed_step // refresh + 1
 
 
 class TableOutbox:
@@ -49,21 +68,22 @@ class TableOutbox:
 class TableInbox:
     """On stage k < S-1: receives stage k+1's tables, in order, and hands out the one for a step."""
 
-    def __init__(self, src_rank: int, shape: tuple[int, ...], dtype: torch.dtype, device):
+    def __init__(self, src_rank: int, shape: tuple[int, ...], dtype: torch.dtype, device, refresh: int = 1):
         self.src_rank, self.shape, self.dtype, self.device = src_rank, shape, dtype, device
+        self.refresh = refresh
         self.received = 0                    # tables received so far
         self.queue: deque[tuple[int, torch.Tensor]] = deque()  # (j, P_j), oldest first
 
     def _receive_one(self) -> None:
         table = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         tdist.recv(table, self.src_rank, tag=TABLE_TAG)
-        self.queue.append((self.received, table))
+        self.queue.append((self.received * self.refresh, table))  # the n-th table is P_{n k}
         self.received += 1
 
     def table_for_step(self, step: int) -> torch.Tensor:
         """step is 1-based: the table used while computing step `step`."""
-        wanted = max(step - LAG, 0)
-        while self.received <= wanted:
+        wanted = table_index(step, self.refresh)
+        while self.received * self.refresh <= wanted:
             self._receive_one()
         while self.queue and self.queue[0][0] < wanted:
             self.queue.popleft()

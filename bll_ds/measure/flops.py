@@ -92,10 +92,12 @@ def head_forward_flops(config: PretrainedConfig) -> float:
 # BLL local readouts (non-last stages): each variant declares its own (bll_ds/bll/feedback.py)
 # ---------------------------------------------------------------------------------------------
 
-def readout_flops_per_token(config: PretrainedConfig, variant: str) -> float:
+def readout_flops_per_token(config: PretrainedConfig, variant: str, micro_batch_tokens: int | None = None) -> float:
     """Training FLOPs per token of a non-last stage's local loss (forward + backward), beyond the
-    stage's own blocks: prototype and dgl 6HV, drtp 4HV, gaussian and bernoulli 12H^2."""
-    return get_variant(variant).readout_flops_per_token(config)
+    stage's own blocks: prototype and dgl 6HV, drtp 4HV, gaussian and bernoulli 12H^2; with the
+    options of bll_ds/bll/variant_options.py 6Hr + 6rC per head (C: the candidates of a micro-batch
+    of `micro_batch_tokens` tokens)."""
+    return get_variant(variant).readout_flops_per_token(config, micro_batch_tokens)
 
 
 def readout_flops_per_micro_batch(config: PretrainedConfig, variant: str) -> float:
@@ -107,7 +109,7 @@ def readout_flops_per_micro_batch(config: PretrainedConfig, variant: str) -> flo
 def readout_flops_per_micro_batch_token(config: PretrainedConfig, variant: str, micro_batch_tokens: int) -> float:
     """The local loss's training FLOPs per token of a micro-batch of `micro_batch_tokens` tokens:
     the per-token readout plus the per-micro-batch costs spread over its tokens."""
-    return (readout_flops_per_token(config, variant)
+    return (readout_flops_per_token(config, variant, micro_batch_tokens)
             + readout_flops_per_micro_batch(config, variant) / micro_batch_tokens)
 
 
@@ -181,6 +183,42 @@ def stage_flops(config: PretrainedConfig, stages: int, seq_len: int, method: str
                 variant: str = "prototype", micro_batch_tokens: int | None = None) -> list[float]:
     """Training FLOPs per token (forward + backward, + BLL local readout) of each stage."""
     return [s.total for s in stage_flop_split(config, stages, seq_len, method, variant, micro_batch_tokens)]
+
+
+@dataclass
+class StageStepFlops:
+    """One stage's training FLOPs per optimizer step: its model work (layers, and on the ends the
+    embedding and LM head) and what block-local learning adds (local loss + feedback update)."""
+
+    model: float
+    bll_overhead: float
+
+    @property
+    def total(self) -> float:
+        return self.model + self.bll_overhead
+
+    @property
+    def bll_overhead_share(self) -> float:
+        """summary.json's `bll_overhead_flops_share`: the local loss's and the feedback network's
+        share of the stage's FLOPs per step (0 under backprop and on the last stage)."""
+        return self.bll_overhead / self.total if self.total else 0.0
+
+
+def stage_step_flops(config: PretrainedConfig, stages: int, seq_len: int, method: str, variant: str,
+                     micro_batch_tokens: int, micro_batches: int,
+                     layers_per_stage: list[float] | None = None) -> list[StageStepFlops]:
+    """Per stage, FLOPs per optimizer step of M micro-batches of `micro_batch_tokens` tokens:
+    the per-token split of `stage_flop_split` times the step's tokens, plus the per-step feedback
+    update (`feedback_step_flops`) on every non-last BLL stage."""
+    split = stage_flop_split(config, stages, seq_len, method, variant, micro_batch_tokens, layers_per_stage)
+    tokens = micro_batch_tokens * micro_batches
+    result = []
+    for k, part in enumerate(split):
+        overhead = part.local_readout * tokens
+        if method == "bll" and k < len(split) - 1:
+            overhead += feedback_step_flops(config, variant)
+        result.append(StageStepFlops(model=(part.forward + part.backward) * tokens, bll_overhead=overhead))
+    return result
 
 
 def model_flops_per_token(config: PretrainedConfig, seq_len: int) -> float:

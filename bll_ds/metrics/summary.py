@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from bll_ds.atomic import atomic_write_text
-from bll_ds.measure.flops import feedback_step_flops, stage_flops
+from bll_ds.measure.flops import stage_step_flops
 from bll_ds.modeling import count_parameters
 from bll_ds.run_dir import SUMMARY
 
@@ -70,15 +70,12 @@ def flop_rates(cfg, ds, stage: int, model_config, seq_len: int, step_s: float, p
     """This stage's model FLOP/s over the median step, and its utilisation of the matmul peak
     measured in this run (in the training precision). BLL stages count their local readout and
     feedback update as work; see bll_ds/measure/flops.py for the conventions."""
-    variant = cfg.bll.variant
-    per_token = stage_flops(model_config, cfg.stages, seq_len, cfg.method, variant,
-                            micro_batch_tokens=ds.micro_batch_size * seq_len)[stage]
-    per_step = per_token * ds.micro_batch_size * ds.micro_batches * seq_len
-    if cfg.method == "bll" and stage < cfg.stages - 1:
-        per_step += feedback_step_flops(model_config, variant)
-    gflops = per_step / step_s / 1e9
+    per_step = stage_step_flops(model_config, cfg.stages, seq_len, cfg.method, cfg.bll.variant,
+                                ds.micro_batch_size * seq_len, ds.micro_batches)[stage]
+    gflops = per_step.total / step_s / 1e9
     peak = (peaks or {}).get("bf16" if ds.bf16 else "fp32")
-    return {"model_gflops_per_s": round(gflops, 2), "mfu": round(gflops / peak, 4) if peak else None}
+    return {"model_gflops_per_s": round(gflops, 2), "mfu": round(gflops / peak, 4) if peak else None,
+            "bll_overhead_flops_share": round(per_step.bll_overhead_share, 5)}
 
 
 def params_digest(module) -> str:
@@ -86,7 +83,7 @@ def params_digest(module) -> str:
     digest = hashlib.sha256()
     for name, param in module.state_dict().items():
         digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
