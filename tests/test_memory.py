@@ -14,6 +14,7 @@ import torch
 
 from bll_ds.bench import memory
 from bll_ds.bench.rehearse import build_stage, forward_layers
+from bll_ds.bll import variants
 from bll_ds.bll.stage_step import slices_for, sliced_local_backward
 from bll_ds.bll.feedback import build_feedback
 from bll_ds.modeling import count_parameters, lm_loss, load_model_spec
@@ -77,7 +78,11 @@ STAGE_CASES = [
     (TEST_1M, "bll", 4, 1, "bf16", 1, 0.005, "prototype"), (TEST_1M, "bll", 4, 1, "fp32", 2, 0.01, "dgl"),
     (TEST_1M, "bll", 4, 2, "bf16", 2, 0.011, "drtp"), (TEST_1M, "bll", 4, 1, "fp32", 2, 16, "drtp"),
     (GPT2, "bll", 4, 1, "fp32", 2, 0.002, "prototype"), (GPT2, "bll", 4, 0, "fp32", 1, 0.002, "dgl"),
-    (TEST_1M, "bp", 2, 0, "fp32", 2, 16, "prototype"), (TEST_1M, "bp", 2, 1, "bf16", 2, 16, "prototype")]
+    (TEST_1M, "bp", 2, 0, "fp32", 2, 16, "prototype"), (TEST_1M, "bp", 2, 1, "bf16", 2, 16, "prototype"),
+    # the readout options of bll_ds/bll/variant_options.py, and dgl-context's three heads
+    (TEST_1M, "bll", 4, 1, "fp32", 2, 16, "dgl-context"), (TEST_1M, "bll", 4, 1, "fp32", 2, 16, "dgl-context:dim=8:neg=16"),
+    (TEST_1M, "bll", 4, 1, "bf16", 2, 16, "prototype:dim=8:neg=16:table=bf16"),
+    (TEST_1M, "bll", 4, 1, "fp32", 2, 0.01, "dgl:dim=8")]
 
 
 def _local_backward(built, out, labels, slices):
@@ -102,7 +107,10 @@ def test_stage_saved_bytes_match_the_engines_meter(spec, method, stages, stage, 
     inputs = torch.randint(config.vocab_size, n_inputs) if first else \
         torch.randn(n_inputs, dtype=DTYPES[dtype], requires_grad=(method == "bp"))
     labels = torch.randint(config.vocab_size, (b, T))
-    table = torch.randn(config.vocab_size, config.hidden_size, dtype=DTYPES[dtype])
+    if ":neg=" in variant:  # distinct targets: the candidates reach the bound the planner declares
+        labels = torch.randperm(config.vocab_size)[:b * T].reshape(b, T)
+    shape = variants.get(variant).message_shape(config) or (config.vocab_size, config.hidden_size)
+    table = torch.randn(shape, dtype=DTYPES[dtype])
     plan = memory.plan(config, stages, 1, b, T, 4, dtype, 1 if dtype == "bf16" else 0, method, variant=variant,
                        readout_max_logits_mb=max_mb)[stage]
     slices = 1 if last or method == "bp" else slices_for(variant, (b, T), config.vocab_size, max_mb)

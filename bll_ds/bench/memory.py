@@ -168,7 +168,8 @@ def rope_table_bytes(config: PretrainedConfig, seq_len: int, e: int) -> int:
     return 2 * seq_len * head_dim * e
 
 
-def readout_saved_bytes(config: PretrainedConfig, e: int, readout: str = LM_HEAD) -> int:
+def readout_saved_bytes(config: PretrainedConfig, e: int, readout: str = LM_HEAD,
+                        micro_batch_tokens: int | None = None) -> int:
     """Per token, the readout's saved tensors in one slice: a norm, a [V]-way product and fp32
     cross-entropy (log-probabilities [V] fp32 and the int64 target) for the LM head with lm_loss;
     a BLL variant's own count (feedback.py `readout_saved_bytes_per_token`) otherwise. The table
@@ -176,17 +177,30 @@ def readout_saved_bytes(config: PretrainedConfig, e: int, readout: str = LM_HEAD
     norm = norm_saved_bytes(config, e)
     if readout == LM_HEAD:
         return norm + FP32 * config.vocab_size + INT64
-    per_token = variants.get(readout).readout_saved_bytes_per_token(config, e, norm)
+    per_token = variants.get(readout).readout_saved_bytes_per_token(config, e, norm, micro_batch_tokens)
     if per_token is None:
         raise ValueError(f"activations of the {readout!r} readout are not modelled; plan one of {modelled_variants()}")
     return per_token
 
 
+def is_modelled(variant: str) -> bool:
+    """Whether the planner models `variant`'s readout activations (a spec with options included)."""
+    probe = SimpleNamespace(vocab_size=1, hidden_size=1, max_position_embeddings=1)
+    return variants.get(variant).readout_saved_bytes_per_token(probe, FP32, 0) is not None
+
+
 def modelled_variants() -> tuple[str, ...]:
     """BLL variants whose readout activations the planner models (those that declare them)."""
-    probe = SimpleNamespace(vocab_size=1, hidden_size=1)
-    return tuple(name for name in variants.names()
-                 if variants.get(name).readout_saved_bytes_per_token(probe, FP32, 0) is not None)
+    return tuple(name for name in variants.names() if is_modelled(name))
+
+
+def _modelled_spec(spec: str) -> str:
+    """`type=` of --variant: a registered variant (options included) whose readout is modelled."""
+    variants.argparse_type(spec)
+    if not is_modelled(spec):
+        raise argparse.ArgumentTypeError(f"activations of the {spec!r} readout are not modelled; plan one of "
+                                         f"{modelled_variants()}")
+    return spec
 
 
 def readout_slices(variant: str, micro_batch_size: int, seq_len: int, vocab_size: int,
@@ -207,9 +221,10 @@ def sliced_readout_saved_bytes(config: PretrainedConfig, e: int, micro_batch_siz
     With one slice this is b x T x `readout_saved_bytes`. Plus the loss's total_weight scalar.
     Also the last stage's LM head with lm_loss (one slice)."""
     n = micro_batch_size * seq_len
-    per_token = readout_saved_bytes(config, e, variant)
+    per_token = readout_saved_bytes(config, e, variant, n)
     if slices == 1:
-        return n * per_token + LOSS_TOTAL_WEIGHT
+        constant = 0 if variant == LM_HEAD else variants.get(variant).readout_saved_bytes_per_micro_batch(config, e, n)
+        return n * per_token + LOSS_TOTAL_WEIGHT + constant
     whole = 0
     if norm_saves_its_input(config, e):
         per_token -= e * config.hidden_size
@@ -409,7 +424,7 @@ def plan(spec_path, stages: int, dp: int, micro_batch_size: int, seq_len: int, m
     _warn_about_dropout(config)
     setup = Setup(stages, dp, micro_batch_size, seq_len, micro_batches, dtype, zero_stage, method, variant,
                   grad_accum_dtype, readout_max_logits_mb)
-    if method == "bll" and stages > 1 and variant not in modelled_variants():
+    if method == "bll" and stages > 1 and not is_modelled(variant):
         raise ValueError(f"activations of the {variant!r} readout are not modelled; plan one of {modelled_variants()}")
     sizes = stage_sizes(config, stages, method, variant)
     layer_counts = stage_layer_counts(config, stages)
@@ -555,10 +570,12 @@ def _has_tables(setup: Setup) -> bool:
 
 def _table_bytes_saved_in_readout(config, setup: Setup, last: bool) -> int:
     """m_k, the table every micro-batch's readout saves (the product's right operand). It is a
-    leaf computed once per step without a graph (feedback.TableFeedback.targets), held anyway."""
-    if not _has_tables(setup) or last:
+    leaf computed once per step without a graph (feedback.TableFeedback.targets), held anyway.
+    A sampled softmax (neg=n) gathers the candidate rows first: the product saves those rows
+    (the variant's readout_saved_bytes_per_micro_batch), and the gather saves only their ids."""
+    if not _has_tables(setup) or last or variants.get(setup.variant).variant_options.neg:
         return 0
-    return config.vocab_size * config.hidden_size * setup.e
+    return _table_elements(config, setup) * setup.e
 
 
 def _finish_step_saved_bytes(config, setup: Setup, last: bool) -> int:
@@ -567,8 +584,8 @@ def _finish_step_saved_bytes(config, setup: Setup, last: bool) -> int:
     Only alive at the step's end, when no micro-batch is."""
     if not _has_tables(setup) or last:
         return 0
-    vocab, width, e = config.vocab_size, config.hidden_size, setup.e
-    return 2 * vocab * width * e + 2 * vocab * _feedback_hidden(config) * e
+    vocab, e = config.vocab_size, setup.e
+    return 2 * _table_elements(config, setup) * e + 2 * vocab * _feedback_hidden(config, setup) * e
 
 
 def _meter_bytes(config, setup: Setup, in_flight: int, saved: int, body: int, readout: int, block_grad: int,
@@ -588,15 +605,30 @@ def _table_bytes(config, setup: Setup, first: bool, last: bool) -> int:
     outbox (non-first stages). g_k's activations are not held (finish_step recomputes them)."""
     if not _has_tables(setup):
         return 0
-    table = config.vocab_size * config.hidden_size * setup.e
-    held = 0 if first else OUTBOX_TABLES * table
+    elements = _table_elements(config, setup)
+    message = elements * _message_element_bytes(setup)  # inbox and outbox: the dtype it travels in
+    held = 0 if first else OUTBOX_TABLES * message
     if not last:
-        held += INBOX_TABLES * table + 2 * table  # queue; m_k and its gradient
+        held += INBOX_TABLES * message + 2 * elements * setup.e  # queue; m_k and its gradient
     return held
 
 
-def _feedback_hidden(config) -> int:
-    return config.hidden_size  # TableMap(width, hidden or width): build_feedback passes no hidden
+def _table_elements(config, setup: Setup) -> int:
+    """Entries of the variant's table: V x r (r = H unless the variant's dim=r option)."""
+    return math.prod(variants.get(setup.variant).message_shape(config))
+
+
+def _message_element_bytes(setup: Setup) -> int:
+    """Bytes per entry of the message as it travels and waits in the inbox (table=bf16: 2)."""
+    import torch
+
+    dtype = {FP32: torch.float32, 2: torch.bfloat16}.get(setup.e, torch.float32)
+    return variants.get(setup.variant).message_dtype(dtype).itemsize
+
+
+def _feedback_hidden(config, setup: Setup) -> int:
+    # TableMap(width, hidden or width): build_feedback passes no hidden, so g_k is r wide
+    return variants.get(setup.variant).readout_width(config)
 
 
 def _transient_bytes(config, setup: Setup, layers: int, last: bool, slices: int) -> int:
@@ -610,10 +642,11 @@ def _transient_bytes(config, setup: Setup, layers: int, last: bool, slices: int)
     if _readout_on_stage(setup, last):
         slice_tokens = setup.micro_batch_size * math.ceil(setup.seq_len / slices)
         accumulated = n * config.hidden_size * e if slices > 1 else 0
-        candidates.append(2 * FP32 * slice_tokens * config.vocab_size + accumulated)
+        width = config.vocab_size if last else variants.get(setup.variant).readout_candidates(config, n)
+        candidates.append(2 * FP32 * slice_tokens * width + accumulated)
     if _has_tables(setup) and not last:
         copies = 1 if e == FP32 else 3
-        candidates.append(copies * FP32 * config.vocab_size * config.hidden_size)
+        candidates.append(copies * FP32 * _table_elements(config, setup))
     return max(candidates)
 
 
@@ -630,7 +663,7 @@ def _step_transient_bytes(config, setup: Setup, size: ModuleSize, last: bool) ->
     scratch = FP32 * params // (setup.dp if setup.zero_stage == 1 or setup.dtype == "bf16" else 1)
     finish = 0
     if _has_tables(setup) and not last:
-        finish = config.vocab_size * (2 * config.hidden_size + 3 * _feedback_hidden(config)) * setup.e
+        finish = (2 * _table_elements(config, setup) + 3 * config.vocab_size * _feedback_hidden(config, setup)) * setup.e
     return max(reduce_copy, scratch, finish)
 
 
@@ -845,7 +878,8 @@ def _plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16")
     p.add_argument("--zero", type=int, choices=(0, 1), default=1)
     p.add_argument("--method", choices=METHODS, default="bll")
-    p.add_argument("--variant", choices=modelled_variants(), default="prototype")
+    p.add_argument("--variant", type=_modelled_spec, default="prototype",
+                   help="BLL variant with its options (e.g. dgl-context:dim=64:neg=2048)")
     p.add_argument("--vocab_size", type=int, default=None)
     p.add_argument("--grad_accum_dtype", choices=sorted(DTYPE_BYTES), default="fp32")
     _add_readout_argument(p)

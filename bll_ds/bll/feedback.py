@@ -110,6 +110,11 @@ class StageFeedback(nn.Module):
         return cls.variant_options.dim or config.hidden_size
 
     @classmethod
+    def readout_candidates(cls, config: PretrainedConfig, micro_batch_tokens: int | None = None) -> int:
+        """The width of the local softmax per token: the vocabulary unless an option samples it."""
+        return config.vocab_size
+
+    @classmethod
     def table_refresh(cls) -> int:
         """Steps between tables sent upstream (refresh=k; feedback_channel.py's lag rule)."""
         return cls.variant_options.refresh
@@ -180,6 +185,13 @@ class StageFeedback(nn.Module):
         """Bytes autograd saves per token for the local readout, given what its norm saves
         (model-family specific: the planner passes it). None: not modelled by the planner."""
         return None
+
+    @classmethod
+    def readout_saved_bytes_per_micro_batch(cls, config: PretrainedConfig, dtype_bytes: int,
+                                            micro_batch_tokens: int) -> int:
+        """Saved bytes per micro-batch that do not scale with its tokens, beyond the one loss's
+        scalar the planner counts anyway (bll_ds/bench/memory.py LOSS_TOTAL_WEIGHT)."""
+        return 0
 
     def __init__(self, config: PretrainedConfig):
         super().__init__()
@@ -327,6 +339,15 @@ class _CrossEntropyReadout:
         reduced = dtype_bytes * cls.readout_width(config) if cls.variant_options.dim else 0
         candidates = cls.readout_candidates(config, micro_batch_tokens)
         return norm_saved_bytes - unsaved_output + reduced + cls.readout_heads * (FP32 * candidates + INT64)
+
+    @classmethod
+    def readout_saved_bytes_per_micro_batch(cls, config, dtype_bytes, micro_batch_tokens):
+        """With neg=n: the gathered candidate rows O[C] [C, r], which each head's product saves
+        (z takes a gradient), and the candidate ids the gather saves, at the declared bound of C."""
+        if not cls.variant_options.neg:
+            return 0
+        candidates = cls.readout_candidates(config, micro_batch_tokens)
+        return candidates * (cls.readout_heads * cls.readout_width(config) * dtype_bytes + INT64)
 
     def _build_readout(self, config) -> None:
         """P_k when dim=r (a submodule named `reduce`), starting as R^T (variant_options.py);
