@@ -630,6 +630,24 @@ def projection_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compact_markdown(rows: list[dict]) -> str:
+    """One line per (S, M): every arm's tokens/s over balanced ZB-H1 (the strongest backprop arm
+    simulated), and its bubble, so that the balanced and unbalanced baselines sit side by side."""
+    arms = list(dict.fromkeys(r["schedule"] for r in rows))
+    by = {(r["schedule"], r["S"], r["M"]): r for r in rows}
+    lines = ["| S | M | " + " | ".join(arms) + f" | {REFERENCE_ARM} bubble |",
+             "| ---: | ---: | " + " | ".join("---:" for _ in arms) + " | ---: |"]
+    for stages, micro_batches in dict.fromkeys((r["S"], r["M"]) for r in rows):
+        cells = []
+        for arm in arms:
+            speedup = by[(arm, stages, micro_batches)].get("speedup_vs_zb_h1_balanced")
+            cells.append("" if speedup is None else f"{speedup:.3f}")
+        reference = by.get((REFERENCE_ARM, stages, micro_batches))
+        bubble = "" if reference is None else f"{reference['bubble']:.3f}"
+        lines.append(f"| {stages} | {micro_batches} | " + " | ".join(cells) + f" | {bubble} |")
+    return "\n".join(lines) + "\n"
+
+
 OP_COLOURS = {"forward": "tab:blue", "backward": "tab:orange", "backward_input": "tab:orange",
               "backward_weight": "gold", "local": "tab:green", "optimizer": "tab:gray"}
 
@@ -747,6 +765,7 @@ def run_projection(args: argparse.Namespace) -> list[dict]:
                        "(S > num_layers, see layers_per_stage)", rows=rows)
     (out / "projection.json").write_text(json.dumps(report, indent=2))
     (out / "projection.md").write_text(projection_markdown(rows))
+    (out / "projection_vs_zb_h1_balanced.md").write_text(compact_markdown(rows))
     plot_projection(rows, out / "projection.png")
 
     s, m = args.timeline_stages, args.timeline_micro_batches
@@ -761,7 +780,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "project":
         rows = run_projection(args)
         print(projection_markdown(rows), end="")
-        print(f"wrote {args.out}/projection.json, projection.md, projection.png, timeline.png")
+        print(f"wrote {args.out}/projection.json, projection.md, projection_vs_zb_h1_balanced.md, "
+              f"projection.png, timeline.png")
     return 0
 
 
