@@ -194,7 +194,7 @@ def modelled_variants() -> tuple[str, ...]:
     return tuple(name for name in variants.names() if is_modelled(name))
 
 
-def _modelled_spec(spec: str) -> str:
+def modelled_spec(spec: str) -> str:
     """`type=` of --variant: a registered variant (options included) whose readout is modelled."""
     variants.argparse_type(spec)
     if not is_modelled(spec):
@@ -878,7 +878,7 @@ def _plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16")
     p.add_argument("--zero", type=int, choices=(0, 1), default=1)
     p.add_argument("--method", choices=METHODS, default="bll")
-    p.add_argument("--variant", type=_modelled_spec, default="prototype",
+    p.add_argument("--variant", type=modelled_spec, default="prototype",
                    help="BLL variant with its options (e.g. dgl-context:dim=64:neg=2048)")
     p.add_argument("--vocab_size", type=int, default=None)
     p.add_argument("--grad_accum_dtype", choices=sorted(DTYPE_BYTES), default="fp32")

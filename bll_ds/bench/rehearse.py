@@ -286,8 +286,8 @@ def _holdings(config, built: Stage, micro_batch_size: int, seq_len: int, dtype) 
 def _random_message(config, variant: str, dtype) -> torch.Tensor:
     """Stands in for a message received from the downstream stage (a target table: rows like an
     LM head's; entries of a sent layer on the same scale)."""
-    shape = get_variant(variant).message_shape(config)
-    return (torch.randn(shape) * config.initializer_range).to(dtype)
+    cls = get_variant(variant)
+    return (torch.randn(cls.message_shape(config)) * config.initializer_range).to(cls.message_dtype(dtype))
 
 
 def _train_step(config, built: Stage, optimizer, holdings: EngineHoldings, micro_batch_size: int, seq_len: int,
@@ -404,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variant", choices=memory.modelled_variants(), default="prototype")
+    p.add_argument("--variant", type=memory.modelled_spec, default="prototype",
+                   help="BLL variant with its options (e.g. dgl-context:dim=64:neg=2048)")
     p.add_argument("--readout_max_logits_mb", type=float, default=memory.READOUT_MAX_LOGITS_MB,
                    help="as --bll_readout_max_logits_mb: the local readout in sequence slices of at most this many "
                         "MiB of fp32 logits (0 = one slice)")
