@@ -69,3 +69,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m}
+
+
+def stage_losses(run_dir: Path, stages: int) -> dict[tuple[int, int], float]:
+    """(stage, step) -> that stage's logged loss, from every metrics_stage{k}.jsonl of a run."""
+    out = {}
+    for k in range(stages):
+        for line in (run_dir / f"metrics_stage{k}.jsonl").read_text().splitlines():
+            m = json.loads(line)
+            if "stage/loss" in m:
+                out[(k, m["step"])] = m["stage/loss"]
+    return out

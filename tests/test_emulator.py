@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from helpers import cpu_env, launch_failure, run_pretrain
+from helpers import cpu_env, launch_failure, run_pretrain, stage_losses
 
 from bll_ds.engine.emulated_stage import build_optimizer
 from bll_ds.errors import UserError
@@ -35,16 +35,6 @@ def _args(method, variant, stages, out, steps=STEPS, data=None):
     if data is not None:
         args += ["--data", str(data)]
     return args + (["--bll_variant", variant] if variant else [])
-
-
-def _stage_losses(run_dir, stages):
-    out = {}
-    for k in range(stages):
-        for line in (run_dir / f"metrics_stage{k}.jsonl").read_text().splitlines():
-            m = json.loads(line)
-            if "stage/loss" in m:
-                out[(k, m["step"])] = m["stage/loss"]
-    return out
 
 
 def _relative(a: float, b: float) -> float:
@@ -71,7 +61,7 @@ def test_emulator_equals_the_launched_pipeline(method, variant, stages, tmp_path
                           cache_dir=cache_dir)
     assert result.returncode == 0, launch_failure(result)
 
-    losses_l, losses_e = _stage_losses(launched, stages), _stage_losses(emulated, stages)
+    losses_l, losses_e = stage_losses(launched, stages), stage_losses(emulated, stages)
     assert set(losses_l) == set(losses_e) and len(losses_l) == stages * STEPS
     worst_loss = max(_relative(losses_l[key], losses_e[key]) for key in losses_l)
     assert worst_loss <= TOLERANCE, f"per-step losses differ by {worst_loss:.2e} (relative)"
@@ -103,7 +93,7 @@ def test_emulated_run_resumes_exactly_and_evaluates(tmp_path, cache_dir, text_co
     result = run_pretrain(_args("bll", None, 4, resumed, data=text_corpus) + args + ["--resume"], ranks=None,
                           cache_dir=cache_dir)
     assert result.returncode == 0, launch_failure(result)
-    assert _stage_losses(straight, 4) == _stage_losses(resumed, 4)
+    assert stage_losses(straight, 4) == stage_losses(resumed, 4)
     assert _worst_weight_difference(straight, resumed) == 0.0
 
     # A launch may not resume an emulated run: its optimizer state is laid out per process.
@@ -141,7 +131,7 @@ def test_lever_launched_killed_and_resumed_equals_emulated(tmp_path, cache_dir, 
     result = run_pretrain(_args("bll", variant, 2, emulated, data=text_corpus) + ["--emulate"], ranks=None,
                           cache_dir=cache_dir)
     assert result.returncode == 0, launch_failure(result)
-    losses_l, losses_e = _stage_losses(launched, 2), _stage_losses(emulated, 2)
+    losses_l, losses_e = stage_losses(launched, 2), stage_losses(emulated, 2)
     assert set(losses_l) == set(losses_e) and len(losses_l) == 2 * STEPS
     assert max(_relative(losses_l[key], losses_e[key]) for key in losses_l) <= TOLERANCE
     assert _worst_weight_difference(launched, emulated) <= TOLERANCE

@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY_HIDDEN, TINY_SEQ, TINY_VOCAB, launch_failure, run_pretrain, tiny_model_config
+from helpers import (TINY_HIDDEN, TINY_SEQ, TINY_VOCAB, launch_failure, run_pretrain, stage_losses,
+                     tiny_model_config)
 from torch.utils.flop_counter import FlopCounterMode
 
 from bll_ds.bll import variants
@@ -256,16 +257,6 @@ def _args(out, data, steps=8, extra=()):
             "--no-measure_matmul_peak", "--data", str(data), "--out", str(out), *extra]
 
 
-def _stage_losses(run_dir, stages=3):
-    out = {}
-    for k in range(stages):
-        for line in (run_dir / f"metrics_stage{k}.jsonl").read_text().splitlines():
-            m = json.loads(line)
-            if "stage/loss" in m:
-                out[(k, m["step"])] = m["stage/loss"]
-    return out
-
-
 @pytest.mark.launcher
 def test_refreshed_tables_resume_exactly_and_travel_as_declared(tmp_path, cache_dir, text_corpus):
     """Killed after step 4 -- between refreshes: the table in use was published after step 3 and
@@ -279,7 +270,7 @@ def test_refreshed_tables_resume_exactly_and_travel_as_declared(tmp_path, cache_
     assert result.returncode == 0 and "continue with --resume" in result.stdout, launch_failure(result)
     result = run_pretrain(_args(resumed, text_corpus, extra=["--emulate", "--resume"]), ranks=None, cache_dir=cache_dir)
     assert result.returncode == 0, launch_failure(result)
-    assert _stage_losses(straight) == _stage_losses(resumed)
+    assert stage_losses(straight, 3) == stage_losses(resumed, 3)
     summaries = [json.loads((run / "summary.json").read_text()) for run in (straight, resumed)]
     assert [d["params_sha256"] for d in summaries[0]["stages_detail"]] == \
         [d["params_sha256"] for d in summaries[1]["stages_detail"]]
@@ -294,7 +285,7 @@ def test_refreshed_tables_resume_exactly_and_travel_as_declared(tmp_path, cache_
 
     result = run_pretrain(_args(launched, text_corpus), ranks=3, cache_dir=cache_dir, master_port=29692)
     assert result.returncode == 0, launch_failure(result)
-    losses_l, losses_e = _stage_losses(launched), _stage_losses(straight)
+    losses_l, losses_e = stage_losses(launched, 3), stage_losses(straight, 3)
     assert set(losses_l) == set(losses_e)
     assert max(abs(losses_l[key] - losses_e[key]) / abs(losses_e[key]) for key in losses_e) <= 1e-4
     launched_detail = json.loads((launched / "summary.json").read_text())["stages_detail"]
