@@ -11,13 +11,18 @@ documents). Accepted specs:
   `DEFAULT_CORPUS_MAX_BYTES` (8 MB) is reached, which keeps tokenizer training and tokenization to a
   few seconds on a laptop CPU. Files that are not UTF-8 are skipped.
 * a text file (any suffix other than ``.jsonl`` / ``.parquet``): one document.
-* a ``.jsonl`` file: one document per line, from the field ``"text"``.
-* a ``.parquet`` file: one document per row, from the column ``"text"``.
+* a ``.jsonl`` file: one document per line, from the field ``"text"`` (``text_field``, the
+  ``--text_field`` flag, names another).
+* a ``.parquet`` file: one document per row, from the column ``"text"`` (or ``text_field``).
 * a folder: every ``.txt``, ``.md``, ``.py``, ``.jsonl`` and ``.parquet`` file below it, in sorted
   path order; or a glob pattern (``data/*.txt``, ``corpus/**/*.jsonl``), every file it matches.
 * a Hugging Face dataset name, optionally with a config: ``wikitext:wikitext-2-raw-v1`` (loaded
   with ``datasets.load_dataset``; its ``train`` split, and its ``validation`` or else ``test``
-  split as val).
+  split as val), its column ``"text"`` (or ``text_field``).
+
+The files are read by the generators in documents.py, which the prepare command (prepare_tokens.py)
+streams instead: this module holds the whole corpus in memory, which suits corpora up to a few GB;
+larger ones are prepared once into token shards and trained with ``--data tokens:DIR``.
 
 Held-out split (sources without their own validation split):
 
@@ -38,24 +43,20 @@ dataset's fingerprint), so editing a file invalidates the caches without reading
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 import os
 import sys
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bll_ds.data.documents import FOLDER_SUFFIXES, iter_file_documents, resolve_source  # noqa: F401
 from bll_ds.errors import UserError
 
 DEFAULT_CORPUS_MAX_BYTES = 8_000_000
 VAL_FRACTION = 0.1
 VAL_EVERY = 10
-FOLDER_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".parquet")
 _DEFAULT_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages"})
-# Suffixes that make a spec look like a file even without a slash ("shakespeare.txt").
-_PATHLIKE_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".json", ".parquet", ".csv", ".text")
 
 
 @dataclass
@@ -68,34 +69,15 @@ class Corpus:
     split_rule: str = field(default="")  # how val was made, for logs
 
 
-def load_corpus(spec: str | None, default_max_bytes: int = DEFAULT_CORPUS_MAX_BYTES) -> Corpus:
-    """Load and split the corpus named by `spec` (see the module docstring for the forms)."""
+def load_corpus(spec: str | None, default_max_bytes: int = DEFAULT_CORPUS_MAX_BYTES, text_field: str = "text") -> Corpus:
+    """Load and split the corpus named by `spec` (see the module docstring for the forms).
+    `text_field` names the jsonl field, parquet column or hub dataset column holding the text."""
     if spec is None or spec == "":
         return _default_corpus(default_max_bytes)
-    spec = str(spec)
-    expanded = os.path.expanduser(spec)
-    if any(ch in spec for ch in "*?["):
-        files = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
-        if not files:
-            raise UserError(f"data glob {spec!r} matches no files.", "check the pattern (quote it so the shell does not expand it).")
-        return _local_corpus(f"glob:{os.path.abspath(expanded)}", files)
-    if os.path.isdir(expanded):
-        files = _folder_files(expanded)
-        if not files:
-            raise UserError(
-                f"data folder {spec} holds no {'/'.join(FOLDER_SUFFIXES)} files.",
-                "point --data at a folder with text files, or at a single file.",
-            )
-        return _local_corpus(f"dir:{os.path.abspath(expanded)}", files)
-    if os.path.isfile(expanded):
-        return _local_corpus(f"file:{os.path.abspath(expanded)}", [expanded])
-    if _looks_like_path(spec):
-        raise UserError(
-            f"data path {spec} does not exist.",
-            "check the path (relative paths are resolved from the current directory), "
-            "or leave --data unset to use the embedded default corpus.",
-        )
-    return _hub_corpus(spec)
+    source = resolve_source(str(spec))
+    if source.kind == "hub":
+        return _hub_corpus(str(spec), text_field)
+    return _local_corpus(source.name, source.files, text_field)
 
 
 def split_documents(docs: list[str]) -> tuple[list[str], list[str], str]:
@@ -112,22 +94,6 @@ def split_documents(docs: list[str]) -> tuple[list[str], list[str], str]:
     return train, val, f"every {VAL_EVERY}th document"
 
 
-def _looks_like_path(spec: str) -> bool:
-    """A spec that cannot be a hub dataset name. `owner/name` (one slash, no suffix) may be either,
-    so it falls through to the hub, whose error message then also says no such local path exists."""
-    if spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1:
-        return True
-    return spec.lower().endswith(_PATHLIKE_SUFFIXES)
-
-
-def _folder_files(folder: str) -> list[str]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # .git, .cache, ...
-        out += [os.path.join(dirpath, f) for f in filenames if f.lower().endswith(FOLDER_SUFFIXES)]
-    return sorted(out)
-
-
 def _files_digest(files: list[str]) -> str:
     h = hashlib.sha256()
     for f in files:
@@ -136,60 +102,21 @@ def _files_digest(files: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _local_corpus(source: str, files: list[str]) -> Corpus:
+def _local_corpus(source: str, files: list[str], text_field: str = "text") -> Corpus:
     docs: list[str] = []
     for f in files:
-        docs += _read_documents(f)
+        docs += iter_file_documents(f, text_field)
     if not any(docs):
         raise UserError(f"data source {source.split(':', 1)[1]} contains no text.", "point --data at files with text in them.")
     train, val, rule = split_documents(docs)
-    return Corpus(name=f"{source}#{len(files)}files#{_files_digest(files)}", train=train, val=val, split_rule=rule)
+    name = f"{source}#{len(files)}files#{_files_digest(files)}{_field_key(text_field)}"
+    return Corpus(name=name, train=train, val=val, split_rule=rule)
 
 
-def _read_documents(path: str) -> list[str]:
-    low = path.lower()
-    if low.endswith(".jsonl"):
-        return _read_jsonl(path)
-    if low.endswith(".parquet"):
-        return _read_parquet(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"data file {path} is not UTF-8 text ({e.reason} at byte {e.start}).", "convert it to UTF-8, or pass .jsonl/.parquet data.") from None
-    return [text] if text else []
-
-
-def _read_jsonl(path: str) -> list[str]:
-    docs = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {lineno} is not valid JSON ({e.msg}).", "write one JSON object per line.") from None
-            if not isinstance(row, dict) or "text" not in row:
-                fields = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise UserError(
-                    f"{path} line {lineno} has no \"text\" field (fields present: {fields}).",
-                    'give every line a "text" field holding the document.',
-                )
-            if not isinstance(row["text"], str):
-                raise UserError(f"{path} line {lineno}: \"text\" is {type(row['text']).__name__}, not a string.", 'store each document as a string in "text".')
-            if row["text"]:
-                docs.append(row["text"])
-    return docs
-
-
-def _read_parquet(path: str) -> list[str]:
-    import pyarrow.parquet as pq  # datasets depends on pyarrow
-
-    names = pq.read_schema(path).names
-    if "text" not in names:
-        raise UserError(f"{path} has no \"text\" column (columns present: {names}).", 'store the documents in a string column named "text".')
-    column = pq.read_table(path, columns=["text"]).column("text").to_pylist()
-    return [t for t in column if t]
+def _field_key(text_field: str) -> str:
+    """Part of `Corpus.name`: another field of the same files is other text (and another token
+    cache). Empty for the default field, so existing cache keys are unchanged."""
+    return "" if text_field == "text" else f"#field={text_field}"
 
 
 def default_corpus_files(max_bytes: int = DEFAULT_CORPUS_MAX_BYTES) -> tuple[list[str], list[str]]:
@@ -231,7 +158,7 @@ def _default_corpus(max_bytes: int) -> Corpus:
     return Corpus(name=name, train=train, val=val, split_rule=rule)
 
 
-def _hub_corpus(spec: str) -> Corpus:
+def _hub_corpus(spec: str, text_field: str = "text") -> Corpus:
     name, _, config = spec.partition(":")
     try:
         import datasets
@@ -247,15 +174,18 @@ def _hub_corpus(spec: str) -> Corpus:
     if "train" not in ds:
         raise UserError(f"hub dataset {spec!r} has no train split (splits: {sorted(ds)}).", "pick a dataset with a train split.")
     columns = ds["train"].column_names
-    if "text" not in columns:
-        raise UserError(f"hub dataset {spec!r} has no \"text\" column (columns: {columns}).", "pick a dataset with a text column, or export it to .jsonl with a text field.")
-    train_docs = [t for t in ds["train"]["text"] if t]
+    if text_field not in columns:
+        raise UserError(f"hub dataset {spec!r} has no \"{text_field}\" column (columns: {columns}).",
+                        "name the column that holds the documents with --text_field, or pick a dataset with a "
+                        f"\"{text_field}\" column.")
+    train_docs = [t for t in ds["train"][text_field] if t]
     fingerprints = [ds["train"]._fingerprint]
     held = next((s for s in ("validation", "test") if s in ds), None)
     if held is not None:
-        val_docs = [t for t in ds[held]["text"] if t]
+        val_docs = [t for t in ds[held][text_field] if t]
         fingerprints.append(ds[held]._fingerprint)
         train, val, rule = train_docs, val_docs, f"hub split {held!r}"
     else:
         train, val, rule = split_documents(train_docs)
-    return Corpus(name=f"hub:{spec}#{'-'.join(fingerprints)}", train=train, val=val, split_rule=rule)
+    return Corpus(name=f"hub:{spec}#{'-'.join(fingerprints)}{_field_key(text_field)}", train=train, val=val,
+                  split_rule=rule)

@@ -8,6 +8,9 @@ Specs accepted by `build_tokenizer`:
   N must leave room for the 3 specials, the 256 byte-fallback pieces and every distinct character
   (sentencepiece reports the minimum if N is too small).
 * a path to an existing ``.model`` file: copied into the run directory and used as is.
+* a Hugging Face ``tokenizer.json`` file or a local tokenizer folder: loaded offline, wrapped by
+  hf_tokenizer.py's `HFTokenizer` (same interface), and saved in the run directory as
+  ``hf_tokenizer/``; nothing is trained. The round-trip guarantees below are then the tokenizer's own.
 
 Why these trainer options: language-model pretraining needs ``decode(encode(text)) == text``, or
 the model is trained on text that is not what the user gave it. Sentencepiece defaults normalise
@@ -26,12 +29,14 @@ character round-trips, except NUL, which becomes <unk>. Known limitation for all
 Training reads at most `MAX_TRAIN_CHARS` characters (every k-th line across the whole training
 set when it is larger), so tokenizer training stays bounded on big corpora.
 
-Reuse and resume: the model is saved as ``<out_dir>/tokenizer.model`` with a sidecar
-``tokenizer.json`` recording the spec and the model's sha256. Building again with the same spec in
+Reuse and resume: the model is saved as ``<out_dir>/tokenizer.model`` (a Hugging Face one as
+``<out_dir>/hf_tokenizer/``) with a sidecar ``tokenizer.json`` recording the spec, the kind and the
+tokenizer's fingerprint (for sentencepiece the model's sha256). Building again with the same spec in
 the same directory reuses the saved model without retraining (a resumed run must keep the exact
 token ids its checkpoint was trained with). A *different* spec in a directory that already holds a
 tokenizer is an error rather than a silent retrain, because the checkpoints there belong to the old
-vocabulary.
+vocabulary. `adopt_tokenizer` installs an already built tokenizer (a prepared tokens folder's)
+under the same rules, and `load_run_tokenizer` opens whichever kind a run directory holds.
 """
 
 from __future__ import annotations
@@ -42,18 +47,20 @@ import json
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 
 from bll_ds.atomic import atomic_write_bytes
 from bll_ds.errors import UserError
-from bll_ds.run_dir import TOKENIZER_MODEL
+from bll_ds.run_dir import HF_TOKENIZER, TOKENIZER_META, TOKENIZER_MODEL
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 NUM_SPECIALS = 3
 MAX_TRAIN_CHARS = 20_000_000
 _MAX_LINE_CHARS = 8192  # sentencepiece skips sentences longer than max_sentence_length bytes
 _SPACE_MARKER = "\u2581"
-_SPEC_FORMS = "'char', 'bpe:N', 'unigram:N' (N an integer, e.g. bpe:8000) or a path to an existing .model file"
+_SPEC_FORMS = ("'char', 'bpe:N', 'unigram:N' (N an integer, e.g. bpe:8000), a path to an existing .model file, "
+               "or a Hugging Face tokenizer.json file or tokenizer folder")
 
 
 class Tokenizer:
@@ -114,7 +121,8 @@ class Tokenizer:
 
 
 def parse_tokenizer_spec(spec: str) -> tuple[str, int | None]:
-    """('char', None) | ('bpe', N) | ('unigram', N) | ('file', None); UserError for anything else."""
+    """('char', None) | ('bpe', N) | ('unigram', N) | ('file', None) | ('hf', None); UserError for
+    anything else."""
     spec = str(spec).strip()
     if spec == "char":
         return "char", None
@@ -132,41 +140,58 @@ def parse_tokenizer_spec(spec: str) -> tuple[str, int | None]:
         if not os.path.isfile(os.path.expanduser(spec)):
             raise UserError(f"tokenizer model file {spec} does not exist.", f"check the path, or use one of {_SPEC_FORMS}.")
         return "file", None
+    from bll_ds.data.hf_tokenizer import is_hf_tokenizer_path
+
+    folder = os.path.expanduser(spec)
+    if os.path.isdir(folder) and os.path.isfile(os.path.join(folder, TOKENIZER_META)) \
+            and not os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+        raise UserError(f"{spec} is a bll-ds run or prepared tokens folder, not a tokenizer folder (its "
+                        f"{TOKENIZER_META} is bll-ds's record, not a Hugging Face file).",
+                        f"pass its {TOKENIZER_MODEL} or its {HF_TOKENIZER}/ folder; or, for a prepared folder, train "
+                        "with --data tokens:DIR, which uses its tokenizer.")
+    if is_hf_tokenizer_path(spec):
+        if not os.path.exists(os.path.expanduser(spec)):
+            raise UserError(f"tokenizer file {spec} does not exist.", f"check the path, or use one of {_SPEC_FORMS}.")
+        return "hf", None
+    if os.path.isdir(os.path.expanduser(spec)):
+        raise UserError(f"tokenizer folder {spec} holds no tokenizer.json, tokenizer.model or tokenizer_config.json.",
+                        f"pass a folder written by save_pretrained, or one of {_SPEC_FORMS}.")
     raise UserError(f"unknown tokenizer spec {spec!r}.", f"use one of {_SPEC_FORMS}.")
 
 
-def build_tokenizer(spec: str, train_docs: list[str], out_dir: str) -> Tokenizer:
-    """Train (or reuse, or copy) the tokenizer named by `spec` into `out_dir`; see module docstring."""
+def build_tokenizer(spec: str, train_docs: list[str], out_dir: str):
+    """Train (or reuse, or copy) the tokenizer named by `spec` into `out_dir`; see module docstring.
+    Returns a `Tokenizer`, or an `HFTokenizer` for Hugging Face specs."""
     kind, size = parse_tokenizer_spec(spec)
     spec = str(spec).strip()
     os.makedirs(out_dir, exist_ok=True)
-    model_path = os.path.join(out_dir, TOKENIZER_MODEL)
-    meta_path = os.path.join(out_dir, "tokenizer.json")
 
-    if os.path.isfile(model_path) and os.path.isfile(meta_path):
-        meta = json.loads(Path(meta_path).read_text())
-        current = hashlib.sha256(Path(model_path).read_bytes()).hexdigest()
-        if meta.get("sha256") == current:  # an intact tokenizer from an earlier run
-            if meta.get("spec") != spec:
-                raise UserError(
-                    f"{out_dir} already holds a tokenizer built from spec {meta.get('spec')!r}, but {spec!r} was asked for.",
-                    f"use --tokenizer {meta.get('spec')} to continue that run, or a fresh output directory for a new tokenizer.",
-                )
-            if kind == "file" and _sha256_file(spec) != current:
-                raise UserError(
-                    f"{out_dir} holds a copy of {spec} that differs from the file now at that path.",
-                    "use a fresh output directory, or restore the original .model file.",
-                )
-            return Tokenizer(model_path, spec)
-        # no sidecar or a stale one: an interrupted build, so build again below
+    saved = saved_tokenizer(out_dir)
+    if saved is not None:  # an intact tokenizer from an earlier run
+        meta, tok = saved
+        if meta.get("spec") != spec:
+            raise UserError(
+                f"{out_dir} already holds a tokenizer built from spec {meta.get('spec')!r}, but {spec!r} was asked for.",
+                f"use --tokenizer {meta.get('spec')} to continue that run, or a fresh output directory for a new tokenizer.",
+            )
+        if (kind == "file" and _sha256_file(spec) != tok.fingerprint) or (kind == "hf" and _hf_source(spec).fingerprint != tok.fingerprint):
+            raise UserError(
+                f"{out_dir} holds a copy of {spec} that differs from the {'file' if kind == 'file' else 'tokenizer'} now at that path.",
+                f"use a fresh output directory, or restore the original {'.model file' if kind == 'file' else 'tokenizer'}.",
+            )
+        tok.spec = spec
+        return tok
+    # no sidecar or a stale one: an interrupted build, so build again below
 
+    data_digest = None
+    if kind == "hf":
+        return adopt_tokenizer(_hf_source(spec), out_dir, spec)
     if kind == "file":
         proto = Path(os.path.expanduser(spec)).read_bytes()
         try:
             Tokenizer("<check>", spec, _proto=proto)
         except Exception as e:
             raise UserError(f"{spec} is not a sentencepiece model ({e}).", f"pass a .model file written by sentencepiece, or one of {_SPEC_FORMS}.") from None
-        data_digest = None
     else:
         lines = _training_lines(train_docs, MAX_TRAIN_CHARS)
         if not any(lines):
@@ -177,11 +202,88 @@ def build_tokenizer(spec: str, train_docs: list[str], out_dir: str) -> Tokenizer
                 lines.append("".join(sorted(unseen - {"\n"})))
         proto = _train(kind, size, lines, spec)
         data_digest = hashlib.sha256("".join(lines).encode("utf-8", "surrogatepass")).hexdigest()
+    return adopt_tokenizer(Tokenizer("<new>", spec, _proto=proto), out_dir, spec, data_digest)
 
-    atomic_write_bytes(model_path, proto)
-    meta = {"spec": spec, "sha256": hashlib.sha256(proto).hexdigest(), "train_text_sha256": data_digest}
-    atomic_write_bytes(meta_path, (json.dumps(meta, indent=2) + "\n").encode())
-    return Tokenizer(model_path, spec)
+
+def adopt_tokenizer(tok, out_dir: str, spec: str, train_text_sha256: str | None = None):
+    """Install the built tokenizer `tok` (a `Tokenizer` or an `HFTokenizer`) as `out_dir`'s
+    tokenizer: its files first, the sidecar last (atomic writes), so a kill in between leaves no
+    sidecar and the next build redoes it. An `out_dir` that already holds an intact tokenizer keeps
+    it if it is the same one (same fingerprint, whatever spec built it) and is an error otherwise:
+    checkpoints there belong to that vocabulary. Returns the installed tokenizer, opened from
+    `out_dir`."""
+    from bll_ds.data.hf_tokenizer import HFTokenizer
+
+    os.makedirs(out_dir, exist_ok=True)
+    saved = saved_tokenizer(out_dir)
+    if saved is not None:
+        meta, current = saved
+        if current.fingerprint != tok.fingerprint:
+            raise UserError(
+                f"{out_dir} already holds a different tokenizer (built from spec {meta.get('spec')!r}) than {spec!r}.",
+                "use a fresh output directory, or the data and tokenizer that directory was started with.",
+            )
+        return current
+    model_path = os.path.join(out_dir, TOKENIZER_MODEL)
+    hf_path = os.path.join(out_dir, HF_TOKENIZER)
+    if isinstance(tok, HFTokenizer):
+        tok.save(out_dir)
+        if os.path.exists(model_path):  # a stale one from an interrupted build of another kind
+            os.remove(model_path)
+        kind, installed = "huggingface", HFTokenizer.load(hf_path, spec)
+    else:
+        atomic_write_bytes(model_path, tok._proto)
+        shutil.rmtree(hf_path, ignore_errors=True)
+        kind, installed = "sentencepiece", Tokenizer(model_path, spec)
+    meta = {"spec": spec, "kind": kind, "sha256": installed.fingerprint, "train_text_sha256": train_text_sha256}
+    atomic_write_bytes(os.path.join(out_dir, TOKENIZER_META), (json.dumps(meta, indent=2) + "\n").encode())
+    return installed
+
+
+def saved_tokenizer(out_dir: str):
+    """(sidecar, tokenizer) of the intact tokenizer saved in `out_dir`, or None when there is none
+    or it is incomplete (no sidecar, or files that do not match its recorded fingerprint)."""
+    from bll_ds.data.hf_tokenizer import HFTokenizer
+
+    meta_path = os.path.join(out_dir, TOKENIZER_META)
+    if not os.path.isfile(meta_path):
+        return None
+    try:
+        meta = json.loads(Path(meta_path).read_text())
+        if meta.get("kind") == "huggingface":
+            tok = HFTokenizer.load(os.path.join(out_dir, HF_TOKENIZER), meta.get("spec"))
+        else:  # sidecars from before Hugging Face tokenizers have no kind
+            tok = Tokenizer(os.path.join(out_dir, TOKENIZER_MODEL), meta.get("spec"))
+    except (OSError, ValueError, KeyError, RuntimeError, UserError):
+        return None
+    return (meta, tok) if meta.get("sha256") == tok.fingerprint else None
+
+
+def open_tokenizer(path: str, spec: str | None = None):
+    """The tokenizer saved at `path`: a sentencepiece ``.model`` file, or an `HF_TOKENIZER` folder."""
+    if os.path.isdir(path):
+        from bll_ds.data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer.load(path, spec)
+    return Tokenizer(path, spec)
+
+
+def load_run_tokenizer(run_dir):
+    """The tokenizer a run trained with (either kind), for evaluate and friends."""
+    saved = saved_tokenizer(str(run_dir))
+    if saved is not None:
+        return saved[1]
+    for name in (TOKENIZER_MODEL, HF_TOKENIZER):  # no intact sidecar: whichever file is there
+        if os.path.exists(os.path.join(str(run_dir), name)):
+            return open_tokenizer(os.path.join(str(run_dir), name))
+    raise UserError(f"{run_dir} holds no tokenizer ({TOKENIZER_MODEL} or {HF_TOKENIZER}/).",
+                    "pass the --out folder of a pretrain.py run.")
+
+
+def _hf_source(spec: str):
+    from bll_ds.data.hf_tokenizer import load_hf_source
+
+    return load_hf_source(spec)
 
 
 def _sha256_file(path: str) -> str:
