@@ -89,6 +89,23 @@ def check_compatible(saved: dict, current: dict, run_dir: Path) -> None:
                         f"resume {'with' if saved.get('emulated') else 'without'} --emulate, or start a new --out.")
 
 
+def check_schedule_length(saved: dict, current: dict, ds_config: dict, run_dir: Path) -> None:
+    """The rule for a changed --steps on resume. A learning-rate schedule that knows the run's
+    length (DeepSpeed's total_num_steps: WarmupCosineLR, WarmupDecayLR) would silently stretch
+    or squeeze from the resumed step on, so a changed length is refused. A schedule without one
+    (WarmupLR, constant) does not depend on it: the run may be extended or cut."""
+    scheduler = ds_config.get("scheduler", {})
+    old, new = saved.get("steps"), current.get("steps")
+    if old is None or old == new or "total_num_steps" not in scheduler.get("params", {}):
+        return
+    raise UserError(
+        f"the run in {run_dir} was started for {old} steps and its {scheduler.get('type', 'learning-rate')} "
+        f"schedule decays over them; this launch asks for {new}, which would re-stretch the schedule from the "
+        f"resumed step on.",
+        f"pass --steps {old} to continue the run as planned; to train for {new} steps on a fresh schedule, "
+        f"start a new --out with --init_from {run_dir} (weights only).")
+
+
 def load(engine, run_dir: Path, tag: str) -> None:
     ckpt_dir = names.checkpoints(run_dir)
     fix = f"delete {ckpt_dir / tag}, point {ckpt_dir / LATEST} at an earlier step_* folder, or start a new --out."

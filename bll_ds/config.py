@@ -20,6 +20,7 @@ from pathlib import Path
 
 METHODS = ("bp", "bll")
 ON_NONFINITE = ("stop", "skip")
+RESUME = ("no", "yes", "auto")
 
 
 def _doc(text: str, flag: str | None = None, **kwargs):
@@ -70,8 +71,14 @@ class CheckpointConfig:
     exit_interval: int = _doc("Save a checkpoint and exit cleanly once the step count is a multiple of this "
                               "(0 = never): run long jobs in slices under a scheduler's time limit.",
                               flag="exit_interval", default=0)
-    resume: bool = _doc("Continue the run in --out from its latest complete checkpoint.", flag="resume",
-                        default=False)
+    resume: str = _doc("'yes' (the bare flag --resume): continue the run in --out from its latest complete "
+                       "checkpoint, and fail if it has none. 'auto': continue it if it has one, else start it "
+                       "(what a requeued scheduler job wants). 'no': start a new run, and fail if --out "
+                       "already holds checkpoints.", flag="resume", default="no")
+    exit_duration_mins: float = _doc("Save a checkpoint and exit cleanly at the first step boundary after this "
+                                     "many minutes of wall time since start-up (0 = never): set it a few "
+                                     "minutes under the job's time limit. SIGTERM and SIGUSR1 do the same at "
+                                     "once (the next step boundary).", flag="exit_duration_mins", default=0.0)
 
 
 @dataclass
@@ -112,10 +119,14 @@ class RunConfig:
     emulate: bool = _doc("Train the S-stage pipeline in this one process, on one device (CUDA when present, "
                          "else every CPU core), with the launched run's semantics (bll_ds/engine/emulator.py): "
                          "run with python, not a launcher. For depth sweeps at 8-16+ stages.", default=False)
-    data: str | None = _doc("Text/jsonl/parquet file, folder, glob, or HF dataset name[:config]. "
+    data: str | None = _doc("Text/jsonl/parquet file, folder, glob, HF dataset name[:config], or tokens:DIR "
+                            "(token shards written once by python -m bll_ds.data.prepare_tokens). "
                             "Default: the Python standard library sources of this interpreter.", default=None)
     tokenizer: str = _doc("'char', 'bpe:N', 'unigram:N' (trained on the training split, saved in the run "
-                          "dir) or a path to a sentencepiece .model file.", default="bpe:4096")
+                          "dir), a path to a sentencepiece .model file, a Hugging Face tokenizer.json or a "
+                          "local tokenizer folder (loaded offline).", default="bpe:4096")
+    text_field: str = _doc("The field (jsonl), column (parquet) or feature (Hugging Face dataset) that holds "
+                           "each document's text.", default="text")
     steps: int | None = _doc("Optimizer steps. Default: the scheduler's total_num_steps in the DeepSpeed "
                              "config, else 1000. It also sets the scheduler's total_num_steps.", default=None)
     seq_len: int | None = _doc("Tokens per training sequence. Default: the model's context length.", default=None)
@@ -123,6 +134,13 @@ class RunConfig:
     cache_dir: str = _doc("Cache of tokenized corpora (flat token memmaps).",
                           default=str(Path.home() / ".cache" / "bll_ds"))
     tokenize_workers: int = _doc("Processes for datasets.map tokenization.", default=2)
+    init_from: str | None = _doc("Start from existing weights (weights only: a new optimizer and schedule): a "
+                                 "Hugging Face model folder (config.json + safetensors/bin) of the same shape, "
+                                 "or another bll-ds run dir (its latest complete checkpoint).", default=None)
+    activation_checkpoint_interval: int = _doc("Recompute activations in backward every this many layers "
+                                               "(DeepSpeed's PipelineModule activation_checkpoint_interval; "
+                                               "0 = off, 1 = every decoder layer), for both methods.",
+                                               default=0)
     custom_import: str | None = _doc("A .py file or module imported before the flags are parsed, e.g. one that "
                                      "registers a BLL variant of your own (bll_ds/bll/variants.py).", default=None)
     bll: BLLConfig = field(default_factory=BLLConfig, metadata={"prefix": "bll_"})
@@ -153,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pretrain.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Pretrain a causal LM on a DeepSpeed pipeline. Launch with: "
                     "deepspeed --num_gpus N scripts/pretrain.py --model ... --deepspeed_config ... --out DIR")
-    choices = {"method": METHODS, "on_nonfinite": ON_NONFINITE}
+    choices = {"method": METHODS, "on_nonfinite": ON_NONFINITE, "resume": RESUME}
     types = {"bll_variant": variants.argparse_type}  # a name, optionally with options (variant_options.py)
     for _, f, flag in _flag_fields():
         required = f.default is dataclasses.MISSING
@@ -162,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 help=f.metadata["help"])
             continue
         kind = {"int": int, "int | None": int, "float": float}.get(f.type, str)
+        if flag == "resume":  # `--resume` alone means "yes", as before; `--resume auto` for schedulers
+            parser.add_argument("--resume", nargs="?", const="yes", default=f.default, choices=RESUME,
+                                help=f.metadata["help"])
+            continue
         parser.add_argument("--" + flag, type=types.get(flag, kind), required=required, default=None if required else f.default,
                             help=f.metadata["help"], choices=choices.get(flag))
         if "_" in flag:  # accept --seq-len as well as --seq_len

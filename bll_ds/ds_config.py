@@ -30,10 +30,29 @@ class DsSettings:
 
     @property
     def bf16(self) -> bool:
-        return bool(self.config.get("bf16", {}).get("enabled", False))
+        enabled = self.config.get("bf16", {}).get("enabled", False)
+        if enabled == "auto":
+            raise RuntimeError('bf16 "auto" is still unresolved: call resolve_bf16_auto first')
+        return bool(enabled)
+
+    @property
+    def bf16_auto(self) -> bool:
+        """The config says "auto" and nothing has decided it yet."""
+        return self.config.get("bf16", {}).get("enabled") == "auto"
+
+    def resolve_bf16_auto(self, choice: bool, peaks: dict | None = None) -> None:
+        """Fix "auto" to `choice`; `peaks` (the measurement behind it) is kept in the config, so
+        the run dir's saved DeepSpeed config says why."""
+        self.config["bf16"]["enabled"] = bool(choice)
+        if peaks is not None:
+            self.config["bf16"]["auto_measured_gflops"] = peaks
 
 
-def load_ds_config(path: str, world_size: int, stages: int, steps: int | None) -> DsSettings:
+def load_ds_config(path: str, world_size: int, stages: int, steps: int | None,
+                   defer_bf16_auto: bool = False) -> DsSettings:
+    """defer_bf16_auto: leave `"bf16": {"enabled": "auto"}` for the caller to decide once for all
+    ranks (training measures on rank 0 and broadcasts: ranks that chose differently would send
+    each other activations of different dtypes). Otherwise it is measured here, in this process."""
     cfg = _read_json(path)
     if world_size % stages:
         raise UserError(f"{world_size} ranks cannot be split into {stages} pipeline stages.",
@@ -57,27 +76,35 @@ def load_ds_config(path: str, world_size: int, stages: int, steps: int | None) -
         raise UserError(f"--steps {steps} is not a positive number of optimizer steps.", "pass --steps K with K >= 1.")
     if "total_num_steps" in scheduler_params:
         scheduler_params["total_num_steps"] = steps
-    bf16 = cfg.get("bf16")
-    if isinstance(bf16, dict) and bf16.get("enabled") == "auto":
-        bf16["enabled"] = native_bf16()
     # The trainer prints its own progress; DeepSpeed's per-step prints would interleave with it.
     cfg.setdefault("steps_per_print", 10**9)
-    return DsSettings(config=cfg, data_parallel=dp, micro_batch_size=mbs, micro_batches=gas, steps=steps)
+    ds = DsSettings(config=cfg, data_parallel=dp, micro_batch_size=mbs, micro_batches=gas, steps=steps)
+    if ds.bf16_auto and not defer_bf16_auto:
+        ds.resolve_bf16_auto(*bf16_pays_off(None))
+    return ds
 
 
-def native_bf16() -> bool:
-    """What `"bf16": {"enabled": "auto"}` resolves to: bf16 where the hardware multiplies bf16
-    matrices natively and faster than fp32 -- CUDA GPUs of compute capability 8.0 or newer, CPUs
-    with AMX tiles. A CPU with only AVX512-BF16 runs bf16 matrix products at about half its fp32
-    rate (83 against 157 GFLOP/s on this project's CI machine; docs/BENCHMARKS.md), so "auto"
-    keeps fp32 there; set "enabled": true to force bf16 anyway.
+BF16_MIN_SPEEDUP = 1.1  # bf16 costs precision; a tie with fp32 keeps fp32
+
+
+def bf16_pays_off(device) -> tuple[bool, dict]:
+    """What `"bf16": {"enabled": "auto"}` resolves to, and the measurement behind it: bf16 where
+    this device multiplies bf16 matrices at least BF16_MIN_SPEEDUP times faster than fp32, as
+    measured here (bll_ds/measure/matmul_peak.py, about 1-2 s). CPU flags do not tell: an AMD
+    EPYC with AVX512-BF16 and no AMX runs bf16 products 2.4x faster than fp32 (206 against 87
+    GFLOP/s per core), an Intel CPU with AVX512-BF16 but no AMX about half as fast (83 against
+    157), an AVX2-only CPU 5-20x slower; any CUDA GPU of compute capability 8.0+ far faster.
+    Set "enabled": true or false to decide without measuring.
     """
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported() and torch.cuda.get_device_capability()[0] >= 8
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(amx and amx())
+    from bll_ds.measure.matmul_peak import matmul_peaks
+
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return False, {}
+    peaks = matmul_peaks(device)
+    return peaks["bf16"] >= BF16_MIN_SPEEDUP * peaks["fp32"], peaks
 
 
 def _read_json(path: str) -> dict:

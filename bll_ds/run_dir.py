@@ -2,7 +2,12 @@
 
     RUN_DIR/
         model_config.json              the resolved model (the tokenizer sets the vocabulary)
-        tokenizer.model                the run's sentencepiece tokenizer (reused on resume)
+        run_config.json                this launch's resolved RunConfig (every flag, defaults filled in)
+        ds_config.json                 the DeepSpeed config as DeepSpeed got it (batch sizes, steps,
+                                       bf16 "auto" resolved, with its measurement)
+        tokenizer.model                the run's sentencepiece tokenizer (reused on resume), or
+        hf_tokenizer/                  its Hugging Face tokenizer (tokenizer.json, tokenizer_config.json)
+        tokenizer.json                 bll-ds's record of the tokenizer (spec, sha256), not an HF file
         summary.json                   written once, at the end
         metrics.jsonl, tb/             the run log (last stage)
         metrics_stage{k}.jsonl, tb/stage{k}/   one stage log per stage
@@ -17,7 +22,11 @@ from __future__ import annotations
 from pathlib import Path
 
 MODEL_CONFIG = "model_config.json"
+RUN_CONFIG = "run_config.json"
+DS_CONFIG = "ds_config.json"
 TOKENIZER_MODEL = "tokenizer.model"
+HF_TOKENIZER = "hf_tokenizer"       # a folder (bll_ds/data/hf_tokenizer.py)
+TOKENIZER_META = "tokenizer.json"
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"

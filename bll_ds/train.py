@@ -7,7 +7,9 @@ time, log, evaluate, checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import shutil
 import sys
 import time
@@ -15,18 +17,22 @@ from pathlib import Path
 
 import deepspeed.comm as dist
 
+from deepspeed.accelerator import get_accelerator
+
 from bll_ds import checkpoint, distributed
 from bll_ds import run_dir as names
 from bll_ds.atomic import atomic_write_text
 from bll_ds.config import RunConfig, parse_run_config
 from bll_ds.data import EvalBatches, MicroBatchSampler, parse_tokenizer_spec
-from bll_ds.ds_config import DsSettings, load_ds_config
+from bll_ds.ds_config import DsSettings, bf16_pays_off, load_ds_config
 from bll_ds.engine import build_engine
-from bll_ds.engine.emulator import EmulatedPipeline
+from bll_ds.engine.emulator import EmulatedPipeline, emulation_device
 from bll_ds.engine.trace import StageTracer
 from bll_ds.errors import UserError
+from bll_ds.job_control import JobControl
 from bll_ds.measure.matmul_peak import best_of, matmul_peaks
 from bll_ds.metrics import MetricsLog, build_summary, log_step_records, write_summary
+from bll_ds.metrics.monitors import build_monitors, take_monitor_sections
 from bll_ds.modeling import build_pipeline_module, check_stages, count_parameters, load_model_spec
 from bll_ds.nonfinite_policy import NonFinitePolicy
 from bll_ds.prepare import prepare_run_data
@@ -38,7 +44,11 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     summary.json's wall_s covers start-up too."""
     started = started or time.time()
     cfg = parse_run_config(argv)
-    rank, _ = distributed.launch_env()
+    try:
+        rank, _ = distributed.launch_env()
+    except UserError as err:
+        print(f"bll-ds: error: {err}", file=sys.stderr, flush=True)
+        return 2
     try:
         train(cfg, started)
     except UserError as err:
@@ -73,18 +83,25 @@ def train(cfg: RunConfig, started: float) -> None:
                         f"launched ranks.",
                         "run it with python, not a launcher: python scripts/pretrain.py --emulate ...")
     # The emulator is S ranks of one replica each, in one process.
-    ds = load_ds_config(cfg.deepspeed_config, cfg.stages if cfg.emulate else world, cfg.stages, cfg.steps)
+    ds = load_ds_config(cfg.deepspeed_config, cfg.stages if cfg.emulate else world, cfg.stages, cfg.steps,
+                        defer_bf16_auto=True)
     parse_tokenizer_spec(cfg.tokenizer)
     run_dir = Path(cfg.out)
     if cfg.nonfinite.max_consecutive_skips < 0:
         raise UserError(f"--max_consecutive_skips {cfg.nonfinite.max_consecutive_skips} is negative.",
                         "pass 0 or more: the steps a stage may skip in a row before the run stops.")
-    _check_run_dir(run_dir, cfg.checkpoint.resume)
+    if cfg.activation_checkpoint_interval < 0:
+        raise UserError(f"--activation_checkpoint_interval {cfg.activation_checkpoint_interval} is negative.",
+                        "pass 0 (off) or N >= 1: recompute every N decoder layers in backward.")
+    resume = _check_run_dir(run_dir, cfg.checkpoint.resume)
+    if resume and cfg.init_from:
+        raise UserError(f"--init_from {cfg.init_from} starts a run from other weights, but {run_dir} is resumed from "
+                        f"its own checkpoint.", "drop --init_from when resuming, or choose a new --out.")
     check_run_dir_storage(run_dir, count_parameters(spec), cfg.checkpoint.keep)
     created_run_dir = not run_dir.exists()
     distributed.init(all_cores=cfg.emulate)
     try:
-        _train(cfg, ds, run_dir, started)
+        _train(cfg, ds, run_dir, started, resume)
     except UserError:
         # Bad input found before the first checkpoint: leave no half-written run dir behind.
         if rank == 0 and created_run_dir and checkpoint.latest_complete(run_dir) is None:
@@ -92,19 +109,36 @@ def train(cfg: RunConfig, started: float) -> None:
         raise
 
 
-def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> None:
+def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float, resume: bool) -> None:
+    if ds.bf16_auto:  # decided once, on rank 0: every stage must agree on the activations' dtype
+        ds.resolve_bf16_auto(*distributed.rank0_then_broadcast(
+            bf16_pays_off, emulation_device() if cfg.emulate else get_accelerator().current_device_name()))
+    monitor_sections = take_monitor_sections(ds.config)
     data = prepare_run_data(cfg, run_dir)
     model_config = load_model_spec(cfg.model, vocab_size=data.tokenizer.vocab_size)
+    seq_len = _seq_len(cfg, model_config)
     if dist.get_rank() == 0:
         # The resolved model (the tokenizer sets the vocabulary): what evaluate/export/generate
-        # rebuild from the checkpoint, without the spec file the run was started with.
+        # rebuild from the checkpoint, without the spec file the run was started with. And this
+        # launch's resolved configs, as a later reader (or a requeued job) needs them.
         atomic_write_text(run_dir / names.MODEL_CONFIG, model_config.to_json_string())
-    seq_len = _seq_len(cfg, model_config)
+        resolved = {**dataclasses.asdict(cfg), "steps": ds.steps, "seq_len": seq_len}
+        atomic_write_text(run_dir / names.RUN_CONFIG, json.dumps(resolved, indent=2) + "\n")
+        atomic_write_text(run_dir / names.DS_CONFIG,
+                          json.dumps({**ds.config, **monitor_sections}, indent=2) + "\n")
+    checkpointing = cfg.activation_checkpoint_interval
     if cfg.emulate:
-        engine = EmulatedPipeline(cfg.method, model_config, cfg.stages, ds, cfg.seed, cfg.bll)
+        engine = EmulatedPipeline(cfg.method, model_config, cfg.stages, ds, cfg.seed, cfg.bll,
+                                  activation_checkpoint_interval=checkpointing)
     else:
-        engine = build_engine(cfg.method, build_pipeline_module(model_config, cfg.stages, cfg.seed), ds.config,
-                              model_config, cfg.seed, cfg.bll)
+        module = build_pipeline_module(model_config, cfg.stages, cfg.seed, activation_checkpoint_interval=checkpointing)
+        engine = build_engine(cfg.method, module, ds.config, model_config, cfg.seed, cfg.bll)
+    if cfg.init_from and not resume:
+        from bll_ds import init_weights
+
+        loaded = init_weights.load_into(engine, cfg.init_from, model_config)
+        if dist.get_rank() == 0:
+            print(f"bll-ds: init_from {cfg.init_from}: {loaded}", flush=True)
     stage, dp_rank = engine.stage_id, engine.grid.data_parallel_id
     sampler = MicroBatchSampler(data.train_tokens, seq_len, ds.micro_batch_size, cfg.seed,
                                 dp_rank=dp_rank, dp_size=ds.data_parallel)
@@ -115,18 +149,20 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
                                  (cfg.eval.final_batches or 10**9) * ds.data_parallel)
     meta = _run_meta(cfg, ds, seq_len, data)
 
-    start_step = _maybe_resume(engine, run_dir, cfg.checkpoint.resume, meta)
+    start_step = _maybe_resume(engine, run_dir, resume, meta, ds)
     if start_step >= ds.steps:
         if dist.get_rank() == 0:
             print(f"bll-ds: {run_dir} is already complete at step {start_step} (see summary.json); "
-                  f"pass a larger --steps to train on.", flush=True)
+                  f"to train on, start a new --out with --init_from {run_dir} and a new --steps.", flush=True)
         return
     engine.start_feedback(start_step)
-    engine.tracer = StageTracer(stage, _trace_window(cfg, start_step))
+    engine.tracer = StageTracer(stage, _trace_window(cfg, start_step), engine.device)
     tokens_per_step = ds.train_batch_size * seq_len
     is_logger = dist.get_rank() == engine.grid.stage_to_global(cfg.stages - 1, data=0)
+    monitors = build_monitors(monitor_sections, run_dir, {**dataclasses.asdict(cfg), "steps": ds.steps}) \
+        if is_logger else []
     log = MetricsLog(run_dir / names.METRICS, run_dir / names.TENSORBOARD, is_logger, start_step,
-                     ds.steps if cfg.metrics.progress else None)
+                     ds.steps if cfg.metrics.progress else None, monitors=monitors)
     # One stage log and non-finite policy per stage this process trains (the emulator: all).
     stage_logs = {k: MetricsLog(names.stage_metrics(run_dir, k), names.stage_tensorboard(run_dir, k),
                                 dp_rank == 0, start_step) for k in engine.local_stages}
@@ -141,6 +177,7 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
     # Measured before and after training, the best kept: a neighbour's start-up or evaluation
     # can share the core during one of the two.
     peaks_before = matmul_peaks(engine.device) if cfg.metrics.measure_matmul_peak else None
+    job = JobControl(cfg.checkpoint.exit_duration_mins, started)
     step, step_times, val_loss = start_step, [], None
     recent = {k: [] for k in engine.local_stages}
     train_started = time.time()
@@ -162,12 +199,17 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float) -> Non
             log.log(step, {"val/loss": val_loss})
         saving = cfg.checkpoint
         exiting = bool(saving.exit_interval) and step % saving.exit_interval == 0 and step < ds.steps
+        stop_reason = job.stop_reason(engine.device) if step < ds.steps else None  # a collective
+        exiting = exiting or stop_reason is not None
         if (saving.save_interval and step % saving.save_interval == 0) or step == ds.steps or exiting:
             checkpoint.save(engine, run_dir, step, meta, saving.keep)
         if exiting:
-            log.print(f"exit_interval: stopped after step {step}; continue with --resume")
+            why = stop_reason or "exit_interval"
+            log.print(f"bll-ds: {why}: stopped after step {step} with a checkpoint; continue with --resume auto")
+            job.close()
             _close(log, *stage_logs.values())
             return
+    job.close()
     train_wall_s = time.time() - train_started
     if dp_rank == 0 and engine.tracer.events:
         engine.tracer.dump(run_dir)
@@ -218,14 +260,17 @@ def _seq_len(cfg: RunConfig, model_config) -> int:
     return seq_len
 
 
-def _check_run_dir(run_dir: Path, resume: bool) -> None:
+def _check_run_dir(run_dir: Path, resume: str) -> bool:
+    """Whether this launch resumes (--resume yes|no|auto against what the run dir holds)."""
     has_checkpoint = (names.checkpoints(run_dir) / checkpoint.LATEST).is_file()
-    if resume and not has_checkpoint:
+    if resume == "yes" and not has_checkpoint:
         raise UserError(f"--resume was given but {run_dir} holds no complete checkpoint.",
-                        "drop --resume to start a new run, or point --out at the run to continue.")
-    if not resume and has_checkpoint:
+                        "drop --resume to start a new run, pass --resume auto to start it when there is none, "
+                        "or point --out at the run to continue.")
+    if resume == "no" and has_checkpoint:
         raise UserError(f"{run_dir} already holds a run with checkpoints.",
-                        "pass --resume to continue it, or choose a new --out.")
+                        "pass --resume (or --resume auto) to continue it, or choose a new --out.")
+    return has_checkpoint
 
 
 def _run_meta(cfg: RunConfig, ds: DsSettings, seq_len: int, data) -> dict:
@@ -233,10 +278,11 @@ def _run_meta(cfg: RunConfig, ds: DsSettings, seq_len: int, data) -> dict:
             "model_spec_sha256": hashlib.sha256(Path(cfg.model).read_bytes()).hexdigest(),
             "tokenizer_sha256": data.tokenizer.fingerprint, "micro_batch_size": ds.micro_batch_size,
             "micro_batches": ds.micro_batches, "seq_len": seq_len, "seed": cfg.seed, "data": cfg.data,
-            "bll_variant": cfg.bll.variant if cfg.method == "bll" else None, "emulated": cfg.emulate}
+            "bll_variant": cfg.bll.variant if cfg.method == "bll" else None, "emulated": cfg.emulate,
+            "steps": ds.steps, "init_from": cfg.init_from, "text_field": cfg.text_field}
 
 
-def _maybe_resume(engine, run_dir: Path, resume: bool, meta: dict) -> int:
+def _maybe_resume(engine, run_dir: Path, resume: bool, meta: dict, ds: DsSettings) -> int:
     if not resume:
         return 0
     removed = checkpoint.remove_incomplete(run_dir) if dist.get_rank() == 0 else []
@@ -245,6 +291,7 @@ def _maybe_resume(engine, run_dir: Path, resume: bool, meta: dict) -> int:
     dist.barrier()
     tag, saved = checkpoint.latest_complete(run_dir)
     checkpoint.check_compatible(saved, meta, run_dir)
+    checkpoint.check_schedule_length(saved, meta, ds.config, run_dir)
     distributed.agree_on_errors(checkpoint.load, engine, run_dir, tag)
     return int(saved["step"])
 

@@ -93,10 +93,20 @@ def test_run_config_cli(tmp_path):
         parse_run_config(["--model", "m.json", "--deepspeed_config", "d.json", "--out", "o", "--method", "sgd"])
 
 
-def test_bf16_auto_resolves_to_the_hardware_answer(tmp_path):
-    from bll_ds.ds_config import native_bf16
+def test_bf16_auto_follows_the_measured_matmul_peaks(tmp_path, monkeypatch):
+    from bll_ds.measure import matmul_peak
     cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "bf16": {"enabled": "auto"}}
-    ds = load_ds_config(write(tmp_path, cfg), world_size=1, stages=1, steps=1)
-    assert ds.config["bf16"]["enabled"] is native_bf16() and ds.bf16 is native_bf16()
-    cfg["bf16"]["enabled"] = True  # an explicit choice is never overridden
+    # The two CPUs of the issue: EPYC with AVX512-BF16 and no AMX (bf16 2.4x fp32), and a CPU
+    # whose bf16 products run at half its fp32 rate. Flags alone (no AMX on either) say fp32.
+    for peaks, expected in (({"fp32": 87.0, "bf16": 206.0}, True), ({"fp32": 157.0, "bf16": 83.0}, False),
+                            ({"fp32": 100.0, "bf16": 105.0}, False)):
+        monkeypatch.setattr(matmul_peak, "matmul_peaks", lambda device, p=peaks: p)
+        ds = load_ds_config(write(tmp_path, cfg), world_size=1, stages=1, steps=1)
+        assert ds.bf16 is expected and ds.config["bf16"]["auto_measured_gflops"] == peaks
+    deferred = load_ds_config(write(tmp_path, cfg), world_size=1, stages=1, steps=1, defer_bf16_auto=True)
+    assert deferred.bf16_auto
+    with pytest.raises(RuntimeError, match="unresolved"):
+        deferred.bf16
+    cfg["bf16"]["enabled"] = True  # an explicit choice is never overridden, nor measured
+    monkeypatch.setattr(matmul_peak, "matmul_peaks", lambda device: pytest.fail("measured an explicit choice"))
     assert load_ds_config(write(tmp_path, cfg), world_size=1, stages=1, steps=1).bf16 is True

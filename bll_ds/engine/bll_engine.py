@@ -14,7 +14,6 @@ data-parallel group (ZeRO-1 sharding, gradient all-reduce across a stage's repli
 
 from __future__ import annotations
 
-import time
 
 import torch
 import torch.distributed as tdist
@@ -24,7 +23,8 @@ from bll_ds.engine import bll_schedule as bll
 from bll_ds.engine import deepspeed_internals as ds_internals
 from bll_ds.engine.accounting import tensor_bytes
 from bll_ds.bll.variants import get as get_variant
-from bll_ds.engine.feedback_channel import TableInbox, TableOutbox, publishes_after, tables_published
+from bll_ds.engine.feedback_channel import (TableInbox, TableOutbox, neighbour_groups, publishes_after,
+                                            tables_published)
 from bll_ds.engine.pipeline_engine import AccountedPipelineEngine, StepRecord, _as_float, guarded_optimizer_step
 from bll_ds.engine.trace import traced
 
@@ -68,12 +68,17 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         self._last_update_norm = self._last_grad_norm = None
         replica = self.grid.data_parallel_id
         self.outbox = self.inbox = None
-        if table_shape is not None and not self.is_first_stage():
-            self.outbox = TableOutbox(self.grid.stage_to_global(self.stage_id - 1, data=replica))
-        if table_shape is not None and not self.is_last_stage():
-            dtype = get_variant(variant).message_dtype(next(self.module.parameters()).dtype)
-            self.inbox = TableInbox(self.grid.stage_to_global(self.stage_id + 1, data=replica),
-                                    tuple(table_shape), dtype, self.device, self.table_refresh)
+        if table_shape is not None:  # the same on every rank: every rank creates every pair's group
+            groups = neighbour_groups(self.num_stages, self.grid.get_data_parallel_world_size(),
+                                      lambda k, d: self.grid.stage_to_global(k, data=d))
+            if not self.is_first_stage():
+                self.outbox = TableOutbox(self.grid.stage_to_global(self.stage_id - 1, data=replica),
+                                          groups[(self.stage_id - 1, replica)])
+            if not self.is_last_stage():
+                dtype = get_variant(variant).message_dtype(next(self.module.parameters()).dtype)
+                self.inbox = TableInbox(self.grid.stage_to_global(self.stage_id + 1, data=replica),
+                                        tuple(table_shape), dtype, self.device, self.table_refresh,
+                                        groups[(self.stage_id, replica)])
         if self.fault.step is not None and self.feedback is not None:
             self.feedback.local_loss = self._with_fault(self.feedback.local_loss)
         # Built after the fault wrappers: the step calls the (possibly wrapped) losses.
@@ -119,14 +124,14 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         self._batch_fn = batch_fn
         self._track_update_at = set(track_update_at)
         self._records = []
-        self._step_started = time.perf_counter()
+        self._step_started = self.accounting.now()
         sched = bll.BLLTrainSchedule(micro_batches=self.micro_batches, stages=self.num_stages,
                                      stage_id=self.stage_id, first_step=first_step, num_steps=num_steps)
         ds_internals.run_schedule(self, sched)
         # The drain belongs to the call's last step: it is wall time the pipe spends emptying.
-        start = time.perf_counter()
+        start = self.accounting.now()
         self.drain(first_step + num_steps)
-        waited = time.perf_counter() - start
+        waited = self.accounting.now() - start
         last = self._records[-1]
         last.step_s += waited
         last.idle_s += waited
@@ -214,7 +219,7 @@ class BLLPipelineEngine(AccountedPipelineEngine):
 
     def _bll_publish_table(self):
         self._publish_table(self._step)
-        now = time.perf_counter()
+        now = self.accounting.now()
         step_s, self._step_started = now - self._step_started, now
         busy, idle = self.accounting.end_step(step_s)
         self._records.append(StepRecord(

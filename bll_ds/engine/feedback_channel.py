@@ -17,6 +17,13 @@ LAG = 1 would make stage k wait for stage k+1 to finish the step it is still wor
 Sends are non-blocking (gloo's blocking send waits for the matching receive). At sync points
 (evaluation, checkpoint, end of a train call) the receiver drains every table in flight into its
 queue, which is saved in its checkpoint, so a resumed run consumes exactly the same tables.
+
+Tables travel on a process group of their own for each pair of neighbouring stages
+(`neighbour_groups`), never on the default group with a tag: NCCL ignores tags, and on the
+default group an upstream table would queue on the same communicator and stream as the
+downstream activations of that pair, where a send waiting for its receive blocks the activation
+behind it (a deadlock on the first GPU run). A group per pair is a communicator and stream per
+pair, on every backend.
 """
 
 from __future__ import annotations
@@ -27,7 +34,15 @@ import torch
 import torch.distributed as tdist
 
 LAG = 2
-TABLE_TAG = 17  # keeps table messages apart from activations on the same pair of ranks
+
+
+def neighbour_groups(stages: int, replicas: int, global_rank) -> dict[tuple[int, int], object]:
+    """{(stage k, replica d): the two-rank group of stage k and stage k+1 of replica d}.
+
+    Every rank must create every group, in the same order (torch.distributed.new_group's rule),
+    even the groups it is not part of. global_rank(stage, replica) -> rank in the world."""
+    return {(k, d): tdist.new_group(sorted({global_rank(k, d), global_rank(k + 1, d)}))
+            for d in range(replicas) for k in range(stages - 1)}
 
 
 def publishes_after(step: int, refresh: int = 1) -> bool:
@@ -48,14 +63,15 @@ def tables_published(completed_step: int, refresh: int = 1) -> int:
 class TableOutbox:
     """On stage k > 0: sends its table to stage k-1 of the same data-parallel replica."""
 
-    def __init__(self, dst_rank: int):
-        self.dst_rank = dst_rank
+    def __init__(self, dst_rank: int, group=None):
+        """group: the two-rank group of this stage and stage k-1 (neighbour_groups)."""
+        self.dst_rank, self.group = dst_rank, group
         self.published = 0  # tables sent so far (P_0 .. P_{published-1})
         self._pending: list[tuple[object, torch.Tensor]] = []
 
     def publish(self, table: torch.Tensor) -> None:
         payload = table.detach().contiguous().clone()
-        self._pending.append((tdist.isend(payload, self.dst_rank, tag=TABLE_TAG), payload))
+        self._pending.append((tdist.isend(payload, self.dst_rank, group=self.group), payload))
         self.published += 1
         self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
 
@@ -68,15 +84,18 @@ class TableOutbox:
 class TableInbox:
     """On stage k < S-1: receives stage k+1's tables, in order, and hands out the one for a step."""
 
-    def __init__(self, src_rank: int, shape: tuple[int, ...], dtype: torch.dtype, device, refresh: int = 1):
+    def __init__(self, src_rank: int, shape: tuple[int, ...], dtype: torch.dtype, device, refresh: int = 1,
+                 group=None):
+        """group: the two-rank group of this stage and stage k+1 (neighbour_groups)."""
         self.src_rank, self.shape, self.dtype, self.device = src_rank, shape, dtype, device
+        self.group = group
         self.refresh = refresh
         self.received = 0                    # tables received so far
         self.queue: deque[tuple[int, torch.Tensor]] = deque()  # (j, P_j), oldest first
 
     def _receive_one(self) -> None:
         table = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        tdist.recv(table, self.src_rank, tag=TABLE_TAG)
+        tdist.recv(table, self.src_rank, group=self.group)
         self.queue.append((self.received * self.refresh, table))  # the n-th table is P_{n k}
         self.received += 1
 

@@ -12,7 +12,6 @@ one-process emulator returns every stage's), so train.py has one loop.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -107,8 +106,8 @@ class AccountedPipelineEngine(PipelineEngine):
     def __init__(self, *args, seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.seed = seed
-        self.accounting = StageAccounting(self.stage_id, self.grid.data_parallel_id)
-        self.tracer = StageTracer(self.stage_id, range(0))  # train.py sets the traced window
+        self.accounting = StageAccounting(self.stage_id, self.grid.data_parallel_id, self.device)
+        self.tracer = StageTracer(self.stage_id, range(0), self.device)  # train.py sets the traced window
         self.nonfinite = None  # this step's cause, set at its gradient all-reduce
         self.fault = nonfinite.FaultInjection(self.stage_id, self.grid.data_parallel_id)
         if self.fault.step is not None and self.is_last_stage():
@@ -161,9 +160,9 @@ class AccountedPipelineEngine(PipelineEngine):
             batches = iter([batch_fn(step - 1, m, self.micro_batches) for m in range(self.micro_batches)])
             before = self._snapshot() if step in track_update_at else None
             self.tracer.set_step(step, self.weights)
-            start = time.perf_counter()
+            start = self.accounting.now()
             loss = self.train_batch(batches).item()
-            step_s = time.perf_counter() - start
+            step_s = self.accounting.now() - start
             busy, idle = self.accounting.end_step(step_s)
             records.append(StepRecord(step=step, loss=loss, step_s=step_s, busy_s=busy, idle_s=idle,
                                       lr=self.get_lr()[0],

@@ -3,7 +3,8 @@
 Two measurements, both taken on a few steps only (see RunConfig.trace_steps) so that normal
 steps pay nothing:
 - a timeline: every pipeline instruction's start and end on the machine's monotonic clock (one
-  clock for every process on a host, so the stages' timelines line up), written to
+  clock for every process on a host, so the stages' timelines line up; on CUDA read after a
+  device synchronization, so an instruction's span is its kernels', not their launch), written to
   timeline_stage{k}.json. The benchmark plots it and derives the simulator's per-stage costs.
 - the saved-activation peak: bytes of tensors autograd holds for backward (parameters excluded),
   live at once. That is the activation stash in the sense of the 1F1B literature, measured
@@ -14,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 import weakref
 from pathlib import Path
 
 import torch
 
 from bll_ds import run_dir as names
+from bll_ds.engine.device_timer import timer_for
 
 # Instructions whose forward computation saves tensors for backward: metered.
 SAVES_ACTIVATIONS = {"ForwardPass", "ForwardBLL", "LocalBackward", "FinishStep"}
@@ -87,9 +88,10 @@ class StageTracer:
     only (the hooks cost a Python call per saved tensor, which would inflate the timed steps of a
     small model)."""
 
-    def __init__(self, stage: int, steps: range):
+    def __init__(self, stage: int, steps: range, device=None):
         self.stage = stage
         self.steps = steps
+        self.timer = timer_for(device)
         self.step: int | None = None
         self.events: list[tuple[str, int, float, float]] = []
         self.meter = SavedActivationMeter()
@@ -107,10 +109,10 @@ class StageTracer:
         if self.step is None or self.step not in self.steps:
             return fn()
         metered = name in SAVES_ACTIVATIONS and self.step == self.steps.start
-        start = time.monotonic()
+        start = self.timer.now()
         with self.meter.hooks() if metered else contextlib.nullcontext():
             out = fn()
-        self.events.append((name, self.step, start, time.monotonic()))
+        self.events.append((name, self.step, start, self.timer.now()))
         return out
 
     @property

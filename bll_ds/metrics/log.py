@@ -4,6 +4,7 @@ Two kinds of writer, so that logging never needs a collective across stages duri
 - the run log, on the last stage's first replica (it holds the real LM loss): metrics.jsonl, tb/;
 - one stage log per stage (first replica): metrics_stage{k}.jsonl, tb/stage{k}/ -- local losses,
   loss terms, busy/idle time, gradient and update norms.
+The run log also feeds the DeepSpeed config's CSV and W&B monitors (bll_ds/metrics/monitors.py).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from tqdm import tqdm
 
 class MetricsLog:
     def __init__(self, jsonl_path: Path, tb_dir: Path, enabled: bool, start_step: int,
-                 progress_total: int | None = None):
+                 progress_total: int | None = None, monitors: list | None = None):
         self.enabled = enabled
         self._bar = None
+        self.monitors = (monitors or []) if enabled else []
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter  # imported late: slow, and only where used
@@ -47,6 +49,8 @@ class MetricsLog:
         self._jsonl.flush()
         for key, value in scalars.items():
             self._tb.add_scalar(key, value, step)
+        for monitor in self.monitors:
+            monitor.write(step, scalars)
         if echo:
             self.print(f"step {step} " + " ".join(f"{k.replace('/', '_').removeprefix('train_')}={_fmt(v)}"
                                                   for k, v in scalars.items()))
@@ -66,6 +70,8 @@ class MetricsLog:
             self._bar.close()
         self._tb.close()
         self._jsonl.close()
+        for monitor in self.monitors:
+            monitor.close()
 
 
 def _fmt(value) -> str:
