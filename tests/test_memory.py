@@ -18,6 +18,7 @@ from bll_ds.bll import variants
 from bll_ds.bll.stage_step import slices_for, sliced_local_backward
 from bll_ds.bll.feedback import build_feedback
 from bll_ds.modeling import count_parameters, lm_loss, load_model_spec
+from bll_ds.modeling.checkpointing import run_layers
 from bll_ds.modeling.layers import DecoderLayer
 
 B, T = 2, 16
@@ -99,6 +100,77 @@ def test_stage_saved_bytes_match_the_engines_meter(spec, method, stages, stage, 
     it saves); BLL's forward and local backward (sliced as the engine slices it) with the tables
     excluded, against StageMemory.saved_per_micro_batch, and a whole BLL step including
     finish_step, as the engines' meter sees it (weights excluded), against meter_bytes."""
+    _check_stage(spec, method, stages, stage, dtype, b, max_mb, variant, interval=0)
+
+
+# (spec, method, stages, stage, dtype, b, readout_max_logits_mb, variant, interval). test-1m on 2
+# stages: stage 0 runs [embedding, D0, D1], stage 1 [D2, D3, head]. Interval 2 cuts them into
+# [E, D0] (run as usual) + [D1] and [D2, D3] + [H] (as usual); interval 3 checkpoints nothing.
+CHECKPOINT_CASES = [
+    (TEST_1M, "bll", 4, 0, "fp32", 2, 16, "prototype", 1), (TEST_1M, "bll", 4, 1, "fp32", 2, 16, "prototype", 1),
+    (TEST_1M, "bll", 4, 1, "bf16", 2, 16, "prototype", 1), (TEST_1M, "bll", 4, 3, "fp32", 2, 16, "prototype", 1),
+    (TEST_1M, "bll", 4, 1, "fp32", 2, 0.01, "prototype", 1), (TEST_1M, "bll", 4, 1, "bf16", 1, 0.005, "prototype", 1),
+    (TEST_1M, "bll", 4, 2, "bf16", 2, 0.011, "drtp", 1), (TEST_1M, "bll", 4, 1, "fp32", 2, 0.01, "dgl", 1),
+    (GPT2, "bll", 4, 1, "fp32", 2, 0.002, "prototype", 1), (GPT2, "bll", 4, 0, "fp32", 1, 0.002, "dgl", 1),
+    (TEST_1M, "bll", 2, 0, "fp32", 2, 16, "prototype", 2), (TEST_1M, "bll", 2, 1, "fp32", 2, 16, "prototype", 2),
+    (TEST_1M, "bll", 2, 0, "bf16", 2, 16, "prototype", 3), (TEST_1M, "bll", 2, 1, "fp32", 2, 16, "prototype", 3),
+    (TEST_1M, "bp", 2, 0, "fp32", 2, 16, "prototype", 1), (TEST_1M, "bp", 2, 1, "fp32", 2, 16, "prototype", 1),
+    (TEST_1M, "bp", 2, 1, "bf16", 2, 16, "prototype", 1), (TEST_1M, "bp", 2, 0, "bf16", 2, 16, "prototype", 2),
+    (TEST_1M, "bp", 2, 1, "fp32", 2, 16, "prototype", 2), (TEST_1M, "bp", 4, 1, "fp32", 2, 16, "prototype", 1),
+    (GPT2, "bp", 4, 1, "fp32", 2, 16, "prototype", 1), (GPT2, "bp", 4, 0, "fp32", 1, 16, "prototype", 1)]
+
+
+@pytest.mark.parametrize("spec,method,stages,stage,dtype,b,max_mb,variant,interval", CHECKPOINT_CASES)
+def test_checkpointed_stage_saved_bytes_match_the_meter(spec, method, stages, stage, dtype, b, max_mb, variant,
+                                                        interval):
+    """The same, with activation checkpointing: the stage's layers run as the emulator runs them
+    (run_layers: PipelineModule's groups and the project's checkpoint function). BP is also run
+    through its backward, where each checkpointed group's recompute saves its activations again:
+    saved_per_micro_batch is that peak, meter_bytes (one micro-batch in flight) the forward's."""
+    _check_stage(spec, method, stages, stage, dtype, b, max_mb, variant, interval)
+
+
+def test_checkpointing_keeps_less_per_micro_batch_and_counts_the_recompute():
+    spec, run = "models/llama-7b.json", dict(micro_batch_size=1, seq_len=2048, micro_batches=32, dtype="bf16",
+                                              zero_stage=1)
+    for method in memory.METHODS:
+        off = memory.plan(spec, 8, 1, method=method, **run)
+        on = memory.plan(spec, 8, 1, method=method, activation_checkpoint_interval=1, **run)
+        for a, b in zip(off, on):
+            assert b.checkpointed_groups == a.decoder_layers == 4 and a.checkpointed_groups == 0
+            assert b.activation_bytes < a.activation_bytes and b.meter_bytes < a.meter_bytes
+            assert b.recompute_bytes > 0 and b.static_bytes == a.static_bytes
+    # BP's stage 0 keeps 8 micro-batches, each with its 4 layers' inputs and its output (in
+    # pipe_buffers until the gradient comes), [2048, 4096] bf16 each, and the token ids; plus,
+    # during one backward, one layer's recomputed activations.
+    bp = memory.plan(spec, 8, 1, method="bp", activation_checkpoint_interval=1, **run)[0]
+    layer_input = 2048 * 4096 * 2
+    assert bp.activation_bytes == 8 * (5 * layer_input + 2048 * 8) + bp.recompute_bytes
+
+
+def test_bp_stash_in_flight_with_checkpointing_peaks_as_planned():
+    """1F1B's stage 0 of 2 (two micro-batches in flight), every layer checkpointed: both forwards,
+    then both backwards. The meter's peak is the first backward's worst recompute on top of the
+    other micro-batch's stash: the planner's activation_bytes without the pipe buffers (the
+    output each micro-batch keeps in pipe_buffers, not a saved tensor), with the recomputed
+    layer's rotary tables (counted once in buffer_bytes)."""
+    config = load_model_spec(TEST_1M)
+    built = build_stage(config, 2, 0)
+    layers = [layer for name, layer in built.module.named_children() if name != "bll_feedback"]
+    inputs = torch.randint(config.vocab_size, (B, T))
+
+    def one_f_one_b():
+        outs = [run_layers(layers, inputs.clone(), 1) for _ in range(2)]  # each its own token ids
+        for out in outs:
+            out.backward(torch.ones_like(out))
+    plan = memory.plan(config, 2, 1, B, T, 4, "fp32", 0, "bp", activation_checkpoint_interval=1)[0]
+    assert plan.in_flight == 2
+    pipe = plan.in_flight * B * T * config.hidden_size * 4
+    assert memory.measure_saved_activation_bytes(one_f_one_b, exclude=built.weights()) \
+        == plan.activation_bytes - pipe + memory.rope_table_bytes(config, T, 4)
+
+
+def _check_stage(spec, method, stages, stage, dtype, b, max_mb, variant, interval):
     config = load_model_spec(spec)
     built = build_stage(config, stages, stage, variant=variant)
     built.module.to(DTYPES[dtype])
@@ -111,8 +183,14 @@ def test_stage_saved_bytes_match_the_engines_meter(spec, method, stages, stage, 
         labels = torch.randperm(config.vocab_size)[:b * T].reshape(b, T)
     shape = variants.get(variant).message_shape(config) or (config.vocab_size, config.hidden_size)
     table = torch.randn(shape, dtype=DTYPES[dtype])
-    plan = memory.plan(config, stages, 1, b, T, 4, dtype, 1 if dtype == "bf16" else 0, method, variant=variant,
-                       readout_max_logits_mb=max_mb)[stage]
+    # BP with checkpointing: one micro-batch, so that meter_bytes is one micro-batch's forward
+    micro_batches = 1 if method == "bp" and interval else 4
+    plan = memory.plan(config, stages, 1, b, T, micro_batches, dtype, 1 if dtype == "bf16" else 0, method,
+                       variant=variant, readout_max_logits_mb=max_mb, activation_checkpoint_interval=interval)[stage]
+    layers = [layer for name, layer in built.module.named_children() if name != "bll_feedback"]
+
+    def forward(x):
+        return run_layers(layers, x, interval) if interval else forward_layers(built, x)
     slices = 1 if last or method == "bp" else slices_for(variant, (b, T), config.vocab_size, max_mb)
     assert plan.readout_slices == slices
     assert (slices > 1) == (method == "bll" and not last and max_mb < 1)  # the sliced cases do slice
@@ -120,9 +198,18 @@ def test_stage_saved_bytes_match_the_engines_meter(spec, method, stages, stage, 
     if method == "bp":
         def forward_and_loss():
             # DeepSpeed's BP forward runs on a clone of the received input.
-            out = forward_layers(built, inputs if first else inputs.clone())
+            out = forward(inputs if first else inputs.clone())
             return lm_loss(out, labels) if last else out
-        assert memory.measure_saved_activation_bytes(forward_and_loss, exclude=built.weights()) \
+
+        def forward_and_backward():
+            out = forward_and_loss()
+            out.backward(None if last else torch.ones_like(out))
+        forward_only = memory.measure_saved_activation_bytes(forward_and_loss, exclude=built.weights())
+        if not interval:
+            assert forward_only == plan.saved_per_micro_batch
+            return
+        assert plan.in_flight == 1 and forward_only == plan.meter_bytes
+        assert memory.measure_saved_activation_bytes(forward_and_backward, exclude=built.weights()) \
             == plan.saved_per_micro_batch
         return
 
@@ -135,7 +222,7 @@ def test_stage_saved_bytes_match_the_engines_meter(spec, method, stages, stage, 
 
         def run():
             for _ in range(micro_batches):
-                out = forward_layers(built, inputs)
+                out = forward(inputs)
                 if last:
                     lm_loss(out, labels).backward()
                 else:
@@ -223,6 +310,13 @@ def test_cli_plan_clusters_and_rss(tmp_path, capsys):
     saved = json.loads((tmp_path / "clusters.json").read_text())
     assert {a["method"] for a in saved["answers"]} == {"bp", "bll"}
     assert "smallest cluster" in (tmp_path / "clusters.md").read_text()
+    assert memory.main(["--model", "models/test-1m.json", "--stages", "2", "--seq_len", "64", "--method", "bp",
+                        "--activation_checkpoint_interval", "1"]) == 0
+    assert "recompute" in capsys.readouterr().out
+    memory.write_clusters(tmp_path / "ckpt", models=("models/test-1m.json",), seq_len=64,
+                          sensitivity_micro_batch_sizes=(1,), activation_checkpoint_interval=1)
+    assert json.loads((tmp_path / "ckpt" / "clusters.json").read_text())["settings"]["activation_checkpoint_interval"] == 1
+    assert "Activation checkpointing in both methods" in (tmp_path / "ckpt" / "clusters.md").read_text()
     stage_plan = memory.plan("models/llama-25m.json", 2, 1, 4, 256, 4, "fp32", 1, "bp")
     rss = memory.predicted_rss_mb("models/llama-25m.json", 2, 1, 4, 256, 4, "fp32", 1, "bp", baseline_mb=100.0)
     assert rss == [100.0 + s.peak_bytes / memory.MIB for s in stage_plan]

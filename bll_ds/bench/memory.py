@@ -4,6 +4,7 @@ and block-local learning (BLL), and which GPU clusters fit 1B, 7B and 13B models
     python -m bll_ds.bench.memory --model models/llama-7b.json --stages 8 --dp 1 \
         --micro_batch_size 1 --seq_len 2048 --micro_batches 32 --dtype bf16 --zero 1 --method bll
     python -m bll_ds.bench.memory clusters --out DIR     # clusters.md / clusters.json
+    python -m bll_ds.bench.memory clusters --out DIR --activation_checkpoint_interval 1
     python -m bll_ds.bench.memory rss-check              # against docs/BENCHMARKS.md's llama-25m RSS
 
 Every term is what the code of this project and of DeepSpeed 0.19.8 / transformers 5.23 holds
@@ -47,6 +48,11 @@ against `measure_saved_activation_bytes` by tests/test_memory.py):
   (BLLPipelineEngine.max_inflight_sends), which a slow receiver reaches. The engine releases
   completed sends at the next send, so with a prompt receiver it typically holds one or two; a
   "does it fit" answer has to count the worst case.
+- Activation checkpointing (--activation_checkpoint_interval c, both methods;
+  bll_ds/modeling/checkpointing.py): a checkpointed group of decoder layers keeps only its input
+  ([n, hidden]) per micro-batch in flight, and during that micro-batch's backward one group's
+  recomputed saved tensors are alive on top of what of its stash is left (`_body_phases`). BP's
+  engine meter does not see that recompute (its BackwardPass is not metered), BLL's does.
 
 Transients on top (estimates, not measured): the backward of one layer (bounded by that layer's
 saved bytes) or of the loss (two fp32 [tokens, V] gradients, per slice where the readout is
@@ -86,6 +92,7 @@ from bll_ds.engine.feedback_channel import LAG
 from bll_ds.engine.trace import SavedActivationMeter
 from bll_ds.measure.flops import _attention_width, _mlp_width
 from bll_ds.modeling import load_model_spec
+from bll_ds.modeling.checkpointing import checkpointed_groups
 from bll_ds.modeling.pipeline import layer_specs, stage_layer_counts
 
 FP32 = 4
@@ -355,6 +362,7 @@ class Setup:
     variant: str = "prototype"
     grad_accum_dtype: str = "fp32"   # ds_configs/*.json: "data_types": {"grad_accum_dtype": "fp32"}
     readout_max_logits_mb: float = READOUT_MAX_LOGITS_MB  # --bll_readout_max_logits_mb (0 = one slice)
+    activation_checkpoint_interval: int = 0  # --activation_checkpoint_interval (0 = off)
 
     def __post_init__(self):
         if self.dtype not in DTYPE_BYTES or self.grad_accum_dtype not in DTYPE_BYTES:
@@ -366,6 +374,8 @@ class Setup:
             raise ValueError("only ZeRO stages 0 and 1 are planned (pipelines cannot use 2 or 3)")
         if self.readout_max_logits_mb < 0:
             raise ValueError("readout_max_logits_mb must be >= 0 (0 = one slice)")
+        if self.activation_checkpoint_interval < 0:
+            raise ValueError("activation_checkpoint_interval must be >= 0 (0 = off)")
         if self.dtype == "bf16" and self.zero_stage == 0 and self.grad_accum_dtype == "fp32":
             raise ValueError("DeepSpeed refuses bf16 with ZeRO-0 and fp32 gradient accumulation; "
                              "use --zero 1, or grad_accum_dtype bf16")
@@ -399,6 +409,8 @@ class StageMemory:
     transient_bytes: int         # short-lived working set on top of the stash
     step_transient_bytes: int    # at the step boundary, when no micro-batch is alive
     meter_bytes: int             # what the engines' SavedActivationMeter should report for this stage
+    checkpointed_groups: int = 0  # activation checkpointing: groups of decoder layers recomputed in backward
+    recompute_bytes: int = 0     # saved by the worst group's recompute, beyond the input it keeps (rotary excluded)
 
     @property
     def static_bytes(self) -> int:
@@ -416,14 +428,16 @@ class StageMemory:
 def plan(spec_path, stages: int, dp: int, micro_batch_size: int, seq_len: int, micro_batches: int,
          dtype: str = "bf16", zero_stage: int = 1, method: str = "bll", *, variant: str = "prototype",
          vocab_size: int | None = None, grad_accum_dtype: str = "fp32",
-         readout_max_logits_mb: float = READOUT_MAX_LOGITS_MB) -> list[StageMemory]:
+         readout_max_logits_mb: float = READOUT_MAX_LOGITS_MB,
+         activation_checkpoint_interval: int = 0) -> list[StageMemory]:
     """Per-stage memory of a pipeline run. `spec_path`: a models/*.json spec (or a loaded config).
     readout_max_logits_mb: as --bll_readout_max_logits_mb (BLL's local readout in sequence slices
-    whose fp32 logits stay under it; 0 = one slice)."""
+    whose fp32 logits stay under it; 0 = one slice). activation_checkpoint_interval: as
+    --activation_checkpoint_interval (0 = off; see `_body_phases`)."""
     config = spec_path if isinstance(spec_path, PretrainedConfig) else load_model_spec(spec_path, vocab_size)
     _warn_about_dropout(config)
     setup = Setup(stages, dp, micro_batch_size, seq_len, micro_batches, dtype, zero_stage, method, variant,
-                  grad_accum_dtype, readout_max_logits_mb)
+                  grad_accum_dtype, readout_max_logits_mb, activation_checkpoint_interval)
     if method == "bll" and stages > 1 and not is_modelled(variant):
         raise ValueError(f"activations of the {variant!r} readout are not modelled; plan one of {modelled_variants()}")
     sizes = stage_sizes(config, stages, method, variant)
@@ -447,22 +461,28 @@ def _stage_memory(config, setup: Setup, stage: int, layers: int, size: ModuleSiz
     first, last = stage == 0, stage == setup.stages - 1
     weights, grads, optimizer = _weights_grads_optimizer(size, setup)
     slices = _slices(config, setup, last)
-    body = _body_saved_bytes(config, setup, layers, first)
+    body = _body_phases(config, setup, layers, first, last)
     readout, block_grad = _readout_phases(config, setup, last, slices)
-    saved = body + max(readout, block_grad)
+    forward = body.forward + max(readout, block_grad)   # the micro-batch's saved bytes once its forward (and loss) ran
+    saved = max(forward, body.recompute)                # ... and at the worst point of its backward
     rope = layers * rope_table_bytes(config, setup.seq_len, setup.e)
     in_flight = min(setup.stages - stage, setup.micro_batches) if setup.method == "bp" else 1
-    per_micro_batch = saved - rope + _pipe_bytes_per_micro_batch(config, setup, first, last)
+    pipe = _pipe_bytes_per_micro_batch(config, setup, first, last, body.keeps_received_input)
+    # In flight: every micro-batch's stash and pipe buffers; during one micro-batch's backward,
+    # its worst recompute on top of what of its stash is still alive (rotary tables: buffer_bytes).
+    forward_stash = forward - body.forward_rope
+    recompute_extra = max(0, body.recompute - body.recompute_rope - forward_stash) if body.groups else 0
     tables = _table_bytes(config, setup, first, last)
     return StageMemory(
         stage=stage, decoder_layers=layers, params=size.trainable,
         weight_bytes=weights, grad_bytes=grads, optimizer_bytes=optimizer, table_bytes=tables,
         buffer_bytes=rope + _pipe_bytes_kept(config, setup, first, last),
         in_flight=in_flight, readout_slices=slices, saved_per_micro_batch=saved,
-        activation_bytes=in_flight * per_micro_batch,
+        activation_bytes=in_flight * (forward_stash + pipe) + recompute_extra,
         transient_bytes=_transient_bytes(config, setup, layers, last, slices),
         step_transient_bytes=_step_transient_bytes(config, setup, size, last),
-        meter_bytes=_meter_bytes(config, setup, in_flight, saved, body, readout, block_grad, rope, last))
+        meter_bytes=_meter_bytes(config, setup, in_flight, forward, body, readout, block_grad, last),
+        checkpointed_groups=body.groups, recompute_bytes=body.recompute_group)
 
 
 def _weights_grads_optimizer(size: ModuleSize, setup: Setup) -> tuple[int, int, int]:
@@ -499,16 +519,68 @@ def _input_requires_grad(setup: Setup, first: bool) -> bool:
     return first or setup.method == "bp"
 
 
-def _body_saved_bytes(config, setup: Setup, layers: int, first: bool) -> int:
-    """Saved by one micro-batch's forward layers (embedding, decoder layers, rotary tables),
-    alive until the block's backward."""
-    n, e = setup.tokens, setup.e
-    per_token = layers * decoder_layer_saved_bytes(config, e)
-    if layers and not _input_requires_grad(setup, first):
-        per_token -= norm_saved_bytes(config, e) - norm_saved_bytes(config, e, input_requires_grad=False)
-    if first:
-        per_token += embedding_saved_bytes(config)
-    return n * per_token + layers * rope_table_bytes(config, setup.seq_len, e)
+@dataclass(frozen=True)
+class BodyPhases:
+    """Saved bytes of one micro-batch's forward layers (embedding, decoder layers), rotary
+    tables included where saved (the `_rope` parts, which the memory total counts once, as
+    buffer_bytes)."""
+    forward: int                # after the forward, until the backward reaches them
+    forward_rope: int
+    recompute: int = 0          # peak during the backward of the worst checkpointed group (0: none)
+    recompute_rope: int = 0
+    groups: int = 0             # checkpointed groups
+    recompute_group: int = 0    # that group's recomputed saved bytes beyond its kept input (rotary excluded)
+    keeps_received_input: bool = False  # a checkpointed first group saves the received input itself
+
+
+def _decoder_saved_per_token(config, e: int, input_requires_grad: bool) -> int:
+    """One decoder layer; a Llama RMSNorm saves less when its input needs no gradient."""
+    full = decoder_layer_saved_bytes(config, e)
+    if input_requires_grad:
+        return full
+    return full - (norm_saved_bytes(config, e) - norm_saved_bytes(config, e, input_requires_grad=False))
+
+
+def _body_phases(config, setup: Setup, layers: int, first: bool, last: bool) -> BodyPhases:
+    """Saved by one micro-batch's forward layers, alive until the block's backward.
+
+    Activation checkpointing (interval c > 0, bll_ds/modeling/checkpointing.py): the stage's layer
+    list (embedding first on stage 0, head last on the last stage) is cut into groups of c, as
+    DeepSpeed's PipelineModule cuts it; a group of decoder layers only is checkpointed, any other
+    group runs as usual. A checkpointed group keeps only its input ([n, hidden], the model dtype)
+    through the micro-batch; when the backward reaches it, it runs its forward again and holds
+    that group's saved tensors (its rotary tables too) until its backward is done. At that point
+    the readout, the later groups and their kept inputs are freed, the earlier groups' still
+    held. Where the group's first norm saves its input itself (`norm_saves_its_input`), that is
+    the kept input's storage, counted once. The stage's first group receives the stage input
+    (needing a gradient under BP, not under BLL after stage 0); every later group's input needs
+    one."""
+    n, e, width = setup.tokens, setup.e, config.hidden_size
+    rope = rope_table_bytes(config, setup.seq_len, e)
+    classes = ["TokenEmbedding"] * first + ["DecoderLayer"] * layers + ["OutputHead"] * last
+    live = n * embedding_saved_bytes(config) if first else 0  # freed last: held through every recompute
+    live_rope = 0
+    worst = (0, 0, 0)  # (recompute peak, its rotary part, the group's recompute beyond its input)
+    groups, keeps_received = 0, False
+    for index, (start, end, checkpointed) in enumerate(checkpointed_groups(classes, setup.activation_checkpoint_interval)):
+        decoders = classes[start:end].count("DecoderLayer")
+        if not decoders:
+            continue
+        requires_grad = _input_requires_grad(setup, first) if index == 0 and not first else True
+        full = n * (_decoder_saved_per_token(config, e, requires_grad)
+                    + (decoders - 1) * _decoder_saved_per_token(config, e, True))
+        if not checkpointed:
+            live, live_rope = live + full, live_rope + decoders * rope
+            continue
+        groups += 1
+        kept = n * width * e
+        keeps_received = keeps_received or (index == 0 and not first)
+        recompute = full - (kept if norm_saves_its_input(config, e, requires_grad) else 0)
+        peak = (live + kept + recompute + live_rope + decoders * rope, live_rope + decoders * rope, recompute)
+        worst = max(worst, peak)
+        live += kept
+    return BodyPhases(forward=live + live_rope, forward_rope=live_rope, recompute=worst[0], recompute_rope=worst[1],
+                      groups=groups, recompute_group=worst[2], keeps_received_input=keeps_received)
 
 
 def _readout_phases(config, setup: Setup, last: bool, slices: int) -> tuple[int, int]:
@@ -524,15 +596,18 @@ def _readout_phases(config, setup: Setup, last: bool, slices: int) -> tuple[int,
     return readout, block_grad
 
 
-def _pipe_bytes_per_micro_batch(config, setup: Setup, first: bool, last: bool) -> int:
+def _pipe_bytes_per_micro_batch(config, setup: Setup, first: bool, last: bool,
+                                keeps_received_input: bool = False) -> int:
     """Pipe buffers a micro-batch keeps until its backward, beyond its saved tensors."""
     n, e, width = setup.tokens, setup.e, config.hidden_size
     held = 0
     if not first:
         # BP: the received tensor waits for its .grad while the forward runs on a clone (DeepSpeed
         # _exec_forward_pass). BLL: the forward runs on the received tensor itself, which only
-        # GPT-2's LayerNorm saves (a Llama RMSNorm saves it only when it needs a gradient).
-        if setup.method == "bp" or not norm_saves_its_input(config, e, input_requires_grad=False):
+        # GPT-2's LayerNorm saves (a Llama RMSNorm saves it only when it needs a gradient), and a
+        # checkpointed first group (it keeps its input).
+        saved = norm_saves_its_input(config, e, input_requires_grad=False) or keeps_received_input
+        if setup.method == "bp" or not saved:
             held += n * width * e
     if last:
         held += n * config.vocab_size * e   # logits, kept in pipe_buffers["outputs"]
@@ -588,16 +663,19 @@ def _finish_step_saved_bytes(config, setup: Setup, last: bool) -> int:
     return 2 * _table_elements(config, setup) * e + 2 * vocab * _feedback_hidden(config, setup) * e
 
 
-def _meter_bytes(config, setup: Setup, in_flight: int, saved: int, body: int, readout: int, block_grad: int,
-                 rope: int, last: bool) -> int:
+def _meter_bytes(config, setup: Setup, in_flight: int, forward: int, body: BodyPhases, readout: int,
+                 block_grad: int, last: bool) -> int:
     """The engines' SavedActivationMeter peak (weights excluded; it meters the forward, local
-    backward and FinishStep). BP: the 1F1B stash. BLL: one micro-batch (its body, then the larger
-    of its readout, with m_k saved by the product, and the block's surrogate backward), or
-    finish_step's recompute of g_k."""
+    backward and FinishStep instructions, bll_ds/engine/trace.py SAVES_ACTIVATIONS). BP: the 1F1B
+    stash (rotary tables saved by the forward counted once); its BackwardPass is not metered, so
+    a checkpointed group's recompute is not seen there (`activation_bytes` counts it). BLL: one
+    micro-batch (its body, then the larger of its readout, with m_k saved by the product, and the
+    block's surrogate backward; with checkpointing, the worst group's recompute in the local
+    backward), or finish_step's recompute of g_k."""
     if setup.method == "bp":
-        return in_flight * (saved - rope) + rope
-    during_micro_batch = body + max(readout + _table_bytes_saved_in_readout(config, setup, last), block_grad)
-    return max(during_micro_batch, _finish_step_saved_bytes(config, setup, last))
+        return in_flight * (forward - body.forward_rope) + body.forward_rope
+    during_micro_batch = body.forward + max(readout + _table_bytes_saved_in_readout(config, setup, last), block_grad)
+    return max(during_micro_batch, body.recompute, _finish_step_saved_bytes(config, setup, last))
 
 
 def _table_bytes(config, setup: Setup, first: bool, last: bool) -> int:
@@ -712,7 +790,8 @@ class ClusterAnswer:
 def smallest_cluster(spec_path, method: str, micro_batch_size: int = 1, seq_len: int = 2048,
                      micro_batches_per_stage: int = 4, dtype: str = "bf16", zero_stage: int = 1,
                      gpu: GpuBudget = GpuBudget(), stage_options=STAGE_OPTIONS, dp_options=DP_OPTIONS,
-                     readout_max_logits_mb: float = READOUT_MAX_LOGITS_MB) -> ClusterAnswer:
+                     readout_max_logits_mb: float = READOUT_MAX_LOGITS_MB,
+                     activation_checkpoint_interval: int = 0) -> ClusterAnswer:
     """For each pipeline depth S (at most the layer count), the smallest DP whose every stage fits;
     the best option has the fewest GPUs (S x DP), ties going to the shallower pipeline."""
     config = load_model_spec(spec_path)
@@ -721,7 +800,8 @@ def smallest_cluster(spec_path, method: str, micro_batch_size: int = 1, seq_len:
         option = None
         for dp in dp_options:
             stage_plan = plan(config, stages, dp, micro_batch_size, seq_len, micro_batches_per_stage * stages,
-                              dtype, zero_stage, method, readout_max_logits_mb=readout_max_logits_mb)
+                              dtype, zero_stage, method, readout_max_logits_mb=readout_max_logits_mb,
+                              activation_checkpoint_interval=activation_checkpoint_interval)
             worst = max(stage_plan, key=lambda s: s.peak_bytes)
             option = ClusterOption(stages, None, None, round(worst.peak_bytes / GIB, 2), worst.stage)
             if worst.peak_bytes <= gpu.usable_bytes:
@@ -746,7 +826,8 @@ def write_clusters(out_dir: Path, models=CLUSTER_MODELS, micro_batch_size: int =
                    for b in sensitivity_micro_batch_sizes}
     gpu = kwargs.pop("gpu", GpuBudget())
     settings = {"micro_batch_size": micro_batch_size, "seq_len": 2048, "micro_batches_per_stage": 4,
-                "dtype": "bf16", "zero_stage": 1, "readout_max_logits_mb": READOUT_MAX_LOGITS_MB, **kwargs}
+                "dtype": "bf16", "zero_stage": 1, "readout_max_logits_mb": READOUT_MAX_LOGITS_MB,
+                "activation_checkpoint_interval": 0, **kwargs}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "clusters.json").write_text(json.dumps(
         {"settings": settings, "gpu": {**asdict(gpu), "usable_bytes": gpu.usable_bytes},
@@ -756,6 +837,14 @@ def write_clusters(out_dir: Path, models=CLUSTER_MODELS, micro_batch_size: int =
                                  for b, best in sensitivity.items()}}, indent=1))
     (out_dir / "clusters.md").write_text(_clusters_markdown(answers, sensitivity, settings, gpu))
     return answers
+
+
+def _checkpointing_sentence(interval: int) -> str:
+    if not interval:
+        return "No activation checkpointing in either method."
+    return (f"Activation checkpointing in both methods, every {interval} decoder layer(s): a micro-batch keeps "
+            "each checkpointed group's input only, and one group's activations while its backward recomputes "
+            "them.")
 
 
 def _option_cell(option: ClusterOption) -> str:
@@ -774,8 +863,9 @@ def _clusters_markdown(answers: list[ClusterAnswer], sensitivity: dict, settings
              f"Settings: {json.dumps(settings)}; M = micro_batches_per_stage x S micro-batches per step.",
              f"GPU: {gpu.memory_bytes / GIB:.0f} GiB, {gpu.headroom:.0%} headroom, "
              f"{gpu.runtime_overhead_bytes / GIB:.1f} GiB runtime overhead: "
-             f"{gpu.usable_bytes / GIB:.1f} GiB for the planner's bytes per stage. No activation "
-             "checkpointing in either method (the project's PipelineModule uses none). BLL: local readout "
+             f"{gpu.usable_bytes / GIB:.1f} GiB for the planner's bytes per stage. "
+             + _checkpointing_sentence(settings["activation_checkpoint_interval"])
+             + " BLL: local readout "
              "in sequence slices of at most readout_max_logits_mb MiB of fp32 logits, send window at its "
              "worst case (2M outputs). Search: S in "
              f"{list(STAGE_OPTIONS)} (at most the layer count), DP in {list(DP_OPTIONS)}; fewest GPUs, "
@@ -846,14 +936,17 @@ def rss_check(spec_path="models/llama-25m.json", baseline_mb: float | None = Non
 # ---------------------------------------------------------------------------------------------
 
 def format_plan(stage_plan: list[StageMemory]) -> str:
+    checkpointing = any(s.checkpointed_groups for s in stage_plan)
     cols = ("stage", "layers", "params(M)", "weights", "grads", "optim", "tables", "buffers", "in-flight",
-            "slices", "stash", "transient", "step-trans", "peak")
+            "slices", *(("ckpt", "recompute") if checkpointing else ()), "stash", "transient", "step-trans", "peak")
     rows = [cols]
     for s in stage_plan:
         rows.append((str(s.stage), str(s.decoder_layers), f"{s.params / 1e6:.1f}",
                      *(_gib(b) for b in (s.weight_bytes, s.grad_bytes, s.optimizer_bytes, s.table_bytes,
                                           s.buffer_bytes)),
-                     str(s.in_flight), str(s.readout_slices), _gib(s.activation_bytes), _gib(s.transient_bytes),
+                     str(s.in_flight), str(s.readout_slices),
+                     *((str(s.checkpointed_groups), _gib(s.recompute_bytes)) if checkpointing else ()),
+                     _gib(s.activation_bytes), _gib(s.transient_bytes),
                      _gib(s.step_transient_bytes), _gib(s.peak_bytes)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
@@ -883,6 +976,7 @@ def _plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab_size", type=int, default=None)
     p.add_argument("--grad_accum_dtype", choices=sorted(DTYPE_BYTES), default="fp32")
     _add_readout_argument(p)
+    _add_checkpoint_argument(p)
     p.add_argument("--json", type=Path, default=None, help="also write the per-stage plan here")
     return p
 
@@ -897,6 +991,7 @@ def _clusters_parser() -> argparse.ArgumentParser:
     p.add_argument("--headroom", type=float, default=0.10)
     p.add_argument("--overhead_gib", type=float, default=3.0)
     _add_readout_argument(p)
+    _add_checkpoint_argument(p)
     return p
 
 
@@ -906,6 +1001,12 @@ def _add_readout_argument(p: argparse.ArgumentParser) -> None:
                         "this many MiB of fp32 logits (0 = one slice)")
 
 
+def _add_checkpoint_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--activation_checkpoint_interval", type=int, default=0,
+                   help="as the trainer's flag: recompute activations in backward every this many layers "
+                        "(0 = off, 1 = every decoder layer), for both methods")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "clusters":
@@ -913,7 +1014,8 @@ def main(argv: list[str] | None = None) -> int:
         gpu = GpuBudget(int(args.gpu_gib * GIB), args.headroom, int(args.overhead_gib * GIB))
         answers = write_clusters(args.out, micro_batch_size=args.micro_batch_size, seq_len=args.seq_len,
                                  micro_batches_per_stage=args.micro_batches_per_stage, gpu=gpu,
-                                 readout_max_logits_mb=args.readout_max_logits_mb)
+                                 readout_max_logits_mb=args.readout_max_logits_mb,
+                                 activation_checkpoint_interval=args.activation_checkpoint_interval)
         print((args.out / "clusters.md").read_text())
         return 0 if answers else 1
     if argv and argv[0] == "rss-check":
@@ -930,7 +1032,8 @@ def main(argv: list[str] | None = None) -> int:
     stage_plan = plan(args.model, args.stages, args.dp, args.micro_batch_size, args.seq_len,
                       args.micro_batches or 4 * args.stages, args.dtype, args.zero, args.method,
                       variant=args.variant, vocab_size=args.vocab_size, grad_accum_dtype=args.grad_accum_dtype,
-                      readout_max_logits_mb=args.readout_max_logits_mb)
+                      readout_max_logits_mb=args.readout_max_logits_mb,
+                      activation_checkpoint_interval=args.activation_checkpoint_interval)
     print(format_plan(stage_plan))
     if args.json:
         args.json.write_text(json.dumps([s.as_dict() for s in stage_plan], indent=1))

@@ -30,6 +30,7 @@ from bll_ds.engine.build import weight_decay_groups
 from bll_ds.engine.nonfinite import FaultInjection, local_cause
 from bll_ds.engine.trace import StageTracer
 from bll_ds.errors import UserError
+from bll_ds.modeling.checkpointing import run_layers
 
 TORCH_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 
@@ -69,8 +70,10 @@ def _set_rng_states(states: tuple) -> None:
 
 class EmulatedStage:
     def __init__(self, stage_id: int, layers: list[tuple[int, nn.Module]], feedback: nn.Module | None,
-                 ds_config: dict, micro_batches: int, device, bf16: bool, seed: int):
-        """layers: (position in the pipeline, layer) pairs, as DeepSpeed numbers its layer files."""
+                 ds_config: dict, micro_batches: int, device, bf16: bool, seed: int,
+                 activation_checkpoint_interval: int = 0):
+        """layers: (position in the pipeline, layer) pairs, as DeepSpeed numbers its layer files.
+        activation_checkpoint_interval: as the launched PipelineModule's (modeling/checkpointing.py)."""
         self.stage_id = stage_id
         self.layer_index = [index for index, _ in layers]
         self.module = nn.Module()  # layers and feedback, as a launched stage's module holds them
@@ -80,6 +83,7 @@ class EmulatedStage:
         self.feedback = feedback
         self.module.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
         self.micro_batches, self.seed, self.device = micro_batches, seed, device
+        self.activation_checkpoint_interval = activation_checkpoint_interval
         # Trainable parameters only: a frozen copy (bll_ds/bll/overlap.py) is refreshed from the
         # downstream stage's message, never by this stage's optimizer or bf16 master copy.
         self.params = [p for p in self.module.parameters() if p.requires_grad]
@@ -124,9 +128,8 @@ class EmulatedStage:
             _set_rng_states(outer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.module.layers:
-            x = layer(x)
-        return x
+        """The stage's layers, in PipelineModule's checkpointed groups when the interval is set."""
+        return run_layers(list(self.module.layers), x, self.activation_checkpoint_interval)
 
     def with_fault(self, loss_fn):
         """BLL_DS_INJECT_NONFINITE for this stage (engine/nonfinite.py), as the launcher applies it."""

@@ -57,7 +57,9 @@ def emulation_device() -> torch.device:
 class EmulatedPipeline:
     grid = _OneRankGrid()
 
-    def __init__(self, method: str, model_config, stages: int, ds, seed: int, bll):
+    def __init__(self, method: str, model_config, stages: int, ds, seed: int, bll,
+                 activation_checkpoint_interval: int = 0):
+        """activation_checkpoint_interval: as build_pipeline_module's, per stage (emulated_stage.py)."""
         self.method, self.num_stages, self.bll = method, stages, bll
         self.device = emulation_device()
         self.micro_batches = ds.micro_batches
@@ -71,7 +73,7 @@ class EmulatedPipeline:
         for k in range(stages):
             feedback = build_stage_feedback(bll, model_config, k, seed) if method == "bll" and k < stages - 1 else None
             stage = EmulatedStage(k, layers[bounds[k]:bounds[k + 1]], feedback, ds.config, ds.micro_batches,
-                                  self.device, ds.bf16, seed)
+                                  self.device, ds.bf16, seed, activation_checkpoint_interval)
             if feedback is not None:
                 feedback.local_loss = stage.with_fault(feedback.local_loss)
             stage.stage_step = StageStep(feedback, stage.with_fault(lm_loss), bll.readout_max_logits_mb,

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from bll_ds.errors import UserError
+from bll_ds.modeling.checkpointing import CHECKPOINTABLE_LAYERS, StageCheckpoint
 from bll_ds.modeling.layers import DecoderLayer, OutputHead, TokenEmbedding, lm_loss
 
 # Decoder blocks are balanced across stages; the embedding rides with the first stage and the
@@ -43,13 +44,27 @@ def stage_layer_counts(config: PretrainedConfig, stages: int) -> list[int]:
     return [base + (1 if s < extra else 0) for s in range(stages)]
 
 
-def build_pipeline_module(config: PretrainedConfig, stages: int, seed: int,
-                          topology=None) -> PipelineModule:
+def build_pipeline_module(config: PretrainedConfig, stages: int, seed: int, topology=None,
+                          activation_checkpoint_interval: int = 0) -> PipelineModule:
+    """activation_checkpoint_interval c > 0: DeepSpeed's activation checkpointing, groups of c
+    layers of the stage's layer list, only groups of DecoderLayers checkpointed, with
+    bll_ds.modeling.checkpointing's function (see there why not DeepSpeed's default)."""
     check_stages(config, stages)
+    if activation_checkpoint_interval < 0:
+        raise UserError(f"--activation_checkpoint_interval is {activation_checkpoint_interval}.",
+                        "pass 0 (off) or a positive number of layers per checkpointed group.")
     kwargs = dict(topology=topology) if topology is not None else dict(num_stages=stages)
-    return PipelineModule(layers=layer_specs(config), loss_fn=lm_loss,
-                          partition_method=PARTITION_METHOD, seed_layers=True, base_seed=seed,
-                          seed_fn=_seed_layer, activation_checkpoint_interval=0, **kwargs)
+    module = PipelineModule(layers=layer_specs(config), loss_fn=lm_loss,
+                            partition_method=PARTITION_METHOD, seed_layers=True, base_seed=seed,
+                            seed_fn=_seed_layer, activation_checkpoint_interval=0,
+                            checkpointable_layers=list(CHECKPOINTABLE_LAYERS), **kwargs)
+    if activation_checkpoint_interval:
+        module.activation_checkpoint_func = StageCheckpoint(module.forward_funcs)
+        # public: sets the interval and precomputes which groups are checkpointable, which
+        # PipelineModule.forward needs (PipelineEngine does it too, but a bare module would
+        # otherwise skip every group)
+        module.set_checkpoint_interval(activation_checkpoint_interval)
+    return module
 
 
 def _seed_layer(seed) -> None:
