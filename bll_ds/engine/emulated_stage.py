@@ -19,7 +19,6 @@ for bit (the equivalence tests run fp32).
 from __future__ import annotations
 
 import contextlib
-import time
 
 import torch
 from deepspeed.runtime import lr_schedules
@@ -96,8 +95,8 @@ class EmulatedStage:
         self.optimizer = build_optimizer(groups, ds_config)
         self.scheduler = build_scheduler(self.optimizer, ds_config)
         self.clip = float(ds_config.get("gradient_clipping", 0.0) or 0.0)
-        self.accounting = StageAccounting(stage_id, 0)
-        self.tracer = StageTracer(stage_id, range(0))
+        self.accounting = StageAccounting(stage_id, 0, device)  # on CUDA its clock synchronizes
+        self.tracer = StageTracer(stage_id, range(0), device)
         self.fault = FaultInjection(stage_id, 0)
         self.skipped_steps = 0
         self.step = 0  # the optimizer step being computed (1-based)
@@ -119,11 +118,11 @@ class EmulatedStage:
         """This stage's RNG stream and compute clock, around any of its work."""
         outer = _rng_states()
         _set_rng_states(self._rng)
-        start = time.perf_counter()
+        start = self.accounting.now()
         try:
             yield
         finally:
-            self.busy_s += time.perf_counter() - start
+            self.busy_s += self.accounting.now() - start
             self._rng = _rng_states()
             _set_rng_states(outer)
 
