@@ -23,6 +23,7 @@ class DsSettings:
     micro_batch_size: int  # sequences per micro-batch per replica
     micro_batches: int    # micro-batches per optimizer step (gradient accumulation steps)
     steps: int
+    bf16_auto_peaks: dict | None = None  # the measurement that decided "auto" (GFLOP/s), if one did
 
     @property
     def train_batch_size(self) -> int:
@@ -41,11 +42,10 @@ class DsSettings:
         return self.config.get("bf16", {}).get("enabled") == "auto"
 
     def resolve_bf16_auto(self, choice: bool, peaks: dict | None = None) -> None:
-        """Fix "auto" to `choice`; `peaks` (the measurement behind it) is kept in the config, so
-        the run dir's saved DeepSpeed config says why."""
+        """Fix "auto" to `choice`. `peaks`, the measurement behind it, is kept beside the config
+        (DeepSpeed refuses unknown keys in its bf16 section); the run dir's saved copy has it."""
         self.config["bf16"]["enabled"] = bool(choice)
-        if peaks is not None:
-            self.config["bf16"]["auto_measured_gflops"] = peaks
+        self.bf16_auto_peaks = peaks
 
 
 def load_ds_config(path: str, world_size: int, stages: int, steps: int | None,

@@ -124,8 +124,10 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float, resume
         atomic_write_text(run_dir / names.MODEL_CONFIG, model_config.to_json_string())
         resolved = {**dataclasses.asdict(cfg), "steps": ds.steps, "seq_len": seq_len}
         atomic_write_text(run_dir / names.RUN_CONFIG, json.dumps(resolved, indent=2) + "\n")
-        atomic_write_text(run_dir / names.DS_CONFIG,
-                          json.dumps({**ds.config, **monitor_sections}, indent=2) + "\n")
+        saved = {**ds.config, **monitor_sections}
+        if ds.bf16_auto_peaks is not None:  # why "auto" chose what it did
+            saved["bf16_auto_measured_gflops"] = ds.bf16_auto_peaks
+        atomic_write_text(run_dir / names.DS_CONFIG, json.dumps(saved, indent=2) + "\n")
     checkpointing = cfg.activation_checkpoint_interval
     if cfg.emulate:
         engine = EmulatedPipeline(cfg.method, model_config, cfg.stages, ds, cfg.seed, cfg.bll,
@@ -136,7 +138,8 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float, resume
     if cfg.init_from and not resume:
         from bll_ds import init_weights
 
-        loaded = init_weights.load_into(engine, cfg.init_from, model_config)
+        # Every rank reads its own layers: a damaged file seen by one rank is reported on all.
+        loaded = distributed.agree_on_errors(init_weights.load_into, engine, cfg.init_from, model_config)
         if dist.get_rank() == 0:
             print(f"bll-ds: init_from {cfg.init_from}: {loaded}", flush=True)
     stage, dp_rank = engine.stage_id, engine.grid.data_parallel_id

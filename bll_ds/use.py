@@ -26,7 +26,7 @@ from bll_ds.modeling import load_model_spec
 from bll_ds.modeling.layers import lm_loss
 from bll_ds.modeling.pipeline import build_sequential, to_hf_state_dict
 
-from bll_ds.run_dir import MODEL_CONFIG, TOKENIZER_MODEL, checkpoints, layer_weights
+from bll_ds.run_dir import HF_TOKENIZER, MODEL_CONFIG, TOKENIZER_MODEL, checkpoints, layer_weights
 
 
 def resolve_checkpoint(run_dir: Path, step: int | None = None) -> tuple[Path, dict]:
@@ -86,6 +86,9 @@ def hf_tokenizer(run_dir: Path):
     no dummy prefix (bll_ds trains its tokenizers without one)."""
     from transformers import LlamaTokenizer
 
+    if (run_dir / HF_TOKENIZER).is_dir():  # the run trained with a Hugging Face tokenizer: it is one already
+        from bll_ds.data.hf_tokenizer import transformers_tokenizer
+        return transformers_tokenizer(run_dir / HF_TOKENIZER)
     with tempfile.TemporaryDirectory() as scratch:
         # Only the .model file: the run dir's tokenizer.json is bll-ds's fingerprint, not a
         # transformers tokenizer file.
@@ -94,13 +97,15 @@ def hf_tokenizer(run_dir: Path):
                                               add_prefix_space=False)
 
 
-def export(run_dir: Path, out_dir: Path, step: int | None = None) -> dict:
+def export(run_dir: Path, out_dir: Path, step: int | None = None, dtype: torch.dtype = torch.float32) -> dict:
     """Write a Hugging Face model folder; returns what was written. The folder appears whole or
-    not at all (written beside it, then renamed)."""
+    not at all (written beside it, then renamed). `dtype`: of the saved weights (default fp32,
+    the weights as trained); transformers records it in config.json ("dtype"), and
+    from_pretrained loads them in it by default."""
     if out_dir.exists():
         raise UserError(f"{out_dir} already exists.", "choose a new output folder, or remove the old export.")
     config, layers, meta = load_forward_network(run_dir, step)
-    model = hf_model(config, layers)
+    model = hf_model(config, layers).to(dtype)
     tokenizer = hf_tokenizer(run_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -109,7 +114,8 @@ def export(run_dir: Path, out_dir: Path, step: int | None = None) -> dict:
     tokenizer.save_pretrained(tmp)
     feedback = _export_feedback(run_dir, meta, tmp)
     info = {"source_run": str(run_dir.resolve()), "step": meta["step"], "method": meta["method"],
-            "bll_variant": meta.get("bll_variant"), "stages": meta["stages"], "feedback_files": feedback}
+            "bll_variant": meta.get("bll_variant"), "stages": meta["stages"],
+            "dtype": str(dtype).removeprefix("torch."), "feedback_files": feedback}
     atomic_write_text(tmp / "bll_ds_export.json", json.dumps(info, indent=2) + "\n")
     tmp.rename(out_dir)
     return info
@@ -137,17 +143,21 @@ def _export_feedback(run_dir: Path, meta: dict, out: Path) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate(forward, batches, rank: int = 0, world: int = 1) -> dict:
+def evaluate(forward, batches, rank: int = 0, world: int = 1, device: torch.device | str = "cpu") -> dict:
     """Mean next-token loss of `forward(ids) -> logits` over this rank's share of `batches`
-    (every world-th batch), summed over ranks when a process group exists."""
+    (every world-th batch), summed over ranks when a process group exists. `device`: where
+    `forward` runs (and, under NCCL, where the totals are reduced). Each batch's loss is taken
+    in fp32 (lm_loss upcasts the logits) and summed in float64, whatever the model's dtype."""
     mine = list(batches)[rank::world]
     loss_sum, tokens, start = 0.0, 0, time.perf_counter()
     for inputs, labels in mine:
-        loss_sum += lm_loss(forward(inputs), labels).item() * labels.numel()
+        labels = labels.to(device)
+        loss_sum += lm_loss(forward(inputs.to(device)), labels).item() * labels.numel()
         tokens += labels.numel()
     seconds = time.perf_counter() - start
     totals = torch.tensor([loss_sum, float(tokens), seconds], dtype=torch.float64)
     if world > 1:
+        totals = totals.to(device)  # NCCL reduces CUDA tensors only; gloo takes either
         torch.distributed.all_reduce(totals)
         totals[2] /= world
     loss = (totals[0] / totals[1]).item()
@@ -156,7 +166,8 @@ def evaluate(forward, batches, rank: int = 0, world: int = 1) -> dict:
 
 
 @torch.no_grad()
-def residual_norms(layers: nn.Sequential, batches, max_batches: int = 4) -> list[dict]:
+def residual_norms(layers: nn.Sequential, batches, max_batches: int = 4,
+                   device: torch.device | str = "cpu") -> list[dict]:
     """Per decoder layer: the RMS of the residual stream it reads and of the update it adds, over
     the first `max_batches` batches. A stage whose update dwarfs its input has overwritten, not
     refined, what the earlier stages computed (docs/BENCHMARKS.md, issue 11's overlap variants)."""
@@ -166,7 +177,7 @@ def residual_norms(layers: nn.Sequential, batches, max_batches: int = 4) -> list
     for count, (inputs, _) in enumerate(batches):
         if count == max_batches:
             break
-        hidden = inputs
+        hidden = inputs.to(device)
         for index, layer in enumerate(layers):
             out = layer(hidden)
             if isinstance(layer, DecoderLayer):

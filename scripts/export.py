@@ -10,6 +10,10 @@ Writes config.json, model.safetensors (the forward network only), the tokenizer
 (tokenizer.json, tokenizer_config.json), bll_ds_export.json (source run and step) and, for
 block-local runs, bll_feedback/stage{k}.safetensors: each stage's feedback block, kept apart
 because it is not part of the model that generates text.
+
+--dtype sets the saved weights' dtype: fp32 (default) saves them as trained; bf16 or fp16 halves
+the folder. transformers writes it into config.json ("dtype") and from_pretrained loads the
+weights in it unless told otherwise (dtype=...).
 """
 
 import argparse
@@ -19,6 +23,7 @@ from pathlib import Path
 
 import _bootstrap  # noqa: E402,F401  (the checkout on sys.path; CPU accelerator without CUDA)
 
+from bll_ds.devices import DTYPES  # noqa: E402
 from bll_ds.errors import UserError  # noqa: E402
 from bll_ds.use import export  # noqa: E402
 
@@ -29,9 +34,11 @@ def main(argv=None) -> int:
     p.add_argument("run_dir", help="the run to export: a pretrain.py --out folder")
     p.add_argument("out_dir", help="the new model folder (must not exist)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step to export; None = the latest complete one")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES),
+                   help="dtype of the saved weights (recorded in config.json); fp32 = as trained")
     args = p.parse_args(argv)
     try:
-        info = export(Path(args.run_dir), Path(args.out_dir), args.step)
+        info = export(Path(args.run_dir), Path(args.out_dir), args.step, DTYPES[args.dtype])
     except UserError as err:
         print(f"bll-ds: error: {err}", file=sys.stderr)
         return 2

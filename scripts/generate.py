@@ -3,6 +3,10 @@
 
     python scripts/generate.py runs/pretrain --prompt "ROMEO:" --max_new_tokens 200
     python scripts/generate.py exports/pretrain --prompt "def " --temperature 0.7 --top_k 40 --seed 1
+    python scripts/generate.py exports/pretrain --device cuda:0 --dtype fp32
+
+--device defaults to CUDA where there is one, --dtype to bf16 there (fp32 on CPUs). A seed gives
+the same text on the same device and dtype; across them the sampled tokens may differ by rounding.
 """
 
 import argparse
@@ -12,17 +16,20 @@ from pathlib import Path
 import _bootstrap  # noqa: E402,F401  (the checkout on sys.path; CPU accelerator without CUDA)
 import torch  # noqa: E402
 
+from bll_ds.devices import add_device_flags, resolve_device, resolve_dtype  # noqa: E402
 from bll_ds.errors import UserError  # noqa: E402
 from bll_ds.use import hf_model, hf_tokenizer, load_forward_network  # noqa: E402
 
 
-def load(source: Path, step: int | None):
+def load(source: Path, step: int | None, device: torch.device = torch.device("cpu"),
+         dtype: torch.dtype = torch.float32):
     """(model, tokenizer): transformers' own classes either way, so sampling is transformers'."""
     if (source / "config.json").is_file():
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        return AutoModelForCausalLM.from_pretrained(source).eval(), AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        return model.to(device).eval(), AutoTokenizer.from_pretrained(source)
     config, layers, _ = load_forward_network(source, step)
-    return hf_model(config, layers), hf_tokenizer(source)
+    return hf_model(config, layers).to(device=device, dtype=dtype), hf_tokenizer(source)
 
 
 def main(argv=None) -> int:
@@ -37,9 +44,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1234, help="random seed for sampling")
     p.add_argument("--step", type=int, default=None,
                    help="checkpoint step of a run (ignored for an exported folder); None = the latest")
+    add_device_flags(p)
     args = p.parse_args(argv)
     try:
-        model, tokenizer = load(Path(args.source), args.step)
+        device = resolve_device(args.device)
+        model, tokenizer = load(Path(args.source), args.step, device, resolve_dtype(args.dtype, device))
     except UserError as err:
         print(f"bll-ds: error: {err}", file=sys.stderr)
         return 2
@@ -50,7 +59,7 @@ def main(argv=None) -> int:
 @torch.no_grad()
 def sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int) -> str:
     torch.manual_seed(seed)
-    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)])
+    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)], device=model.device)
     context = model.config.max_position_embeddings if hasattr(model.config, "max_position_embeddings") \
         else model.config.n_positions
     max_new_tokens = min(max_new_tokens, context - ids.shape[1])

@@ -146,3 +146,55 @@ def test_generate_is_seeded_and_the_same_from_run_and_export(trained_run, export
     assert from_run.stdout.startswith("ROMEO:") and len(from_run.stdout) > len("ROMEO:\n")
     other_seed = _script("generate.py", str(exported), *args[:-1], "4")
     assert other_seed.stdout != from_run.stdout
+
+
+def test_evaluate_in_bf16_is_fp32_within_rounding(trained_run, cache_dir):
+    """--device cpu --dtype bf16 evaluates the bf16-rounded network; the loss itself is taken in
+    fp32 (lm_loss upcasts the logits), so it moves by the weights' rounding only."""
+    from bll_ds.modeling.layers import lm_loss
+
+    args = [str(trained_run), "--cache_dir", str(cache_dir), "--batches", "4", "--device", "cpu"]
+    fp32 = _json_out(_script("evaluate.py", *args))
+    bf16 = _json_out(_script("evaluate.py", *args, "--dtype", "bf16"))
+    assert (fp32["device"], fp32["dtype"], bf16["dtype"]) == ("cpu", "fp32", "bf16")
+    assert bf16["tokens"] == fp32["tokens"]
+    assert bf16["loss"] != fp32["loss"]  # it did run in bf16
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=5e-3)
+    logits = torch.randn(2, 3, 7, dtype=torch.bfloat16)
+    assert lm_loss(logits, torch.randint(0, 7, (2, 3))).dtype == torch.float32
+
+
+def test_export_in_bf16_records_its_dtype(trained_run, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "bf16"
+    done = _script("export.py", str(trained_run), str(out), "--dtype", "bf16")
+    assert done.returncode == 0, launch_failure(done)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((out / "bll_ds_export.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.bfloat16}
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16  # transformers' default: config's dtype
+
+
+def test_generate_on_the_cpu_device(trained_run, exported):
+    args = ["--prompt", "ROMEO:", "--max_new_tokens", "20", "--seed", "3", "--device", "cpu"]
+    fp32 = _script("generate.py", str(exported), *args, "--dtype", "fp32")
+    bf16 = _script("generate.py", str(trained_run), *args, "--dtype", "bf16")
+    for done in (fp32, bf16):
+        assert done.returncode == 0, launch_failure(done)
+        assert done.stdout.startswith("ROMEO:") and len(done.stdout) > len("ROMEO:\n")
+    if not torch.cuda.is_available():  # the default is then this very device and dtype
+        default = _script("generate.py", str(exported), *args[:-2])
+        assert default.stdout == fp32.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("script", ["evaluate.py", "generate.py"])
+def test_cuda_without_cuda_is_one_clear_error(trained_run, script):
+    done = _script(script, str(trained_run), "--device", "cuda")
+    assert done.returncode == 2, launch_failure(done)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("bll-ds: error:")]
+    assert len(errors) == 1 and "--device cuda" in errors[0] and "Fix: pass --device cpu" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr

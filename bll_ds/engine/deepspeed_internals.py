@@ -15,6 +15,7 @@ pinned version, instead of an AttributeError deep inside a launched rank.
 from __future__ import annotations
 
 import deepspeed
+import torch
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe import schedule
@@ -78,6 +79,30 @@ def construct_pipeline_engine(engine_class, module, grid, ds_config: dict, model
     engine._configure_python_gc()
     check_engine(engine)
     return engine
+
+
+def set_master_weights(engine, values) -> None:
+    """After the stage's parameters were overwritten in place (weights loaded into a built
+    engine, bll_ds/init_weights.py): make the optimizer's own copies agree, or its first step
+    writes the old weights back. `values`: (parameter, new value) pairs.
+
+    fp32 without ZeRO: the torch optimizer updates the parameters themselves; nothing to do.
+    bf16 (BF16_Optimizer) and ZeRO-1 (DeepSpeedZeroOptimizer, fp32 too): fp32 flat partitions,
+    refreshed from the parameters (`refresh_fp32_params`), then set to the exact values where
+    DeepSpeed links a parameter to its fragment of the partition (`safe_set_full_fp32_param`;
+    in bf16 the refresh alone would round the masters to bf16).
+    """
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    optimizer = engine.optimizer
+    if optimizer is None or optimizer is getattr(engine, "basic_optimizer", None):
+        return
+    refresh = getattr(optimizer, "refresh_fp32_params", None)
+    if refresh is None:
+        raise _mismatch(f"{type(optimizer).__name__}.refresh_fp32_params")
+    refresh()
+    for param, value in values:
+        safe_set_full_fp32_param(param, value.detach().to(torch.float32))
 
 
 # ---- stock handlers, called unbound on our subclasses --------------------------------------------
