@@ -37,7 +37,7 @@ pretrain: venv
 	$(VENV)/bin/deepspeed --num_gpus $(NUM_GPUS) scripts/pretrain.py \
 		--model $(MODEL) --deepspeed_config $(DS_CONFIG) --method $(METHOD) --stages $(STAGES) \
 		--tokenizer $(TOKENIZER) --steps $(STEPS) --final_eval_batches $(FINAL_EVAL_BATCHES) --out $(OUT) $(if $(DATA),--data $(DATA)) \
-		$(if $(wildcard $(OUT)/checkpoints/latest),--resume)
+		--resume auto
 
 test: venv
 	$(PY) -m pytest -q
