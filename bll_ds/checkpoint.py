@@ -133,3 +133,26 @@ def remove_incomplete(run_dir: Path) -> list[str]:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
     return removed
+
+
+def resolve_checkpoint(run_dir: Path, step: int | None = None) -> tuple[Path, dict]:
+    """The checkpoint folder (latest complete one, or the given step) and its complete.json: what
+    evaluate/export/generate (bll_ds/use.py) and --init_from (bll_ds/init_weights.py) read."""
+    if not (run_dir / names.MODEL_CONFIG).is_file():
+        raise UserError(f"{run_dir} is not a bll-ds run dir (no {names.MODEL_CONFIG}).",
+                        "pass the --out folder of a pretrain.py run (runs started before model_config.json "
+                        "existed need a re-run or a copy of the resolved model config there).")
+    if step is None:
+        latest = latest_complete(run_dir)
+        if latest is None:
+            raise UserError(f"{run_dir} holds no complete checkpoint.",
+                            "train until the first checkpoint (--save_interval, or the end of the run).")
+        tag, meta = latest
+    else:
+        tag = tag_for(step)
+        marker = names.checkpoints(run_dir) / tag / MARKER
+        if not marker.is_file():
+            raise UserError(f"{run_dir} has no complete checkpoint for step {step}.",
+                            "omit --step for the latest one, or pick a step listed under checkpoints/.")
+        meta = json.loads(marker.read_text())
+    return names.checkpoints(run_dir) / tag, meta

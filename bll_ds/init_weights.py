@@ -216,7 +216,7 @@ class RunWeights:
 
     def __init__(self, path: Path, model_config):
         from bll_ds.modeling import load_model_spec
-        from bll_ds.use import resolve_checkpoint
+        from bll_ds.checkpoint import resolve_checkpoint
 
         self.path, self.tensors_read = path, 0
         self.checkpoint, self.meta = resolve_checkpoint(path)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from bll_ds import checkpoint
+from bll_ds.checkpoint import resolve_checkpoint  # noqa: F401  (part of this module's interface)
 from bll_ds.atomic import atomic_write_text
 from bll_ds.errors import UserError
 from bll_ds.modeling import load_model_spec
@@ -27,28 +28,6 @@ from bll_ds.modeling.layers import lm_loss
 from bll_ds.modeling.pipeline import build_sequential, to_hf_state_dict
 
 from bll_ds.run_dir import HF_TOKENIZER, MODEL_CONFIG, TOKENIZER_MODEL, checkpoints, layer_weights
-
-
-def resolve_checkpoint(run_dir: Path, step: int | None = None) -> tuple[Path, dict]:
-    """The checkpoint folder (latest complete one, or the given step) and its complete.json."""
-    if not (run_dir / MODEL_CONFIG).is_file():
-        raise UserError(f"{run_dir} is not a bll-ds run dir (no {MODEL_CONFIG}).",
-                        "pass the --out folder of a pretrain.py run (runs started before model_config.json "
-                        "existed need a re-run or a copy of the resolved model config there).")
-    if step is None:
-        latest = checkpoint.latest_complete(run_dir)
-        if latest is None:
-            raise UserError(f"{run_dir} holds no complete checkpoint.",
-                            "train until the first checkpoint (--save_interval, or the end of the run).")
-        tag, meta = latest
-    else:
-        tag = checkpoint.tag_for(step)
-        marker = checkpoints(run_dir) / tag / checkpoint.MARKER
-        if not marker.is_file():
-            raise UserError(f"{run_dir} has no complete checkpoint for step {step}.",
-                            "omit --step for the latest one, or pick a step listed under checkpoints/.")
-        meta = json.loads(marker.read_text())
-    return checkpoints(run_dir) / tag, meta
 
 
 def load_forward_network(run_dir: Path, step: int | None = None) -> tuple[object, nn.Sequential, dict]:

@@ -79,7 +79,7 @@ def test_resume_refuses_a_corrupt_checkpoint(straight_run, tmp_path, cache_dir, 
     shutil.copytree(straight_run, out)
     layer_file = sorted((out / "checkpoints" / "step_0000030").glob("layer_*-model_states.pt"))[0]
     layer_file.write_bytes(b"not a torch file")
-    result = run_pretrain(COMMON + ["--data", str(text_corpus), "--stages", "2", "--steps", "40",
+    result = run_pretrain(COMMON + ["--data", str(text_corpus), "--stages", "2", "--steps", "30",
                                     "--out", str(out), "--resume"], 2, cache_dir, master_port=29614)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("bll-ds: error:")]
@@ -212,19 +212,23 @@ def perturb_last_stage(run_dir: Path, tag: str, layers: list[int]):
 
 @pytest.mark.parametrize("method", ["bll", "bp"])
 def test_stage0_update_ignores_the_last_stage_only_in_bll(method, bll_run, straight_run, tmp_path, cache_dir, text_corpus):
-    """Resume one step from the same checkpoint twice, once with the last stage's weights
-    perturbed. Block-local: stage 0's new weights are bit-identical. Backprop: they differ."""
+    """Resume one step (21) from the same checkpoint (20) twice, once with the last stage's
+    weights perturbed. Block-local: stage 0's new weights are bit-identical. Backprop: they differ.
+    (The run keeps its 30-step schedule: --exit_interval 21 stops it after the one step.)"""
     source = bll_run if method == "bll" else straight_run
     extra = ["--bll_variant", "prototype", "--bll_steps_per_call", "8"] if method == "bll" else []
     stage0 = {}
     for name, port in (("plain", 29624), ("perturbed", 29625)):
         out = tmp_path / name
         shutil.copytree(source, out)
+        shutil.rmtree(out / "checkpoints" / "step_0000030")
+        (out / "checkpoints" / "latest").write_text("step_0000020")
         if name == "perturbed":
-            perturb_last_stage(out, "step_0000030", [3, 4, 5])
-        launch(["--method", method, "--data", str(text_corpus), "--stages", "2", "--steps", "31",
-                "--out", str(out), "--resume", *extra], 2, cache_dir, port + (10 if method == "bp" else 0))
-        stage0[name] = [torch.load(out / "checkpoints" / "step_0000031" / f"layer_{i:02d}-model_states.pt",
+            perturb_last_stage(out, "step_0000020", [3, 4, 5])
+        launch(["--method", method, "--data", str(text_corpus), "--stages", "2", "--steps", "30",
+                "--exit_interval", "21", "--out", str(out), "--resume", *extra], 2, cache_dir,
+               port + (10 if method == "bp" else 0))
+        stage0[name] = [torch.load(out / "checkpoints" / "step_0000021" / f"layer_{i:02d}-model_states.pt",
                                    map_location="cpu", weights_only=True) for i in (0, 1, 2)]
     same = all(torch.equal(a[k], b[k]) for a, b in zip(stage0["plain"], stage0["perturbed"]) for k in a)
     assert same == (method == "bll")
