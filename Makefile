@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv pretrain test clean
+.PHONY: venv pretrain test test-all clean
 
 venv: $(STAMP)
 
@@ -39,7 +39,11 @@ pretrain: venv
 		--tokenizer $(TOKENIZER) --steps $(STEPS) --final_eval_batches $(FINAL_EVAL_BATCHES) --out $(OUT) $(if $(DATA),--data $(DATA)) \
 		--resume auto
 
+# CI's suite; `test-all` adds the slow repeats (4-stage launches, more variants, bf16 on CPU).
 test: venv
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: venv
 	$(PY) -m pytest -q
 
 clean:

@@ -234,7 +234,7 @@ def test_stage0_update_ignores_the_last_stage_only_in_bll(method, bll_run, strai
     assert same == (method == "bll")
 
 
-@pytest.mark.parametrize("variant", ["gaussian", "dgl"])
+@pytest.mark.parametrize("variant", [pytest.param("gaussian", marks=pytest.mark.slow), "dgl"])  # gaussian: make test-all
 def test_bll_variants_and_zero1_replicas(variant, tmp_path, cache_dir, text_corpus, repo):
     """2 stages x 2 data-parallel replicas with ZeRO-1: the replicas of each stage stay identical."""
     cfg = json.loads((repo / "ds_configs/test-1m.json").read_text())
