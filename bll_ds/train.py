@@ -117,12 +117,12 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float, resume
     data = prepare_run_data(cfg, run_dir)
     model_config = load_model_spec(cfg.model, vocab_size=data.tokenizer.vocab_size)
     seq_len = _seq_len(cfg, model_config)
+    resolved = {**dataclasses.asdict(cfg), "steps": ds.steps, "seq_len": seq_len}  # run_config.json, W&B
     if dist.get_rank() == 0:
         # The resolved model (the tokenizer sets the vocabulary): what evaluate/export/generate
         # rebuild from the checkpoint, without the spec file the run was started with. And this
         # launch's resolved configs, as a later reader (or a requeued job) needs them.
         atomic_write_text(run_dir / names.MODEL_CONFIG, model_config.to_json_string())
-        resolved = {**dataclasses.asdict(cfg), "steps": ds.steps, "seq_len": seq_len}
         atomic_write_text(run_dir / names.RUN_CONFIG, json.dumps(resolved, indent=2) + "\n")
         saved = {**ds.config, **monitor_sections}
         if ds.bf16_auto_peaks is not None:  # why "auto" chose what it did
@@ -162,7 +162,7 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float, resume
     engine.tracer = StageTracer(stage, _trace_window(cfg, start_step), engine.device)
     tokens_per_step = ds.train_batch_size * seq_len
     is_logger = dist.get_rank() == engine.grid.stage_to_global(cfg.stages - 1, data=0)
-    monitors = build_monitors(monitor_sections, run_dir, {**dataclasses.asdict(cfg), "steps": ds.steps}) \
+    monitors = build_monitors(monitor_sections, run_dir, resolved) \
         if is_logger else []
     log = MetricsLog(run_dir / names.METRICS, run_dir / names.TENSORBOARD, is_logger, start_step,
                      ds.steps if cfg.metrics.progress else None, monitors=monitors)

@@ -30,3 +30,15 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as a launched rank has: the meters and planners compare per-rank
+    allocations, and a multi-threaded pool can change which kernels run."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -29,12 +29,7 @@ SPEC, DS_CONFIG = "models/test-1m.json", "ds_configs/test-1m.json"
 B, T = 2, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ run dir); WANDB_MODE=offline works as W&B documents.
 from __future__ import annotations
 
 import csv
-import secrets
 import json
+import secrets
 from pathlib import Path
 
 MONITOR_SECTIONS = ("csv_monitor", "wandb")
@@ -69,7 +69,6 @@ class WandbMonitor:
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
-        self._wandb = wandb
         self.run = wandb.init(project=config.project, group=config.group, entity=config.team, id=run_id,
                               resume="allow", dir=str(run_dir), name=run_dir.name,
                               config=json.loads(json.dumps(run_config, default=str)))
