@@ -103,7 +103,7 @@ class MetricsConfig:
                             "timeline_stage{k}.json, and the saved-activation peak metered (0 = off).",
                             flag="trace_steps", default=3)
     measure_matmul_peak: bool = _doc("Measure the device's fp32/bf16 matrix-product peak, for model FLOP "
-                                     "utilisation in summary.json (about 2 s: before and after training, the "
+                                     "utilisation in summary.json (under a second each: before and after training, the "
                                      "best kept).", flag="measure_matmul_peak", default=True)
     progress: bool = _doc("Show a tqdm progress bar on rank 0.", flag="progress", default=True)
 
@@ -141,6 +141,9 @@ class RunConfig:
                                                "(DeepSpeed's PipelineModule activation_checkpoint_interval; "
                                                "0 = off, 1 = every decoder layer), for both methods.",
                                                default=0)
+    link_delay_ms: float = _doc("Benchmarks: every point-to-point message between stages arrives this many "
+                                "milliseconds after it is sent (one way), without blocking the sender "
+                                "(bll_ds/bench/link_delay.py). 0 = off.", default=0.0)
     custom_import: str | None = _doc("A .py file or module imported before the flags are parsed, e.g. one that "
                                      "registers a BLL variant of your own (bll_ds/bll/variants.py).", default=None)
     bll: BLLConfig = field(default_factory=BLLConfig, metadata={"prefix": "bll_"})

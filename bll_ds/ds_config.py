@@ -90,7 +90,7 @@ BF16_MIN_SPEEDUP = 1.1  # bf16 costs precision; a tie with fp32 keeps fp32
 def bf16_pays_off(device) -> tuple[bool, dict]:
     """What `"bf16": {"enabled": "auto"}` resolves to, and the measurement behind it: bf16 where
     this device multiplies bf16 matrices at least BF16_MIN_SPEEDUP times faster than fp32, as
-    measured here (bll_ds/measure/matmul_peak.py, about 1-2 s). CPU flags do not tell: an AMD
+    measured here (bll_ds/measure/matmul_peak.py, under a second). CPU flags do not tell: an AMD
     EPYC with AVX512-BF16 and no AMX runs bf16 products 2.4x faster than fp32 (206 against 87
     GFLOP/s per core), an Intel CPU with AVX512-BF16 but no AMX about half as fast (83 against
     157), an AVX2-only CPU 5-20x slower; any CUDA GPU of compute capability 8.0+ far faster.

@@ -19,7 +19,7 @@ import deepspeed.comm as dist
 
 from deepspeed.accelerator import get_accelerator
 
-from bll_ds import checkpoint, distributed
+from bll_ds import checkpoint, distributed, link_delay
 from bll_ds import run_dir as names
 from bll_ds.atomic import atomic_write_text
 from bll_ds.config import RunConfig, parse_run_config
@@ -99,7 +99,14 @@ def train(cfg: RunConfig, started: float) -> None:
                         f"its own checkpoint.", "drop --init_from when resuming, or choose a new --out.")
     check_run_dir_storage(run_dir, count_parameters(spec), cfg.checkpoint.keep)
     created_run_dir = not run_dir.exists()
+    if cfg.link_delay_ms < 0:
+        raise UserError(f"--link_delay_ms {cfg.link_delay_ms} is negative.", "pass 0 (off) or a one-way delay in ms.")
+    if cfg.link_delay_ms and cfg.emulate:
+        raise UserError("--link_delay_ms delays messages between launched ranks; the emulator has none.",
+                        "launch the stages (deepspeed/torchrun) to time a slow link, or model it with "
+                        "python -m bll_ds.bench simulate --latency_us.")
     distributed.init(all_cores=cfg.emulate)
+    link_delay.install(cfg.link_delay_ms)
     try:
         _train(cfg, ds, run_dir, started, resume)
     except UserError:
@@ -107,6 +114,8 @@ def train(cfg: RunConfig, started: float) -> None:
         if rank == 0 and created_run_dir and checkpoint.latest_complete(run_dir) is None:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    finally:
+        link_delay.uninstall()
 
 
 def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float, resume: bool) -> None:
@@ -222,7 +231,7 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float, resume
     log.log(ds.steps, {"val/loss": val_loss})
     summary = build_summary(cfg, ds, engine, model_config, recent, step_times, seq_len, start_step, val_loss,
                             started, wall_s=time.time() - started, train_wall_s=train_wall_s,
-                            matmul_peak_gflops=peaks)
+                            matmul_peak_gflops=peaks, startup_s=train_started - started)
     if is_logger:
         write_summary(run_dir, summary)
     log.print(f"done: val_loss={val_loss:.4f} | summary in {run_dir / 'summary.json'}")

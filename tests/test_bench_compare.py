@@ -19,8 +19,12 @@ def _cfg(**kw):
 def test_schedule_interleaves_arms_and_alternates_their_order():
     order = compare.schedule(_cfg())
     assert len(order) == 3 * 2 * 2
-    assert order[:4] == [(0, 2, "bp"), (0, 2, "bll"), (0, 4, "bp"), (0, 4, "bll")]
-    assert order[4:6] == [(1, 2, "bll"), (1, 2, "bp")]  # reversed on odd repeats: drift hits both arms
+    assert order[:4] == [(0, 2, 0.0, "bp"), (0, 2, 0.0, "bll"), (0, 4, 0.0, "bp"), (0, 4, 0.0, "bll")]
+    assert order[4:6] == [(1, 2, 0.0, "bll"), (1, 2, 0.0, "bp")]  # reversed on odd repeats: drift hits both arms
+    slow = compare.schedule(_cfg(micro_batches=(4,), link_delays_ms=(0.0, 20.0), repeats=1))
+    assert slow == [(0, 4, 0.0, "bp"), (0, 4, 0.0, "bll"), (0, 4, 20.0, "bp"), (0, 4, 20.0, "bll")]
+    assert compare.run_name(0, 4, 20.0, "peer:zbv") == "M4-L20ms-peer-zbv-r0"
+    assert compare.run_name(1, 4, 0.0, "bll") == "M4-bll-r1"  # folders of benchmarks without delays keep their names
 
 
 def test_ds_config_per_micro_batch_count(tmp_path):
@@ -36,6 +40,17 @@ def test_ds_config_per_micro_batch_count(tmp_path):
         compare.ds_config_for(_cfg(deepspeed_config=str(src), sequences_per_step=12), 8, tmp_path)
     with pytest.raises(UserError, match="cannot read the DeepSpeed config"):
         compare.ds_config_for(_cfg(deepspeed_config=str(tmp_path / "missing.json")), 8, tmp_path)
+
+
+def test_peer_arms_launch_the_peer_script_and_count_as_backprop():
+    assert compare.arm_args("peer:zbv") == ["--schedule", "zbv"]
+    assert compare.arm_script("peer:zbv") == "peer_pretrain.py" and compare.arm_script("bll") == "pretrain.py"
+    assert compare.is_backprop("bp") and compare.is_backprop("peer:1f1b") and not compare.is_backprop("bll")
+    with pytest.raises(UserError, match="peer schedule"):
+        compare.arm_args("peer:gpipe")
+    runs = [{"arm": "bp", "M": 4, "val_loss": 2.0}, {"arm": "bp", "M": 4, "val_loss": 2.2},
+            {"arm": "peer:zbv", "M": 4, "val_loss": 2.05}, {"arm": "bll", "M": 4, "val_loss": 1.0}]
+    assert compare.best_backprop_loss(runs) == pytest.approx(2.05)  # medians: bp 2.1, zbv 2.05; bll is not BP
 
 
 def test_unknown_arm_is_a_clear_error():
@@ -82,7 +97,28 @@ def test_aggregate_pairs_each_run_with_the_baseline_of_its_repeat():
     assert ratio["stage0_activation"]["median"] == pytest.approx(0.5)
     assert ratio["val_loss"]["max"] == pytest.approx(1.01)
     table = report.markdown({"config": vars(_cfg(micro_batches=(4,))), "command": "x", "runs": runs, **result})
-    assert "| 4 | bll / bp | 1.200 (1.100-1.300) |" in table
+    assert "| 4 | 0 | bll / bp | 1.200 (1.100-1.300) |" in table
+
+
+def test_slow_link_runs_pair_by_delay_and_report_what_each_arm_keeps():
+    def run(repeat, arm, delay, tps):
+        return {**_run(repeat, 4, arm, tps, 10.0), "link_delay_ms": delay}
+
+    runs = [run(0, "peer:zbv", 0.0, 100), run(0, "bll", 0.0, 90), run(0, "peer:zbv", 20.0, 40),
+            run(0, "bll", 20.0, 88)]
+    cfg = _cfg(micro_batches=(4,), arms=("peer:zbv", "bll"), link_delays_ms=(0.0, 20.0), baseline="peer:zbv",
+               repeats=1)
+    result = compare.aggregate(runs, cfg)
+    ratios = {r["link_delay_ms"]: r for r in result["ratios"]}
+    assert ratios[0.0]["vs"] == "peer:zbv" and ratios[0.0]["tokens_per_s"]["median"] == pytest.approx(0.9)
+    assert ratios[20.0]["tokens_per_s"]["median"] == pytest.approx(2.2)  # 88 / 40: paired within the delay
+    kept = {r["arm"]: r["tokens_per_s"]["median"] for r in result["delay_retention"]}
+    assert kept == {"peer:zbv": pytest.approx(0.4), "bll": pytest.approx(88 / 90)}
+    table = report.markdown({"config": vars(cfg), "command": "x", "runs": runs, **result})
+    assert "| 4 | 20 | bll | 0.978 |" in table and "| 4 | 20 | bll / peer:zbv | 2.200 |" in table
+    cmd = compare.launch_command(compare.parse_args(["--model", "m", "--deepspeed_config", "d", "--out", "o"]),
+                                 "bll", compare.Path("ds.json"), compare.Path("run"), 5.0)
+    assert cmd[cmd.index("--link_delay_ms") + 1] == "5"
 
 
 def test_read_run_counts_drains_in_the_mean_and_finds_the_target(tmp_path):
@@ -109,17 +145,27 @@ def test_compare_runs_bp_and_bll_interleaved_and_writes_results(tmp_path, cache_
     out = tmp_path / "bench"
     argv = ["--model", "models/test-1m.json", "--deepspeed_config", "ds_configs/test-1m.json",
             "--data", str(text_corpus), "--tokenizer", "char", "--steps", "4", "--micro_batches", "2",
-            "--arms", "bp,bll", "--repeats", "1", "--warmup_steps", "1", "--final_eval_batches", "2",
+            "--arms", "bp,bll,peer:1f1b", "--repeats", "1", "--warmup_steps", "1", "--final_eval_batches", "2",
+            "--target_loss", "best-bp",
             "--master_port", "29641", "--out", str(out), "--", "--seq_len", "32", "--cache_dir", str(cache_dir)]
     assert compare.main(argv) == 0
     result = json.loads((out / "bench.json").read_text())
     runs = {r["arm"]: r for r in result["runs"]}
     assert runs["bp"]["grads_sent"] > 0 and runs["bll"]["grads_sent"] == 0
+    # torch's Schedule1F1B trains what DeepSpeed's 1F1B trains: the same losses step by step.
+    assert [s for s, _ in runs["peer:1f1b"]["train_loss"]] == [1, 2, 3, 4]
+    assert [loss for _, loss in runs["peer:1f1b"]["train_loss"]] == \
+        pytest.approx([loss for _, loss in runs["bp"]["train_loss"]], rel=1e-4)
+    assert runs["peer:1f1b"]["val_loss"] == pytest.approx(runs["bp"]["val_loss"], rel=1e-4)
+    # best-bp: the lower final held-out loss of the two backprop arms, reached by that arm.
+    assert result["target_loss"] == min(runs[a]["val"][-1][1] for a in ("bp", "peer:1f1b"))
+    assert any(runs[a]["target_step"] == 4 for a in ("bp", "peer:1f1b"))
     # 1F1B stashes 2 micro-batches at stage 0 of 2; BLL holds one plus its local readout.
     assert runs["bll"]["activation_peak_mb"][0] < runs["bp"]["activation_peak_mb"][0]
     assert all(u is not None and 0 < u <= 1 for r in runs.values() for u in r["utilisation"])
     assert result["ratios"][0]["tokens_per_s"]["n"] == 1
-    for name in ("bench.md", "loss_vs_tokens.png", "loss_vs_seconds.png", "timeline.png", "memory.png"):
+    for name in ("bench.md", "loss_vs_tokens.png", "loss_vs_seconds.png", "heldout_vs_wall.png", "timeline.png",
+                 "memory.png"):
         assert (out / name).stat().st_size > 0
     # A second invocation reuses finished runs instead of launching them again.
     before = (out / "runs" / "M2-bp-r0" / "summary.json").stat().st_mtime

@@ -21,6 +21,7 @@ from helpers import REPO, VENV_BIN, cpu_env
 from bll_ds.bench.peer_pipeline import (PEER_SCHEDULES, fixed_batches, rank_stages, reference_step,
                                         stage_layer_ranges)
 from bll_ds.modeling import load_model_spec
+from bll_ds.modeling.layers import lm_loss
 from bll_ds.modeling.pipeline import build_sequential, layer_specs
 
 MASTER_PORT = 29807
@@ -46,9 +47,13 @@ def config():
 
 
 @pytest.fixture(scope="module")
-def reference(config):
-    batches = fixed_batches(VOCAB, SEQ_LEN, DS_CONFIG["train_micro_batch_size_per_gpu"], MICRO_BATCHES, SEED)
-    return reference_step(config, DS_CONFIG, SEED, batches)
+def reference_batches():
+    return fixed_batches(VOCAB, SEQ_LEN, DS_CONFIG["train_micro_batch_size_per_gpu"], MICRO_BATCHES, SEED)
+
+
+@pytest.fixture(scope="module")
+def reference(config, reference_batches):
+    return reference_step(config, DS_CONFIG, SEED, reference_batches)
 
 
 @pytest.fixture(scope="module")
@@ -87,13 +92,14 @@ def test_stage_layer_ranges_cover_the_model(config):
 
 
 @pytest.mark.parametrize("name", list(PEER_SCHEDULES))
-def test_peer_arm_one_step_matches_autograd(name, peer_runs, reference, config):
+def test_peer_arm_one_step_matches_autograd(name, peer_runs, reference, reference_batches, config):
     folder = peer_runs / name
     error = folder / "error.txt"
     assert not error.exists(), f"{PEER_SCHEDULES[name].class_name} failed on CPU/gloo: {error.read_text()}"
-    params, grads, stages, losses = {}, {}, [], []
+    params, grads, stages, losses, eval_losses = {}, {}, [], [], []
     for rank in range(WORLD):
         saved = torch.load(folder / f"rank{rank}.pt")
+        eval_losses.append(saved["eval_loss"])
         assert not set(saved["params"]) & set(params), "a parameter on two ranks"
         params.update(saved["params"])
         grads.update(saved["grads"])
@@ -109,6 +115,12 @@ def test_peer_arm_one_step_matches_autograd(name, peer_runs, reference, config):
     for key, value in reference["params"].items():
         assert not torch.equal(value, initial[key].detach()), f"{key} did not move: the check would be empty"
         torch.testing.assert_close(params[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {key}: {m}")
+    # The evaluation walk (every rank gets the loss) equals the stepped model's plain forward.
+    stepped = build_sequential(config, SEED)
+    stepped.load_state_dict(reference["params"])
+    with torch.no_grad():
+        expected = torch.stack([lm_loss(stepped(x), y) for x, y in reference_batches]).mean()
+    assert eval_losses == [pytest.approx(float(expected), rel=1e-5)] * WORLD
     # Adam's first step is nearly sign(grad): check the gradients themselves too (before clipping).
     assert set(grads) == set(reference["grads"])
     for key, value in reference["grads"].items():
@@ -116,20 +128,32 @@ def test_peer_arm_one_step_matches_autograd(name, peer_runs, reference, config):
                                    msg=lambda m: f"{name} grad {key}: {m}")
 
 
-def test_peer_pretrain_script_trains(tmp_path, text_corpus, cache_dir):
-    """scripts/peer_pretrain.py: the launchable arm, on the run data pretrain.py builds (2 steps,
-    DualPipeV, which needs micro-batches >= stages = 4)."""
+def test_peer_pretrain_script_trains_and_writes_what_the_harness_reads(tmp_path, text_corpus, cache_dir):
+    """scripts/peer_pretrain.py: the launchable arm, on the run data pretrain.py builds (3 steps of
+    DualPipeV, which needs micro-batches >= stages = 4), through a 20 ms slow link
+    (bll_ds/link_delay.py on torch's P2POp path); its outputs are what the bench harness reads."""
+    from bll_ds.bench import compare
+
     (tmp_path / "ds.json").write_text(json.dumps(DS_CONFIG))
     out = tmp_path / "run"
     cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(WORLD), "--master_port", str(MASTER_PORT + 1),
            str(REPO / "scripts/peer_pretrain.py"), "--schedule", "dualpipev",
            "--model", str(REPO / "models/test-1m.json"), "--deepspeed_config", str(tmp_path / "ds.json"),
            "--data", str(text_corpus), "--tokenizer", "char", "--cache_dir", str(cache_dir),
-           "--steps", "2", "--seq_len", str(SEQ_LEN), "--out", str(out)]
+           "--steps", "3", "--seq_len", str(SEQ_LEN), "--log_interval", "1", "--eval_interval", "2",
+           "--eval_batches", "3", "--final_eval_batches", "3", "--throughput_warmup_steps", "1",
+           "--link_delay_ms", "20", "--out", str(out)]
     result = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    rows = [json.loads(line) for line in (out / "peer_metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
-    assert all(0 < r["loss"] < 10 and r["grad_norm"] > 0 and r["lr"] == 3e-3 for r in rows)
-    summary = json.loads((out / "peer_summary.json").read_text())
-    assert summary["torch_class"] == "ScheduleDualPipeV" and summary["stages"] == 2 * WORLD
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert all(0 < r["train/loss"] < 10 and r["train/grad_norm"] > 0 and r["train/lr"] == 3e-3 for r in train)
+    assert [r["step"] for r in rows if "val/loss" in r] == [2, 3]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["torch_class"] == "ScheduleDualPipeV" and summary["pipeline_stages"] == 2 * WORLD
+    assert summary["stages"] == WORLD and summary["link_delay_ms"] == 20
+    got = compare.read_run(out, warmup_steps=1, target_loss=10.0)
+    assert got["val_loss"] == summary["val_loss"] and got["target_step"] == 2
+    assert [step for step, _ in got["train_s_at_step"]] == [1, 2, 3]
+    assert [stage["pipeline_stages"] for stage in summary["stages_detail"]] == [[0, 3], [1, 2]]

@@ -24,7 +24,10 @@ from bll_ds.bench.plots import OP_KIND
 from bll_ds.bench.simulate import Link, StageCosts, simulate
 from bll_ds.engine.trace import read_timelines
 
-SCHEDULE_OF_ARM = {"bp": "1f1b", "bll-flush": "bll", "bll": "bll-noflush"}
+SCHEDULE_OF_ARM = {"bp": "1f1b", "bll-flush": "bll", "bll": "bll-noflush", "peer:1f1b": "1f1b"}
+# An arm without timelines of its own borrows the per-stage costs of one that does the same work
+# per micro-batch: torch's 1F1B runs DeepSpeed's 1F1B's forward and backward on the same stages.
+COSTS_FROM = {"peer:1f1b": "bp"}
 PER_MICRO_BATCH = {
     "fwd": ("ForwardPass", "ForwardBLL", "LoadMicroBatch", "LoadTargets"),
     "bwd": ("BackwardPass",),
@@ -70,16 +73,43 @@ def _run_dir(bench_dir: Path, run: dict) -> Path:
     return run_dir
 
 
-def predict(run: dict, run_dir: Path) -> dict:
+def arm_kind(arm: str) -> str:
+    """bll:VARIANT and bll-flush:VARIANT run the schedule of their bare arm."""
+    return arm if arm.startswith("peer:") else arm.partition(":")[0]
+
+
+def predict(run: dict, run_dir: Path, delay_s: float = 0.0) -> dict:
+    """The simulator's step time for `run`, from the stage costs traced in `run_dir` (the run
+    itself, or, for a slow-link run, its zero-delay sibling), with `delay_s` added to the link."""
     costs, latency = stage_costs_from_timelines(run_dir, run["M"])
-    schedule = SCHEDULE_OF_ARM[run["arm"]]
-    steps = 6 if schedule == "bll-noflush" else 1
-    result = simulate(schedule, costs, Link(latency_s=latency), micro_batches=run["M"], steps=steps)
+    schedule = SCHEDULE_OF_ARM[arm_kind(run["arm"])]
+    steps = 12 if schedule == "bll-noflush" else 1
+    link = Link(latency_s=latency + delay_s)
+    # With a slow link, several steps: 1F1B's critical path crosses the link inside each step,
+    # and a no-flush BLL pipeline fills once, so the steady state needs more than one step.
+    result = simulate(schedule, costs, link, micro_batches=run["M"], steps=max(steps, 6) if delay_s else steps)
     measured = run["step_s_median"]
     return {"arm": run["arm"], "M": run["M"], "repeat": run["repeat"], "schedule": schedule,
+            "link_delay_ms": run.get("link_delay_ms", 0.0), "costs_from": run_dir.name,
             "predicted_step_s": result.step_time_s, "measured_step_s": measured,
             "error": result.step_time_s / measured - 1, "latency_s": latency,
             "costs": {"fwd": costs.fwd, "bwd": costs.bwd, "local": costs.local, "opt": costs.opt}}
+
+
+def cost_source(bench: dict, run: dict) -> dict:
+    """The run whose timelines price `run`'s stages: the zero-delay run of the same arm (or of
+    COSTS_FROM's arm), M and repeat. A prediction for a slow link is made from costs measured
+    without it: a forecast, not a fit."""
+    arm = COSTS_FROM.get(run["arm"], run["arm"])
+    if arm == run["arm"] and not run.get("link_delay_ms"):
+        return run
+    for other in bench["runs"]:
+        if (other["arm"], other["M"], other["repeat"]) == (arm, run["M"], run["repeat"]) \
+                and not other.get("link_delay_ms"):
+            return other
+    raise SystemExit(f"bll-ds calibrate: error: {run['arm']} at M={run['M']}, repeat {run['repeat']} needs the "
+                     f"zero-delay {arm} run of the same M and repeat for its stage costs. Fix: include {arm} and "
+                     "0 in the benchmark's --arms and --link_delays_ms.")
 
 
 def time_breakdown(run_dir: Path) -> list[dict[str, float]]:
@@ -101,26 +131,28 @@ def time_breakdown(run_dir: Path) -> list[dict[str, float]]:
 
 def breakdown_markdown(bench: dict, bench_dir: Path) -> str:
     kinds = ("forward", "backward", "local loss + backward", "optimizer", "wait / p2p", "other")
-    lines = ["| M | arm | stage | " + " | ".join(kinds) + " |", "| --- " * (3 + len(kinds)) + "|"]
+    lines = ["| M | link delay ms | arm | stage | " + " | ".join(kinds) + " |", "| --- " * (4 + len(kinds)) + "|"]
     for run in bench["runs"]:
-        if run["repeat"] != 0:
+        # Peer and nanoGPT arms trace nothing: they have no rows here.
+        if run["repeat"] != 0 or not read_timelines(bench_dir / "runs" / Path(run["run_dir"]).name):
             continue
         for stage, share in enumerate(time_breakdown(_run_dir(bench_dir, run))):
-            lines.append(f"| {run['M']} | {run['arm']} | {stage} | "
+            lines.append(f"| {run['M']} | {run.get('link_delay_ms', 0.0):g} | {run['arm']} | {stage} | "
                          + " | ".join(f"{share.get(k, 0.0):.0%}" for k in kinds) + " |")
     return "\n".join(lines) + "\n"
 
 
 def markdown(rows: list[dict], command: str) -> str:
     lines = [f"`{command}`", "",
-             "| M | arm | schedule | measured step s (median of repeats) | predicted step s | error (median, min-max) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| M | link delay ms | arm | schedule | measured step s (median of repeats) | predicted step s | "
+             "error (median, min-max) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     groups = defaultdict(list)
     for row in rows:
-        groups[(row["M"], row["arm"])].append(row)
-    for (m, arm), group in groups.items():
+        groups[(row["M"], row.get("link_delay_ms", 0.0), row["arm"])].append(row)
+    for (m, delay, arm), group in groups.items():
         errors = [r["error"] for r in group]
-        lines.append(f"| {m} | {arm} | {group[0]['schedule']} | "
+        lines.append(f"| {m} | {delay:g} | {arm} | {group[0]['schedule']} | "
                      f"{statistics.median(r['measured_step_s'] for r in group):.3f} | "
                      f"{statistics.median(r['predicted_step_s'] for r in group):.3f} | "
                      f"{statistics.median(errors):+.1%} ({min(errors):+.1%} to {max(errors):+.1%}) |")
@@ -135,7 +167,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     bench_dir = Path(args.bench_dir)
     bench = json.loads((bench_dir / "bench.json").read_text())
-    rows = [predict(run, _run_dir(bench_dir, run)) for run in bench["runs"] if run["arm"] in SCHEDULE_OF_ARM]
+    rows = [predict(run, _run_dir(bench_dir, cost_source(bench, run)), run.get("link_delay_ms", 0.0) / 1000)
+            for run in bench["runs"] if arm_kind(run["arm"]) in SCHEDULE_OF_ARM]
     command = "python -m bll_ds.bench.calibrate " + " ".join(argv)
     atomic_write_text(bench_dir / "calibration.json", json.dumps(rows, indent=1) + "\n")
     atomic_write_text(bench_dir / "calibration.md", markdown(rows, command) + "\nWhere the traced steps' time "

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from bll_ds import run_dir as names
 from bll_ds.atomic import atomic_write_text
+from bll_ds.bench import nanogpt_arm
 from bll_ds.bll.variants import get as get_variant
 from bll_ds.errors import UserError
 
@@ -45,16 +46,35 @@ ARMS = {
 }
 
 
+NANOGPT = "nanogpt"  # nanoGPT's own train.py (bll_ds/bench/nanogpt_arm.py), with --nanogpt_dir
+
+
 def arm_args(arm: str) -> list[str]:
     """An arm's pretrain.py flags. `bll:VARIANT` and `bll-flush:VARIANT` train that registered
-    --bll_variant (the bare arms train the default), so levers can be timed side by side."""
+    --bll_variant (the bare arms train the default), so levers can be timed side by side.
+    `peer:SCHEDULE` is backprop under one of torch.distributed.pipelining's schedules
+    (scripts/peer_pretrain.py --schedule SCHEDULE)."""
+    if arm == NANOGPT:
+        return []
     base, _, variant = arm.partition(":")
+    if base == "peer":
+        from bll_ds.bench.peer_pipeline import PEER_SCHEDULES
+
+        if variant not in PEER_SCHEDULES:
+            raise UserError(f"unknown peer schedule in arm {arm!r}.",
+                            f"choose peer:NAME with NAME from {sorted(PEER_SCHEDULES)}.")
+        return ["--schedule", variant]
     if base not in ARMS or (variant and base == "bp"):
-        raise UserError(f"unknown arm {arm!r}.", f"choose from {sorted(ARMS)}, or bll:VARIANT / bll-flush:VARIANT.")
+        raise UserError(f"unknown arm {arm!r}.", f"choose from {sorted(ARMS)}, bll:VARIANT / bll-flush:VARIANT, "
+                        "peer:SCHEDULE, or nanogpt.")
     if not variant:
         return list(ARMS[base])
     get_variant(variant)  # an unknown name fails here, before any launch, listing the registered ones
     return [*ARMS[base], "--bll_variant", variant]
+
+
+def arm_script(arm: str) -> str:
+    return "peer_pretrain.py" if arm.startswith("peer:") else "pretrain.py"
 
 
 def arm_dir_name(arm: str) -> str:
@@ -79,7 +99,10 @@ class BenchConfig:
     eval_interval: int = 0
     eval_batches: int = 20
     final_eval_batches: int = 8
-    target_loss: float | None = None
+    link_delays_ms: tuple[float, ...] = (0.0,)  # one-way delay between stages (--link_delay_ms of each run)
+    baseline: str = "bp"  # the arm every paired ratio divides by
+    nanogpt_dir: str | None = None  # a nanoGPT checkout, for the nanogpt arm
+    target_loss: float | str | None = None  # a loss, or "best-bp": the best backprop arm's final held-out loss
     master_port: int = 29750
     extra: tuple[str, ...] = ()
 
@@ -101,36 +124,83 @@ def parse_args(argv: list[str]) -> BenchConfig:
                    help="hold the sequences per step (per replica) fixed across M: micro-batch size = this / M "
                         "(0 = keep the config's micro-batch size, so tokens per step grow with M)")
     p.add_argument("--arms", default="bp,bll", help=f"comma-separated, from {sorted(ARMS)}; bll:VARIANT and "
-                   "bll-flush:VARIANT train that --bll_variant")
+                   "bll-flush:VARIANT train that --bll_variant; peer:SCHEDULE is backprop under a "
+                   "torch.distributed.pipelining schedule (1f1b, interleaved-1f1b, interleaved-zb, zbv, dualpipev)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup_steps", type=int, default=3, help="steps left out of throughput")
     p.add_argument("--eval_interval", type=int, default=0, help="held-out evaluation every N steps (0 = end only)")
     p.add_argument("--eval_batches", type=int, default=20)
     p.add_argument("--final_eval_batches", type=int, default=8, help="0 = the whole held-out split")
-    p.add_argument("--target_loss", type=float, default=None, help="report the wall time to reach this held-out loss")
+    p.add_argument("--target_loss", type=_target, default=None,
+                   help="report the wall time to reach this held-out loss; 'best-bp' = the lowest median final "
+                        "held-out loss of the backprop arms (bp, peer:*) in this benchmark")
+    p.add_argument("--link_delays_ms", default="0", help="comma-separated one-way link delays between stages, "
+                   "ms; each run gets one as --link_delay_ms (bll_ds/link_delay.py)")
+    p.add_argument("--baseline", default="bp", help="the arm the paired ratios divide by")
+    p.add_argument("--nanogpt_dir", default=None, help="a clone of https://github.com/karpathy/nanoGPT, for the "
+                   "nanogpt arm (its own train.py, run side by side: bll_ds/bench/nanogpt_arm.py)")
     p.add_argument("--master_port", type=int, default=29750)
     own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     a = p.parse_args(own)
     arms = tuple(a.arms.split(","))
     for arm in arms:
         arm_args(arm)
+    if NANOGPT in arms:
+        nanogpt_arm.check_checkout(a.nanogpt_dir)
     return BenchConfig(model=a.model, deepspeed_config=a.deepspeed_config, out=a.out, data=a.data,
                        tokenizer=a.tokenizer, stages=a.stages, data_parallel=a.data_parallel, steps=a.steps,
                        micro_batches=tuple(int(m) for m in a.micro_batches.split(",")), arms=arms,
-                       sequences_per_step=a.sequences_per_step,
+                       sequences_per_step=a.sequences_per_step, baseline=a.baseline, nanogpt_dir=a.nanogpt_dir,
+                       link_delays_ms=tuple(float(d) for d in a.link_delays_ms.split(",")),
                        repeats=a.repeats, warmup_steps=a.warmup_steps, eval_interval=a.eval_interval,
                        eval_batches=a.eval_batches, final_eval_batches=a.final_eval_batches,
                        target_loss=a.target_loss, master_port=a.master_port, extra=tuple(extra))
 
 
+def _target(text: str) -> float | str:
+    if text == BEST_BP:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a loss nor {BEST_BP!r}") from None
+
+
+BEST_BP = "best-bp"
+
+
+def is_backprop(arm: str) -> bool:
+    return arm == "bp" or arm.startswith("peer:")
+
+
+def best_backprop_loss(runs: list[dict]) -> float | None:
+    """The lowest, over backprop arms and M, of each arm's median final held-out loss."""
+    keys = {(r["arm"], r["M"]) for r in runs if is_backprop(r["arm"])}
+    medians = [statistics.median(r["val_loss"] for r in runs if (r["arm"], r["M"]) == key) for key in keys]
+    return min(medians) if medians else None
+
+
 # ---- running ------------------------------------------------------------------------------------
-def schedule(cfg: BenchConfig) -> list[tuple[int, int, str]]:
-    """(repeat, M, arm) in run order: A B A B ..., the arm order reversed every other repeat."""
+def points(cfg: BenchConfig) -> list[tuple[int, float]]:
+    """(M, link delay ms) measured, in run order."""
+    return [(m, d) for m in cfg.micro_batches for d in cfg.link_delays_ms]
+
+
+def schedule(cfg: BenchConfig) -> list[tuple[int, int, float, str]]:
+    """(repeat, M, link delay ms, arm) in run order: A B A B ..., the arm order reversed every
+    other repeat."""
     order = []
     for r in range(cfg.repeats):
         arms = cfg.arms if r % 2 == 0 else tuple(reversed(cfg.arms))
-        order += [(r, m, arm) for m in cfg.micro_batches for arm in arms]
+        # nanoGPT has neither micro-batches nor stage links: it runs once per repeat, at the first point.
+        order += [(r, m, d, arm) for m, d in points(cfg) for arm in arms
+                  if arm != NANOGPT or (m, d) == points(cfg)[0]]
     return order
+
+
+def run_name(repeat: int, m: int, delay: float, arm: str) -> str:
+    link = f"-L{delay:g}ms" if delay else ""
+    return f"M{m}{link}-{arm_dir_name(arm)}-r{repeat}"
 
 
 def ds_config_for(cfg: BenchConfig, micro_batches: int, out: Path) -> Path:
@@ -152,9 +222,9 @@ def ds_config_for(cfg: BenchConfig, micro_batches: int, out: Path) -> Path:
     return path
 
 
-def launch_command(cfg: BenchConfig, arm: str, ds_config: Path, run_dir: Path) -> list[str]:
+def launch_command(cfg: BenchConfig, arm: str, ds_config: Path, run_dir: Path, delay_ms: float = 0.0) -> list[str]:
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(cfg.stages * cfg.data_parallel),
-           "--master_port", str(cfg.master_port), str(REPO / "scripts" / "pretrain.py"),
+           "--master_port", str(cfg.master_port), str(REPO / "scripts" / arm_script(arm)),
            "--model", cfg.model, "--deepspeed_config", str(ds_config), "--stages", str(cfg.stages),
            "--tokenizer", cfg.tokenizer, "--steps", str(cfg.steps), "--out", str(run_dir),
            "--log_interval", "1", "--eval_interval", str(cfg.eval_interval),
@@ -163,14 +233,16 @@ def launch_command(cfg: BenchConfig, arm: str, ds_config: Path, run_dir: Path) -
            "--throughput_warmup_steps", str(cfg.warmup_steps), "--no-progress", *arm_args(arm)]
     if cfg.data:
         cmd += ["--data", cfg.data]
+    if delay_ms:
+        cmd += ["--link_delay_ms", f"{delay_ms:g}"]
     return cmd + list(cfg.extra)
 
 
-def run_one(cfg: BenchConfig, arm: str, ds_config: Path, run_dir: Path) -> float:
+def run_one(cfg: BenchConfig, arm: str, ds_config: Path, run_dir: Path, delay_ms: float = 0.0) -> float:
     """Launch one run; returns the launcher's wall seconds. The launcher's output goes to
     run_dir/launch.log (kept next to the run's own outputs)."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    cmd = launch_command(cfg, arm, ds_config, run_dir)
+    cmd = launch_command(cfg, arm, ds_config, run_dir, delay_ms)
     log_path = run_dir.parent / f"{run_dir.name}.launch.log"
     start = time.time()
     with open(log_path, "w") as log:
@@ -208,10 +280,12 @@ def read_run(run_dir: Path, warmup_steps: int, target_loss: float | None) -> dic
     train_s_at = dict(train_curve)
     losses = [(m["step"], m["train/loss"]) for m in run_log if "train/loss" in m]
     vals = [(m["step"], m["val/loss"], m["time"]) for m in run_log if "val/loss" in m]
+    started = summary.get("started_at")
     reached = next(((step, t) for step, loss, t in vals if target_loss is not None and loss <= target_loss), None)
     stages = summary["stages_detail"]
     return {
         "val_loss": summary["val_loss"], "wall_s": summary["wall_s"], "train_wall_s": summary["train_wall_s"],
+        "startup_s": summary.get("startup_s"),
         "tokens_per_s": summary["tokens_per_s"], "tokens_per_s_mean": tokens_per_s_mean,
         "step_s_median": summary["step_s_median"], "tokens_per_step": tokens,
         "utilisation": [s["utilisation"] for s in stages], "peak_rss_mb": [s["peak_rss_mb"] for s in stages],
@@ -220,6 +294,8 @@ def read_run(run_dir: Path, warmup_steps: int, target_loss: float | None) -> dic
         "matmul_peak_gflops": [s.get("matmul_peak_gflops") for s in stages],
         "grads_sent": sum(s["grads_sent"] for s in stages),
         "train_loss": losses, "val": [(step, loss) for step, loss, _ in vals],
+        # Held-out loss against seconds since the process started: start-up, evaluations and all.
+        "val_wall": [(round(t - started, 2), loss) for _, loss, t in vals] if started else [],
         "train_s_at_step": train_curve,
         "target_step": reached[0] if reached else None,
         "target_train_s": train_s_at.get(reached[0]) if reached else None,
@@ -241,28 +317,29 @@ def _per_stage(rows: list[list[float]]) -> list[float | None]:
 
 def aggregate(runs: list[dict], cfg: BenchConfig) -> dict:
     groups = []
-    for m in cfg.micro_batches:
+    for m, delay in points(cfg):
         for arm in cfg.arms:
-            mine = [r for r in runs if r["M"] == m and r["arm"] == arm]
+            mine = [r for r in runs if r["M"] == m and r.get("link_delay_ms", 0.0) == delay and r["arm"] == arm]
             if not mine:
                 continue
-            groups.append({"M": m, "arm": arm, "runs": len(mine),
+            groups.append({"M": m, "link_delay_ms": delay, "arm": arm, "runs": len(mine),
                            **{k: _spread([r[k] for r in mine]) for k in
                               ("tokens_per_s", "tokens_per_s_mean", "step_s_median", "val_loss", "wall_s",
-                               "launcher_wall_s", "target_wall_s", "target_train_s")},
+                               "launcher_wall_s", "target_wall_s", "target_train_s", "startup_s", "train_wall_s")},
                            **{k: _per_stage([r[k] for r in mine]) for k in
                               ("utilisation", "peak_rss_mb", "activation_peak_mb", "mfu")}})
     ratios = []
-    baseline = "bp" if "bp" in cfg.arms else None
-    for m in cfg.micro_batches:
+    baseline = cfg.baseline if cfg.baseline in cfg.arms else None
+    for m, delay in points(cfg):
         for arm in cfg.arms:
             if baseline is None or arm == baseline:
                 continue
-            # Paired by repeat: each BLL run against the BP run of the same repeat and M.
+            # Paired by repeat: each run against the baseline run of the same repeat, M and delay.
             pairs = [(r, b) for r in runs for b in runs if r["M"] == b["M"] == m and r["repeat"] == b["repeat"]
+                     and r.get("link_delay_ms", 0.0) == b.get("link_delay_ms", 0.0) == delay
                      and r["arm"] == arm and b["arm"] == baseline]
             if pairs:
-                ratios.append({"M": m, "arm": arm, "vs": baseline,
+                ratios.append({"M": m, "link_delay_ms": delay, "arm": arm, "vs": baseline,
                                "tokens_per_s": _spread([r["tokens_per_s"] / b["tokens_per_s"] for r, b in pairs]),
                                "tokens_per_s_mean": _spread([r["tokens_per_s_mean"] / b["tokens_per_s_mean"]
                                                              for r, b in pairs]),
@@ -270,7 +347,26 @@ def aggregate(runs: list[dict], cfg: BenchConfig) -> dict:
                                "stage0_activation": _spread([
                                    r["activation_peak_mb"][0] / b["activation_peak_mb"][0] for r, b in pairs
                                    if r["activation_peak_mb"][0] and b["activation_peak_mb"][0]])})
-    return {"groups": groups, "ratios": ratios}
+    return {"groups": groups, "ratios": ratios, "delay_retention": delay_retention(runs, cfg)}
+
+
+def delay_retention(runs: list[dict], cfg: BenchConfig) -> list[dict]:
+    """Per arm, M and delay: tokens/s with the delay over tokens/s without it, paired by repeat
+    (needs 0 among --link_delays_ms)."""
+    rows = []
+    for m, delay in points(cfg):
+        if delay == 0.0 or 0.0 not in cfg.link_delays_ms:
+            continue
+        for arm in cfg.arms:
+            pairs = [(r, b) for r in runs for b in runs if r["arm"] == b["arm"] == arm and r["M"] == b["M"] == m
+                     and r["repeat"] == b["repeat"] and r.get("link_delay_ms") == delay
+                     and b.get("link_delay_ms", 0.0) == 0.0]
+            if pairs:
+                rows.append({"M": m, "link_delay_ms": delay, "arm": arm,
+                             "tokens_per_s": _spread([r["tokens_per_s"] / b["tokens_per_s"] for r, b in pairs]),
+                             "tokens_per_s_mean": _spread([r["tokens_per_s_mean"] / b["tokens_per_s_mean"]
+                                                           for r, b in pairs])})
+    return rows
 
 
 # ---- entry ---------------------------------------------------------------------------------------
@@ -282,25 +378,39 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ds_configs = {m: ds_config_for(cfg, m, out) for m in cfg.micro_batches}
     order = schedule(cfg)
-    runs = []
+    runs, finished = [], []
     with tqdm(total=len(order), unit="run", dynamic_ncols=True, file=sys.stderr) as bar:
-        for repeat, m, arm in order:
-            run_dir = out / "runs" / f"M{m}-{arm_dir_name(arm)}-r{repeat}"
+        for repeat, m, delay, arm in order:
+            run_dir = out / "runs" / run_name(repeat, m, delay, arm)
             bar.set_postfix_str(run_dir.name)
             launcher_wall = None
             if not (run_dir / names.SUMMARY).is_file():
                 if run_dir.exists():  # a run killed half-way: start it again from scratch
                     shutil.rmtree(run_dir)
-                launcher_wall = run_one(cfg, arm, ds_configs[m], run_dir)
+                if arm == NANOGPT:
+                    run_dir.mkdir(parents=True)
+                    launcher_wall = nanogpt_arm.run(nanogpt_arm.check_checkout(cfg.nanogpt_dir), cfg.data or "",
+                                                    cfg.steps, cfg.warmup_steps, run_dir,
+                                                    run_dir.parent / f"{run_dir.name}.launch.log", cfg.eval_interval)
+                else:
+                    launcher_wall = run_one(cfg, arm, ds_configs[m], run_dir, delay)
                 atomic_write_text(run_dir / "launcher_wall_s.txt", f"{launcher_wall:.2f}\n")
             elif (run_dir / "launcher_wall_s.txt").is_file():
                 launcher_wall = float((run_dir / "launcher_wall_s.txt").read_text())
-            runs.append({"repeat": repeat, "M": m, "arm": arm, "run_dir": str(run_dir),
-                         "launcher_wall_s": launcher_wall,
-                         **read_run(run_dir, cfg.warmup_steps, cfg.target_loss)})
+            finished.append((repeat, m, delay, arm, run_dir, launcher_wall))
             bar.update(1)
+    target = cfg.target_loss
+    if target == BEST_BP:  # needs every run's final loss first
+        # The final evaluation as logged (summary.json rounds it), so that arm's own last
+        # evaluation reaches the target.
+        target = best_backprop_loss([{"arm": arm, "M": m, "val_loss": read_run(d, cfg.warmup_steps, None)["val"][-1][1]}
+                                     for _, m, delay, arm, d, _ in finished if not delay])
+    for repeat, m, delay, arm, run_dir, launcher_wall in finished:
+        runs.append({"repeat": repeat, "M": m, "link_delay_ms": delay, "arm": arm, "run_dir": str(run_dir),
+                     "launcher_wall_s": launcher_wall,
+                     **read_run(run_dir, cfg.warmup_steps, target)})
     result = {"config": asdict(cfg), "command": "python -m bll_ds.bench compare " + shlex.join(argv),
-              "runs": runs, **aggregate(runs, cfg)}
+              "target_loss": target, "runs": runs, **aggregate(runs, cfg)}
     atomic_write_text(out / "bench.json", json.dumps(result, indent=1) + "\n")
     atomic_write_text(out / "bench.md", report.markdown(result))
     plots.write_all(result, out)

@@ -29,7 +29,7 @@ One-step check (what tests/test_peer_pipeline.py launches on 2 gloo ranks):
         --schedules 1f1b,zbv --out /tmp/peer
 
 writes OUT/<schedule>/rank<r>.pt (this rank's parameters after one step, the gradients before
-clipping, the global norm) or OUT/<schedule>/error.txt (the exception, identical on every rank
+clipping, the global norm, and `PeerArm.evaluate`'s loss on the same batches after the step) or OUT/<schedule>/error.txt (the exception, identical on every rank
 for a schedule that fails on construction). `reference_step` is the single-process autograd
 step those are compared with.
 """
@@ -144,6 +144,7 @@ class PeerArm:
         self.scheduler = build_scheduler(self.optimizer, ds_config)
         self.clip = float(ds_config.get("gradient_clipping", 0.0) or 0.0)
         self.group = group
+        self.hidden_size = config.hidden_size
         self.last_grads: dict[str, torch.Tensor] | None = None
         self.last_norm: float | None = None
 
@@ -186,6 +187,40 @@ class PeerArm:
         if self.scheduler is not None:
             self.scheduler.step()
         return float(norm)
+
+    def owner(self, stage: int) -> int:
+        """The rank that holds pipeline stage `stage`."""
+        return next(r for r in range(self.world) if stage in rank_stages(self.schedule_spec, r, self.world))
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Mean held-out loss of the whole network, on every rank. Not through the schedule (its
+        state stays untouched, and every arm is evaluated by the same code): each rank runs its
+        stages in order, each over all batches, receiving inputs from the previous stage's owner
+        and sending outputs (isend) to the next one's. Stage-major, so ranks overlap: with the V
+        placement a batch-major walk would leave rank 0 idle while rank 1 runs stages 1 and 2."""
+        modules = dict(zip(self.stage_ids, self.modules))
+        last_owner = self.owner(self.num_stages - 1)
+        held = [x.to(self.device) for x, _ in batches]  # this rank's current activation per batch
+        pending, total = [], torch.zeros(1, dtype=torch.float64)
+        for s in self.stage_ids:
+            src = self.owner(s - 1) if s else self.rank
+            dst = self.owner(s + 1) if s + 1 < self.num_stages else self.rank
+            for i, (x, y) in enumerate(batches):
+                if src != self.rank:
+                    held[i] = torch.empty(*x.shape, self.hidden_size, device=self.device)
+                    dist.recv(held[i], src, group=self.group)
+                held[i] = modules[s](held[i])
+                if s == self.num_stages - 1:  # logits: scored at once, never all kept
+                    total += float(lm_loss(held[i], y.to(self.device)))
+                    held[i] = None
+                elif dst != self.rank:
+                    out = held[i].contiguous()
+                    pending.append((dist.isend(out, dst, group=self.group), out))
+        for work, _ in pending:
+            work.wait()
+        dist.broadcast(total, src=last_owner, group=self.group)
+        return float(total) / len(batches)
 
     def train_step(self, batches, keep_grads: bool = False) -> tuple[float | None, float]:
         """(mean loss on the last stage's rank else None, global grad norm before clipping)."""
@@ -261,7 +296,8 @@ def one_step_check(args) -> int:
         try:
             arm = PeerArm(name, config, ds_config, args.seed, args.micro_batches)
             loss, norm = arm.train_step(batches, keep_grads=True)
-            torch.save(dict(stages=arm.stage_ids, loss=loss, norm=norm,
+            eval_loss = arm.evaluate(batches)  # the held-out path, on the stepped weights
+            torch.save(dict(stages=arm.stage_ids, loss=loss, norm=norm, eval_loss=eval_loss,
                             params={n: p.detach().clone() for n, p in arm.named_parameters()},
                             grads=arm.last_grads), folder / f"rank{rank}.pt")
         except Exception as err:  # recorded, not raised: the other schedules still run

@@ -30,6 +30,7 @@ KIND_COLOUR = {"forward": "tab:blue", "backward": "tab:orange", "local loss + ba
 def write_all(result: dict, out: Path) -> list[Path]:
     return [loss_curves(result, out / "loss_vs_tokens.png", x="tokens"),
             loss_curves(result, out / "loss_vs_seconds.png", x="seconds"),
+            heldout_vs_wall(result, out / "heldout_vs_wall.png"),
             timelines(result, out / "timeline.png"),
             memory(result, out / "memory.png")]
 
@@ -54,6 +55,31 @@ def loss_curves(result: dict, path: Path, x: str) -> Path:
     ax.set_xlabel("tokens" if x == "tokens" else "training seconds (sum of step times)")
     ax.set_ylabel("loss")
     ax.set_title(f"loss against {x} (repeat 0)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def heldout_vs_wall(result: dict, path: Path) -> Path:
+    """Held-out loss against seconds since each run's process started (every repeat), with the
+    time-to-loss target as a line: the headline plot of a time-to-loss benchmark."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {}
+    for run in result["runs"]:
+        if not run.get("val_wall"):
+            continue
+        key = (run["arm"], run["M"])
+        xs, ys = zip(*run["val_wall"])
+        line, = ax.plot(xs, ys, "o-", ms=2.5, lw=1, color=colours.get(key),
+                        label=None if key in colours else f"{run['arm']} M={run['M']}")
+        colours.setdefault(key, line.get_color())
+    if result.get("target_loss") is not None:
+        ax.axhline(result["target_loss"], color="black", lw=0.8, ls=":", label=f"target {result['target_loss']:.4f}")
+    ax.set_xlabel("seconds since the run's process started")
+    ax.set_ylabel("held-out loss")
+    ax.set_title("held-out loss against wall-clock time (all repeats)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -17,7 +17,7 @@ from bll_ds.run_dir import SUMMARY
 
 def build_summary(cfg, ds, engine, model_config, recent, step_times, seq_len: int, start_step: int,
                   val_loss: float, started: float, wall_s: float, train_wall_s: float,
-                  matmul_peak_gflops: dict | None) -> dict:
+                  matmul_peak_gflops: dict | None, startup_s: float | None = None) -> dict:
     """Gathers every rank's stage summaries: the run's one collective outside evaluation and
     checkpoints, at its very end. `recent`: per local stage, its last applied StepRecords;
     `step_times`: every step's seconds on this rank (the warm-up ones are left out of the medians)."""
@@ -34,13 +34,15 @@ def build_summary(cfg, ds, engine, model_config, recent, step_times, seq_len: in
         "params": count_parameters(model_config), "steps": ds.steps, "resumed_from_step": start_step,
         "tokens_seen": ds.steps * tokens_per_step, "tokens_per_step": tokens_per_step,
         "started_at": round(started, 3), "wall_s": round(wall_s, 2), "train_wall_s": round(train_wall_s, 2),
+        # Process start to the first step: imports, process group, data, engine, resume, matmul peak.
+        "startup_s": round(startup_s, 2) if startup_s is not None else None,
         "tokens_per_s": round(tokens_per_step / statistics.median(warm), 1),
         "step_s_median": round(statistics.median(warm), 5),
         # The whole pipeline's model FLOP/s per replica (local readouts and feedback counted as work).
         "model_gflops_per_s": round(sum(s["model_gflops_per_s"] for s in first_replica), 2),
         "val_loss": round(val_loss, 5), "seq_len": seq_len, "micro_batches": ds.micro_batches,
         "micro_batch_size": ds.micro_batch_size, "bf16": ds.bf16,
-        "device": str(engine.device), "emulated": cfg.emulate,
+        "device": str(engine.device), "emulated": cfg.emulate, "link_delay_ms": cfg.link_delay_ms,
         "stage_layout": "per stage: data-parallel replica 0; tokens_per_s and step times from the last stage"
         + ("; emulated in one process: stages run one after another, busy_s is each stage's own compute"
            if cfg.emulate else ""),
