@@ -49,3 +49,13 @@ def test_negative_delay_is_refused():
 
     with pytest.raises(ValueError, match=">= 0"):
         link_delay.install(-1.0)
+
+
+def test_the_emulator_refuses_a_link_delay(tmp_path):
+    cmd = [str(VENV_BIN / "python"), str(REPO / "scripts/pretrain.py"), "--emulate", "--stages", "2",
+           "--model", str(REPO / "models/test-1m.json"), "--deepspeed_config", str(REPO / "ds_configs/test-1m.json"),
+           "--tokenizer", "char", "--steps", "2", "--link_delay_ms", "5", "--out", str(tmp_path / "run")]
+    result = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "the emulator has none" in result.stderr and "--latency_us" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -323,7 +323,7 @@ def aggregate(runs: list[dict], cfg: BenchConfig) -> dict:
             if not mine:
                 continue
             groups.append({"M": m, "link_delay_ms": delay, "arm": arm, "runs": len(mine),
-                           **{k: _spread([r[k] for r in mine]) for k in
+                           **{k: _spread([r.get(k) for r in mine]) for k in
                               ("tokens_per_s", "tokens_per_s_mean", "step_s_median", "val_loss", "wall_s",
                                "launcher_wall_s", "target_wall_s", "target_train_s", "startup_s", "train_wall_s")},
                            **{k: _per_stage([r[k] for r in mine]) for k in

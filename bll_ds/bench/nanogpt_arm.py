@@ -144,8 +144,9 @@ def write_run(run_dir: Path, iters: list[dict], evals: list[dict], started: floa
             f.write(json.dumps({"step": step, "time": round(stamp, 3), **scalars}) + "\n")
     warm = [it["step_s"] for it in iters if it["step"] >= warmup_steps] or [it["step_s"] for it in iters]
     median = statistics.median(warm)
+    # "steps": the iterations it ran. nanoGPT runs iterations 0..max_iters, one more than asked.
     summary = {"method": "nanogpt", "nanogpt_commit": commit, "stages": 1, "dp": 1,
-               "steps": iters[-1]["step"] + 1, "tokens_per_step": tokens_per_step,
+               "steps": len(iters), "tokens_per_step": tokens_per_step,
                "started_at": round(started, 3), "wall_s": round(wall, 2),
                "train_wall_s": round(iters[-1]["time"] - iters[0]["time"] + iters[0]["step_s"], 2),
                "startup_s": round(iters[0]["time"] - iters[0]["step_s"] - started, 2),
