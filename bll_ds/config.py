@@ -18,6 +18,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bll_ds.errors import UserError
+
 METHODS = ("bp", "bll")
 ON_NONFINITE = ("stop", "skip")
 RESUME = ("no", "yes", "auto")
@@ -108,6 +110,16 @@ class MetricsConfig:
     progress: bool = _doc("Show a tqdm progress bar on rank 0.", flag="progress", default=True)
 
 
+def resolve_seq_len(cfg: "RunConfig", model_config) -> int:
+    """--seq_len, or the model's context length; it must fit the context."""
+    context = model_config.max_position_embeddings
+    seq_len = cfg.seq_len or context
+    if not 1 <= seq_len <= context:
+        raise UserError(f"--seq_len {seq_len} does not fit the model's context of {context} positions.",
+                        f"pass --seq_len between 1 and {context}, or raise the spec's context length.")
+    return seq_len
+
+
 @dataclass
 class RunConfig:
     model: str = _doc("Model spec: a Hugging Face config.json of the gpt2 or llama family (models/*.json).")
@@ -143,7 +155,7 @@ class RunConfig:
                                                default=0)
     link_delay_ms: float = _doc("Benchmarks: every point-to-point message between stages arrives this many "
                                 "milliseconds after it is sent (one way), without blocking the sender "
-                                "(bll_ds/bench/link_delay.py). 0 = off.", default=0.0)
+                                "(bll_ds/link_delay.py). 0 = off.", default=0.0)
     custom_import: str | None = _doc("A .py file or module imported before the flags are parsed, e.g. one that "
                                      "registers a BLL variant of your own (bll_ds/bll/variants.py).", default=None)
     bll: BLLConfig = field(default_factory=BLLConfig, metadata={"prefix": "bll_"})

@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
+from bll_ds.errors import UserError
+
 _ORIGINAL: dict[str, object] = {}
 _SENDERS: dict[tuple, "_PeerSender"] = {}
 _LOCK = threading.Lock()
@@ -70,14 +72,14 @@ class _PeerSender(threading.Thread):
             if item is None:
                 return
             due, tensor, tag = item
-            wait = due - time.perf_counter()
-            if wait > 0:
-                time.sleep(wait)
             try:
-                isend(tensor, self.dst, group=self.group, tag=tag).wait()
+                if self.error is None:  # after a failure the queue is only drained, so flush() returns
+                    wait = due - time.perf_counter()
+                    if wait > 0:
+                        time.sleep(wait)
+                    isend(tensor, self.dst, group=self.group, tag=tag).wait()
             except BaseException as err:  # surfaced on the caller's next send
                 self.error = err
-                return
             finally:
                 self.inbox.task_done()
 
@@ -110,6 +112,12 @@ def _delayed_isend(tensor, dst=None, group=None, tag=0, group_dst=None):
 
 def _delayed_send(tensor, dst=None, group=None, tag=0, group_dst=None):
     _enqueue(tensor, dst, group, tag, group_dst)
+
+
+def check_flag(delay_ms: float) -> None:
+    """--link_delay_ms as a launch flag: before any process group exists."""
+    if delay_ms < 0:
+        raise UserError(f"--link_delay_ms {delay_ms} is negative.", "pass 0 (off) or a one-way delay in ms.")
 
 
 def install(delay_ms: float) -> None:

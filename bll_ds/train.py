@@ -22,7 +22,7 @@ from deepspeed.accelerator import get_accelerator
 from bll_ds import checkpoint, distributed, link_delay
 from bll_ds import run_dir as names
 from bll_ds.atomic import atomic_write_text
-from bll_ds.config import RunConfig, parse_run_config
+from bll_ds.config import RunConfig, parse_run_config, resolve_seq_len
 from bll_ds.data import EvalBatches, MicroBatchSampler, parse_tokenizer_spec
 from bll_ds.ds_config import DsSettings, bf16_pays_off, load_ds_config
 from bll_ds.engine import build_engine
@@ -77,7 +77,7 @@ def train(cfg: RunConfig, started: float) -> None:
     # Fail on bad input before any process group, file or thread exists.
     spec = load_model_spec(cfg.model)
     check_stages(spec, cfg.stages)
-    _seq_len(cfg, spec)
+    resolve_seq_len(cfg, spec)
     if cfg.emulate and world > 1:
         raise UserError(f"--emulate trains all {cfg.stages} stages in one process, but this is one of {world} "
                         f"launched ranks.",
@@ -99,8 +99,7 @@ def train(cfg: RunConfig, started: float) -> None:
                         f"its own checkpoint.", "drop --init_from when resuming, or choose a new --out.")
     check_run_dir_storage(run_dir, count_parameters(spec), cfg.checkpoint.keep)
     created_run_dir = not run_dir.exists()
-    if cfg.link_delay_ms < 0:
-        raise UserError(f"--link_delay_ms {cfg.link_delay_ms} is negative.", "pass 0 (off) or a one-way delay in ms.")
+    link_delay.check_flag(cfg.link_delay_ms)
     if cfg.link_delay_ms and cfg.emulate:
         raise UserError("--link_delay_ms delays messages between launched ranks; the emulator has none.",
                         "launch the stages (deepspeed/torchrun) to time a slow link, or model it with "
@@ -125,7 +124,7 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float, resume
     monitor_sections = take_monitor_sections(ds.config)
     data = prepare_run_data(cfg, run_dir)
     model_config = load_model_spec(cfg.model, vocab_size=data.tokenizer.vocab_size)
-    seq_len = _seq_len(cfg, model_config)
+    seq_len = resolve_seq_len(cfg, model_config)
     resolved = {**dataclasses.asdict(cfg), "steps": ds.steps, "seq_len": seq_len}  # run_config.json, W&B
     if dist.get_rank() == 0:
         # The resolved model (the tokenizer sets the vocabulary): what evaluate/export/generate
@@ -261,15 +260,6 @@ def _call_length(step: int, cfg: RunConfig, total: int) -> int:
         if interval:
             n = min(n, interval - step % interval)
     return max(n, 1)
-
-
-def _seq_len(cfg: RunConfig, model_config) -> int:
-    context = model_config.max_position_embeddings
-    seq_len = cfg.seq_len or context
-    if not 1 <= seq_len <= context:
-        raise UserError(f"--seq_len {seq_len} does not fit the model's context of {context} positions.",
-                        f"pass --seq_len between 1 and {context}, or raise the spec's context length.")
-    return seq_len
 
 
 def _check_run_dir(run_dir: Path, resume: str) -> bool:

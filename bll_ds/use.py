@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from bll_ds import checkpoint
-from bll_ds.checkpoint import resolve_checkpoint  # noqa: F401  (part of this module's interface)
+from bll_ds.checkpoint import resolve_checkpoint
 from bll_ds.atomic import atomic_write_text
 from bll_ds.errors import UserError
 from bll_ds.modeling import load_model_spec

@@ -39,7 +39,7 @@ from bll_ds import run_dir as names  # noqa: E402
 from bll_ds.atomic import atomic_write_text  # noqa: E402
 from bll_ds import link_delay  # noqa: E402
 from bll_ds.bench.peer_pipeline import PEER_SCHEDULES, PeerArm  # noqa: E402
-from bll_ds.config import parse_run_config  # noqa: E402
+from bll_ds.config import parse_run_config, resolve_seq_len  # noqa: E402
 from bll_ds.data import EvalBatches, MicroBatchSampler  # noqa: E402
 from bll_ds.ds_config import load_ds_config  # noqa: E402
 from bll_ds.errors import UserError  # noqa: E402
@@ -57,12 +57,13 @@ def train(schedule: str, argv: list[str]) -> None:
     if ds.config.get("bf16", {}).get("enabled", False) not in (False, None, "auto"):
         raise UserError(f"{cfg.deepspeed_config} enables bf16; the peer arms run fp32 only.",
                         'use a config with "bf16": {"enabled": false} (or "auto", read as fp32 here).')
+    link_delay.check_flag(cfg.link_delay_ms)
     distributed.init()
     link_delay.install(cfg.link_delay_ms)
     run_dir = Path(cfg.out)
     data = prepare_run_data(cfg, run_dir)
     model_config = load_model_spec(cfg.model, vocab_size=data.tokenizer.vocab_size)
-    seq_len = cfg.seq_len or model_config.max_position_embeddings
+    seq_len = resolve_seq_len(cfg, model_config)
     arm = PeerArm(spec, model_config, ds.config, cfg.seed, ds.micro_batches)
     sampler = MicroBatchSampler(data.train_tokens, seq_len, ds.micro_batch_size, cfg.seed)
     eval_set = list(EvalBatches(data.val_tokens, seq_len, ds.micro_batch_size, cfg.eval.batches))
@@ -75,7 +76,7 @@ def train(schedule: str, argv: list[str]) -> None:
               f"{count_parameters(model_config) / 1e6:.2f}M params | vocab {model_config.vocab_size} | "
               f"{ds.micro_batches} micro-batches x {ds.micro_batch_size} x {seq_len} tokens | "
               f"steps 0->{ds.steps} | {run_dir}")
-    step_times, val_loss = [], None
+    step_times = []
     train_started = time.time()
     for step in range(1, ds.steps + 1):
         batches = [sampler.get(step - 1, m, ds.micro_batches) for m in range(ds.micro_batches)]
@@ -94,9 +95,9 @@ def train(schedule: str, argv: list[str]) -> None:
     train_wall_s = time.time() - train_started
     val_loss = arm.evaluate(final_eval_set)
     log.log(ds.steps, {"val/loss": val_loss})
-    warm = step_times[cfg.metrics.throughput_warmup_steps:] or step_times
+    median_step_s = statistics.median(step_times[cfg.metrics.throughput_warmup_steps:] or step_times)
     mine = {"stage": rank, "pipeline_stages": arm.stage_ids, "peak_rss_mb": round(peak_rss_mb(), 1),
-            "step_s_median": round(statistics.median(warm), 5), "utilisation": None,
+            "step_s_median": round(median_step_s, 5), "utilisation": None,
             "activation_peak_mb": None, "mfu": None, "model_gflops_per_s": None, "matmul_peak_gflops": None,
             "grads_sent": 0}
     gathered = [None] * world
@@ -108,8 +109,8 @@ def train(schedule: str, argv: list[str]) -> None:
                    "tokens_seen": ds.steps * tokens_per_step, "tokens_per_step": tokens_per_step,
                    "started_at": round(STARTED, 3), "wall_s": round(time.time() - STARTED, 2),
                    "train_wall_s": round(train_wall_s, 2), "startup_s": round(train_started - STARTED, 2),
-                   "tokens_per_s": round(tokens_per_step / statistics.median(warm), 1),
-                   "step_s_median": round(statistics.median(warm), 5), "val_loss": round(val_loss, 5),
+                   "tokens_per_s": round(tokens_per_step / median_step_s, 1),
+                   "step_s_median": round(median_step_s, 5), "val_loss": round(val_loss, 5),
                    "seq_len": seq_len, "micro_batches": ds.micro_batches, "micro_batch_size": ds.micro_batch_size,
                    "bf16": False, "device": str(arm.device), "link_delay_ms": cfg.link_delay_ms,
                    "stages_detail": gathered}

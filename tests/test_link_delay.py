@@ -59,3 +59,12 @@ def test_the_emulator_refuses_a_link_delay(tmp_path):
     assert result.returncode != 0
     assert "the emulator has none" in result.stderr and "--latency_us" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_negative_flag_is_a_user_error_naming_it():
+    from bll_ds import link_delay
+    from bll_ds.errors import UserError
+
+    with pytest.raises(UserError, match="--link_delay_ms -1.0 is negative"):
+        link_delay.check_flag(-1.0)
+    link_delay.check_flag(0.0)

@@ -315,3 +315,24 @@ def test_cli_plan_clusters_and_rss(tmp_path, capsys):
     stage_plan = memory.plan("models/llama-25m.json", 2, 1, 4, 256, 4, "fp32", 1, "bp")
     rss = memory.predicted_rss_mb("models/llama-25m.json", 2, 1, 4, 256, 4, "fp32", 1, "bp", baseline_mb=100.0)
     assert rss == [100.0 + s.peak_bytes / memory.MIB for s in stage_plan]
+
+
+def test_the_budget_search_finds_the_largest_micro_batch_that_fits():
+    from bll_ds.bench.memory import GIB, max_stage_bytes, plan
+    from bll_ds.bench.memory_budget import fits
+
+    budget = GIB
+    rows = fits("models/llama-25m.json", 2, budget, 256, 4, "dgl-context:dim=64:neg=2048", vocab_size=4096,
+                dtype="fp32", zero_stage=1)
+    assert [(f.method, f.activation_checkpoint_interval) for f in rows] == [("bp", 0), ("bp", 1), ("bll", 0),
+                                                                            ("bll", 1)]
+    for f in rows:
+        kwargs = dict(dtype="fp32", zero_stage=1, method=f.method, vocab_size=4096,
+                      activation_checkpoint_interval=f.activation_checkpoint_interval,
+                      **({"variant": "dgl-context:dim=64:neg=2048"} if f.method == "bll" else {}))
+        worst = [max_stage_bytes(plan("models/llama-25m.json", 2, 1, b, 256, 4, **kwargs))
+                 for b in (f.micro_batch_size, f.micro_batch_size + 1)]
+        assert f.micro_batch_size >= 1 and worst[0] <= budget < worst[1]
+    # Checkpointing every layer lets either method take a larger micro-batch.
+    by = {(f.method, f.activation_checkpoint_interval): f.micro_batch_size for f in rows}
+    assert by[("bp", 1)] > by[("bp", 0)] and by[("bll", 1)] > by[("bll", 0)]

@@ -19,6 +19,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from bll_ds import run_dir as names
 from bll_ds.atomic import atomic_write_text
 from bll_ds.bench.plots import OP_KIND
 from bll_ds.bench.simulate import Link, StageCosts, simulate
@@ -83,11 +84,10 @@ def predict(run: dict, run_dir: Path, delay_s: float = 0.0) -> dict:
     itself, or, for a slow-link run, its zero-delay sibling), with `delay_s` added to the link."""
     costs, latency = stage_costs_from_timelines(run_dir, run["M"])
     schedule = SCHEDULE_OF_ARM[arm_kind(run["arm"])]
-    steps = 12 if schedule == "bll-noflush" else 1
-    link = Link(latency_s=latency + delay_s)
-    # With a slow link, several steps: 1F1B's critical path crosses the link inside each step,
-    # and a no-flush BLL pipeline fills once, so the steady state needs more than one step.
-    result = simulate(schedule, costs, link, micro_batches=run["M"], steps=max(steps, 6) if delay_s else steps)
+    # A no-flush BLL pipeline fills once, so its steady state needs many steps; with a slow link
+    # 1F1B's critical path crosses the link inside each step, so it needs several too.
+    steps = 12 if schedule == "bll-noflush" else 6 if delay_s else 1
+    result = simulate(schedule, costs, Link(latency_s=latency + delay_s), micro_batches=run["M"], steps=steps)
     measured = run["step_s_median"]
     return {"arm": run["arm"], "M": run["M"], "repeat": run["repeat"], "schedule": schedule,
             "link_delay_ms": run.get("link_delay_ms", 0.0), "costs_from": run_dir.name,
@@ -134,9 +134,10 @@ def breakdown_markdown(bench: dict, bench_dir: Path) -> str:
     lines = ["| M | link delay ms | arm | stage | " + " | ".join(kinds) + " |", "| --- " * (4 + len(kinds)) + "|"]
     for run in bench["runs"]:
         # Peer and nanoGPT arms trace nothing: they have no rows here.
-        if run["repeat"] != 0 or not read_timelines(bench_dir / "runs" / Path(run["run_dir"]).name):
+        run_dir = bench_dir / "runs" / Path(run["run_dir"]).name
+        if run["repeat"] != 0 or not names.timelines(run_dir):
             continue
-        for stage, share in enumerate(time_breakdown(_run_dir(bench_dir, run))):
+        for stage, share in enumerate(time_breakdown(run_dir)):
             lines.append(f"| {run['M']} | {run.get('link_delay_ms', 0.0):g} | {run['arm']} | {stage} | "
                          + " | ".join(f"{share.get(k, 0.0):.0%}" for k in kinds) + " |")
     return "\n".join(lines) + "\n"

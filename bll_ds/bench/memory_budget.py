@@ -16,12 +16,14 @@ the cluster table (`GpuBudget`: 10% and 3 GiB on 80 GiB GPUs), or exactly --budg
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bll_ds.bench.memory import GIB, GpuBudget, max_stage_bytes, modelled_spec, plan
+from bll_ds.modeling import load_model_spec
 
 ARMS = (("bp", 0), ("bp", 1), ("bll", 0), ("bll", 1))  # (method, activation_checkpoint_interval)
 
@@ -38,6 +40,7 @@ class Fit:
 def largest_micro_batch(spec, stages: int, method: str, budget_bytes: int, seq_len: int,
                         micro_batches: int, *, limit: int = 4096, **plan_kwargs) -> Fit:
     """Binary search over the micro-batch size: the planner's peak grows with it."""
+    @functools.cache
     def worst(b: int) -> int:
         return max_stage_bytes(plan(spec, stages, 1, b, seq_len, micro_batches, method=method, **plan_kwargs))
 
@@ -55,8 +58,9 @@ def largest_micro_batch(spec, stages: int, method: str, budget_bytes: int, seq_l
 
 
 def fits(spec, stages: int, budget_bytes: int, seq_len: int, micro_batches: int, variant: str,
-         **plan_kwargs) -> list[Fit]:
-    return [largest_micro_batch(spec, stages, method, budget_bytes, seq_len, micro_batches,
+         vocab_size: int | None = None, **plan_kwargs) -> list[Fit]:
+    config = load_model_spec(spec, vocab_size)  # once: the search plans each arm many times
+    return [largest_micro_batch(config, stages, method, budget_bytes, seq_len, micro_batches,
                                 activation_checkpoint_interval=ckpt,
                                 **({"variant": variant} if method == "bll" else {}), **plan_kwargs)
             for method, ckpt in ARMS]
