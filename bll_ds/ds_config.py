@@ -37,6 +37,30 @@ class DsSettings:
         return bool(enabled)
 
     @property
+    def grad_accum_dtype(self):
+        """The torch dtype DeepSpeed's optimizer accumulates gradients in: the config's
+        data_types.grad_accum_dtype, else the model's. So bf16 without ZeRO accumulates in bf16
+        (DeepSpeed's pipeline allows nothing else there); ZeRO-1 with "fp32" accumulates in fp32."""
+        import torch
+        from deepspeed.runtime.config import DtypeEnum
+
+        given = self.config.get("data_types", {}).get("grad_accum_dtype")
+        if given is not None:
+            return DtypeEnum(given).value
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    @property
+    def communication_dtype(self):
+        """The torch dtype DeepSpeed all-reduces gradients in: the config's
+        communication_data_type, else bf16 in bf16 runs. Accumulated fp32 gradients are rounded
+        to it once per step, even with a single replica."""
+        import torch
+        from deepspeed.runtime.config import get_communication_data_type
+
+        given = get_communication_data_type(self.config)
+        return given if given is not None else torch.bfloat16 if self.bf16 else torch.float32
+
+    @property
     def bf16_auto(self) -> bool:
         """The config says "auto" and nothing has decided it yet."""
         return self.config.get("bf16", {}).get("enabled") == "auto"
@@ -68,6 +92,8 @@ def load_ds_config(path: str, world_size: int, stages: int, steps: int | None,
     if zero_stage > 1:
         raise UserError(f"{path} asks for ZeRO stage {zero_stage}; DeepSpeed's pipeline engine supports 0 and 1.",
                         "set zero_optimization.stage to 1 (optimizer state sharded across data-parallel replicas).")
+
+    _check_grad_accum_dtype(cfg, zero_stage, path)
 
     scheduler_params = cfg.get("scheduler", {}).get("params", {})
     if steps is None:
@@ -105,6 +131,26 @@ def bf16_pays_off(device) -> tuple[bool, dict]:
         return False, {}
     peaks = matmul_peaks(device)
     return peaks["bf16"] >= BF16_MIN_SPEEDUP * peaks["fp32"], peaks
+
+
+def _check_grad_accum_dtype(cfg: dict, zero_stage: int, path: str) -> None:
+    """DeepSpeed asserts these deep inside engine construction, on every rank."""
+    given = cfg.get("data_types", {}).get("grad_accum_dtype")
+    if given is None:
+        return
+    from deepspeed.runtime.config import DtypeEnum
+
+    try:
+        accum = DtypeEnum(given).name
+    except ValueError:
+        raise UserError(f"{path}: data_types.grad_accum_dtype {given!r} is not a dtype DeepSpeed knows.",
+                        'use "fp32" or "bf16".') from None
+    bf16 = cfg.get("bf16", {}).get("enabled", False)
+    if zero_stage == 0 and bf16 and accum != "bf16":
+        raise UserError(f"{path}: bf16 without ZeRO accumulates gradients in bf16 in DeepSpeed's pipeline engine; "
+                        f"it cannot accumulate them in {given}.",
+                        'set zero_optimization.stage to 1 (fp32 accumulation, DeepSpeed\'s BF16_Optimizer), '
+                        "or drop data_types.grad_accum_dtype.")
 
 
 def _read_json(path: str) -> dict:

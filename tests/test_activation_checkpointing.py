@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from helpers import launch_failure, run_pretrain, stage_losses
 
 from bll_ds.bench import memory
 from bll_ds.config import BLLConfig
+from bll_ds.ds_config import DsSettings
 from bll_ds.engine.emulator import EmulatedPipeline
 from bll_ds.modeling import build_sequential, load_model_spec
 from bll_ds.modeling.checkpointing import checkpoint, checkpointed_groups, run_layers
@@ -108,7 +108,7 @@ def _emulated_pipeline(method: str, interval: int) -> EmulatedPipeline:
     ds_config = json.loads(open(DS_CONFIG).read())
     ds_config["bf16"] = {"enabled": False}
     ds_config.pop("scheduler")
-    ds = SimpleNamespace(config=ds_config, micro_batches=2, bf16=False)
+    ds = DsSettings(config=ds_config, data_parallel=1, micro_batch_size=2, micro_batches=2, steps=1)
     return EmulatedPipeline(method, load_model_spec(SPEC), 2, ds, seed=5, bll=BLLConfig(),
                             activation_checkpoint_interval=interval)
 

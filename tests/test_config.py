@@ -52,6 +52,30 @@ def test_zero_stage_beyond_one_is_refused(tmp_path):
                                         "zero_optimization": {"stage": 2}}), world_size=2, stages=2, steps=10)
 
 
+def test_bf16_gradient_dtypes_follow_deepspeed_and_an_impossible_mix_is_refused(tmp_path):
+    """The dtypes the emulator mirrors: bf16 without ZeRO accumulates in bf16, ZeRO-1 may ask for
+    fp32; bf16 runs all-reduce in bf16 unless communication_data_type says otherwise."""
+    import torch
+
+    base = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "bf16": {"enabled": True}}
+    ds = load_ds_config(write(tmp_path, base), world_size=2, stages=2, steps=1)
+    assert (ds.grad_accum_dtype, ds.communication_dtype) == (torch.bfloat16, torch.bfloat16)
+    zero1 = {**base, "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"},
+             "communication_data_type": "fp32"}
+    ds = load_ds_config(write(tmp_path, zero1), world_size=2, stages=2, steps=1)
+    assert (ds.grad_accum_dtype, ds.communication_dtype) == (torch.float32, torch.float32)
+    fp32 = load_ds_config(write(tmp_path, {**base, "bf16": {"enabled": False}}), world_size=2, stages=2, steps=1)
+    assert (fp32.grad_accum_dtype, fp32.communication_dtype) == (torch.float32, torch.float32)
+    # DeepSpeed raises NotImplementedError for this mix on every rank, after the run dir exists.
+    with pytest.raises(UserError, match="bf16 without ZeRO accumulates gradients in bf16") as err:
+        load_ds_config(write(tmp_path, {**base, "data_types": {"grad_accum_dtype": "fp32"}}),
+                       world_size=2, stages=2, steps=1)
+    assert "zero_optimization.stage to 1" in err.value.fix
+    with pytest.raises(UserError, match="'float64' is not a dtype DeepSpeed knows"):
+        load_ds_config(write(tmp_path, {**zero1, "data_types": {"grad_accum_dtype": "float64"}}),
+                       world_size=2, stages=2, steps=1)
+
+
 def test_missing_or_broken_config_file(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_ds_config(str(tmp_path / "none.json"), world_size=1, stages=1, steps=1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import deepspeed
 import torch
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.config import DeepSpeedConfig
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe import schedule
@@ -32,6 +33,7 @@ CLASS_MEMBERS = {
                      "_send_tensor_meta", "train_batch", "eval_batch", "is_first_stage", "is_last_stage"),
     DeepSpeedEngine: ("forward", "backward", "_configure_python_gc", "get_global_grad_norm", "get_lr",
                       "zero_grad", "bfloat16_enabled", "fp16_enabled", "zero_optimization", "train_batch_size"),
+    BF16_Optimizer: ("clear_lp_grads",),
 }
 SCHEDULE_MEMBERS = ("PipeSchedule", "PipeInstruction", "BufferOpInstruction", "SendActivation", "RecvActivation",
                     "SendGrad", "RecvGrad", "ReduceGrads", "OptimizerStep")
@@ -142,14 +144,39 @@ def optimizer_step(engine, lr_kwargs=None) -> None:
 
 def stage_forward(engine, inputs):
     """The engine-level forward (precision casts, hooks) that PipelineEngine.forward refuses to
-    run outside its own schedule."""
-    return DeepSpeedEngine.forward(engine, inputs)
+    run outside its own schedule. Under bf16 the output's backward prologue is disarmed: see
+    stage_backward, which runs what it would have done at the right moment."""
+    outputs = DeepSpeedEngine.forward(engine, inputs)
+    if _bf16_optimizer(engine) and outputs.grad_fn is not None:
+        managers = getattr(outputs, "_backward_hook_managers", None)
+        if not managers or not all(hasattr(manager, "preprocess_done") for manager in managers):
+            raise _mismatch("OutputBackwardHookManager.preprocess_done on the forward output")
+        for manager in managers:
+            manager.preprocess_done = True
+    return outputs
 
 
 def stage_backward(engine, loss, scale_by_micro_batches: bool = True) -> None:
     """DeepSpeed's backward (loss scaling, bf16/ZeRO gradient hooks), dividing by the
-    gradient-accumulation steps when asked, as it does for every micro-batch of its own."""
+    gradient-accumulation steps when asked, as it does for every micro-batch of its own.
+
+    Each call adds exactly this call's gradients to the stage's accumulated ones. DeepSpeed's
+    engine assumes one backward per forward, whose root is the forward's output; a block-local
+    stage runs several (each readout slice, the block from their gradient, the feedback network
+    at the step end) whose roots lie past the output. Under bf16 (BF16_Optimizer) the engine's
+    backward ends by adding the parameters' bf16 gradients into its accumulators and leaves them
+    in place, and the clearing that should come first runs from a hook on the forward output:
+    mid-graph, after the local readout's gradients were written (they were zeroed), and not at
+    all for a backward that never reaches the output (the previous call's were added again). So
+    the clear runs here, before every call, as DeepSpeed's own pipeline clears before each of
+    its non-last stages' backward, and stage_forward disarms the hook's."""
+    if _bf16_optimizer(engine):
+        engine.optimizer.clear_lp_grads()
     DeepSpeedEngine.backward(engine, loss, scale_wrt_gas=scale_by_micro_batches)
+
+
+def _bf16_optimizer(engine) -> bool:
+    return isinstance(engine.optimizer, BF16_Optimizer)
 
 
 def send_tensor_meta_once(engine, outputs) -> None:

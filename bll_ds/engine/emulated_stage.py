@@ -10,10 +10,13 @@ traffic counters and skip count. The numerics follow DeepSpeed's fp32 path step 
                   from deepspeed.runtime.lr_schedules, constructed as DeepSpeed constructs it
     skip          a non-finite step drops its gradients and advances the schedule (engine/nonfinite.py)
 
-bf16 (the config's "bf16": {"enabled": true}) keeps bf16 weights for compute and fp32 master
-weights, gradients and optimizer state, as DeepSpeed's bf16 optimizer does; gradients are moved
-into the fp32 accumulators after every backward call. That path is close to DeepSpeed's, not bit
-for bit (the equivalence tests run fp32).
+bf16 (the config's "bf16": {"enabled": true}) is DeepSpeed's BF16_Optimizer: bf16 weights for
+compute, fp32 master weights and optimizer state, and after every backward call the bf16
+gradients are added into accumulators of DeepSpeed's gradient-accumulation dtype (bf16 without
+ZeRO, fp32 with ZeRO-1 and "grad_accum_dtype": "fp32"; DsSettings.grad_accum_dtype), rounded
+once per step to the dtype DeepSpeed all-reduces them in (DsSettings.communication_dtype: bf16
+unless the config says otherwise), clipped, and handed to the optimizer in fp32. The same rounding steps in the same
+order, not bit for bit: kernels and summation orders differ (tests/test_bf16.py states by how much).
 """
 
 from __future__ import annotations
@@ -70,9 +73,11 @@ def _set_rng_states(states: tuple) -> None:
 class EmulatedStage:
     def __init__(self, stage_id: int, layers: list[tuple[int, nn.Module]], feedback: nn.Module | None,
                  ds_config: dict, micro_batches: int, device, bf16: bool, seed: int,
-                 activation_checkpoint_interval: int = 0):
+                 activation_checkpoint_interval: int = 0, grad_accum_dtype: torch.dtype = torch.float32,
+                 communication_dtype: torch.dtype = torch.float32):
         """layers: (position in the pipeline, layer) pairs, as DeepSpeed numbers its layer files.
-        activation_checkpoint_interval: as the launched PipelineModule's (modeling/checkpointing.py)."""
+        activation_checkpoint_interval: as the launched PipelineModule's (modeling/checkpointing.py).
+        grad_accum_dtype, communication_dtype: bf16 only, as DsSettings names them."""
         self.stage_id = stage_id
         self.layer_index = [index for index, _ in layers]
         self.module = nn.Module()  # layers and feedback, as a launched stage's module holds them
@@ -86,8 +91,11 @@ class EmulatedStage:
         # Trainable parameters only: a frozen copy (bll_ds/bll/overlap.py) is refreshed from the
         # downstream stage's message, never by this stage's optimizer or bf16 master copy.
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        # fp32 path: the parameters are their own masters. bf16: fp32 copies hold the update.
+        # fp32 path: the parameters are their own masters and accumulate their own gradients.
+        # bf16: fp32 copies hold the update; gradients accumulate in `accumulated`.
         self.masters = [p.detach().float().clone() for p in self.params] if bf16 else self.params
+        self.grad_accum_dtype, self.communication_dtype = grad_accum_dtype, communication_dtype
+        self.accumulated: list[torch.Tensor | None] = [None] * len(self.params)
         groups = weight_decay_groups(self.module)
         if bf16:
             master_of = {id(p): m for p, m in zip(self.params, self.masters)}
@@ -147,19 +155,33 @@ class EmulatedStage:
         self.accumulate_grads()
 
     def accumulate_grads(self) -> None:
-        """bf16: move the bf16 gradients into the fp32 accumulators (fp32: nothing to do)."""
+        """bf16: add the bf16 gradients into the accumulators, as DeepSpeed's update_hp_grads
+        does after each backward (fp32: nothing to do)."""
         if self.masters is self.params:
             return
-        for p, m in zip(self.params, self.masters):
+        for i, p in enumerate(self.params):
             if p.grad is not None:
-                m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
+                grad = p.grad.to(self.grad_accum_dtype)
+                self.accumulated[i] = grad if self.accumulated[i] is None else self.accumulated[i].add_(grad)
                 p.grad = None
 
     def grads(self) -> list[torch.Tensor]:
-        return [m.grad for m in self.masters if m.grad is not None]
+        if self.masters is self.params:
+            return [p.grad for p in self.params if p.grad is not None]
+        return [g for g in self.accumulated if g is not None]
 
     def nonfinite_cause(self, losses: list[torch.Tensor]) -> str | None:
-        return local_cause(losses, self.masters)
+        return local_cause(losses, self.grads())
+
+    @torch.no_grad()
+    def reduce_grads(self) -> None:
+        """The all-reduce over this stage's one replica changes no value, but DeepSpeed casts the
+        accumulated gradients to its communication dtype and back (bf16: a rounding when they
+        accumulate in fp32)."""
+        if self.masters is self.params or self.communication_dtype == self.grad_accum_dtype:
+            return
+        for g in self.grads():
+            g.copy_(g.to(self.communication_dtype))
 
     def grad_square_norm(self) -> torch.Tensor:
         """Sum of the squared per-parameter gradient norms, in parameter order, as DeepSpeed's
@@ -176,20 +198,28 @@ class EmulatedStage:
             coefficient = torch.minimum(torch.tensor([1.0], device=norm.device),
                                         torch.tensor([self.clip], device=norm.device) / (norm + 1e-6))
             torch._foreach_mul_(self.grads(), coefficient.squeeze(0))
+        if self.masters is not self.params:
+            # DeepSpeed's flat gradient buffer: a parameter without a gradient steps on zeros.
+            for m, g in zip(self.masters, self.accumulated):
+                m.grad = torch.zeros_like(m) if g is None else g.float()
         self.optimizer.step()
         if self.masters is not self.params:
             with torch.no_grad():
                 torch._foreach_copy_(self.params, self.masters)
-        self.optimizer.zero_grad(set_to_none=True)
+        self._clear_grads()
         self._advance_schedule()
 
     def skip_step(self) -> None:
         """A non-finite step: no update, no optimizer-state change, the schedule goes on."""
+        self._clear_grads()
+        self._advance_schedule()
+        self.skipped_steps += 1
+
+    def _clear_grads(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         for p in self.params:
             p.grad = None
-        self._advance_schedule()
-        self.skipped_steps += 1
+        self.accumulated = [None] * len(self.params)
 
     def _advance_schedule(self) -> None:
         if self.scheduler is not None:

@@ -72,7 +72,8 @@ class EmulatedPipeline:
         for k in range(stages):
             feedback = build_stage_feedback(bll, model_config, k, seed) if method == "bll" and k < stages - 1 else None
             stage = EmulatedStage(k, layers[bounds[k]:bounds[k + 1]], feedback, ds.config, ds.micro_batches,
-                                  self.device, ds.bf16, seed, activation_checkpoint_interval)
+                                  self.device, ds.bf16, seed, activation_checkpoint_interval,
+                                  grad_accum_dtype=ds.grad_accum_dtype, communication_dtype=ds.communication_dtype)
             if feedback is not None:
                 feedback.local_loss = stage.with_fault(feedback.local_loss)
             stage.stage_step = StageStep(feedback, stage.with_fault(lm_loss), bll.readout_max_logits_mb,
@@ -191,12 +192,18 @@ class EmulatedPipeline:
             with stage.running():
                 run_step_end({
                     "finish_feedback": lambda: stage.stage_step.finish_feedback(stage.backward),
-                    "reduce_grads": lambda: causes.__setitem__(stage.stage_id,
-                                                               stage.nonfinite_cause(stage.stage_step.losses)),
+                    "reduce_grads": lambda: self._stage_reduce(stage, causes),
                     "optimizer_step": lambda: self._stage_update(stage, causes, norms),
                     "publish_table": lambda: self._publish(stage, step),
                 })
         return norms, causes
+
+    @staticmethod
+    def _stage_reduce(stage: EmulatedStage, causes: dict) -> None:
+        """The launched ReduceGrads: the stage's non-finite verdict, then the all-reduce."""
+        causes[stage.stage_id] = stage.nonfinite_cause(stage.stage_step.losses)
+        if not causes[stage.stage_id]:
+            stage.reduce_grads()
 
     def _stage_update(self, stage: EmulatedStage, causes: dict, norms: dict) -> None:
         if causes[stage.stage_id]:
@@ -226,6 +233,8 @@ class EmulatedPipeline:
         # The launched stages agree on one verdict and clip by one norm (model-parallel group = all).
         cause = self.last.nonfinite_cause(self._bp_losses) or next(
             (c for s in self.stages[:-1] if (c := s.nonfinite_cause([]))), None)
+        for stage in self.stages if not cause else ():
+            stage.reduce_grads()
         norm = None if cause else sum(s.grad_square_norm() for s in self.stages).sqrt()
         for stage in self.stages:
             with stage.running():

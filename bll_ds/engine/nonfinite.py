@@ -36,13 +36,14 @@ INJECT_ENV = "BLL_DS_INJECT_NONFINITE"
 LOSS, GRADS, PEER, DEEPSPEED = "loss", "gradients", "loss or gradients on another rank", "gradient norm"
 
 
-def local_cause(losses: list[torch.Tensor], params) -> str | None:
-    """Why this rank's step is non-finite (None if it is finite). The gradients checked are the
-    ones still on the parameters before the all-reduce: where DeepSpeed's optimizer has already
-    moved them into its own buffers, its overflow check is the backstop."""
+def local_cause(losses: list[torch.Tensor], grads) -> str | None:
+    """Why this rank's step is non-finite (None if it is finite). `grads`: the accumulated
+    gradients before the all-reduce (None entries are skipped); on a launched rank the ones still
+    on the parameters, and where DeepSpeed's optimizer has already moved them into its own
+    buffers, its overflow check is the backstop."""
     if losses and not bool(torch.isfinite(torch.stack([loss.float().sum() for loss in losses])).all()):
         return LOSS
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [g for g in grads if g is not None]
     if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
         return GRADS
     return None
