@@ -2,7 +2,8 @@
 # Issue 13's device check: what one H200 can check of the GPU path (a pipeline of several NCCL
 # ranks cannot share one GPU). Run it where the `device` tool lends a machine:
 #     bash scripts/device_check.sh            # writes $OUT (default /tmp/device-check)
-# It trains the 8-stage emulator on CUDA (both methods), a world-of-one launched run, then
+# It trains the 8-stage emulator on CUDA (both methods), a world-of-one launched run (with two
+# GPUs also a launched bf16 block-local 2-stage run and its emulation, to compare), then
 # evaluates (bf16 and fp32), exports and generates on the GPU, and prints every figure; about 5
 # minutes on an H200, most of it the venv's first import and the tokenizer.
 set -euo pipefail
@@ -19,6 +20,13 @@ for method in bll bp; do
 done
 $PY scripts/pretrain.py $COMMON --stages 1 --method bp --out "$OUT/world-of-one" > "$OUT/world-of-one.log" 2>&1 \
     || { tail -30 "$OUT/world-of-one.log"; exit 1; }
+# Launched block-local bf16 (two ranks, one GPU each) against the emulator: needs two GPUs.
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  ${DEEPSPEED:-deepspeed} --num_gpus 2 scripts/pretrain.py $COMMON --stages 2 --method bll --out "$OUT/launched-bll-s2" \
+      > "$OUT/launched-bll-s2.log" 2>&1 || { tail -30 "$OUT/launched-bll-s2.log"; exit 1; }
+  $PY scripts/pretrain.py $COMMON --emulate --stages 2 --method bll --out "$OUT/emulated-bll-s2" \
+      > "$OUT/emulated-bll-s2.log" 2>&1 || { tail -30 "$OUT/emulated-bll-s2.log"; exit 1; }
+fi
 for dtype in bf16 fp32; do
   $PY scripts/evaluate.py "$OUT/emulated-bll" --device cuda --dtype $dtype --batches 20 --json "$OUT/eval-$dtype.json" \
       > "$OUT/eval-$dtype.log" 2>&1 || { tail -30 "$OUT/eval-$dtype.log"; exit 1; }
@@ -30,7 +38,9 @@ $PY - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-for run in ("emulated-bll", "emulated-bp", "world-of-one"):
+for run in ("emulated-bll", "emulated-bp", "world-of-one", "launched-bll-s2", "emulated-bll-s2"):
+    if not (out / run / "summary.json").is_file():
+        continue  # the 2-stage pair needs two GPUs
     s = json.loads((out / run / "summary.json").read_text())
     print(run, {k: s[k] for k in ("device", "bf16", "val_loss", "tokens_per_s", "step_s_median", "wall_s")},
           "peak_cuda_mb", [d.get("peak_cuda_mb") for d in s["stages_detail"]])

@@ -9,11 +9,15 @@ bf16 tolerance below; it saves a launch per family.
 
 Tolerances, from bf16's precision. bf16 keeps 8 significant bits: one rounding moves a value by
 at most u = 2^-9 (0.195%) of itself.
-- launched bf16 against emulated bf16: the emulator performs DeepSpeed's rounding steps in the
-  same order (bf16 weights and activations, gradients added into the accumulation dtype after
-  each backward, clipping in that dtype, fp32 masters), so the two agree to the fp32
-  equivalence tests' 1e-4 relative (measured: bit for bit on this CPU). The old fault, which
-  zeroed the readout's gradients on non-last stages, put stage 0 26% off on step 35.
+- launched bf16 against emulated bf16: within u/8 = 2.4e-4 relative, per stage and step. The
+  emulator performs DeepSpeed's rounding steps in the same order (bf16 weights and activations,
+  gradients added into the accumulation dtype after each backward, rounded to the all-reduce
+  dtype, clipped, fp32 masters), so the two can differ only where a kernel sums in another
+  order (the emulator runs every core's threads, a launched rank one): a fraction of one
+  rounding. Measured: bit for bit here; over 200 steps of nanogpt-char
+  (scripts/precision/bf16_launched_vs_emulated.sh) 1.5e-4 at S = 2 and 5.0e-4 at S = 4, all of
+  it from the thread count (with BLL_DS_THREADS=1 the S = 4 run is bit for bit). The old fault, which zeroed the readout's
+  gradients on non-last stages, put stage 0's worst step 1.7% to 22% off in the three CI cases.
 - launched bf16 against fp32: every per-stage loss within 4u = 0.78% relative on every step.
   Rounding the weights, activations and logits to bf16 moves a loss by a few u; over 20 steps
   the trajectories drift apart by little more (measured over 30 steps for 8 variants and
@@ -47,7 +51,7 @@ from bll_ds.modeling.pipeline import build_sequential, stage_layer_counts
 STEPS, SEED = 20, 1234
 U = 2.0 ** -9                 # bf16's unit roundoff
 FP32_TOLERANCE = 4 * U        # launched bf16 against fp32, per stage and step
-EMULATOR_TOLERANCE = 1e-4     # launched bf16 against emulated bf16
+EMULATOR_TOLERANCE = U / 8    # launched bf16 against emulated bf16
 STILL_ON_STEP_ONE = ("bll_feedback.g.up.",)  # zero gradient by construction (g.down starts at zero)
 
 # (method, variant, stages, bf16 optimizer) -> master port. "zero0": bf16 gradient accumulation

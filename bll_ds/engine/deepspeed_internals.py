@@ -107,6 +107,20 @@ def set_master_weights(engine, values) -> None:
         safe_set_full_fp32_param(param, value.detach().to(torch.float32))
 
 
+def master_weights(engine) -> list[torch.Tensor]:
+    """fp32 copies of the stage's trainable weights as its optimizer holds them: DeepSpeed's fp32
+    masters under bf16 or ZeRO (gathered across the data-parallel group: a collective), the
+    parameters themselves otherwise. Frozen copies (refreshed from messages) are left out."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    weights = []
+    for param in engine.module.parameters():
+        if param.requires_grad:
+            master = safe_get_full_fp32_param(param)
+            weights.append((param.detach() if master is None else master).float().clone())
+    return weights
+
+
 # ---- stock handlers, called unbound on our subclasses --------------------------------------------
 
 def stock_instruction_map() -> dict:

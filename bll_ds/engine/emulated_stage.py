@@ -15,8 +15,10 @@ compute, fp32 master weights and optimizer state, and after every backward call 
 gradients are added into accumulators of DeepSpeed's gradient-accumulation dtype (bf16 without
 ZeRO, fp32 with ZeRO-1 and "grad_accum_dtype": "fp32"; DsSettings.grad_accum_dtype), rounded
 once per step to the dtype DeepSpeed all-reduces them in (DsSettings.communication_dtype: bf16
-unless the config says otherwise), clipped, and handed to the optimizer in fp32. The same rounding steps in the same
-order, not bit for bit: kernels and summation orders differ (tests/test_bf16.py states by how much).
+unless the config says otherwise), clipped, and handed to the optimizer in fp32. These are
+DeepSpeed's rounding steps in DeepSpeed's order; kernels may still sum in another order (the
+emulator's intra-op pool has every core's threads, a launched rank one), so the two agree within
+a fraction of one bf16 rounding, not always bit for bit (tests/test_bf16.py).
 """
 
 from __future__ import annotations

@@ -185,8 +185,10 @@ class AccountedPipelineEngine(PipelineEngine):
         pass
 
     def _snapshot(self) -> list[torch.Tensor]:
-        return [p.detach().float().clone() for p in self.module.parameters()]
+        return ds_internals.master_weights(self)
 
     def _update_norm(self, before: list[torch.Tensor]) -> float:
-        total = sum(float((p.detach().float() - b).pow(2).sum()) for p, b in zip(self.module.parameters(), before))
+        """||theta_after - theta_before|| over the weights the optimizer updates (in bf16, its fp32
+        masters: the bf16 copies also move by their rounding), as the emulator measures it."""
+        total = sum(float((after - b).pow(2).sum()) for after, b in zip(ds_internals.master_weights(self), before))
         return total ** 0.5
