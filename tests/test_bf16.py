@@ -12,7 +12,9 @@ at most u = 2^-9 (0.195%) of itself.
 - launched bf16 against emulated bf16: within u/8 = 2.4e-4 relative, per stage and step. The
   emulator performs DeepSpeed's rounding steps in the same order (bf16 weights and activations,
   gradients added into the accumulation dtype after each backward, rounded to the all-reduce
-  dtype, clipped, fp32 masters), so the two can differ only where a kernel sums in another
+  dtype, their norm summed parameter group by group, clipped, fp32 masters; with the groups
+  summed in parameter order instead, a one-bit difference in the clipping norm grew to 1.2e-3
+  by step 20 here), so the two can differ only where a kernel sums in another
   order (the emulator runs every core's threads, a launched rank one): a fraction of one
   rounding. Measured: bit for bit here; over 200 steps of nanogpt-char
   (scripts/precision/bf16_launched_vs_emulated.sh) 1.5e-4 at S = 2 and 5.0e-4 at S = 4, all of

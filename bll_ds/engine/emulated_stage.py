@@ -99,7 +99,12 @@ class EmulatedStage:
         self.grad_accum_dtype, self.communication_dtype = grad_accum_dtype, communication_dtype
         self.accumulated: list[torch.Tensor | None] = [None] * len(self.params)
         groups = weight_decay_groups(self.module)
+        # The order the gradient norm adds parameters in: DeepSpeed's fp32 clip goes through the
+        # parameters, its bf16 optimizer group by group. Another order changes the sum's last bit.
+        self.norm_order = list(range(len(self.params)))
         if bf16:
+            index_of = {id(p): i for i, p in enumerate(self.params)}
+            self.norm_order = [index_of[id(p)] for g in groups for p in g["params"]]
             master_of = {id(p): m for p, m in zip(self.params, self.masters)}
             groups = [{**g, "params": [master_of[id(p)] for p in g["params"]]} for g in groups]
         self.optimizer = build_optimizer(groups, ds_config)
@@ -167,10 +172,10 @@ class EmulatedStage:
                 self.accumulated[i] = grad if self.accumulated[i] is None else self.accumulated[i].add_(grad)
                 p.grad = None
 
-    def grads(self) -> list[torch.Tensor]:
-        if self.masters is self.params:
-            return [p.grad for p in self.params if p.grad is not None]
-        return [g for g in self.accumulated if g is not None]
+    def grads(self, order=None) -> list[torch.Tensor]:
+        """The accumulated gradients, in parameter order or in `order` (indices)."""
+        held = [p.grad for p in self.params] if self.masters is self.params else self.accumulated
+        return [held[i] for i in (order or range(len(held))) if held[i] is not None]
 
     def nonfinite_cause(self, losses: list[torch.Tensor]) -> str | None:
         return local_cause(losses, self.grads())
@@ -186,9 +191,9 @@ class EmulatedStage:
             g.copy_(g.to(self.communication_dtype))
 
     def grad_square_norm(self) -> torch.Tensor:
-        """Sum of the squared per-parameter gradient norms, in parameter order, as DeepSpeed's
-        clip_grad_norm_ adds them up before its model-parallel all-reduce."""
-        grads = self.grads()
+        """Sum of the squared per-parameter gradient norms, in DeepSpeed's order (norm_order), as
+        it adds them up before its model-parallel all-reduce."""
+        grads = self.grads(self.norm_order)
         if not grads:
             return torch.zeros((), device=self.device)
         return torch.stack([g.detach().float().norm(2) for g in grads]).pow(2).sum().float()
