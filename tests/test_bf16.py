@@ -48,7 +48,7 @@ from bll_ds.config import BLLConfig
 from bll_ds.engine.build import build_stage_feedback
 from bll_ds.engine.emulator import EMULATOR_STATE
 from bll_ds.modeling import load_model_spec
-from bll_ds.modeling.pipeline import build_sequential, stage_layer_counts
+from bll_ds.modeling.pipeline import build_sequential, stage_layer_ranges
 
 STEPS, SEED = 20, 1234
 U = 2.0 ** -9                 # bf16's unit roundoff
@@ -109,7 +109,7 @@ def _initial_masters(run_dir: Path, variant: str | None, stages: int) -> list[di
     config = load_model_spec(run_dir / names.MODEL_CONFIG)
     layers = build_sequential(config, SEED)
     masters = []
-    for k, indices in enumerate(_stage_layers(config, stages)):
+    for k, indices in enumerate(stage_layer_ranges(config, stages)):
         modules = {f"layer{i}.": layers[i] for i in indices}
         if variant is not None and k < stages - 1:
             modules["bll_feedback."] = build_stage_feedback(BLLConfig(variant=variant), config, k, SEED)
@@ -141,14 +141,6 @@ def _emulated_masters(run_dir: Path, step: int, initial: list[dict]) -> list[dic
     folder = names.checkpoints(run_dir) / names.checkpoint_tag(step)
     state = torch.load(folder / EMULATOR_STATE, weights_only=False, map_location="cpu")
     return [dict(zip(shapes, stage["masters"], strict=True)) for shapes, stage in zip(initial, state["stages"])]
-
-
-def _stage_layers(config, stages: int) -> list[range]:
-    """Layer indices per stage (the embedding rides with the first, the head with the last)."""
-    counts = stage_layer_counts(config, stages)
-    bounds = [1 + sum(counts[:k]) for k in range(stages + 1)]
-    bounds[0], bounds[-1] = 0, config.num_hidden_layers + 2
-    return [range(bounds[k], bounds[k + 1]) for k in range(stages)]
 
 
 @pytest.mark.launcher

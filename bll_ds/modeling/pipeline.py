@@ -73,6 +73,15 @@ def _seed_layer(seed) -> None:
     torch.manual_seed(int(seed))
 
 
+def stage_layer_ranges(config: PretrainedConfig, stages: int) -> list[range]:
+    """Per stage, the indices of its layers in layer_specs' list (DeepSpeed's layer-file
+    numbering): its decoder layers, with the embedding on the first stage and the head on the last."""
+    counts = stage_layer_counts(config, stages)
+    bounds = [1 + sum(counts[:k]) for k in range(stages + 1)]
+    bounds[0], bounds[-1] = 0, config.num_hidden_layers + 2
+    return [range(bounds[k], bounds[k + 1]) for k in range(stages)]
+
+
 def build_sequential(config: PretrainedConfig, seed: int) -> nn.Sequential:
     """All layers in one process, with the same initial weights as the pipeline."""
     layers = []
