@@ -91,12 +91,14 @@ def torchrun_run(tmp_path_factory, cache_dir, text_corpus):
     return root / "run", result, guard
 
 
+@pytest.mark.launcher
 def test_torchrun_launches_a_two_stage_pipeline(torchrun_run):
     out, result, _ = torchrun_run
     summary = _finished(out, result)
     assert [s["stage"] for s in summary["stages_detail"]] == [0, 1]
 
 
+@pytest.mark.launcher
 def test_no_point_to_point_call_relies_on_a_tag(torchrun_run):
     """p2p_tag_guard raised on any tagged call (the run would have failed); here: the tables went
     upstream on a group of their own, and the activations downstream on the default group."""
@@ -114,6 +116,7 @@ def test_no_point_to_point_call_relies_on_a_tag(torchrun_run):
     assert all(c["numel"] != table_numel for c in calls[0] if c["default_group"] and c["op"] == "isend")
 
 
+@pytest.mark.launcher
 def test_mpi_style_ranks_launch_a_two_stage_pipeline(tmp_path, cache_dir, text_corpus):
     """Two plain processes that know only Open MPI's variables, as mpirun starts them."""
     out = tmp_path / "run"

@@ -161,6 +161,7 @@ def test_the_emulator_skips_exactly_as_the_launched_pipeline(bll_skipped, tmp_pa
 
 
 # bf16 runs 5-60x slower than fp32 on CPUs without bf16 units (86 s here): make test-all.
+@pytest.mark.launcher
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
 def test_a_skipped_step_leaves_nothing_behind(precision, bll_skipped, tmp_path, cache_dir, text_corpus, repo):
     """Stopped right after the skipped step and resumed (with empty gradient buffers): the same
