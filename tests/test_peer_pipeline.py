@@ -18,11 +18,10 @@ import torch
 
 from helpers import REPO, VENV_BIN, cpu_env
 
-from bll_ds.bench.peer_pipeline import (PEER_SCHEDULES, fixed_batches, rank_stages, reference_step,
-                                        stage_layer_ranges)
+from bll_ds.bench.peer_pipeline import PEER_SCHEDULES, fixed_batches, rank_stages, reference_step
 from bll_ds.modeling import load_model_spec
 from bll_ds.modeling.layers import lm_loss
-from bll_ds.modeling.pipeline import build_sequential, layer_specs
+from bll_ds.modeling.pipeline import build_sequential, layer_specs, stage_layer_ranges
 
 MASTER_PORT = 29807
 WORLD, MICRO_BATCHES, SEQ_LEN, SEED, VOCAB = 2, 4, 16, 0, 64

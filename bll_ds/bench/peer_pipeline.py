@@ -53,7 +53,7 @@ from bll_ds.data import MicroBatchSampler
 from bll_ds.engine.build import weight_decay_groups
 from bll_ds.engine.emulated_stage import build_optimizer, build_scheduler
 from bll_ds.modeling.layers import lm_loss
-from bll_ds.modeling.pipeline import build_sequential, layer_specs, stage_layer_counts
+from bll_ds.modeling.pipeline import build_sequential, layer_specs, stage_layer_ranges
 
 
 @dataclass(frozen=True)
@@ -80,22 +80,6 @@ def rank_stages(schedule: PeerSchedule, rank: int, world: int) -> list[int]:
     if schedule.placement == "v":
         return sorted({rank, 2 * world - 1 - rank})
     return [rank + k * world for k in range(schedule.stages_per_rank)]
-
-
-def stage_layer_ranges(config, num_stages: int) -> list[range]:
-    """Positions in `layer_specs(config)` of each stage's layers: decoder layers cut as
-    DeepSpeed's type:DecoderLayer partition cuts them, the embedding with the first stage and the
-    head with the last."""
-    counts = stage_layer_counts(config, num_stages)
-    total = len(layer_specs(config))
-    ranges, start = [], 0
-    for s, count in enumerate(counts):
-        end = 1 + sum(counts[:s + 1])
-        if s == num_stages - 1:
-            end = total
-        ranges.append(range(start, end))
-        start = end
-    return ranges
 
 
 def build_stage_module(config, seed: int, positions: range) -> nn.Sequential:

@@ -74,11 +74,12 @@ def _seed_layer(seed) -> None:
 
 
 def stage_layer_ranges(config: PretrainedConfig, stages: int) -> list[range]:
-    """Per stage, the indices of its layers in layer_specs' list (DeepSpeed's layer-file
-    numbering): its decoder layers, with the embedding on the first stage and the head on the last."""
+    """Per stage, the positions of its layers in `layer_specs(config)` (DeepSpeed's layer-file
+    numbering): decoder layers cut as the type:DecoderLayer partition cuts them, the embedding
+    with the first stage and the head with the last."""
     counts = stage_layer_counts(config, stages)
     bounds = [1 + sum(counts[:k]) for k in range(stages + 1)]
-    bounds[0], bounds[-1] = 0, config.num_hidden_layers + 2
+    bounds[0], bounds[-1] = 0, len(layer_specs(config))
     return [range(bounds[k], bounds[k + 1]) for k in range(stages)]
 
 
