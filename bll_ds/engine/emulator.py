@@ -231,8 +231,9 @@ class EmulatedPipeline:
         # The launched stages agree on one verdict and clip by one norm (model-parallel group = all).
         cause = self.last.nonfinite_cause(self._bp_losses) or next(
             (c for s in self.stages[:-1] if (c := s.nonfinite_cause([]))), None)
-        for stage in self.stages if not cause else ():
-            stage.reduce_grads()
+        if not cause:
+            for stage in self.stages:
+                stage.reduce_grads()
         norm = None if cause else sum(s.grad_square_norm() for s in self.stages).sqrt()
         for stage in self.stages:
             with stage.running():

@@ -76,7 +76,8 @@ def _recv_grads(self, buffer_id):
 def _guarded_reduce_grads(self):
     """A non-finite step is decided here, before the all-reduce, while every rank still holds
     its own gradients; its gradients are then dropped, not reduced."""
-    self.nonfinite = nonfinite.agreed_cause(self, nonfinite.local_cause(self.step_losses(), [p.grad for p in self.module.parameters()]))
+    grads = [p.grad for p in self.module.parameters()]
+    self.nonfinite = nonfinite.agreed_cause(self, nonfinite.local_cause(self.step_losses(), grads))
     if self.nonfinite:
         nonfinite.clear_gradients(self)
         return
