@@ -78,6 +78,13 @@ PLANS = {
     # The same recipe on 16 layers, for S = 16 (issue 11); lr 4e-3 as tuned for 8 layers.
     "shakespeare-d16": Plan("models/nanogpt-char-d16.json", "ds_configs/nanogpt-char-d8.json", "char", 8000, (16,),
                             ("dgl",), final_eval_batches=0, seq_len=64),
+    # Testbed candidates where nothing is memorised: the Tiny Shakespeare recipe on kernel-docs at
+    # character level, 6.1M characters = a quarter of one pass. Both plans share one --out (their
+    # 1-layer control is the same model).
+    "kernel-char-d8": Plan("models/nanogpt-char-d8.json", "ds_configs/nanogpt-char-d8.json", "char", 8000, (8,),
+                           ("dgl-context",), seq_len=64),
+    "kernel-char-d16": Plan("models/nanogpt-char-d16.json", "ds_configs/nanogpt-char-d8.json", "char", 8000, (16,),
+                            ("dgl-context",), seq_len=64),
 }
 
 
