@@ -40,6 +40,23 @@ class BottleneckHeadFeedback(StageFeedback):
         return ce, {"ce": ce.detach()}
 
 
+@variants.register
+class MinimalFeedback(StageFeedback):
+    """bll_ds/bll/variants.py's recipe as written there: a name, a loss, no cost declarations."""
+
+    name = "test-minimal"
+    per_token_readout = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def local_loss(self, hidden, labels):
+        logits = self.head(self.norm(hidden)).float()
+        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return ce, {"ce": ce.detach()}
+
+
 def test_every_consumer_asks_the_class():
     from bll_ds.bench import memory
     from bll_ds.config import parse_run_config
@@ -70,8 +87,26 @@ def test_a_variant_needs_a_name_and_one_owner():
         variants.register(type("Impostor", (StageFeedback,), {"name": "prototype"}))
 
 
-@pytest.mark.launcher
-def test_the_throwaway_variant_trains_through_the_launcher(tmp_path, cache_dir, text_corpus):
+def test_a_variant_without_cost_declarations_is_not_modelled_rather_than_a_crash(tmp_path):
+    from bll_ds.bench import simulate, variant_costs
+    from bll_ds.measure import flops
+    from bll_ds.modeling import load_model_spec
+
+    config = load_model_spec("models/test-1m.json", vocab_size=100)
+    with pytest.raises(flops.NotModelled, match="'test-minimal' declares no readout FLOPs"):
+        flops.stage_flops(config, 2, 64, "bll", "test-minimal")
+    assert flops.stage_flops(config, 2, 64, "bp", "test-minimal") == flops.stage_flops(config, 2, 64, "bp")
+    row, = variant_costs.variant_costs(config, 64, 64, 4, ["test-minimal"])
+    assert row["readout_flops_per_token"] is None and "| test-minimal | not modelled |" in variant_costs.markdown([row])
+    assert simulate.main(["project", "--model", "models/test-1m.json", "--variant", "test-minimal",
+                          "--out", str(tmp_path)]) == 2
+    assert not (tmp_path / "projection.json").exists()
+
+
+@pytest.mark.parametrize("ranks", [pytest.param(2, marks=pytest.mark.launcher), None], ids=["launched", "emulated"])
+def test_the_minimal_recipe_trains_to_its_summary(tmp_path, cache_dir, text_corpus, ranks):
+    """The recipe variant through the launcher and the emulator, to the end: its summary is
+    written with the FLOP rates null, and one line says why."""
     from helpers import launch_failure, run_pretrain
 
     out = tmp_path / "run"
@@ -79,14 +114,17 @@ def test_the_throwaway_variant_trains_through_the_launcher(tmp_path, cache_dir, 
                            "--tokenizer", "char", "--seq_len", "64", "--log_interval", "1", "--eval_interval", "0",
                            "--final_eval_batches", "8", "--data", str(text_corpus), "--stages", "2",
                            "--steps", "16", "--bll_steps_per_call", "8", "--seed", "3",
-                           "--custom_import", THIS_FILE, "--bll_variant", "test-bottleneck", "--out", str(out)],
-                          2, cache_dir, master_port=29641)
+                           "--custom_import", THIS_FILE, "--bll_variant", "test-minimal", "--out", str(out),
+                           *(["--emulate"] if ranks is None else [])],
+                          ranks, cache_dir, master_port=29641)
     assert result.returncode == 0, launch_failure(result)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["bll_variant"] == "test-bottleneck"
+    assert summary["bll_variant"] == "test-minimal" and summary["model_gflops_per_s"] is None
     s0, s1 = summary["stages_detail"]
     assert s0["grads_sent"] == s1["grads_received"] == 0 and s1["tables_sent"] == 0  # no tables: none declared
-    assert "ce" in s0["local_terms"] and s0["model_gflops_per_s"] > 0
+    assert "ce" in s0["local_terms"] and s0["mfu"] is None and s0["bll_overhead_flops_share"] is None
+    said = [line for line in (result.stdout + result.stderr).splitlines() if "declares no readout FLOPs" in line]
+    assert len(said) == 1, said
     stage0 = [json.loads(line) for line in (out / "metrics_stage0.jsonl").read_text().splitlines()]
     ce = [m["stage/ce"] for m in stage0]
     assert len(ce) == 16 and sum(ce[-3:]) / 3 < sum(ce[:3]) / 3 - 0.3, ce  # stage 0 learns from its own loss

@@ -25,12 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from bll_ds.bll import variants
+from bll_ds.errors import UserError
+from bll_ds.measure.flops import NotModelled
 
 OP_KINDS = ("forward", "backward", "backward_input", "backward_weight", "local", "optimizer")
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "bll", "bll-noflush")
@@ -744,8 +747,12 @@ def run_projection(args: argparse.Namespace) -> list[dict]:
     from bll_ds.modeling import load_model_spec
 
     config = load_model_spec(args.model)
-    layer = layer_costs_from_flops(config, args.seq_len, args.micro_batch_size, args.achieved_tflops * 1e12,
-                                   args.variant, memory_bytes_per_s=args.memory_gbps * 1e9)
+    try:
+        layer = layer_costs_from_flops(config, args.seq_len, args.micro_batch_size, args.achieved_tflops * 1e12,
+                                       args.variant, memory_bytes_per_s=args.memory_gbps * 1e9)
+    except NotModelled as err:
+        raise UserError(f"block-local learning with {args.variant!r} is not modelled: {err}.",
+                        "declare readout_flops_per_token in the variant's class, or project another --variant.") from None
     tokens = args.seq_len * args.micro_batch_size
     table_bytes = variants.get(args.variant).table_bytes_per_step(config, args.dtype_bytes)
     link = Link(latency_s=args.latency_us * 1e-6, bandwidth_bytes_per_s=args.bandwidth_gbps * 1e9,
@@ -778,7 +785,11 @@ def run_projection(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "project":
-        rows = run_projection(args)
+        try:
+            rows = run_projection(args)
+        except UserError as err:
+            print(f"bll-ds simulate: error: {err}", file=sys.stderr)
+            return 2
         print(projection_markdown(rows), end="")
         print(f"wrote {args.out}/projection.json, projection.md, projection_vs_zb_h1_balanced.md, "
               f"projection.png, timeline.png")

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 from bll_ds.bll import variants
-from bll_ds.measure.flops import (TRAIN_OVER_FORWARD, feedback_step_flops, layer_forward_flops,
+from bll_ds.measure.flops import (TRAIN_OVER_FORWARD, NotModelled, feedback_step_flops, layer_forward_flops,
                                   readout_flops_per_micro_batch_token)
 from bll_ds.modeling import load_model_spec
 
@@ -38,11 +38,15 @@ def variant_costs(config, seq_len: int, micro_batch_tokens: int, micro_batches: 
     rows = []
     for name in specs or variants.names():
         cls = variants.get(name)
-        per_token = (readout_flops_per_micro_batch_token(config, name, micro_batch_tokens)
-                     + feedback_step_flops(config, name) / (micro_batch_tokens * micro_batches))
+        try:
+            per_token = (readout_flops_per_micro_batch_token(config, name, micro_batch_tokens)
+                         + feedback_step_flops(config, name) / (micro_batch_tokens * micro_batches))
+        except NotModelled:
+            per_token = None
         rows.append({"variant": name, "readout_flops_per_token": per_token,
-                     "over_one_layer": per_token / layer,
-                     "layers_per_stage": layers_per_stage, "over_stage": per_token / (layers_per_stage * layer),
+                     "over_one_layer": None if per_token is None else per_token / layer,
+                     "layers_per_stage": layers_per_stage,
+                     "over_stage": None if per_token is None else per_token / (layers_per_stage * layer),
                      "table_over_fp32_full": cls.table_bytes_per_step(config, FP32) / full_table,
                      "table_bytes_per_step_fp32": cls.table_bytes_per_step(config, FP32),
                      "table_bytes_per_step_bf16": cls.table_bytes_per_step(config, BF16),
@@ -57,8 +61,9 @@ def markdown(rows: list[dict]) -> str:
              f"MiB/step fp32 | bf16 | x fp32 table | feedback params | sliced |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['readout_flops_per_token'] / 1e6:.2f} | {r['over_one_layer']:.4f} | "
-                     f"{r['over_stage']:.4f} | {r['table_bytes_per_step_fp32'] / 2**20:.2f} | "
+        flops = ("not modelled | | " if r["readout_flops_per_token"] is None else
+                 f"{r['readout_flops_per_token'] / 1e6:.2f} | {r['over_one_layer']:.4f} | {r['over_stage']:.4f}")
+        lines.append(f"| {r['variant']} | {flops} | {r['table_bytes_per_step_fp32'] / 2**20:.2f} | "
                      f"{r['table_bytes_per_step_bf16'] / 2**20:.2f} | {r['table_over_fp32_full']:.4f} | "
                      f"{r['feedback_matrix_parameters']:,} | {'yes' if r['sliced'] else 'no'} |")
     return "\n".join(lines)

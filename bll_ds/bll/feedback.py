@@ -130,11 +130,13 @@ class StageFeedback(nn.Module):
         return cls(config)
 
     @classmethod
-    def readout_flops_per_token(cls, config: PretrainedConfig, micro_batch_tokens: int | None = None) -> float:
+    def readout_flops_per_token(cls, config: PretrainedConfig, micro_batch_tokens: int | None = None) -> float | None:
         """Training FLOPs per token (forward + backward) of the local loss, beyond the stage's blocks,
         in a micro-batch of `micro_batch_tokens` tokens (default one sequence; a shared-candidate
-        softmax's width grows with the micro-batch's distinct targets)."""
-        raise NotImplementedError(f"BLL variant {cls.name!r} declares no readout FLOPs")
+        softmax's width grows with the micro-batch's distinct targets). None: not declared. Such a
+        variant trains; the figures that need its cost (summary.json's FLOP rates, the simulator)
+        are null or "not modelled" (bll_ds/measure/flops.py NotModelled)."""
+        return None
 
     @classmethod
     def readout_flops_per_micro_batch(cls, config: PretrainedConfig) -> float:

@@ -6,12 +6,26 @@ upstream, whether its readout is per token (and so can run in sequence slices), 
 FLOPs and bytes per token, per micro-batch and per step. `--bll_variant`'s choices, the engine
 builder, the memory planner and the FLOPs model all ask the class; none of them lists variants.
 
-Adding a variant is one class in one file:
+Adding a variant is one class in one file (tests/test_variant_registry.py trains exactly this
+one through the launcher and the emulator):
 
     @register
     class MyFeedback(StageFeedback):
         name = "mine"
-        def local_loss(self, hidden, labels): ...
+        per_token_readout = True  # its loss is a token mean: the engine may run it in slices
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+        def local_loss(self, hidden, labels):
+            logits = self.head(self.norm(hidden)).float()
+            ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+            return ce, {"ce": ce.detach()}
+
+Cost declarations (readout_flops_per_token and the rest in StageFeedback) are optional: without
+them the run trains and writes its summary with the FLOP rates null, saying so in one line, and
+the simulator and the memory planner say "not modelled" for the variant.
 
 The built-in variants live in bll_ds/bll/feedback.py, aux_readout.py, overlap.py and context.py;
 a variant defined elsewhere is made known to the trainer with `--custom_import path/to/file.py`

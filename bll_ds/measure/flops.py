@@ -92,12 +92,24 @@ def head_forward_flops(config: PretrainedConfig) -> float:
 # BLL local readouts (non-last stages): each variant declares its own (bll_ds/bll/feedback.py)
 # ---------------------------------------------------------------------------------------------
 
+class NotModelled(ValueError):
+    """A variant that declares no readout FLOPs (cost declarations are optional): the figures that
+    need them are null in summary.json and "not modelled" in the simulator and `bench variants`."""
+
+    def __init__(self, variant: str):
+        super().__init__(f"BLL variant {variant!r} declares no readout FLOPs (its class's readout_flops_per_token)")
+        self.variant = variant
+
+
 def readout_flops_per_token(config: PretrainedConfig, variant: str, micro_batch_tokens: int | None = None) -> float:
     """Training FLOPs per token of a non-last stage's local loss (forward + backward), beyond the
     stage's own blocks: prototype and dgl 6HV, drtp 4HV, gaussian and bernoulli 12H^2; with the
     options of bll_ds/bll/variant_options.py 6Hr + 6rC per head (C: the candidates of a micro-batch
-    of `micro_batch_tokens` tokens)."""
-    return get_variant(variant).readout_flops_per_token(config, micro_batch_tokens)
+    of `micro_batch_tokens` tokens). NotModelled where the variant declares none."""
+    flops = get_variant(variant).readout_flops_per_token(config, micro_batch_tokens)
+    if flops is None:
+        raise NotModelled(variant)
+    return flops
 
 
 def readout_flops_per_micro_batch(config: PretrainedConfig, variant: str) -> float:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from bll_ds.atomic import atomic_write_text
-from bll_ds.measure.flops import stage_step_flops
+from bll_ds.measure.flops import NotModelled, stage_step_flops
 from bll_ds.modeling import count_parameters
 from bll_ds.run_dir import SUMMARY
 
@@ -39,7 +39,7 @@ def build_summary(cfg, ds, engine, model_config, recent, step_times, seq_len: in
         "tokens_per_s": round(tokens_per_step / statistics.median(warm), 1),
         "step_s_median": round(statistics.median(warm), 5),
         # The whole pipeline's model FLOP/s per replica (local readouts and feedback counted as work).
-        "model_gflops_per_s": round(sum(s["model_gflops_per_s"] for s in first_replica), 2),
+        "model_gflops_per_s": _total(s["model_gflops_per_s"] for s in first_replica),
         "val_loss": round(val_loss, 5), "seq_len": seq_len, "micro_batches": ds.micro_batches,
         "micro_batch_size": ds.micro_batch_size, "bf16": ds.bf16,
         "device": str(engine.device), "emulated": cfg.emulate, "link_delay_ms": cfg.link_delay_ms,
@@ -50,6 +50,11 @@ def build_summary(cfg, ds, engine, model_config, recent, step_times, seq_len: in
                                                              if r["stage"] == s["stage"]}) == 1}
                           for s in first_replica],
     }
+
+
+def _total(values) -> float | None:
+    values = list(values)
+    return None if None in values else round(sum(values), 2)
 
 
 def _stage_summary(cfg, ds, view, model_config, recent, seq_len: int, step_s: float, peaks: dict | None) -> dict:
@@ -71,9 +76,13 @@ def write_summary(run_dir: Path, summary: dict) -> None:
 def flop_rates(cfg, ds, stage: int, model_config, seq_len: int, step_s: float, peaks: dict | None) -> dict:
     """This stage's model FLOP/s over the median step, and its utilisation of the matmul peak
     measured in this run (in the training precision). BLL stages count their local readout and
-    feedback update as work; see bll_ds/measure/flops.py for the conventions."""
-    per_step = stage_step_flops(model_config, cfg.stages, seq_len, cfg.method, cfg.bll.variant,
-                                ds.micro_batch_size * seq_len, ds.micro_batches)[stage]
+    feedback update as work; see bll_ds/measure/flops.py for the conventions. All three figures
+    are None for a variant that declares no readout FLOPs."""
+    try:
+        per_step = stage_step_flops(model_config, cfg.stages, seq_len, cfg.method, cfg.bll.variant,
+                                    ds.micro_batch_size * seq_len, ds.micro_batches)[stage]
+    except NotModelled:
+        return {"model_gflops_per_s": None, "mfu": None, "bll_overhead_flops_share": None}
     gflops = per_step.total / step_s / 1e9
     peak = (peaks or {}).get("bf16" if ds.bf16 else "fp32")
     return {"model_gflops_per_s": round(gflops, 2), "mfu": round(gflops / peak, 4) if peak else None,
