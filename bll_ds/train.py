@@ -103,7 +103,7 @@ def train(cfg: RunConfig, started: float) -> None:
     if cfg.link_delay_ms and cfg.emulate:
         raise UserError("--link_delay_ms delays messages between launched ranks; the emulator has none.",
                         "launch the stages (deepspeed/torchrun) to time a slow link, or model it with "
-                        "python -m bll_ds.bench simulate --latency_us.")
+                        "python -m bll_bench simulate --latency_us.")
     distributed.init(all_cores=cfg.emulate)
     link_delay.install(cfg.link_delay_ms)
     try:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Train a peer arm: one of torch.distributed.pipelining's schedules on the model, data,
-micro-batches and optimizer that `scripts/pretrain.py --method bp` trains (bll_ds/bench/peer_pipeline.py).
+micro-batches and optimizer that `scripts/pretrain.py --method bp` trains (bll_bench/peer_pipeline.py).
 
     torchrun --nproc_per_node 2 --master_port 29500 scripts/peer_pretrain.py --schedule zbv \
         --model models/test-1m.json --deepspeed_config ds_configs/test-1m.json \
@@ -12,7 +12,7 @@ clipping), steps, seed, seq_len, the eval flags, --log_interval, --throughput_wa
 --link_delay_ms. Not used: --method and --stages (the pipeline has N x stages-per-rank stages on
 the N launched ranks), the BLL flags, checkpoints (a peer run cannot resume), bf16 (fp32 only).
 
-Writes what `pretrain.py` writes for the benchmark harness to read (bll_ds/bench/compare.py):
+Writes what `pretrain.py` writes for the benchmark harness to read (bll_bench/compare.py):
 metrics.jsonl (train/loss, train/lr, train/grad_norm every --log_interval steps; val/loss at
 every --eval_interval and at the end), metrics_stage{r}.jsonl per rank (stage/step_s), and
 summary.json (method "bp", pipeline_schedule, tokens/s median after the warm-up, val_loss,
@@ -38,7 +38,7 @@ from bll_ds import distributed  # noqa: E402
 from bll_ds import run_dir as names  # noqa: E402
 from bll_ds.atomic import atomic_write_text  # noqa: E402
 from bll_ds import link_delay  # noqa: E402
-from bll_ds.bench.peer_pipeline import PEER_SCHEDULES, PeerArm  # noqa: E402
+from bll_bench.peer_pipeline import PEER_SCHEDULES, PeerArm  # noqa: E402
 from bll_ds.config import parse_run_config, resolve_seq_len  # noqa: E402
 from bll_ds.data import EvalBatches, MicroBatchSampler  # noqa: E402
 from bll_ds.ds_config import load_ds_config  # noqa: E402

@@ -17,7 +17,7 @@ import torch
 from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
 from helpers import launch_failure, run_pretrain, stage_losses
 
-from bll_ds.bench import memory
+from bll_bench import memory
 from bll_ds.config import BLLConfig
 from bll_ds.ds_config import DsSettings
 from bll_ds.engine.emulator import EmulatedPipeline

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bll_ds.bench import compare, report
+from bll_bench import compare, report
 from bll_ds.errors import UserError
 from helpers import cpu_env
 

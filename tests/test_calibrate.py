@@ -1,4 +1,4 @@
-"""The simulator checked against runs (bll_ds/bench/calibrate.py): a slow-link run is predicted
+"""The simulator checked against runs (bll_bench/calibrate.py): a slow-link run is predicted
 from the stage costs its zero-delay sibling traced, and an arm without traces borrows those of
 one that does the same work."""
 
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from bll_ds.bench import calibrate
+from bll_bench import calibrate
 
 
 def _timeline(stage: int, fwd: float, bwd: float, micro_batches: int = 2) -> dict:

@@ -1,4 +1,4 @@
-"""The memory planner (bll_ds/bench/memory.py) against measurements on real modules.
+"""The memory planner (bll_bench/memory.py) against measurements on real modules.
 
 The saved-activation formulas are checked with the same meter the engines use (autograd's
 saved_tensors_hooks, parameters excluded), on one real decoder layer of each family and on
@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 
-from bll_ds.bench import memory
-from bll_ds.bench.rehearse import build_stage, forward_layers
+from bll_bench import memory
+from bll_ds.engine.build import build_stage, forward_layers
 from bll_ds.bll import variants
 from bll_ds.bll.stage_step import slices_for, sliced_local_backward
 from bll_ds.bll.feedback import build_feedback
@@ -318,8 +318,8 @@ def test_cli_plan_clusters_and_rss(tmp_path, capsys):
 
 
 def test_the_budget_search_finds_the_largest_micro_batch_that_fits():
-    from bll_ds.bench.memory import GIB, max_stage_bytes, plan
-    from bll_ds.bench.memory_budget import fits
+    from bll_bench.memory import GIB, max_stage_bytes, plan
+    from bll_bench.memory_budget import fits
 
     budget = GIB
     rows = fits("models/llama-25m.json", 2, budget, 256, 4, "dgl-context:dim=64:neg=2048", vocab_size=4096,

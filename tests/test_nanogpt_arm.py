@@ -1,4 +1,4 @@
-"""The nanoGPT arm of the benchmark (bll_ds/bench/nanogpt_arm.py): its checkout check, the parse of
+"""The nanoGPT arm of the benchmark (bll_bench/nanogpt_arm.py): its checkout check, the parse of
 nanoGPT's stdout into the files the harness reads, and (where ../nanoGPT or $NANOGPT_DIR holds a
 checkout) a real 30-iteration run of nanoGPT's own train.py."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bll_ds.bench import compare, nanogpt_arm
+from bll_bench import compare, nanogpt_arm
 from bll_ds.errors import UserError
 from helpers import REPO
 

@@ -1,4 +1,4 @@
-"""Peer arms (bll_ds/bench/peer_pipeline.py): torch.distributed.pipelining's Schedule1F1B,
+"""Peer arms (bll_bench/peer_pipeline.py): torch.distributed.pipelining's Schedule1F1B,
 ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble and
 ScheduleDualPipeV, on 2 CPU/gloo ranks, each do one optimizer step on the same 4 fixed
 micro-batches; every rank's parameters (and the pre-clip gradients) must equal those of plain
@@ -18,7 +18,7 @@ import torch
 
 from helpers import REPO, VENV_BIN, cpu_env
 
-from bll_ds.bench.peer_pipeline import PEER_SCHEDULES, fixed_batches, rank_stages, reference_step
+from bll_bench.peer_pipeline import PEER_SCHEDULES, fixed_batches, rank_stages, reference_step
 from bll_ds.modeling import load_model_spec
 from bll_ds.modeling.layers import lm_loss
 from bll_ds.modeling.pipeline import build_sequential, layer_specs, stage_layer_ranges
@@ -59,7 +59,7 @@ def reference(config, reference_batches):
 def peer_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("peer")
     cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(WORLD), "--master_port", str(MASTER_PORT),
-           "-m", "bll_ds.bench.peer_pipeline", "--model", str(REPO / "models/test-1m.json"),
+           "-m", "bll_bench.peer_pipeline", "--model", str(REPO / "models/test-1m.json"),
            "--vocab_size", str(VOCAB), "--ds_config", json.dumps(DS_CONFIG),
            "--schedules", ",".join(PEER_SCHEDULES), "--micro_batches", str(MICRO_BATCHES),
            "--seq_len", str(SEQ_LEN), "--seed", str(SEED), "--timeout_s", "30", "--out", str(out)]
@@ -131,7 +131,7 @@ def test_peer_pretrain_script_trains_and_writes_what_the_harness_reads(tmp_path,
     """scripts/peer_pretrain.py: the launchable arm, on the run data pretrain.py builds (3 steps of
     DualPipeV, which needs micro-batches >= stages = 4), through a 20 ms slow link
     (bll_ds/link_delay.py on torch's P2POp path); its outputs are what the bench harness reads."""
-    from bll_ds.bench import compare
+    from bll_bench import compare
 
     (tmp_path / "ds.json").write_text(json.dumps(DS_CONFIG))
     out = tmp_path / "run"

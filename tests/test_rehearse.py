@@ -1,4 +1,4 @@
-"""Smoke test of the scale rehearsal (bll_ds/bench/rehearse.py) on the tiny spec, in-process.
+"""Smoke test of the scale rehearsal (bll_bench/rehearse.py) on the tiny spec, in-process.
 
 The real rehearsal (llama-1b, one stage of 8) is run by hand; this checks that every output is
 there and that the measured saved activations agree with the planner's prediction for the stage.
@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from bll_ds.bench import rehearse
+from bll_bench import rehearse
 
 
 @pytest.fixture(autouse=True)

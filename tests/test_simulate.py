@@ -1,4 +1,4 @@
-"""bll_ds/bench/simulate.py: closed forms for uniform costs, link delays, dependency rules, CLI.
+"""bll_bench/simulate.py: closed forms for uniform costs, link delays, dependency rules, CLI.
 
 Costs are small integers (and link delays binary fractions), so every expected time is exact.
 """
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bll_ds.bench.simulate import (PROJECTION_ARMS, SCHEDULES, LayerCosts, Link, StageCosts,
+from bll_bench.simulate import (PROJECTION_ARMS, SCHEDULES, LayerCosts, Link, StageCosts,
                                    balanced_layers_per_stage, main, simulate, stage_costs)
 from helpers import REPO
 

@@ -4,7 +4,7 @@ stage computes per micro-batch and at the step boundary, against plain autograd 
 import pytest
 import torch
 
-from bll_ds.bench.rehearse import build_stage, forward_layers
+from bll_ds.engine.build import build_stage, forward_layers
 from bll_ds.bll.stage_step import STEP_END, StageStep, run_step_end
 from bll_ds.engine import bll_schedule
 from bll_ds.modeling import lm_loss, load_model_spec

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from bll_ds import run_dir as names
-from bll_ds.bench import sweep
+from bll_bench import sweep
 from bll_ds.errors import UserError
 
 

@@ -1,10 +1,10 @@
-"""python -m bll_ds.bench variants: the registry's declared costs, one row per variant."""
+"""python -m bll_bench variants: the registry's declared costs, one row per variant."""
 
 import json
 
 import pytest
 
-from bll_ds.bench import variant_costs
+from bll_bench import variant_costs
 from bll_ds.bll import variants
 from bll_ds.measure.flops import layer_forward_flops
 from bll_ds.modeling import load_model_spec

@@ -58,7 +58,7 @@ class MinimalFeedback(StageFeedback):
 
 
 def test_every_consumer_asks_the_class():
-    from bll_ds.bench import memory
+    from bll_bench import memory
     from bll_ds.config import parse_run_config
     from bll_ds.measure import flops
     from bll_ds.modeling import load_model_spec
@@ -88,7 +88,7 @@ def test_a_variant_needs_a_name_and_one_owner():
 
 
 def test_a_variant_without_cost_declarations_is_not_modelled_rather_than_a_crash(tmp_path):
-    from bll_ds.bench import simulate, variant_costs
+    from bll_bench import simulate, variant_costs
     from bll_ds.measure import flops
     from bll_ds.modeling import load_model_spec
 

@@ -86,7 +86,7 @@ class StageFeedback(nn.Module):
     (bll_ds/bll/stage_step.py runs them in that order).
 
     A variant declares its facts here, for the engine builder, the memory planner
-    (bll_ds/bench/memory.py) and the FLOPs model (bll_ds/measure/flops.py)."""
+    (bll_bench/memory.py) and the FLOPs model (bll_ds/measure/flops.py)."""
 
     name: ClassVar[str] = ""
     sends_table: ClassVar[bool] = False        # its target table m_k travels upstream once per step
@@ -192,7 +192,7 @@ class StageFeedback(nn.Module):
     def readout_saved_bytes_per_micro_batch(cls, config: PretrainedConfig, dtype_bytes: int,
                                             micro_batch_tokens: int) -> int:
         """Saved bytes per micro-batch that do not scale with its tokens, beyond the one loss's
-        scalar the planner counts anyway (bll_ds/bench/memory.py LOSS_TOTAL_WEIGHT)."""
+        scalar the planner counts anyway (bll_bench/memory.py LOSS_TOTAL_WEIGHT)."""
         return 0
 
     def __init__(self, config: PretrainedConfig):

@@ -1,7 +1,7 @@
 """What one block-local stage does with one micro-batch and at the step boundary: the only copy.
 
 The engine's instructions (bll_ds/engine/bll_engine.py) and the scale rehearsal
-(bll_ds/bench/rehearse.py) both run a stage through `StageStep`. Next to docs/METHOD.md:
+(bll_bench/rehearse.py) both run a stage through `StageStep`. Next to docs/METHOD.md:
 
     step t begins    begin(P)            P = P_{t-2}, the downstream stage's lagged table (§4);
                                          feedback.prepare: m_k = g_k(P) computed once, no graph (§3)

@@ -29,6 +29,10 @@ from bll_ds.engine.pipeline_engine import AccountedPipelineEngine, StepRecord, _
 from bll_ds.engine.trace import traced
 
 
+# Detached outputs whose sends may be in flight, per micro-batch of a step: a slow receiver can
+# hold two steps' sends (the memory planner counts this worst case).
+SEND_WINDOW_PER_MICRO_BATCH = 2
+
 class StageLocalGrid:
     """DeepSpeed's PipelineParallelGrid, except that the model-parallel group is this rank alone."""
 
@@ -59,7 +63,7 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         super().__init__(*args, **kwargs)
         self.feedback = feedback
         self.table_refresh = get_variant(variant).table_refresh() if variant else 1
-        self.max_inflight_sends = max_inflight_sends or 2 * self.micro_batches
+        self.max_inflight_sends = max_inflight_sends or SEND_WINDOW_PER_MICRO_BATCH * self.micro_batches
         self._sends: list[tuple[object, torch.Tensor]] = []
         self._step = 0            # the optimizer step being computed (1-based)
         self._micro_batch = 0

@@ -5,14 +5,18 @@ deepspeed_internals.py, since `deepspeed.initialize` always builds the stock Pip
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from bll_ds.bll.feedback import StageFeedback
 from bll_ds.bll.variants import get as get_variant
 from bll_ds.config import BLLConfig
 from bll_ds.engine import deepspeed_internals as ds_internals
 from bll_ds.engine.bll_engine import BLLPipelineEngine, StageLocalGrid, singleton_groups
 from bll_ds.engine.pipeline_engine import AccountedPipelineEngine
+from bll_ds.modeling.pipeline import build_stage_layers, stage_layer_counts
 
 FEEDBACK_SEED_OFFSET = 1_000_000  # feedback blocks are seeded apart from every forward layer
 
@@ -29,6 +33,43 @@ def build_stage_feedback(bll: BLLConfig, model_config, stage: int, seed: int):
     """Stage `stage`'s feedback block (not on the last stage), seeded apart from every layer."""
     torch.manual_seed(seed + FEEDBACK_SEED_OFFSET + stage)
     return get_variant(bll.variant).build(model_config, bll)
+
+
+@dataclass
+class Stage:
+    """One stage of an S-stage pipeline built in this process alone (the scale rehearsal and the
+    stage-step tests): its layers with the pipeline's initial weights and its feedback block."""
+    module: nn.Sequential        # the stage's pipeline layers, feedback block attached as "bll_feedback"
+    feedback: StageFeedback | None
+    first: bool
+    last: bool
+    decoder_layers: int
+    sends_tables: bool           # the variant's messages travel upstream (the engine's table_shape is set)
+    variant: str = "prototype"
+
+    def weights(self) -> list[torch.Tensor]:
+        return [*self.module.parameters(), *self.module.buffers()]
+
+
+def build_stage(config, stages: int, stage: int, seed: int = 0, variant: str = "prototype") -> Stage:
+    """Stage `stage` of an S-stage pipeline, with the same initial weights as the pipeline."""
+    first, last = stage == 0, stage == stages - 1
+    module = nn.Sequential(*(layer for _, layer in build_stage_layers(config, stages, stage, seed)))
+    feedback = None
+    if not last:
+        feedback = build_stage_feedback(BLLConfig(variant=variant), config, stage, seed)  # as build_engine
+        module.add_module("bll_feedback", feedback)
+    return Stage(module, feedback, first, last, stage_layer_counts(config, stages)[stage],
+                 sends_tables=stages > 1 and get_variant(variant).message_shape(config) is not None, variant=variant)
+
+
+def forward_layers(stage: Stage, inputs: torch.Tensor) -> torch.Tensor:
+    """The pipeline layers only (not the feedback block, which is a submodule but no layer)."""
+    out = inputs
+    for name, layer in stage.module.named_children():
+        if name != "bll_feedback":
+            out = layer(out)
+    return out
 
 
 def build_engine(method: str, module, ds_config: dict, model_config=None, seed: int = 0,

@@ -35,7 +35,7 @@ from bll_ds.engine.emulated_stage import EmulatedStage
 from bll_ds.engine.feedback_channel import publishes_after, table_index
 from bll_ds.engine.pipeline_engine import StepRecord
 from bll_ds.modeling.layers import lm_loss
-from bll_ds.modeling.pipeline import build_sequential, stage_layer_ranges
+from bll_ds.modeling.pipeline import build_stage_layers
 
 EMULATOR_STATE = "emulator_state.pt"
 
@@ -62,14 +62,12 @@ class EmulatedPipeline:
         self.method, self.num_stages, self.bll = method, stages, bll
         self.device = emulation_device()
         self.micro_batches = ds.micro_batches
-        layers = list(enumerate(build_sequential(model_config, seed)))
-        ranges = stage_layer_ranges(model_config, stages)
         self.sends_table = method == "bll" and get_variant(bll.variant).message_shape(model_config) is not None
         self.table_refresh = get_variant(bll.variant).table_refresh() if method == "bll" else 1
         self.stages = []
         for k in range(stages):
             feedback = build_stage_feedback(bll, model_config, k, seed) if method == "bll" and k < stages - 1 else None
-            stage = EmulatedStage(k, [layers[i] for i in ranges[k]], feedback, ds.config, ds.micro_batches,
+            stage = EmulatedStage(k, build_stage_layers(model_config, stages, k, seed), feedback, ds.config, ds.micro_batches,
                                   self.device, ds.bf16, seed, activation_checkpoint_interval,
                                   grad_accum_dtype=ds.grad_accum_dtype, communication_dtype=ds.communication_dtype)
             if feedback is not None:

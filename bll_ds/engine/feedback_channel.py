@@ -60,6 +60,11 @@ def tables_published(completed_step: int, refresh: int = 1) -> int:
     return completed_step // refresh + 1
 
 
+# Payloads an outbox holds at most between publishes: the one just sent, and its predecessor
+# until its send is seen complete (publish drops completed ones). The memory planner counts these.
+OUTBOX_HELD = 2
+
+
 class TableOutbox:
     """On stage k > 0: sends its table to stage k-1 of the same data-parallel replica."""
 

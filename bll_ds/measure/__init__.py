@@ -1,3 +1,3 @@
 """Measurements the trainer itself takes and reports in summary.json: model FLOPs per stage
 (flops.py), the device's matrix-product peak (matmul_peak.py) and peak RSS (rss.py). The
-benchmark package (bll_ds/bench) builds on these; nothing here imports it."""
+benchmark package (bll_bench) builds on these; nothing here imports it."""

@@ -40,7 +40,7 @@ def checkpointed_groups(layer_classes: list[str], interval: int) -> list[tuple[i
     """(start, end, checkpointed) for each group of a stage's layer list (its layers' class
     names), as PipelineModule cuts and judges them with checkpointable_layers=CHECKPOINTABLE_LAYERS
     (`_is_checkpointable`: every layer of the group is one of those classes). interval 0: one
-    group, not checkpointed. The memory planner (bll_ds/bench/memory.py) cuts the same groups."""
+    group, not checkpointed. The memory planner (bll_bench/memory.py) cuts the same groups."""
     if interval <= 0:
         return [(0, len(layer_classes), False)]
     groups = []

@@ -83,13 +83,21 @@ def stage_layer_ranges(config: PretrainedConfig, stages: int) -> list[range]:
     return [range(bounds[k], bounds[k + 1]) for k in range(stages)]
 
 
+def build_stage_layers(config: PretrainedConfig, stages: int, stage: int, seed: int) -> list[tuple[int, nn.Module]]:
+    """Stage `stage`'s layers and their positions in `layer_specs(config)`, with the pipeline's
+    initial weights: layer i is built right after seeding with seed + i, as DeepSpeed's
+    seed_layers does, so a stage's weights do not depend on which other layers are built."""
+    specs = layer_specs(config)
+    layers = []
+    for i in stage_layer_ranges(config, stages)[stage]:
+        torch.manual_seed(seed + i)
+        layers.append((i, specs[i].build()))
+    return layers
+
+
 def build_sequential(config: PretrainedConfig, seed: int) -> nn.Sequential:
     """All layers in one process, with the same initial weights as the pipeline."""
-    layers = []
-    for i, spec in enumerate(layer_specs(config)):
-        torch.manual_seed(seed + i)
-        layers.append(spec.build())
-    return nn.Sequential(*layers)
+    return nn.Sequential(*(layer for _, layer in build_stage_layers(config, 1, 0, seed)))
 
 
 def to_hf_state_dict(layers: nn.Sequential) -> dict[str, torch.Tensor]:

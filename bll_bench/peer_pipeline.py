@@ -24,7 +24,7 @@ min(1, clip / (norm + 1e-6)) (DeepSpeed's fp32 clip), and the optimizer and sche
 
 One-step check (what tests/test_peer_pipeline.py launches on 2 gloo ranks):
 
-    torchrun --nproc_per_node 2 --master_port 29800 -m bll_ds.bench.peer_pipeline \
+    torchrun --nproc_per_node 2 --master_port 29800 -m bll_bench.peer_pipeline \
         --model models/test-1m.json --vocab_size 64 --ds_config ds_configs/test-1m.json \
         --schedules 1f1b,zbv --out /tmp/peer
 
@@ -53,7 +53,7 @@ from bll_ds.data import MicroBatchSampler
 from bll_ds.engine.build import weight_decay_groups
 from bll_ds.engine.emulated_stage import build_optimizer, build_scheduler
 from bll_ds.modeling.layers import lm_loss
-from bll_ds.modeling.pipeline import build_sequential, layer_specs, stage_layer_ranges
+from bll_ds.modeling.pipeline import build_sequential, build_stage_layers
 
 
 @dataclass(frozen=True)
@@ -82,14 +82,12 @@ def rank_stages(schedule: PeerSchedule, rank: int, world: int) -> list[int]:
     return [rank + k * world for k in range(schedule.stages_per_rank)]
 
 
-def build_stage_module(config, seed: int, positions: range) -> nn.Sequential:
-    """The layers at `positions`, each seeded as `build_sequential` seeds it. Children are named
-    by their position in the whole model, so state_dict keys match build_sequential's."""
-    specs = layer_specs(config)
+def build_stage_module(config, seed: int, stages: int, stage: int) -> nn.Sequential:
+    """The stage's layers (modeling.pipeline.build_stage_layers). Children are named by their
+    position in the whole model, so state_dict keys match build_sequential's."""
     module = nn.Sequential()
-    for i in positions:
-        torch.manual_seed(seed + i)
-        module.add_module(str(i), specs[i].build())
+    for i, layer in build_stage_layers(config, stages, stage, seed):
+        module.add_module(str(i), layer)
     return module
 
 
@@ -111,9 +109,8 @@ class PeerArm:
         self.device = torch.device(device)
         self.micro_batches = micro_batches
         self.num_stages = self.world * self.schedule_spec.stages_per_rank
-        ranges = stage_layer_ranges(config, self.num_stages)
         self.stage_ids = rank_stages(self.schedule_spec, self.rank, self.world)
-        self.modules = nn.ModuleList(build_stage_module(config, seed, ranges[s]).to(self.device)
+        self.modules = nn.ModuleList(build_stage_module(config, seed, self.num_stages, s).to(self.device)
                                      for s in self.stage_ids)
         self.stages = [PipelineStage(m, s, self.num_stages, self.device, group=group)
                        for m, s in zip(self.modules, self.stage_ids)]

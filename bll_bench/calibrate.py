@@ -1,6 +1,6 @@
 """Check the schedule simulator against measured runs.
 
-    python -m bll_ds.bench.calibrate runs/bench-l25
+    python -m bll_bench.calibrate runs/bench-l25
 
 For every run of a `compare` benchmark: per-stage costs come from the run's traced warm-up steps
 (timeline_stage{k}.json: median forward, backward, local-loss instruction per micro-batch, and
@@ -21,8 +21,8 @@ from pathlib import Path
 
 from bll_ds import run_dir as names
 from bll_ds.atomic import atomic_write_text
-from bll_ds.bench.plots import OP_KIND
-from bll_ds.bench.simulate import Link, StageCosts, simulate
+from bll_bench.plots import OP_KIND
+from bll_bench.simulate import Link, StageCosts, simulate
 from bll_ds.engine.trace import read_timelines
 
 SCHEDULE_OF_ARM = {"bp": "1f1b", "bll-flush": "bll", "bll": "bll-noflush", "peer:1f1b": "1f1b"}
@@ -163,14 +163,14 @@ def markdown(rows: list[dict], command: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bll_ds.bench.calibrate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("bench_dir", help="a folder written by `python -m bll_ds.bench compare`")
+    parser = argparse.ArgumentParser(prog="python -m bll_bench.calibrate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("bench_dir", help="a folder written by `python -m bll_bench compare`")
     args = parser.parse_args(argv)
     bench_dir = Path(args.bench_dir)
     bench = json.loads((bench_dir / "bench.json").read_text())
     rows = [predict(run, _run_dir(bench_dir, cost_source(bench, run)), run.get("link_delay_ms", 0.0) / 1000)
             for run in bench["runs"] if arm_kind(run["arm"]) in SCHEDULE_OF_ARM]
-    command = "python -m bll_ds.bench.calibrate " + " ".join(argv)
+    command = "python -m bll_bench.calibrate " + " ".join(argv)
     atomic_write_text(bench_dir / "calibration.json", json.dumps(rows, indent=1) + "\n")
     atomic_write_text(bench_dir / "calibration.md", markdown(rows, command) + "\nWhere the traced steps' time "
                       "went (repeat 0):\n\n" + breakdown_markdown(bench, bench_dir))

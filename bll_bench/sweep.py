@@ -1,7 +1,7 @@
 """Depth sweep: block-local learning against backprop at 2-16 stages, and truncated backprop.
 
-    python -m bll_ds.bench sweep --plan depth --data ../shared/data/kernel-docs.jsonl --out results/sweep-d16
-    python -m bll_ds.bench sweep --plan shakespeare --data ../shared/data/tinyshakespeare.txt --out results/sweep-char8
+    python -m bll_bench sweep --plan depth --data ../shared/data/kernel-docs.jsonl --out results/sweep-d16
+    python -m bll_bench sweep --plan shakespeare --data ../shared/data/tinyshakespeare.txt --out results/sweep-char8
 
 Every run is one `python scripts/pretrain.py --emulate` process (bll_ds/engine/emulator.py), one
 after another, on the same tokens (tokenizer, seed, batch shape and schedule are shared):
@@ -34,13 +34,14 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from bll_bench.plotting import pyplot
 from bll_ds import run_dir as names
 from bll_ds.atomic import atomic_write_text
 from bll_ds.bll import variants as bll_variants
 from bll_ds.bll.variant_options import run_name
 from bll_ds.errors import UserError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 DEPTH_GATE = 0.05  # issue 10: BP on all layers at least 5% below the 1-layer model
 
 
@@ -237,9 +238,7 @@ def _markdown(rows: list[dict]) -> str:
 
 
 def _plot(curves: dict, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, curve in sorted(curves.items()):
@@ -256,7 +255,7 @@ def _plot(curves: dict, path: Path, title: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m bll_ds.bench sweep", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bll_bench sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--plan", choices=sorted(PLANS), default="depth")
     p.add_argument("--out", required=True, help="Sweep folder: one run dir per run, sweep.md/json, the plot.")
     p.add_argument("--data", default=None, help="Corpus (default: the trainer's default corpus).")

@@ -49,63 +49,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bll_ds.bench import memory
-from bll_ds.bll.feedback import StageFeedback
+from bll_bench import memory
 from bll_ds.bll.stage_step import StageStep, run_step_end
 from bll_ds.bll.variants import get as get_variant
-from bll_ds.config import BLLConfig
-from bll_ds.engine.build import build_stage_feedback, weight_decay_groups
+from bll_ds.engine.build import Stage, build_stage, forward_layers, weight_decay_groups
 from bll_ds.engine.trace import SavedActivationMeter
 from bll_ds.measure.rss import peak_rss_mb
 from bll_ds.modeling import lm_loss, load_model_spec
-from bll_ds.modeling.pipeline import layer_specs, stage_layer_counts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter number
-
-
-@dataclass
-class Stage:
-    module: nn.Sequential        # the stage's pipeline layers, feedback block attached as "bll_feedback"
-    feedback: StageFeedback | None
-    first: bool
-    last: bool
-    decoder_layers: int
-    sends_tables: bool           # the variant's messages travel upstream (the engine's table_shape is set)
-    variant: str = "prototype"
-
-    def weights(self) -> list[torch.Tensor]:
-        return [*self.module.parameters(), *self.module.buffers()]
-
-
-def build_stage(config, stages: int, stage: int, seed: int = 0, variant: str = "prototype") -> Stage:
-    """Stage `stage` of an S-stage pipeline, with the same initial weights as the pipeline."""
-    counts = stage_layer_counts(config, stages)
-    specs = layer_specs(config)
-    first, last = stage == 0, stage == stages - 1
-    start = 1 + sum(counts[:stage])                 # specs[0] is the embedding
-    indices = list(range(start, start + counts[stage]))
-    indices = ([0] if first else []) + indices + ([len(specs) - 1] if last else [])
-    layers = []
-    for i in indices:
-        torch.manual_seed(seed + i)                 # as build_sequential and DeepSpeed's seed_layers
-        layers.append(specs[i].build())
-    module = nn.Sequential(*layers)
-    feedback = None
-    if not last:
-        feedback = build_stage_feedback(BLLConfig(variant=variant), config, stage, seed)  # as build_engine
-        module.add_module("bll_feedback", feedback)
-    return Stage(module, feedback, first, last, counts[stage],
-                 sends_tables=stages > 1 and get_variant(variant).message_shape(config) is not None, variant=variant)
-
-
-def forward_layers(stage: Stage, inputs: torch.Tensor) -> torch.Tensor:
-    """The pipeline layers only (not the feedback block, which is a submodule but no layer)."""
-    out = inputs
-    for name, layer in stage.module.named_children():
-        if name != "bll_feedback":
-            out = layer(out)
-    return out
 
 
 class MasterWeightAdamW:

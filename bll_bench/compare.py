@@ -1,6 +1,6 @@
 """Block-local learning against pipeline backprop, side by side, through the deepspeed launcher.
 
-    python -m bll_ds.bench compare --model models/llama-25m.json \
+    python -m bll_bench compare --model models/llama-25m.json \
         --deepspeed_config ds_configs/llama-25m.json --tokenizer bpe:4096 \
         --data ../shared/data/tinyshakespeare.txt --stages 2 --steps 10 \
         --micro_batches 2,4,8 --arms bp,bll-flush,bll --repeats 3 --out runs/bench-l25
@@ -32,11 +32,11 @@ from tqdm import tqdm
 
 from bll_ds import run_dir as names
 from bll_ds.atomic import atomic_write_text
-from bll_ds.bench import nanogpt_arm
+from bll_bench import nanogpt_arm
 from bll_ds.bll.variants import get as get_variant
 from bll_ds.errors import UserError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 # What each arm adds to the pretrain.py command line.
 ARMS = {
@@ -46,7 +46,7 @@ ARMS = {
 }
 
 
-NANOGPT = "nanogpt"  # nanoGPT's own train.py (bll_ds/bench/nanogpt_arm.py), with --nanogpt_dir
+NANOGPT = "nanogpt"  # nanoGPT's own train.py (bll_bench/nanogpt_arm.py), with --nanogpt_dir
 
 
 def arm_args(arm: str) -> list[str]:
@@ -58,7 +58,7 @@ def arm_args(arm: str) -> list[str]:
         return []
     base, _, variant = arm.partition(":")
     if base == "peer":
-        from bll_ds.bench.peer_pipeline import PEER_SCHEDULES
+        from bll_bench.peer_pipeline import PEER_SCHEDULES
 
         if variant not in PEER_SCHEDULES:
             raise UserError(f"unknown peer schedule in arm {arm!r}.",
@@ -108,7 +108,7 @@ class BenchConfig:
 
 
 def parse_args(argv: list[str]) -> BenchConfig:
-    p = argparse.ArgumentParser(prog="python -m bll_ds.bench compare", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m bll_bench compare", description=__doc__.split("\n\n")[0],
                                 epilog="Arguments after `--` are passed to every pretrain.py run.")
     p.add_argument("--model", required=True, help="model spec (models/*.json)")
     p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON; its gradient_accumulation_steps is "
@@ -138,7 +138,7 @@ def parse_args(argv: list[str]) -> BenchConfig:
                    "ms; each run gets one as --link_delay_ms (bll_ds/link_delay.py)")
     p.add_argument("--baseline", default="bp", help="the arm the paired ratios divide by")
     p.add_argument("--nanogpt_dir", default=None, help="a clone of https://github.com/karpathy/nanoGPT, for the "
-                   "nanogpt arm (its own train.py, run side by side: bll_ds/bench/nanogpt_arm.py)")
+                   "nanogpt arm (its own train.py, run side by side: bll_bench/nanogpt_arm.py)")
     p.add_argument("--master_port", type=int, default=29750)
     own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     a = p.parse_args(own)
@@ -371,7 +371,7 @@ def delay_retention(runs: list[dict], cfg: BenchConfig) -> list[dict]:
 
 # ---- entry ---------------------------------------------------------------------------------------
 def main(argv: list[str]) -> int:
-    from bll_ds.bench import plots, report  # matplotlib is imported only when a benchmark runs
+    from bll_bench import plots, report  # matplotlib is imported only when a benchmark runs
 
     cfg = parse_args(argv)
     out = Path(cfg.out)
@@ -409,7 +409,7 @@ def main(argv: list[str]) -> int:
         runs.append({"repeat": repeat, "M": m, "link_delay_ms": delay, "arm": arm, "run_dir": str(run_dir),
                      "launcher_wall_s": launcher_wall,
                      **read_run(run_dir, cfg.warmup_steps, target)})
-    result = {"config": asdict(cfg), "command": "python -m bll_ds.bench compare " + shlex.join(argv),
+    result = {"config": asdict(cfg), "command": "python -m bll_bench compare " + shlex.join(argv),
               "target_loss": target, "runs": runs, **aggregate(runs, cfg)}
     atomic_write_text(out / "bench.json", json.dumps(result, indent=1) + "\n")
     atomic_write_text(out / "bench.md", report.markdown(result))

@@ -1,6 +1,6 @@
 """What each registered BLL variant declares it costs, for one model spec.
 
-    python -m bll_ds.bench variants --model models/llama-d16.json [--seq_len T] [--micro_batch_tokens N]
+    python -m bll_bench variants --model models/llama-d16.json [--seq_len T] [--micro_batch_tokens N]
         [--micro_batches M] [--layers_per_stage L] [--variants SPEC,...] [--json FILE]
 
 One row per variant in the registry (bll_ds/bll/variants.py), or per --variants spec with its
@@ -70,7 +70,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m bll_ds.bench variants", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bll_bench variants", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a model spec, e.g. models/llama-d16.json")
     p.add_argument("--vocab_size", type=int, default=None, help="override the spec's vocabulary (e.g. 32768)")

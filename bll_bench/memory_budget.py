@@ -1,7 +1,7 @@
 """The largest micro-batch each method fits in a fixed memory budget per stage, from the memory
-planner (bll_ds/bench/memory.py), with and without activation checkpointing.
+planner (bll_bench/memory.py), with and without activation checkpointing.
 
-    python -m bll_ds.bench.memory_budget --model models/llama-7b.json --stages 8 --seq_len 2048 \
+    python -m bll_bench.memory_budget --model models/llama-7b.json --stages 8 --seq_len 2048 \
         --budget_gib 80 --dtype bf16 [--variant dgl-context:dim=64:neg=2048] [--json FILE]
 
 A 1F1B stage keeps up to S - k micro-batches' activations alive (stage 0 the most), a block-local
@@ -22,7 +22,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bll_ds.bench.memory import GIB, GpuBudget, max_stage_bytes, modelled_spec, plan
+from bll_bench.memory import GIB, GpuBudget, max_stage_bytes, modelled_spec, plan
 from bll_ds.modeling import load_model_spec
 
 ARMS = (("bp", 0), ("bp", 1), ("bll", 0), ("bll", 1))  # (method, activation_checkpoint_interval)
@@ -76,7 +76,7 @@ def markdown(rows: list[Fit], budget_gib: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bll_ds.bench.memory_budget", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bll_bench.memory_budget", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--stages", type=int, required=True)
     p.add_argument("--seq_len", type=int, default=2048)

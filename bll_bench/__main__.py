@@ -1,9 +1,9 @@
-"""python -m bll_ds.bench compare ...   (see bll_ds/bench/compare.py)
-python -m bll_ds.bench sweep ...     (see bll_ds/bench/sweep.py)
-python -m bll_ds.bench variants ...  (see bll_ds/bench/variant_costs.py: each variant's declared costs)
+"""python -m bll_bench compare ...   (see bll_bench/compare.py)
+python -m bll_bench sweep ...     (see bll_bench/sweep.py)
+python -m bll_bench variants ...  (see bll_bench/variant_costs.py: each variant's declared costs)
 
 The simulator and the memory planner have their own entries:
-python -m bll_ds.bench.simulate ..., python -m bll_ds.bench.memory ...
+python -m bll_bench.simulate ..., python -m bll_bench.memory ...
 """
 
 import sys
@@ -15,7 +15,7 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("compare", "sweep", "variants"):
         print(__doc__, file=sys.stderr)
         return 2
-    from bll_ds.bench import compare, sweep, variant_costs
+    from bll_bench import compare, sweep, variant_costs
     try:
         return {"compare": compare.main, "sweep": sweep.main, "variants": variant_costs.main}[argv[0]](argv[1:])
     except UserError as err:

@@ -1,11 +1,11 @@
 """Per-stage memory planner: what one pipeline stage holds, in bytes, for BP (DeepSpeed 1F1B)
 and block-local learning (BLL), and which GPU clusters fit 1B, 7B and 13B models.
 
-    python -m bll_ds.bench.memory --model models/llama-7b.json --stages 8 --dp 1 \
+    python -m bll_bench.memory --model models/llama-7b.json --stages 8 --dp 1 \
         --micro_batch_size 1 --seq_len 2048 --micro_batches 32 --dtype bf16 --zero 1 --method bll
-    python -m bll_ds.bench.memory clusters --out DIR     # clusters.md / clusters.json
-    python -m bll_ds.bench.memory clusters --out DIR --activation_checkpoint_interval 1
-    python -m bll_ds.bench.memory rss-check              # against docs/BENCHMARKS.md's llama-25m RSS
+    python -m bll_bench.memory clusters --out DIR     # clusters.md / clusters.json
+    python -m bll_bench.memory clusters --out DIR --activation_checkpoint_interval 1
+    python -m bll_bench.memory rss-check              # against docs/BENCHMARKS.md's llama-25m RSS
 
 Every term is what the code of this project and of DeepSpeed 0.19.8 / transformers 5.23 holds
 (file references next to each term). n = micro_batch_size x seq_len tokens, e = bytes of the
@@ -88,7 +88,9 @@ from transformers import PretrainedConfig
 from bll_ds.bll import variants
 from bll_ds.bll.feedback import build_feedback
 from bll_ds.bll.stage_step import slices_for
-from bll_ds.engine.feedback_channel import LAG
+from bll_ds.config import BLLConfig
+from bll_ds.engine.bll_engine import SEND_WINDOW_PER_MICRO_BATCH
+from bll_ds.engine.feedback_channel import LAG, OUTBOX_HELD
 from bll_ds.engine.trace import SavedActivationMeter
 from bll_ds.measure.flops import _attention_width, _mlp_width
 from bll_ds.modeling import load_model_spec
@@ -103,11 +105,10 @@ METHODS = ("bp", "bll")
 GIB = 2 ** 30
 MIB = 2 ** 20
 
-# BLL engine holdings (bll_ds/engine/bll_engine.py, feedback_channel.py).
+# BLL engine holdings, from their owners (bll_ds/engine/bll_engine.py, feedback_channel.py).
 INBOX_TABLES = LAG + 1      # TableInbox.queue right after a drain: P_{t-2}, P_{t-1}, P_t
-OUTBOX_TABLES = 2           # TableOutbox._pending: the last payload, and its predecessor until seen complete
-SEND_WINDOW_PER_MICRO_BATCH = 2  # BLLPipelineEngine.max_inflight_sends = 2 * micro_batches (worst case)
-READOUT_MAX_LOGITS_MB = 16.0     # RunConfig.bll_readout_max_logits_mb's default (0 = one slice)
+OUTBOX_TABLES = OUTBOX_HELD
+READOUT_MAX_LOGITS_MB = BLLConfig().readout_max_logits_mb  # --bll_readout_max_logits_mb's default
 
 LM_HEAD = "lm_head"  # the last stage's readout: the LM head with lm_loss
 
@@ -274,7 +275,7 @@ def runtime_baseline_mb(modules: tuple[str, ...] = ("torch", "deepspeed", "trans
            "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')) / 1024)"
     env = {"DS_ACCELERATOR": "cpu", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=env, cwd=Path(__file__).resolve().parents[2])
+                         env=env, cwd=Path(__file__).resolve().parents[1])
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -870,7 +871,7 @@ def _clusters_markdown(answers: list[ClusterAnswer], sensitivity: dict, settings
              "worst case (2M outputs). Search: S in "
              f"{list(STAGE_OPTIONS)} (at most the layer count), DP in {list(DP_OPTIONS)}; fewest GPUs, "
              "ties to the shallower pipeline.",
-             "Planner: bll_ds/bench/memory.py (python -m bll_ds.bench.memory clusters).", "",
+             "Planner: bll_bench/memory.py (python -m bll_bench.memory clusters).", "",
              "| model | params | method | smallest cluster (GPUs = S x DP) | S | DP | worst stage (GiB) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for a in answers:
@@ -961,7 +962,7 @@ def _gib(n_bytes: int) -> str:
 
 
 def _plan_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bll_ds.bench.memory", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bll_bench.memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--stages", type=int, required=True)
     p.add_argument("--dp", type=int, default=1)
@@ -982,7 +983,7 @@ def _plan_parser() -> argparse.ArgumentParser:
 
 
 def _clusters_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bll_ds.bench.memory clusters")
+    p = argparse.ArgumentParser(prog="python -m bll_bench.memory clusters")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--micro_batch_size", type=int, default=1)
@@ -1019,7 +1020,7 @@ def main(argv: list[str] | None = None) -> int:
         print((args.out / "clusters.md").read_text())
         return 0 if answers else 1
     if argv and argv[0] == "rss-check":
-        p = argparse.ArgumentParser(prog="python -m bll_ds.bench.memory rss-check")
+        p = argparse.ArgumentParser(prog="python -m bll_bench.memory rss-check")
         p.add_argument("--baseline_mb", type=float, default=None,
                        help="runtime RSS to add (default: measured, a fresh interpreter importing "
                             "torch, deepspeed and transformers)")

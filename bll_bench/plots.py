@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from bll_bench.plotting import pyplot
+from bll_ds.engine.trace import read_timelines
 
-matplotlib.use("Agg")  # files only: benchmarks run headless
-import matplotlib.pyplot as plt  # noqa: E402
-
-from bll_ds.engine.trace import read_timelines  # noqa: E402
+plt = pyplot()
 
 # Timeline colours by what an instruction is doing.
 OP_KIND = {

@@ -17,7 +17,7 @@ stage's optimizer step t (DeepSpeed's optimizer step reduces the gradient norm o
 and a step's micro-batches must all be done before it). `bll-noflush` has no barrier: each stage
 starts its next step as soon as its own step is done.
 
-CLI: `python -m bll_ds.bench.simulate project --model models/llama-1b.json ...` (see `main`).
+CLI: `python -m bll_bench.simulate project --model models/llama-1b.json ...` (see `main`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from bll_bench.plotting import pyplot
 from bll_ds.bll import variants
 from bll_ds.errors import UserError
 from bll_ds.measure.flops import NotModelled
@@ -658,9 +659,7 @@ OP_COLOURS = {"forward": "tab:blue", "backward": "tab:orange", "backward_input":
 def plot_projection(rows: list[dict], path: Path) -> None:
     """Bubble fraction (top) and speedup vs balanced ZB-H1 (bottom; vs 1F1B where that arm was
     not simulated) against S, one column per M/S."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     factors = sorted({r["M"] // r["S"] for r in rows})
     key = "speedup_vs_zb_h1_balanced" if any(r.get("speedup_vs_zb_h1_balanced") for r in rows) else "speedup_vs_1f1b"
@@ -688,9 +687,7 @@ def plot_projection(rows: list[dict], path: Path) -> None:
 
 def plot_timeline(results: list[SimResult], path: Path) -> None:
     """One panel per schedule, one row per stage, a coloured box per operation."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.patches import Patch
 
     fig, axes = plt.subplots(len(results), 1, figsize=(11, 1.0 + 0.35 * results[0].stages * len(results)),
@@ -718,7 +715,7 @@ def plot_timeline(results: list[SimResult], path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bll_ds.bench.simulate",
+    parser = argparse.ArgumentParser(prog="python -m bll_bench.simulate",
                                      description="Pipeline-schedule simulator (BP schedules vs BLL).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("project", help="step time, bubble and speedup over S and M, from model FLOPs",
