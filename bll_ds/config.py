@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,8 @@ class BLLConfig:
                         "-overlap levers, or a variant of your own (--custom_import). Options follow the name: "
                         "NAME:dim=r:neg=n:table=bf16:refresh=k, a readout in r dimensions, a softmax over the "
                         "micro-batch's targets and n sampled negatives, the table in bf16 and sent every k "
-                        "steps (bll_ds/bll/variant_options.py).",
+                        "steps; gaussian/bernoulli:guard=w, the collapse guard's weight; "
+                        "gaussian:variance=learned (bll_ds/bll/variant_options.py).",
                         default="dgl-context")
     steps_per_call: int = _doc("Optimizer steps per engine call, BLL only: the pipe fills and drains once per "
                                "call, not once per step; 1 = drain after every step. Backprop drains after "
@@ -50,8 +52,6 @@ class BLLConfig:
                                         "slices whose fp32 logits stay under this many MiB, so a large "
                                         "vocabulary does not add a [tokens, V] stash per stage (0 = one slice).",
                                         default=16.0)
-    guard_weight: float = _doc("Weight of the collapse guard of the gaussian/bernoulli variants.", default=1.0)
-    learn_variance: bool = _doc("gaussian variant: learn the message variances.", default=False)
 
 
 @dataclass
@@ -224,7 +224,17 @@ def _import_custom(argv: list[str] | None) -> None:
                              f"exists or an importable module name.") from None
 
 
+# Flags that became variant options: one channel for every option of a variant, its spec.
+_MOVED_FLAGS = {"--bll_guard_weight": "--bll_variant gaussian:guard=0.5 (or bernoulli:guard=0.5)",
+                "--bll_learn_variance": "--bll_variant gaussian:variance=learned"}
+
+
 def parse_run_config(argv: list[str] | None = None) -> RunConfig:
+    for arg in argv if argv is not None else sys.argv[1:]:
+        flag = arg.split("=", 1)[0]
+        if flag in _MOVED_FLAGS:
+            raise UserError(f"{flag} is no longer a flag: variant options are written after the variant's name.",
+                            f"use {_MOVED_FLAGS[flag]}.")
     _import_custom(argv)
     args = vars(build_parser().parse_args(argv))
     top, sections = {}, {f.name: {} for f in dataclasses.fields(RunConfig) if _is_section(f)}

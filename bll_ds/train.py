@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     """`started`: when the process began (scripts/pretrain.py passes it before its imports), so
     summary.json's wall_s covers start-up too."""
     started = started or time.time()
-    cfg = parse_run_config(argv)
     try:
+        cfg = parse_run_config(argv)
         rank, _ = distributed.launch_env()
     except UserError as err:
         print(f"bll-ds: error: {err}", file=sys.stderr, flush=True)

@@ -71,7 +71,7 @@ def guard_by_hand(rows, min_std=1.0):
 
 def test_gaussian_loss_terms_by_hand(config):
     torch.manual_seed(2)
-    feedback = build_feedback("gaussian", config, guard_weight=0.5)
+    feedback = build_feedback("gaussian:guard=0.5", config)
     upstream = torch.randn(V, H) * 2
     hidden = torch.randn(1, 3, H)
     labels = torch.tensor([[4, 1, 1]])
@@ -96,7 +96,7 @@ def test_gaussian_loss_terms_by_hand(config):
 
 def test_bernoulli_loss_by_hand(config):
     torch.manual_seed(3)
-    feedback = build_feedback("bernoulli", config, guard_weight=2.0)
+    feedback = build_feedback("bernoulli:guard=2", config)
     upstream = torch.randn(V, H)
     hidden = torch.randn(1, 3, H)
     labels = torch.tensor([[2, 2, 0]])

@@ -45,7 +45,10 @@ def test_a_spec_names_a_variant_and_its_options():
 
 @pytest.mark.parametrize("spec,message", [
     ("dgl:width=4", "key one of"), ("dgl:dim", "key one of"), ("dgl:dim=-1", ">= 0"),
-    ("prototype:refresh=0", ">= 1"), ("prototype:table=fp8", "not a table dtype"),
+    ("prototype:refresh=0", ">= 1"), ("prototype:table=fp8", "table=fp8 is not one of ('fp32', 'bf16')"),
+    ("gaussian:guard=-1", "guard=-1 must be a number >= 0"), ("gaussian:guard=x", "must be a number"),
+    ("gaussian:variance=free", "is not one of ('fixed', 'learned')"), ("bernoulli:variance=learned", "does not take"),
+    ("prototype:guard=2", "does not take"),
     ("dgl:table=bf16", "does not take the option(s) ['table']"), ("drtp:dim=4", "does not take"),
     ("gaussian:neg=8", "does not take"), ("nope:dim=4", "unknown BLL variant"),
 ])
@@ -54,6 +57,27 @@ def test_a_bad_spec_is_refused_naming_the_fix(spec, message):
         variants.get(spec)
     assert message in str(err.value)
     assert not variants.is_known(spec)
+
+
+def test_the_agreement_variants_take_their_guard_and_variance_from_the_spec(config):
+    assert parse_spec("gaussian:guard=0.5:variance=learned") == ("gaussian", VariantOptions(guard=0.5, variance="learned"))
+    assert variants.get("bernoulli:guard=2.0") is variants.get("bernoulli:guard=2")  # one canonical spelling
+    assert run_name("gaussian:guard=0.5") == "gaussian-guard0.5"
+    plain, tuned = build_feedback("gaussian", config), build_feedback("gaussian:guard=0.25:variance=learned", config)
+    assert plain.guard_weight == 1.0 and not plain.log_var_a.requires_grad
+    assert tuned.guard_weight == 0.25 and tuned.log_var_a.requires_grad and tuned.log_var_b.requires_grad
+
+
+@pytest.mark.parametrize("flag,new_form", [("--bll_guard_weight", "gaussian:guard=0.5"),
+                                           ("--bll_learn_variance", "gaussian:variance=learned")])
+def test_the_old_option_flags_are_refused_naming_the_spec(flag, new_form):
+    from bll_ds.config import parse_run_config
+    from bll_ds.errors import UserError
+
+    with pytest.raises(UserError, match=f"{flag} is no longer a flag") as err:
+        parse_run_config(["--model", "m.json", "--deepspeed_config", "d.json", "--out", "o",
+                          "--bll_variant", "gaussian", f"{flag}=1"])
+    assert new_form in str(err.value)
 
 
 def test_the_trainer_refuses_a_bad_option_before_it_starts():

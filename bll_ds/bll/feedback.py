@@ -37,7 +37,7 @@ distribution, whose loss is log V, not 0.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +49,6 @@ from bll_ds.bll.messages import bernoulli_agreement, delta_categorical_agreement
 from bll_ds.bll.variant_options import TABLE_DTYPES, VariantOptions, fixed_projection, shared_candidates
 from bll_ds.bll.variants import get as get_variant
 from bll_ds.bll.variants import register
-
-if TYPE_CHECKING:
-    from bll_ds.config import BLLConfig
 
 FP32, INT64 = 4, 8
 
@@ -125,8 +122,8 @@ class StageFeedback(nn.Module):
         return TABLE_DTYPES.get(cls.variant_options.table, default)
 
     @classmethod
-    def build(cls, config: PretrainedConfig, options: "BLLConfig | None" = None) -> "StageFeedback":
-        """The block for one stage; `options` is the run's BLL config section (--bll_* flags)."""
+    def build(cls, config: PretrainedConfig) -> "StageFeedback":
+        """The block for one stage; its options are the class's `variant_options`."""
         return cls(config)
 
     @classmethod
@@ -415,9 +412,8 @@ class _AgreementFeedback(TableFeedback):
     guard takes statistics over all tokens of the micro-batch, so the readout is not sliced."""
 
     @classmethod
-    def build(cls, config, options=None):
-        guard_weight = options.guard_weight if options is not None else 1.0
-        return cls(config, guard_weight)
+    def accepted_options(cls):
+        return super().accepted_options() | {"guard"}
 
     @classmethod
     def readout_flops_per_token(cls, config, micro_batch_tokens=None):
@@ -432,12 +428,12 @@ class _AgreementFeedback(TableFeedback):
         and backward 4VH^2, which `local_loss` recomputes for every micro-batch."""
         return 6.0 * config.vocab_size * config.hidden_size ** 2
 
-    def __init__(self, config: PretrainedConfig, guard_weight: float, hidden: int | None = None):
+    def __init__(self, config: PretrainedConfig, hidden: int | None = None):
         super().__init__(config, hidden)
         width = config.hidden_size
         self.project = nn.Linear(width, width, bias=False)
         nn.init.eye_(self.project.weight)
-        self.guard_weight = guard_weight
+        self.guard_weight = self.variant_options.guard
 
     def local_loss(self, hidden, labels):
         forward_msg = self.project(self.norm(hidden)).float()
@@ -468,16 +464,15 @@ class GaussianFeedback(_AgreementFeedback):
     name = "gaussian"
 
     @classmethod
-    def build(cls, config, options=None):
-        if options is None:
-            return cls(config, 1.0)
-        return cls(config, options.guard_weight, options.learn_variance)
+    def accepted_options(cls):
+        return super().accepted_options() | {"variance"}
 
-    def __init__(self, config, guard_weight, learn_variance: bool = False, hidden=None):
-        super().__init__(config, guard_weight, hidden)
+    def __init__(self, config, hidden=None):
+        super().__init__(config, hidden)
         start = torch.full((config.hidden_size,), 0.5).log()
-        self.log_var_a = nn.Parameter(start.clone(), requires_grad=learn_variance)
-        self.log_var_b = nn.Parameter(start.clone(), requires_grad=learn_variance)
+        learned = self.variant_options.variance == "learned"
+        self.log_var_a = nn.Parameter(start.clone(), requires_grad=learned)
+        self.log_var_b = nn.Parameter(start.clone(), requires_grad=learned)
 
     min_std = 1.0  # of the means mu, nu: the scale of norm(h), whose units have unit RMS
 
@@ -551,10 +546,6 @@ def collapse_guard(rows: torch.Tensor, min_std: float = 1.0) -> tuple[torch.Tens
     return spread, decorrelation
 
 
-def build_feedback(variant: str, config: PretrainedConfig, guard_weight: float = 1.0,
-                   learn_variance: bool = False) -> StageFeedback:
-    """The feedback block of `variant` (a registered name) with these options."""
-    from bll_ds.config import BLLConfig  # the config module imports the registry, not this file
-
-    return get_variant(variant).build(config, BLLConfig(variant=variant, guard_weight=guard_weight,
-                                                        learn_variance=learn_variance))
+def build_feedback(variant: str, config: PretrainedConfig) -> StageFeedback:
+    """The feedback block of `variant`, a registered name with its options ("gaussian:guard=0.5")."""
+    return get_variant(variant).build(config)

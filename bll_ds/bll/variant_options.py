@@ -22,6 +22,12 @@ the simulator, the planner, `bench variants`) takes them too:
                          (`shared_candidates`); cost scales with n + targets
     table=bf16  (model)  the table's dtype on the wire and in the inbox          table variants
     refresh=k   1        the table travels every k steps (lag rule below)       table variants
+    guard=w     1.0      the collapse guard's weight lambda (docs/METHOD.md)    gaussian,
+                                                                                bernoulli
+    variance=   fixed    the message variances s_a^2, s_b^2: fixed at 1/2, or  gaussian
+      learned            learned (log-parametrised)
+
+Every option of a variant is written here and nowhere else (there are no --bll_* flags for them).
 
 Lag rule with refresh=k (bll_ds/engine/feedback_channel.py): stage k+1 publishes after its
 optimizer steps j = 0, k, 2k, ...; stage k uses during step t the table published after step
@@ -59,6 +65,8 @@ class VariantOptions:
     neg: int = 0            # shared negatives per micro-batch (0: the full-vocabulary softmax)
     table: str = ""         # the table's dtype on the wire ("": the model's training dtype)
     refresh: int = 1        # steps between tables sent upstream
+    guard: float = 1.0      # the collapse guard's weight (gaussian, bernoulli)
+    variance: str = "fixed"  # the gaussian messages' variances: "fixed" or "learned"
 
     def set_names(self) -> tuple[str, ...]:
         """The options that differ from the defaults, in declaration order."""
@@ -66,7 +74,14 @@ class VariantOptions:
         return tuple(f.name for f in fields(self) if getattr(self, f.name) != getattr(default, f.name))
 
     def suffix(self) -> str:
-        return "".join(f":{name}={getattr(self, name)}" for name in self.set_names())
+        return "".join(f":{name}={_spelled(getattr(self, name))}" for name in self.set_names())
+
+
+def _spelled(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+_WORDS = {"table": tuple(TABLE_DTYPES), "variance": ("fixed", "learned")}  # options spelled as words
 
 
 def parse_spec(spec: str) -> tuple[str, VariantOptions]:
@@ -79,11 +94,19 @@ def parse_spec(spec: str) -> tuple[str, VariantOptions]:
         if not sep or key not in known:
             raise ValueError(f"BLL variant {spec!r}: cannot read option {part!r}; options are written "
                              f"NAME:key=value with key one of {tuple(known)} (e.g. dgl-context:dim=64:neg=2048)")
-        if key == "table":
-            if value not in TABLE_DTYPES:
-                raise ValueError(f"BLL variant {spec!r}: table={value} is not a table dtype; "
-                                 f"choose one of {tuple(TABLE_DTYPES)}")
-            options = replace(options, table=value)
+        if key in _WORDS:
+            if value not in _WORDS[key]:
+                raise ValueError(f"BLL variant {spec!r}: {key}={value} is not one of {_WORDS[key]}")
+            options = replace(options, **{key: value})
+            continue
+        if key == "guard":
+            try:
+                weight = float(value)
+            except ValueError:
+                weight = -1.0
+            if not weight >= 0:
+                raise ValueError(f"BLL variant {spec!r}: guard={value} must be a number >= 0")
+            options = replace(options, guard=weight)
             continue
         try:
             number = int(value)

@@ -32,7 +32,7 @@ def weight_decay_groups(module: nn.Module) -> list[dict]:
 def build_stage_feedback(bll: BLLConfig, model_config, stage: int, seed: int):
     """Stage `stage`'s feedback block (not on the last stage), seeded apart from every layer."""
     torch.manual_seed(seed + FEEDBACK_SEED_OFFSET + stage)
-    return get_variant(bll.variant).build(model_config, bll)
+    return get_variant(bll.variant).build(model_config)
 
 
 @dataclass
