@@ -214,7 +214,7 @@ def modelled_spec(spec: str) -> str:
 def readout_slices(variant: str, micro_batch_size: int, seq_len: int, vocab_size: int,
                    max_logits_mb: float = READOUT_MAX_LOGITS_MB) -> int:
     """Sequence slices of BLL's local readout, as the engine picks them (stage_step.slices_for)."""
-    return slices_for(variant, (micro_batch_size, seq_len), vocab_size, max_logits_mb)
+    return slices_for(variants.get(variant), (micro_batch_size, seq_len), vocab_size, max_logits_mb)
 
 
 def sliced_readout_saved_bytes(config: PretrainedConfig, e: int, micro_batch_size: int, seq_len: int,

@@ -50,14 +50,8 @@ def loss_curves(result: dict, path: Path, x: str) -> Path:
             vsteps, vloss = zip(*run["val"])
             vx = [s * run["tokens_per_step"] for s in vsteps] if x == "tokens" else [train_s.get(s) for s in vsteps]
             ax.plot(vx, vloss, "o--", color=line.get_color(), ms=3, label=f"{label} held-out")
-    ax.set_xlabel("tokens" if x == "tokens" else "training seconds (sum of step times)")
-    ax.set_ylabel("loss")
-    ax.set_title(f"loss against {x} (repeat 0)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, "tokens" if x == "tokens" else "training seconds (sum of step times)", "loss",
+                 f"loss against {x} (repeat 0)", path)
 
 
 def heldout_vs_wall(result: dict, path: Path) -> Path:
@@ -75,9 +69,14 @@ def heldout_vs_wall(result: dict, path: Path) -> Path:
         colours.setdefault(key, line.get_color())
     if result.get("target_loss") is not None:
         ax.axhline(result["target_loss"], color="black", lw=0.8, ls=":", label=f"target {result['target_loss']:.4f}")
-    ax.set_xlabel("seconds since the run's process started")
-    ax.set_ylabel("held-out loss")
-    ax.set_title("held-out loss against wall-clock time (all repeats)")
+    return _save(fig, ax, "seconds since the run's process started", "held-out loss",
+                 "held-out loss against wall-clock time (all repeats)", path)
+
+
+def _save(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -14,11 +14,13 @@ outputs at its worst case (2M, what the planner counts: the engine releases comp
 the next send, but a slow receiver fills the window), the inbox queue of received tables
 (LAG + 1) and the outbox of published payloads.
 
-The step itself is the engine's: bll_ds/bll/stage_step.py's `StageStep` (begin with the table;
-per micro-batch, after the forward, `local_backward`, sliced where the engine slices; then the
-STEP_END operations in their order: the feedback update, the gradient reduction (nothing to
-reduce at DP = 1), clipping and the optimizer step, and the table published upstream). Only
-the backward differs: plain autograd scaled by 1/M, as DeepSpeed's backward scales it.
+The step itself is the engine's: bll_ds/engine/block_local_stage.py's `BlockLocalStage` (begin
+with the table; per micro-batch, after the forward, `local_backward`, sliced where the engine
+slices; then the STEP_END operations in their order: the feedback update, the gradient
+reduction (nothing to reduce at DP = 1), clipping and the optimizer step, and the table
+published upstream). The rehearsal supplies its own compute (RehearsalCompute: plain autograd
+scaled by 1/M, as DeepSpeed's backward scales it) and transport (RehearsalTransport: random
+tables in, payloads kept).
 
 Optimizer: fp32 runs use torch AdamW (the planner's "fp32, ZeRO-0" row); bf16 runs keep fp32
 master weights, an fp32 gradient-accumulation buffer and fp32 moments next to bf16 weights and
@@ -52,6 +54,7 @@ from torch import nn
 from bll_bench import memory
 from bll_ds.bll.stage_step import StageStep, run_step_end
 from bll_ds.bll.variants import get as get_variant
+from bll_ds.engine.block_local_stage import BlockLocalStage
 from bll_ds.engine.build import Stage, build_stage, forward_layers, weight_decay_groups
 from bll_ds.engine.trace import SavedActivationMeter
 from bll_ds.measure.rss import peak_rss_mb
@@ -178,6 +181,7 @@ def rehearse(model: str = "models/llama-1b.json", stages: int = 8, stage: int | 
     optimizer = _optimizer(built, dtype)
     holdings = _holdings(config, built, micro_batch_size, seq_len, torch_dtype)
     generator = torch.Generator().manual_seed(seed)
+    block_stage = _block_stage(config, built, optimizer, holdings, micro_batches, torch_dtype, readout_max_logits_mb)
 
     step_times, losses = [], []
     saved_step = saved_micro_batch = None
@@ -185,8 +189,8 @@ def rehearse(model: str = "models/llama-1b.json", stages: int = 8, stage: int | 
         # Step 0 is metered as the engines meter it; step 1 per micro-batch, tables excluded.
         meter_mode = "step" if index == 0 and steps > 1 else "micro_batch" if index <= 1 else None
         start = time.perf_counter()
-        loss, peak = _train_step(config, built, optimizer, holdings, micro_batch_size, seq_len, micro_batches,
-                                 torch_dtype, generator, meter_mode, readout_max_logits_mb)
+        loss, peak = _train_step(config, built, block_stage, index + 1, holdings, micro_batch_size, seq_len,
+                                 micro_batches, generator, meter_mode)
         step_times.append(time.perf_counter() - start)
         losses.append(loss)
         if meter_mode == "step":
@@ -202,8 +206,7 @@ def rehearse(model: str = "models/llama-1b.json", stages: int = 8, stage: int | 
         params=sum(p.numel() for p in built.module.parameters() if p.requires_grad),
         micro_batch_size=micro_batch_size, seq_len=seq_len, micro_batches=micro_batches, steps=steps,
         readout_max_logits_mb=readout_max_logits_mb,
-        readout_slices=StageStep(built.feedback, lm_loss, readout_max_logits_mb).readout_slices(
-            (micro_batch_size, seq_len)),
+        readout_slices=block_stage.stage_step.readout_slices((micro_batch_size, seq_len)),
         dtype=dtype, threads=threads, malloc_mmap_threshold=malloc_mmap_threshold,
         step_s=[round(t, 4) for t in step_times], median_step_s=round(statistics.median(step_times), 4),
         baseline_rss_mb=round(baseline_rss, 1), peak_rss_mb=round(peak_rss_mb(), 1),
@@ -243,13 +246,81 @@ def _random_message(config, variant: str, dtype) -> torch.Tensor:
     return (torch.randn(cls.message_shape(config)) * config.initializer_range).to(cls.message_dtype(dtype))
 
 
-def _train_step(config, built: Stage, optimizer, holdings: EngineHoldings, micro_batch_size: int, seq_len: int,
-                micro_batches: int, dtype, generator, meter_mode: str | None,
-                readout_max_logits_mb: float = memory.READOUT_MAX_LOGITS_MB) -> tuple[float, int | None]:
-    """One optimizer step, as StageStep runs it. Returns (mean loss, saved-activation peak or None)."""
-    step = StageStep(built.feedback, lm_loss, readout_max_logits_mb, built.variant)
-    upstream = holdings.inbox[0] if holdings.inbox else None
-    step.begin(upstream)
+class RehearsalCompute:
+    """The rehearsal's numerics for BlockLocalStage: plain autograd scaled as DeepSpeed's backward
+    scales it, the optimizer's gradient accumulation, nothing to reduce (DP = 1, no non-finite
+    verdict: the rehearsal measures memory and time), a clip by the stage's own norm and a step."""
+
+    def __init__(self, built: Stage, optimizer, micro_batches: int):
+        self.built, self.optimizer, self.micro_batches = built, optimizer, micro_batches
+
+    def begin_step(self, step: int) -> None:
+        """Nothing to seed: the rehearsal's inputs come from its own generator."""
+
+    def backward(self, loss: torch.Tensor, scale_by_micro_batches: bool) -> None:
+        """DeepSpeedEngine.backward: divides by the accumulation steps when asked; bf16's
+        gradients go into the fp32 accumulation buffer after each backward."""
+        (loss / self.micro_batches if scale_by_micro_batches else loss).backward()
+        self.optimizer.accumulate()
+
+    def reduce_grads(self, losses: list[torch.Tensor]) -> str | None:
+        return None
+
+    def optimizer_step(self, cause: str | None, tracked: bool) -> tuple[str | None, float | None]:
+        nn.utils.clip_grad_norm_([p for p in self.built.module.parameters() if p.grad is not None], 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return None, None
+
+    def master_weights(self) -> list[torch.Tensor]:
+        return []
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+class RehearsalTransport:
+    """Random messages stand in for the downstream stage's: one arrives after every step (the
+    inbox keeps LAG + 1), and this stage's own are kept as TableOutbox keeps its payloads."""
+
+    def __init__(self, config, built: Stage, holdings: EngineHoldings, dtype):
+        self.config, self.built, self.holdings, self.dtype = config, built, holdings, dtype
+        self.receives = built.sends_tables and not built.last
+        self.sends = built.sends_tables and not built.first
+
+    def table_for_step(self, step: int) -> torch.Tensor:
+        return self.holdings.inbox[0]
+
+    def arrive(self) -> None:
+        if self.receives:
+            self.holdings.inbox.popleft()
+            self.holdings.inbox.append(_random_message(self.config, self.built.variant, self.dtype))
+
+    def publish(self, table: torch.Tensor, completed_step: int) -> None:
+        self.holdings.outbox.append(table.contiguous().clone())
+        while len(self.holdings.outbox) > memory.OUTBOX_TABLES:
+            self.holdings.outbox.popleft()
+
+    def resume(self, completed_step: int) -> None:
+        """A rehearsal is never resumed."""
+
+
+def _block_stage(config, built: Stage, optimizer, holdings: EngineHoldings, micro_batches: int, dtype,
+                 readout_max_logits_mb: float = memory.READOUT_MAX_LOGITS_MB) -> BlockLocalStage:
+    """The stage's BlockLocalStage with the rehearsal's compute and transport."""
+    layers = [layer for name, layer in built.module.named_children() if name != "bll_feedback"]
+    variant = get_variant(built.variant)
+    return BlockLocalStage(StageStep(built.feedback, lm_loss, readout_max_logits_mb, variant), layers, built.last,
+                           variant.table_refresh(), RehearsalCompute(built, optimizer, micro_batches),
+                           RehearsalTransport(config, built, holdings, dtype))
+
+
+def _train_step(config, built: Stage, block_stage: BlockLocalStage, step: int, holdings: EngineHoldings,
+                micro_batch_size: int, seq_len: int, micro_batches: int, generator,
+                meter_mode: str | None) -> tuple[float, int | None]:
+    """One optimizer step, as BlockLocalStage runs it. Returns (mean loss, saved-activation peak or None)."""
+    block_stage.begin(step)
+    upstream = holdings.inbox[0] if block_stage.transport.receives else None
     meter = None
     if meter_mode is not None:
         meter = SavedActivationMeter()
@@ -259,32 +330,26 @@ def _train_step(config, built: Stage, optimizer, holdings: EngineHoldings, micro
             # part of the per-micro-batch measurement.
             meter.exclude([upstream, built.feedback.targets()])
 
-    def backward(loss: torch.Tensor, scale_by_micro_batches: bool) -> None:
-        """DeepSpeedEngine.backward: divides by the accumulation steps when asked; bf16's
-        gradients go into the fp32 accumulation buffer after each backward."""
-        (loss / micro_batches if scale_by_micro_batches else loss).backward()
-        optimizer.accumulate()
-
     with meter.hooks() if meter is not None else contextlib.nullcontext():
         for _ in range(micro_batches):
             outputs, labels = _forward_micro_batch(config, built, holdings, micro_batch_size, seq_len,
                                                    micro_batches, generator)
-            step.local_backward(outputs, labels, backward)
+            block_stage.local_backward(outputs, labels)
 
-    def optimizer_step() -> None:
-        nn.utils.clip_grad_norm_([p for p in built.module.parameters() if p.grad is not None], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    operations = block_stage.step_end()
+    finish_feedback, publish_table = operations["finish_feedback"], operations["publish_table"]
 
-    def finish_feedback() -> None:
+    def metered_finish_feedback() -> None:
         # The engines meter FinishStep too (bll_ds/engine/trace.py SAVES_ACTIVATIONS).
         with meter.hooks() if meter_mode == "step" else contextlib.nullcontext():
-            step.finish_feedback(backward)
+            finish_feedback()
 
-    run_step_end({"finish_feedback": finish_feedback, "reduce_grads": lambda: None,  # DP = 1
-                  "optimizer_step": optimizer_step,
-                  "publish_table": lambda: _exchange_tables(config, built, step, holdings, dtype)})
-    return step.mean_loss(), None if meter is None else meter.peak_bytes
+    def exchange_tables() -> None:
+        block_stage.transport.arrive()
+        publish_table()
+
+    run_step_end({**operations, "finish_feedback": metered_finish_feedback, "publish_table": exchange_tables})
+    return block_stage.stage_step.mean_loss(), None if meter is None else meter.peak_bytes
 
 
 def _forward_micro_batch(config, built: Stage, holdings: EngineHoldings, micro_batch_size: int, seq_len: int,
@@ -310,24 +375,6 @@ def _send(holdings: EngineHoldings, detached: torch.Tensor, window: int) -> None
     while len(holdings.send_window) >= window:
         holdings.send_window.popleft()
     holdings.send_window.append(detached)
-
-
-def _exchange_tables(config, built: Stage, step: StageStep, holdings: EngineHoldings, dtype) -> None:
-    """After the step: a new table arrives from downstream (the inbox keeps LAG + 1), and every
-    stage but the first publishes its own upstream (the outbox keeps the payload, a clone, as
-    TableOutbox.publish does)."""
-    if not built.sends_tables:
-        return
-    if not built.last:
-        holdings.inbox.popleft()
-        holdings.inbox.append(_random_message(config, built.variant, dtype))
-    if built.first:
-        return
-    layers = [layer for name, layer in built.module.named_children() if name != "bll_feedback"]
-    table = step.table_to_publish(built.module[-1].lm_head.weight if built.last else None, layers)
-    holdings.outbox.append(table.contiguous().clone())
-    while len(holdings.outbox) > memory.OUTBOX_TABLES:
-        holdings.outbox.popleft()
 
 
 def format_result(result: RehearsalResult) -> str:

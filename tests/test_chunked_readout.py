@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from bll_ds.bll.variants import get as get_variant
 from bll_ds.bll.stage_step import slices_for, sliced_local_backward
 from bll_ds.bll.feedback import build_feedback
 from bll_ds.engine.trace import SavedActivationMeter
@@ -58,7 +59,7 @@ def test_sliced_readout_equals_the_unsliced_one(variant):
 
 def test_slices_for_caps_the_logits_and_never_slices_the_guarded_variants():
     shape = torch.Size([1, 2048, 4096])
-    assert slices_for("prototype", shape, 32000, 64) == 4  # 250 MiB of logits -> 4 slices of <= 64 MiB
-    assert slices_for("prototype", shape, 32000, 0) == 1
-    assert slices_for("gaussian", shape, 32000, 64) == 1
-    assert slices_for("dgl", torch.Size([1, 3, 8]), 10**9, 1) == 3  # never more slices than tokens
+    assert slices_for(get_variant("prototype"), shape, 32000, 64) == 4  # 250 MiB of logits -> 4 slices of <= 64 MiB
+    assert slices_for(get_variant("prototype"), shape, 32000, 0) == 1
+    assert slices_for(get_variant("gaussian"), shape, 32000, 64) == 1
+    assert slices_for(get_variant("dgl"), torch.Size([1, 3, 8]), 10**9, 1) == 3  # never more slices than tokens

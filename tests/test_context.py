@@ -7,6 +7,7 @@ from helpers import TINY_HIDDEN, TINY_SEQ, TINY_VOCAB, tiny_model_config
 
 from bll_ds.bll.context import IGNORE, ContextLocalHeadFeedback, preceding_tokens
 from bll_ds.bll.feedback import build_feedback
+from bll_ds.bll.variants import get as get_variant
 from bll_ds.bll.stage_step import slices_for
 from bll_ds.measure.flops import readout_flops_per_token
 
@@ -64,7 +65,7 @@ def test_the_loss_at_t_reads_only_h_at_t_and_sends_nothing_upstream(config):
     assert ContextLocalHeadFeedback.message_shape(config) is None
     assert ContextLocalHeadFeedback.table_bytes_per_step(config, 4) == 0
     assert feedback.publish() is None
-    assert slices_for("dgl-context", (1, T), V, max_logits_mb=1e-9) == 1
+    assert slices_for(get_variant("dgl-context"), (1, T), V, max_logits_mb=1e-9) == 1
 
 
 def test_declared_readout_flops_match_the_flop_counter(config):

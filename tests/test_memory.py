@@ -15,6 +15,7 @@ import torch
 from bll_bench import memory
 from bll_ds.engine.build import build_stage, forward_layers
 from bll_ds.bll import variants
+from bll_ds.bll.variants import get as get_variant
 from bll_ds.bll.stage_step import slices_for, sliced_local_backward
 from bll_ds.bll.feedback import build_feedback
 from bll_ds.modeling import count_parameters, lm_loss, load_model_spec
@@ -186,7 +187,7 @@ def _check_stage(spec, method, stages, stage, dtype, b, max_mb, variant, interva
 
     def forward(x):
         return run_layers(layers, x, interval) if interval else forward_layers(built, x)
-    slices = 1 if last or method == "bp" else slices_for(variant, (b, T), config.vocab_size, max_mb)
+    slices = 1 if last or method == "bp" else slices_for(get_variant(variant), (b, T), config.vocab_size, max_mb)
     assert plan.readout_slices == slices
     assert (slices > 1) == (method == "bll" and not last and max_mb < 1)  # the sliced cases do slice
 

@@ -60,8 +60,9 @@ def test_rehearsal_keeps_what_the_engine_keeps():
     holdings = rehearse._holdings(config, built, 2, 16, torch.float32)
     optimizer = rehearse._optimizer(built, "fp32")
     generator = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        rehearse._train_step(config, built, optimizer, holdings, 2, 16, 2, torch.float32, generator, None)
+    block_stage = rehearse._block_stage(config, built, optimizer, holdings, 2, torch.float32)
+    for step in range(1, 4):
+        rehearse._train_step(config, built, block_stage, step, holdings, 2, 16, 2, generator, None)
     assert len(holdings.inbox) == rehearse.memory.INBOX_TABLES
     assert len(holdings.outbox) == rehearse.memory.OUTBOX_TABLES
     assert len(holdings.send_window) == 2 * 2

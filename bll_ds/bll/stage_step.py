@@ -1,7 +1,8 @@
 """What one block-local stage does with one micro-batch and at the step boundary: the only copy.
 
-The engine's instructions (bll_ds/engine/bll_engine.py) and the scale rehearsal
-(bll_bench/rehearse.py) both run a stage through `StageStep`. Next to docs/METHOD.md:
+Every driver of a stage (the launched engine, the emulator, the scale rehearsal) runs it through
+bll_ds/engine/block_local_stage.py's `BlockLocalStage`, which owns the step's order, its
+compute and message hooks and its record. Next to docs/METHOD.md:
 
     step t begins    begin(P)            P = P_{t-2}, the downstream stage's lagged table (§4);
                                          feedback.prepare: m_k = g_k(P) computed once, no graph (§3)
@@ -32,7 +33,6 @@ from typing import Callable
 import torch
 
 from bll_ds.bll.feedback import StageFeedback
-from bll_ds.bll.variants import get as get_variant
 
 Backward = Callable[[torch.Tensor, bool], None]
 
@@ -47,10 +47,11 @@ def run_step_end(operations: dict[str, Callable[[], None]]) -> None:
         operations[name]()
 
 
-def slices_for(variant: str, hidden_shape, vocab_size: int, max_logits_mb: float) -> int:
+def slices_for(variant: type, hidden_shape, vocab_size: int, max_logits_mb: float) -> int:
     """Sequence slices that keep one slice's fp32 logits under `max_logits_mb` (0 = one slice).
-    Only a per-token readout can be sliced: a collapse guard takes statistics over all tokens."""
-    if not get_variant(variant).per_token_readout or max_logits_mb <= 0:
+    Only a per-token readout can be sliced: a collapse guard takes statistics over all tokens.
+    `variant`: the variant class (bll/variants.py get), resolved once by the caller."""
+    if not variant.per_token_readout or max_logits_mb <= 0:
         return 1
     batch, tokens = hidden_shape[0], hidden_shape[1]
     logits_mb = batch * tokens * vocab_size * 4 / 2**20
@@ -87,11 +88,12 @@ class StageStep:
     `lm_loss(outputs, labels)`; `readout_max_logits_mb` as --bll_readout_max_logits_mb."""
 
     def __init__(self, feedback: StageFeedback | None, lm_loss, readout_max_logits_mb: float = 0.0,
-                 variant: str | None = None):
-        """`variant`: the run's --bll_variant, which decides what the last stage (no feedback
-        block of its own) sends upstream; the other stages take it from their block."""
+                 variant: type | None = None):
+        """`variant`: the run's variant class (bll/variants.py get, resolved once), which decides
+        what the last stage (no feedback block of its own) sends upstream; the other stages take
+        it from their block."""
         self.feedback = feedback
-        self.variant = type(feedback) if feedback is not None else get_variant(variant) if variant else None
+        self.variant = type(feedback) if feedback is not None else variant
         self.lm_loss = lm_loss
         self.readout_max_logits_mb = readout_max_logits_mb
         self.losses: list[torch.Tensor] = []  # this step's, one per micro-batch
@@ -106,7 +108,7 @@ class StageStep:
     def readout_slices(self, hidden_shape) -> int:
         if self.feedback is None:
             return 1
-        return slices_for(self.feedback.name, hidden_shape, self.feedback.vocab_size, self.readout_max_logits_mb)
+        return slices_for(self.variant, hidden_shape, self.feedback.vocab_size, self.readout_max_logits_mb)
 
     def local_backward(self, outputs: torch.Tensor, labels: torch.Tensor, backward: Backward) -> torch.Tensor:
         """The micro-batch's local loss and its backward inside the stage; returns the loss."""

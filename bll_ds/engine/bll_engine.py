@@ -18,20 +18,24 @@ from __future__ import annotations
 import torch
 import torch.distributed as tdist
 
+from deepspeed.runtime.pipe import schedule as ds_schedule
+
 from bll_ds.bll.stage_step import StageStep
 from bll_ds.engine import bll_schedule as bll
 from bll_ds.engine import deepspeed_internals as ds_internals
 from bll_ds.engine.accounting import tensor_bytes
-from bll_ds.bll.variants import get as get_variant
-from bll_ds.engine.feedback_channel import (TableInbox, TableOutbox, neighbour_groups, publishes_after,
-                                            tables_published)
-from bll_ds.engine.pipeline_engine import AccountedPipelineEngine, StepRecord, _as_float, guarded_optimizer_step
+from bll_ds.engine.block_local_stage import BlockLocalStage
+from bll_ds.engine.feedback_channel import TableInbox, TableOutbox, neighbour_groups, tables_published
+from bll_ds.engine.pipeline_engine import (AccountedPipelineEngine, _as_float, guarded_optimizer_step,
+                                           guarded_reduce_grads)
+from bll_ds.engine.step_record import StepRecord, step_seed
 from bll_ds.engine.trace import traced
 
 
 # Detached outputs whose sends may be in flight, per micro-batch of a step: a slow receiver can
 # hold two steps' sends (the memory planner counts this worst case).
 SEND_WINDOW_PER_MICRO_BATCH = 2
+
 
 class StageLocalGrid:
     """DeepSpeed's PipelineParallelGrid, except that the model-parallel group is this rank alone."""
@@ -53,72 +57,117 @@ def singleton_groups():
     return groups[tdist.get_rank()]
 
 
+class LaunchedCompute:
+    """A launched stage's numerics for BlockLocalStage: DeepSpeed's backward, gradient
+    all-reduce and optimizer step, with the non-finite guard (engine/nonfinite.py)."""
+
+    def __init__(self, engine: "BLLPipelineEngine"):
+        self.engine = engine
+
+    def begin_step(self, step: int) -> None:
+        torch.manual_seed(step_seed(self.engine.seed, step, self.engine.global_rank))
+
+    def backward(self, loss: torch.Tensor, scale_by_micro_batches: bool) -> None:
+        ds_internals.stage_backward(self.engine, loss, scale_by_micro_batches)
+
+    def reduce_grads(self, losses: list[torch.Tensor]) -> str | None:
+        guarded_reduce_grads(self.engine)
+        return self.engine.nonfinite
+
+    def optimizer_step(self, cause: str | None, tracked: bool) -> tuple[str | None, float | None]:
+        local = self._local_grad_norm() if tracked else None
+        guarded_optimizer_step(self.engine, self.engine.lr_kwargs)
+        cause = self.engine.nonfinite
+        return cause, None if cause else _as_float(self.engine.get_global_grad_norm()) or local
+
+    def _local_grad_norm(self) -> float | None:
+        """This stage's gradient norm before clipping (tracked steps only). With ZeRO-1 the
+        gradients live in the optimizer's partitions; DeepSpeed's own norm is used there."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item() if grads else None
+
+    def master_weights(self) -> list[torch.Tensor]:
+        return ds_internals.master_weights(self.engine)
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+
+class LaunchedTransport:
+    """The tables between neighbouring launched stages (feedback_channel.py), counted."""
+
+    def __init__(self, engine: "BLLPipelineEngine", inbox: TableInbox | None, outbox: TableOutbox | None,
+                 refresh: int):
+        self.engine, self.inbox, self.outbox, self.refresh = engine, inbox, outbox, refresh
+        self.receives, self.sends = inbox is not None, outbox is not None
+
+    def table_for_step(self, step: int) -> torch.Tensor:
+        with self.engine.accounting.p2p():
+            return self.inbox.table_for_step(step)
+
+    def publish(self, table: torch.Tensor, completed_step: int) -> None:
+        with self.engine.accounting.p2p():
+            self.outbox.publish(table)
+        self.engine.accounting.count("tables_sent", tensor_bytes(table), "bytes_up")
+
+    def resume(self, completed_step: int) -> None:
+        if self.outbox is not None:
+            self.outbox.published = tables_published(completed_step, self.refresh)
+
+    def drain(self, completed_step: int) -> None:
+        if self.outbox is not None:
+            self.outbox.flush()
+        if self.inbox is not None:
+            self.inbox.drain(published=tables_published(completed_step, self.refresh))
+            self.engine.accounting.counters.tables_received = self.inbox.received
+
+
 class BLLPipelineEngine(AccountedPipelineEngine):
-    def __init__(self, *args, feedback=None, table_shape=None, max_inflight_sends: int = 0,
-                 readout_max_logits_mb: float = 0.0, variant: str | None = None, **kwargs):
-        """feedback: this stage's feedback block (None on the last stage). table_shape: the shape
-        of the variant's upstream message ((V, H) for a target table), None if it sends none.
-        readout_max_logits_mb: the local readout runs in sequence slices whose logits stay under
-        this (0 = one slice). variant: the --bll_variant, which composes the message."""
+    def __init__(self, *args, feedback=None, variant: type | None = None, table_shape=None,
+                 max_inflight_sends: int = 0, readout_max_logits_mb: float = 0.0, **kwargs):
+        """feedback: this stage's feedback block (None on the last stage). variant: the run's
+        variant class (bll/variants.py), resolved once: it decides the message upstream (its
+        dtype and refresh period). table_shape: the message's shape ((V, H) for a target
+        table), None if it sends none. readout_max_logits_mb: the local readout runs in sequence
+        slices whose logits stay under this (0 = one slice)."""
         super().__init__(*args, **kwargs)
         self.feedback = feedback
-        self.table_refresh = get_variant(variant).table_refresh() if variant else 1
         self.max_inflight_sends = max_inflight_sends or SEND_WINDOW_PER_MICRO_BATCH * self.micro_batches
         self._sends: list[tuple[object, torch.Tensor]] = []
-        self._step = 0            # the optimizer step being computed (1-based)
         self._micro_batch = 0
         self._records: list[StepRecord] = []
         self._step_started = None
-        self._last_update_norm = self._last_grad_norm = None
+        self.lr_kwargs = None
+        refresh = variant.table_refresh() if variant is not None else 1
         replica = self.grid.data_parallel_id
-        self.outbox = self.inbox = None
+        outbox = inbox = None
         if table_shape is not None:  # the same on every rank: every rank creates every pair's group
             groups = neighbour_groups(self.num_stages, self.grid.get_data_parallel_world_size(),
                                       lambda k, d: self.grid.stage_to_global(k, data=d))
             if not self.is_first_stage():
-                self.outbox = TableOutbox(self.grid.stage_to_global(self.stage_id - 1, data=replica),
-                                          groups[(self.stage_id - 1, replica)])
+                outbox = TableOutbox(self.grid.stage_to_global(self.stage_id - 1, data=replica),
+                                     groups[(self.stage_id - 1, replica)])
             if not self.is_last_stage():
-                dtype = get_variant(variant).message_dtype(next(self.module.parameters()).dtype)
-                self.inbox = TableInbox(self.grid.stage_to_global(self.stage_id + 1, data=replica),
-                                        tuple(table_shape), dtype, self.device, self.table_refresh,
-                                        groups[(self.stage_id, replica)])
-        if self.fault.step is not None and self.feedback is not None:
-            self.feedback.local_loss = self._with_fault(self.feedback.local_loss)
-        # Built after the fault wrappers: the step calls the (possibly wrapped) losses.
-        self.stage_step = StageStep(self.feedback, self.module.loss_fn, readout_max_logits_mb, variant)
-
-    def _backward(self, loss: torch.Tensor, scale_by_micro_batches: bool) -> None:
-        ds_internals.stage_backward(self, loss, scale_by_micro_batches)
+                dtype = variant.message_dtype(next(self.module.parameters()).dtype)
+                inbox = TableInbox(self.grid.stage_to_global(self.stage_id + 1, data=replica),
+                                   tuple(table_shape), dtype, self.device, refresh, groups[(self.stage_id, replica)])
+        self.transport = LaunchedTransport(self, inbox, outbox, refresh)
+        if self.feedback is not None:
+            self.feedback.local_loss = self.fault.wrap(self.feedback.local_loss, self.training_step,
+                                                       lambda: self.module.training)
+        # After the fault wrappers: the step calls the (possibly wrapped) losses.
+        step = StageStep(self.feedback, self.module.loss_fn, readout_max_logits_mb, variant)
+        self.stage = BlockLocalStage(step, self.module.forward_funcs, self.is_last_stage(), refresh,
+                                     LaunchedCompute(self), self.transport)
 
     def training_step(self) -> int:
-        return self._step
+        return self.stage.current
 
     def step_losses(self) -> list[torch.Tensor]:
-        return self.stage_step.losses
+        return self.stage.stage_step.losses
 
     def start_feedback(self, resumed_step: int) -> None:
-        """Fresh run: pass the initial tables P_0 down the pipe, last stage first (a one-time
-        chain). Resumed run: the inbox queue came from the checkpoint; the outbox count follows
-        from the step."""
-        if resumed_step > 0:
-            if self.outbox is not None:
-                self.outbox.published = tables_published(resumed_step, self.table_refresh)
-            return
-        if self.inbox is not None:
-            self.stage_step.begin(self.inbox.table_for_step(1))
-        self._publish_table(0)
-
-    def _publish_table(self, completed_step: int) -> None:
-        """Send this stage's current table upstream (non-blocking) and count it, after the steps
-        the refresh period picks (feedback_channel.py)."""
-        if self.outbox is None or not publishes_after(completed_step, self.table_refresh):
-            return
-        head = self.module.forward_funcs[-1].lm_head.weight if self.is_last_stage() else None
-        table = self.stage_step.table_to_publish(head, self.module.forward_funcs)
-        with self.accounting.p2p():
-            self.outbox.publish(table)
-        self.accounting.count("tables_sent", tensor_bytes(table), "bytes_up")
+        self.stage.start(resumed_step)
 
     # ---- the training entry ---------------------------------------------------------------------
     def train_steps(self, first_step: int, num_steps: int, batch_fn, track_update_at=()) -> dict[int, list]:
@@ -126,7 +175,7 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         then drain what is in flight (the only point where stages wait for each other)."""
         self.module.train()
         self._batch_fn = batch_fn
-        self._track_update_at = set(track_update_at)
+        self.stage.track_update_at = set(track_update_at)
         self._records = []
         self._step_started = self.accounting.now()
         sched = bll.BLLTrainSchedule(micro_batches=self.micro_batches, stages=self.num_stages,
@@ -147,25 +196,16 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         for work, _ in self._sends:
             work.wait()
         self._sends = []
-        if self.outbox is not None:
-            self.outbox.flush()
-        if self.inbox is not None:
-            self.inbox.drain(published=tables_published(completed_step, self.table_refresh))
-            self.accounting.counters.tables_received = self.inbox.received
+        self.transport.drain(completed_step)
 
     # ---- instructions ----------------------------------------------------------------------------
     def _bll_begin_step(self, step):
-        self._step, self._micro_batch = step, 0
+        self._micro_batch = 0
         self.tracer.set_step(step, self.weights)
-        torch.manual_seed(self.seed_for_step(step))
-        table = None
-        if self.inbox is not None:
-            with self.accounting.p2p():
-                table = self.inbox.table_for_step(step)
-        self.stage_step.begin(table)
+        self.stage.begin(step)
 
     def _bll_load_micro_batch(self, buffer_id):
-        inputs, labels = self._batch_fn(self._step - 1, self._micro_batch, self.micro_batches)
+        inputs, labels = self._batch_fn(self.stage.current - 1, self._micro_batch, self.micro_batches)
         self._micro_batch += 1
         buffers = ds_internals.pipe_buffers(self)
         if self.is_first_stage():
@@ -200,37 +240,26 @@ class BLLPipelineEngine(AccountedPipelineEngine):
 
     def _bll_local_backward(self, buffer_id):
         buffers = ds_internals.pipe_buffers(self)
-        self.stage_step.local_backward(buffers["outputs"][buffer_id], buffers["labels"][buffer_id], self._backward)
+        self.stage.local_backward(buffers["outputs"][buffer_id], buffers["labels"][buffer_id])
         buffers["outputs"][buffer_id] = None
         buffers["inputs"][buffer_id] = None
 
     def _bll_finish_step(self):
-        self.stage_step.finish_feedback(self._backward)
+        self.stage.finish_feedback()
+
+    def _bll_reduce_grads(self):
+        self.stage.reduce_grads()
 
     def _bll_optimizer_step(self, lr_kwargs=None):
-        # self.nonfinite was decided at ReduceGrads, by this stage (and its replicas) alone.
-        tracked = not self.nonfinite and self._step in self._track_update_at
-        before = self._snapshot() if tracked else None
-        self._last_grad_norm = self._local_grad_norm() if tracked else None
-        guarded_optimizer_step(self, lr_kwargs)
-        self._last_update_norm = self._update_norm(before) if tracked else None
-
-    def _local_grad_norm(self) -> float | None:
-        """This stage's gradient norm before clipping (tracked steps only). With ZeRO-1 the
-        gradients live in the optimizer's partitions; DeepSpeed's own norm is used there."""
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item() if grads else None
+        self.lr_kwargs = lr_kwargs
+        self.stage.optimizer_step()
 
     def _bll_publish_table(self):
-        self._publish_table(self._step)
+        self.stage.publish_table()
         now = self.accounting.now()
         step_s, self._step_started = now - self._step_started, now
         busy, idle = self.accounting.end_step(step_s)
-        self._records.append(StepRecord(
-            step=self._step, loss=self.stage_step.mean_loss(), step_s=step_s, busy_s=busy,
-            idle_s=idle, lr=self.get_lr()[0],
-            grad_norm=None if self.nonfinite else _as_float(self.get_global_grad_norm()) or self._last_grad_norm,
-            update_norm=self._last_update_norm, nonfinite=self.nonfinite, terms=self.stage_step.mean_terms()))
+        self._records.append(self.stage.record(step_s, busy, idle))
 
     _INSTRUCTION_MAP = {
         **AccountedPipelineEngine._INSTRUCTION_MAP,  # already traced
@@ -242,6 +271,7 @@ class BLLPipelineEngine(AccountedPipelineEngine):
             bll.SendActivationBLL: _bll_send_activations,
             bll.LocalBackward: _bll_local_backward,
             bll.FinishStep: _bll_finish_step,
+            ds_schedule.ReduceGrads: _bll_reduce_grads,
             bll.StageOptimizerStep: _bll_optimizer_step,
             bll.PublishTable: _bll_publish_table,
         }),
@@ -253,11 +283,12 @@ class BLLPipelineEngine(AccountedPipelineEngine):
 
     # ---- checkpoint state beyond DeepSpeed's own files ---------------------------------------------
     def extra_state(self) -> dict:
+        inbox = self.transport.inbox
         return {"feedback": self.feedback.state_dict() if self.feedback is not None else None,
-                "inbox": self.inbox.state_dict() if self.inbox is not None else None}
+                "inbox": inbox.state_dict() if inbox is not None else None}
 
     def load_extra_state(self, state: dict) -> None:
         if self.feedback is not None:
             self.feedback.load_state_dict(state["feedback"])
-        if self.inbox is not None:
-            self.inbox.load_state_dict(state["inbox"])
+        if self.transport.inbox is not None:
+            self.transport.inbox.load_state_dict(state["inbox"])

@@ -88,8 +88,9 @@ def build_engine(method: str, module, ds_config: dict, model_config=None, seed: 
             # ZeRO sharding see its parameters like any other. (Its weights are checkpointed by
             # bll_ds.checkpoint, since DeepSpeed saves pipeline layers only.)
             module.add_module("bll_feedback", feedback)
-        engine_kwargs = dict(feedback=feedback, table_shape=get_variant(bll.variant).message_shape(model_config),
-                             readout_max_logits_mb=bll.readout_max_logits_mb, variant=bll.variant)
+        variant = get_variant(bll.variant)
+        engine_kwargs = dict(feedback=feedback, variant=variant, table_shape=variant.message_shape(model_config),
+                             readout_max_logits_mb=bll.readout_max_logits_mb)
         grid = StageLocalGrid(grid, singleton_groups())
     # DeepSpeed's gradient-norm code (clipping; fp32 and ZeRO-1 paths) sums squared norms over the
     # model-parallel group but counts a parameter only on model-parallel rank 0 unless it is

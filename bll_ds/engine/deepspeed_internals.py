@@ -108,16 +108,17 @@ def set_master_weights(engine, values) -> None:
 
 
 def master_weights(engine) -> list[torch.Tensor]:
-    """fp32 copies of the stage's trainable weights as its optimizer holds them: DeepSpeed's fp32
-    masters under bf16 or ZeRO (gathered across the data-parallel group: a collective), the
-    parameters themselves otherwise. Frozen copies (refreshed from messages) are left out."""
+    """The stage's trainable weights in fp32 as its optimizer holds them: copies of DeepSpeed's
+    fp32 masters under bf16 or ZeRO (gathered across the data-parallel group: a collective), the
+    parameters themselves otherwise (not copies: step_record.snapshot copies). Frozen copies
+    (refreshed from messages) are left out."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     weights = []
     for param in engine.module.parameters():
         if param.requires_grad:
             master = safe_get_full_fp32_param(param)
-            weights.append((param.detach() if master is None else master).float().clone())
+            weights.append((param.detach() if master is None else master).float())
     return weights
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from bll_ds.engine.accounting import StageAccounting
 from bll_ds.engine.build import weight_decay_groups
 from bll_ds.engine.nonfinite import FaultInjection, local_cause
+from bll_ds.engine.step_record import step_seed
 from bll_ds.engine.trace import StageTracer
 from bll_ds.errors import UserError
 from bll_ds.modeling.checkpointing import run_layers
@@ -119,12 +120,13 @@ class EmulatedStage:
         self._rng = None
 
     # ---- per step ----------------------------------------------------------------------------
-    def begin_step(self, step: int, rank: int) -> None:
-        """Reseed from (seed, step, rank), as AccountedPipelineEngine.seed_for_step does on a
-        launched rank: the stage's RNG stream (CPU, and CUDA where present) is its rank's."""
+    def begin_step(self, step: int) -> None:
+        """Reseed from (seed, step, rank) as a launched rank does (step_record.step_seed): the
+        stage's RNG stream (CPU, and CUDA where present) is that of the rank that would run it,
+        whose global rank is the stage's (one replica)."""
         self.step, self.busy_s = step, 0.0
         outer = _rng_states()
-        torch.manual_seed(self.seed * 1_000_003 + step * 1009 + rank)
+        torch.manual_seed(step_seed(self.seed, step, self.stage_id))
         self._rng = _rng_states()
         _set_rng_states(outer)
 
@@ -144,18 +146,6 @@ class EmulatedStage:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The stage's layers, in PipelineModule's checkpointed groups when the interval is set."""
         return run_layers(list(self.module.layers), x, self.activation_checkpoint_interval)
-
-    def with_fault(self, loss_fn):
-        """BLL_DS_INJECT_NONFINITE for this stage (engine/nonfinite.py), as the launcher applies it."""
-        if self.fault.step is None:
-            return loss_fn
-
-        def loss_with_fault(*args, **kwargs):
-            out = loss_fn(*args, **kwargs)
-            if isinstance(out, tuple):
-                return (self.fault.apply(out[0], self.step), *out[1:])
-            return self.fault.apply(out, self.step)
-        return loss_with_fault
 
     def backward(self, loss: torch.Tensor, scale_by_micro_batches: bool) -> None:
         (loss / self.micro_batches if scale_by_micro_batches else loss).backward()
@@ -180,8 +170,29 @@ class EmulatedStage:
     def nonfinite_cause(self, losses: list[torch.Tensor]) -> str | None:
         return local_cause(losses, self.grads())
 
+    # ---- as block_local_stage.StageCompute: the stage's own verdict, norm and update ----------
+    def reduce_grads(self, losses: list[torch.Tensor]) -> str | None:
+        """The launched ReduceGrads: the stage's non-finite verdict, then the all-reduce."""
+        cause = self.nonfinite_cause(losses)
+        if not cause:
+            self.all_reduce_grads()
+        return cause
+
+    def optimizer_step(self, cause: str | None, tracked: bool = False) -> tuple[str | None, float | None]:
+        """Skip a non-finite step, or clip by this stage's own norm and step."""
+        if cause:
+            self.skip_step()
+            return cause, None
+        norm = self.grad_square_norm().sqrt()
+        self.clip_and_step(norm)
+        return None, float(norm)
+
+    def master_weights(self) -> list[torch.Tensor]:
+        return self.masters
+
+    # ---- the parts, which backprop runs with one verdict and one norm for every stage ----------
     @torch.no_grad()
-    def reduce_grads(self) -> None:
+    def all_reduce_grads(self) -> None:
         """The all-reduce over this stage's one replica changes no value, but DeepSpeed casts the
         accumulated gradients to its communication dtype and back (bf16: a rounding when they
         accumulate in fp32)."""
@@ -198,7 +209,7 @@ class EmulatedStage:
             return torch.zeros((), device=self.device)
         return torch.stack([g.detach().float().norm(2) for g in grads]).pow(2).sum().float()
 
-    def optimizer_step(self, norm: torch.Tensor) -> None:
+    def clip_and_step(self, norm: torch.Tensor) -> None:
         """Clip with `norm` (this stage's own, or the global one for backprop), step, advance the
         schedule. DeepSpeed's fp32 clip, to the rounding: grads *= min(1, max_norm / (norm + 1e-6))."""
         if self.clip > 0:

@@ -7,9 +7,10 @@ a few cores nor S GPUs:
 - the same layers per stage, initial weights, micro-batches and targets (train.py's sampler);
 - per stage: its own optimizer, learning-rate schedule, clipping norm, RNG stream and non-finite
   verdict (emulated_stage.py);
-- block-local learning runs every stage through bll/stage_step.py's StageStep and STEP_END, the
-  code the launched engine runs, and passes the tables with feedback_channel.py's LAG: stage k
-  uses P_{max(t - LAG, 0)} of stage k+1 during its step t (rounded down to the refresh grid);
+- block-local learning runs every stage through block_local_stage.py's BlockLocalStage, the code
+  the launched engine runs, with the emulated stage as its compute and this file's transport
+  (EmulatedChannel), which passes the tables with feedback_channel.py's LAG: stage k uses
+  P_{max(t - LAG, 0)} of stage k+1 during its step t (rounded down to the refresh grid);
 - `--method bp` is pipeline backprop as DeepSpeed's 1F1B computes it: one autograd graph through
   all stages per micro-batch, every stage clipped by the global norm and stepped together.
 
@@ -30,10 +31,11 @@ from bll_ds import run_dir as names
 from bll_ds.bll.stage_step import StageStep, run_step_end
 from bll_ds.bll.variants import get as get_variant
 from bll_ds.engine.accounting import tensor_bytes
+from bll_ds.engine.block_local_stage import BlockLocalStage
 from bll_ds.engine.build import build_stage_feedback
 from bll_ds.engine.emulated_stage import EmulatedStage
-from bll_ds.engine.feedback_channel import publishes_after, table_index
-from bll_ds.engine.pipeline_engine import StepRecord
+from bll_ds.engine.feedback_channel import table_index
+from bll_ds.engine.step_record import StepRecord, snapshot, update_norm
 from bll_ds.modeling.layers import lm_loss
 from bll_ds.modeling.pipeline import build_stage_layers
 
@@ -62,19 +64,23 @@ class EmulatedPipeline:
         self.method, self.num_stages, self.bll = method, stages, bll
         self.device = emulation_device()
         self.micro_batches = ds.micro_batches
-        self.sends_table = method == "bll" and get_variant(bll.variant).message_shape(model_config) is not None
-        self.table_refresh = get_variant(bll.variant).table_refresh() if method == "bll" else 1
-        self.stages = []
+        variant = get_variant(bll.variant) if method == "bll" else None
+        self.sends_table = variant is not None and variant.message_shape(model_config) is not None
+        self.table_refresh = variant.table_refresh() if variant is not None else 1
+        self.stages, self.block_stages = [], []
         for k in range(stages):
             feedback = build_stage_feedback(bll, model_config, k, seed) if method == "bll" and k < stages - 1 else None
             stage = EmulatedStage(k, build_stage_layers(model_config, stages, k, seed), feedback, ds.config, ds.micro_batches,
                                   self.device, ds.bf16, seed, activation_checkpoint_interval,
                                   grad_accum_dtype=ds.grad_accum_dtype, communication_dtype=ds.communication_dtype)
-            if feedback is not None:
-                feedback.local_loss = stage.with_fault(feedback.local_loss)
-            stage.stage_step = StageStep(feedback, stage.with_fault(lm_loss), bll.readout_max_logits_mb,
-                                         bll.variant if method == "bll" else None)
+            stage.lm_loss = stage.fault.wrap(lm_loss, lambda stage=stage: stage.step)
             self.stages.append(stage)
+            if method == "bll":
+                if feedback is not None:
+                    feedback.local_loss = stage.fault.wrap(feedback.local_loss, lambda stage=stage: stage.step)
+                step = StageStep(feedback, stage.lm_loss, bll.readout_max_logits_mb, variant)
+                self.block_stages.append(BlockLocalStage(step, stage.module.layers, k == stages - 1, self.table_refresh,
+                                                         stage, EmulatedChannel(self, stage)))
         self.last = self.stages[-1]
         # tables[k]: stage k's published tables {j: P_j} that stage k-1 may still need
         self.tables: list[dict[int, torch.Tensor]] = [{} for _ in range(stages)]
@@ -112,69 +118,36 @@ class EmulatedPipeline:
         """Every stage, for summary.json's stages_detail."""
         return self.stages
 
-    # ---- feedback tables -------------------------------------------------------------------------
-    def _publish(self, stage: EmulatedStage, step: int) -> None:
-        if not self.sends_table or stage.stage_id == 0 or not publishes_after(step, self.table_refresh):
-            return
-        head = stage.module.layers[-1].lm_head.weight if stage is self.last else None
-        table = stage.stage_step.table_to_publish(head, stage.module.layers).detach().clone()
-        history = self.tables[stage.stage_id]
-        history[step] = table
-        for old in [j for j in history if j < table_index(step + 1, self.table_refresh)]:
-            del history[old]
-        stage.accounting.count("tables_sent", tensor_bytes(table), "bytes_up")
-
-    def _table_for(self, stage: EmulatedStage, step: int) -> torch.Tensor | None:
-        if not self.sends_table or stage is self.last:
-            return None
-        stage.accounting.count("tables_received")
-        return self.tables[stage.stage_id + 1][table_index(step, self.table_refresh)]
-
     def start_feedback(self, resumed_step: int) -> None:
         """Fresh run: the initial tables P_0, last stage first, as the launched stages chain them."""
-        if resumed_step > 0:
-            return
-        for stage in reversed(self.stages):
-            if self.sends_table and stage is not self.last:
-                stage.stage_step.begin(self._table_for(stage, 1))
-            self._publish(stage, 0)
+        for block_stage in reversed(self.block_stages):
+            block_stage.start(resumed_step)
 
     # ---- training ----------------------------------------------------------------------------------
     def train_steps(self, first_step: int, num_steps: int, batch_fn, track_update_at=()) -> dict[int, list]:
         """Steps first_step+1 .. first_step+num_steps; returns every stage's StepRecords."""
         for stage in self.stages:
             stage.module.train()
+        for block_stage in self.block_stages:
+            block_stage.track_update_at = set(track_update_at)
         records = {k: [] for k in self.local_stages}
+        step_fn = self._bll_step if self.method == "bll" else self._bp_step
         for step in range(first_step + 1, first_step + num_steps + 1):
             start = self.last.accounting.now()
-            before = {s.stage_id: _snapshot(s) for s in self.stages} if step in track_update_at else {}
-            for stage in self.stages:
-                stage.begin_step(step, rank=stage.stage_id)
-            step_fn = self._bll_step if self.method == "bll" else self._bp_step
-            norms, causes = step_fn(step, batch_fn)
-            step_s = self.last.accounting.now() - start
-            for stage in self.stages:
-                k = stage.stage_id
-                busy, _ = stage.accounting.end_step(stage.busy_s)
-                losses = stage.stage_step.losses if self.method == "bll" else self._bp_losses
-                records[k].append(StepRecord(
-                    step=step, loss=torch.stack(losses).mean().item() if losses else float("nan"), step_s=step_s,
-                    busy_s=busy, idle_s=0.0, lr=stage.lr(), grad_norm=None if causes[k] else norms[k],
-                    update_norm=_update_norm(stage, before[k]) if before and not causes[k] else None,
-                    nonfinite=causes[k], terms=stage.stage_step.mean_terms() if self.method == "bll" else {}))
+            for k, record in enumerate(step_fn(step, batch_fn, start, step in track_update_at)):
+                records[k].append(record)
         return records
 
     def _micro_batch(self, step: int, m: int, batch_fn):
         inputs, labels = batch_fn(step - 1, m, self.micro_batches)
         return inputs.to(self.device), labels.to(self.device)
 
-    def _bll_step(self, step: int, batch_fn):
-        for stage in self.stages:
-            with stage.running():
-                stage.stage_step.begin(self._table_for(stage, step))
+    def _bll_step(self, step: int, batch_fn, start: float, tracked: bool) -> list[StepRecord]:
+        for block_stage in self.block_stages:
+            block_stage.begin(step)
         for m in range(self.micro_batches):
             x, labels = self._micro_batch(step, m, batch_fn)
-            for stage in self.stages:
+            for stage, block_stage in zip(self.stages, self.block_stages):
                 with stage.running():
                     outputs = stage.forward(x)
                     if stage is not self.last:
@@ -182,36 +155,20 @@ class EmulatedPipeline:
                         stage.accounting.count("acts_sent", tensor_bytes(x), "bytes_down")
                     if stage.stage_id > 0:
                         stage.accounting.count("acts_received")
-                    stage.stage_step.local_backward(outputs, labels, stage.backward)
-        norms, causes = {}, {}
-        for stage in self.stages:
+                    block_stage.local_backward(outputs, labels)
+        for stage, block_stage in zip(self.stages, self.block_stages):
             with stage.running():
-                run_step_end({
-                    "finish_feedback": lambda: stage.stage_step.finish_feedback(stage.backward),
-                    "reduce_grads": lambda: self._stage_reduce(stage, causes),
-                    "optimizer_step": lambda: self._stage_update(stage, causes, norms),
-                    "publish_table": lambda: self._publish(stage, step),
-                })
-        return norms, causes
+                run_step_end(block_stage.step_end())
+        step_s = self.last.accounting.now() - start
+        return [block_stage.record(step_s, stage.accounting.end_step(stage.busy_s)[0], 0.0)
+                for stage, block_stage in zip(self.stages, self.block_stages)]
 
-    @staticmethod
-    def _stage_reduce(stage: EmulatedStage, causes: dict) -> None:
-        """The launched ReduceGrads: the stage's non-finite verdict, then the all-reduce."""
-        causes[stage.stage_id] = stage.nonfinite_cause(stage.stage_step.losses)
-        if not causes[stage.stage_id]:
-            stage.reduce_grads()
-
-    def _stage_update(self, stage: EmulatedStage, causes: dict, norms: dict) -> None:
-        if causes[stage.stage_id]:
-            stage.skip_step()
-            return
-        norm = stage.grad_square_norm().sqrt()
-        norms[stage.stage_id] = float(norm)
-        stage.optimizer_step(norm)
-
-    def _bp_step(self, step: int, batch_fn):
+    def _bp_step(self, step: int, batch_fn, start: float, tracked: bool) -> list[StepRecord]:
         """One graph per micro-batch through every stage; the last stage's loss / M back-propagated."""
-        self._bp_losses = []
+        for stage in self.stages:
+            stage.begin_step(step)
+        before = [snapshot(stage.masters) for stage in self.stages] if tracked else None
+        losses = []
         for m in range(self.micro_batches):
             x, labels = self._micro_batch(step, m, batch_fn)
             for stage in self.stages:
@@ -221,23 +178,28 @@ class EmulatedPipeline:
                     stage.accounting.count("acts_sent", tensor_bytes(x), "bytes_down")
                     self.stages[stage.stage_id + 1].accounting.count("grads_sent", tensor_bytes(x), "bytes_up")
             with self.last.running():
-                loss = self.last.stage_step.lm_loss(x, labels)
-                self._bp_losses.append(loss.detach().float())
+                loss = self.last.lm_loss(x, labels)
+                losses.append(loss.detach().float())
                 (loss / self.micro_batches).backward()
             for stage in self.stages:
                 stage.accumulate_grads()
         # The launched stages agree on one verdict and clip by one norm (model-parallel group = all).
-        cause = self.last.nonfinite_cause(self._bp_losses) or next(
+        cause = self.last.nonfinite_cause(losses) or next(
             (c for s in self.stages[:-1] if (c := s.nonfinite_cause([]))), None)
         if not cause:
             for stage in self.stages:
-                stage.reduce_grads()
+                stage.all_reduce_grads()
         norm = None if cause else sum(s.grad_square_norm() for s in self.stages).sqrt()
         for stage in self.stages:
             with stage.running():
-                stage.skip_step() if cause else stage.optimizer_step(norm)
-        norm = None if cause else float(norm)
-        return {s.stage_id: norm for s in self.stages}, {s.stage_id: cause for s in self.stages}
+                stage.skip_step() if cause else stage.clip_and_step(norm)
+        step_s = self.last.accounting.now() - start
+        loss = torch.stack(losses).mean().item()
+        return [StepRecord(step=step, loss=loss, step_s=step_s, busy_s=stage.accounting.end_step(stage.busy_s)[0],
+                           idle_s=0.0, lr=stage.lr(), grad_norm=None if cause else float(norm),
+                           update_norm=update_norm(before[k], stage.masters) if before and not cause else None,
+                           nonfinite=cause)
+                for k, stage in enumerate(self.stages)]
 
     @torch.no_grad()
     def eval_batch(self, batches, num_micro_batches: int) -> float:
@@ -294,9 +256,26 @@ class EmulatedPipeline:
         return str(folder), state["client_state"]
 
 
-def _snapshot(stage: EmulatedStage) -> list[torch.Tensor]:
-    return [m.detach().float().clone() for m in stage.masters]
+class EmulatedChannel:
+    """Stage k's messages in one process: stage k+1's published tables, by the lag rule, and its
+    own kept for stage k-1 until the rule no longer asks for them (what a checkpoint saves)."""
 
+    def __init__(self, pipeline: EmulatedPipeline, stage: EmulatedStage):
+        self.pipeline, self.stage = pipeline, stage
+        self.receives = pipeline.sends_table and stage.stage_id < pipeline.num_stages - 1
+        self.sends = pipeline.sends_table and stage.stage_id > 0
 
-def _update_norm(stage: EmulatedStage, before: list[torch.Tensor]) -> float:
-    return sum(float((m.detach().float() - b).pow(2).sum()) for m, b in zip(stage.masters, before)) ** 0.5
+    def table_for_step(self, step: int) -> torch.Tensor:
+        self.stage.accounting.count("tables_received")
+        return self.pipeline.tables[self.stage.stage_id + 1][table_index(step, self.pipeline.table_refresh)]
+
+    def publish(self, table: torch.Tensor, completed_step: int) -> None:
+        table = table.detach().clone()
+        history = self.pipeline.tables[self.stage.stage_id]
+        history[completed_step] = table
+        for old in [j for j in history if j < table_index(completed_step + 1, self.pipeline.table_refresh)]:
+            del history[old]
+        self.stage.accounting.count("tables_sent", tensor_bytes(table), "bytes_up")
+
+    def resume(self, completed_step: int) -> None:
+        """The tables come back with the checkpoint (load_checkpoint)."""

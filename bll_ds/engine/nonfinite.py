@@ -109,6 +109,23 @@ class FaultInjection:
         if int(parts[1]) == stage and (len(parts) < 4 or int(parts[3]) == replica):
             self.step, self.kind = int(parts[0]), (parts[2] if len(parts) >= 3 else "grads")
 
+    def wrap(self, loss_fn, current_step, active=lambda: True):
+        """`loss_fn` (returning the loss, or (loss, terms) as a feedback block's local_loss does)
+        with this fault applied at its step: `current_step()` is the 1-based step being computed,
+        `active()` false where the loss is not a training loss (evaluation). Unchanged when no
+        fault is aimed at this stage."""
+        if self.step is None:
+            return loss_fn
+
+        def loss_with_fault(*args, **kwargs):
+            out = loss_fn(*args, **kwargs)
+            if not active():
+                return out
+            if isinstance(out, tuple):
+                return (self.apply(out[0], current_step()), *out[1:])
+            return self.apply(out, current_step())
+        return loss_with_fault
+
     def apply(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         if step != self.step:
             return loss

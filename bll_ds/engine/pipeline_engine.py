@@ -12,8 +12,6 @@ one-process emulator returns every stage's), so train.py has one loop.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
@@ -21,22 +19,8 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from bll_ds.engine import deepspeed_internals as ds_internals
 from bll_ds.engine import nonfinite
 from bll_ds.engine.accounting import StageAccounting, tensor_bytes
+from bll_ds.engine.step_record import StepRecord, snapshot, step_seed, update_norm
 from bll_ds.engine.trace import StageTracer, traced
-
-
-@dataclass
-class StepRecord:
-    """What one stage saw in one optimizer step."""
-    step: int              # 1-based index of the completed step
-    loss: float            # this stage's loss: the LM loss on the last stage (BP: everywhere)
-    step_s: float
-    busy_s: float
-    idle_s: float
-    lr: float
-    grad_norm: float | None = None
-    update_norm: float | None = None  # ||theta_after - theta_before||, on tracked steps only
-    terms: dict = field(default_factory=dict)
-    nonfinite: str | None = None  # why the update was skipped (engine/nonfinite.py), None if applied
 
 
 def _as_float(value) -> float | None:
@@ -73,7 +57,7 @@ def _recv_grads(self, buffer_id):
     self.accounting.count("grads_received")
 
 
-def _guarded_reduce_grads(self):
+def guarded_reduce_grads(self):
     """A non-finite step is decided here, before the all-reduce, while every rank still holds
     its own gradients; its gradients are then dropped, not reduced."""
     grads = [p.grad for p in self.module.parameters()]
@@ -100,7 +84,7 @@ class AccountedPipelineEngine(PipelineEngine):
         schedule.RecvActivation: _recv_activations,
         schedule.SendGrad: _send_grads,
         schedule.RecvGrad: _recv_grads,
-        schedule.ReduceGrads: _guarded_reduce_grads,
+        schedule.ReduceGrads: guarded_reduce_grads,
         schedule.OptimizerStep: guarded_optimizer_step,
     })
 
@@ -111,19 +95,8 @@ class AccountedPipelineEngine(PipelineEngine):
         self.tracer = StageTracer(self.stage_id, range(0), self.device)  # train.py sets the traced window
         self.nonfinite = None  # this step's cause, set at its gradient all-reduce
         self.fault = nonfinite.FaultInjection(self.stage_id, self.grid.data_parallel_id)
-        if self.fault.step is not None and self.is_last_stage():
-            self.module.loss_fn = self._with_fault(self.module.loss_fn)
-
-    def _with_fault(self, loss_fn):
-        """loss_fn returns the loss, or (loss, terms) as a feedback block's local_loss does."""
-        def loss_with_fault(*args, **kwargs):
-            out = loss_fn(*args, **kwargs)
-            if not self.module.training:
-                return out
-            if isinstance(out, tuple):
-                return (self.fault.apply(out[0], self.training_step()), *out[1:])
-            return self.fault.apply(out, self.training_step())
-        return loss_with_fault
+        if self.is_last_stage():
+            self.module.loss_fn = self.fault.wrap(self.module.loss_fn, self.training_step, lambda: self.module.training)
 
     def training_step(self) -> int:
         """1-based index of the optimizer step being computed."""
@@ -139,11 +112,6 @@ class AccountedPipelineEngine(PipelineEngine):
         """Every tensor this stage keeps between steps (not activations)."""
         return [*self.module.parameters(), *self.module.buffers()]
 
-    def seed_for_step(self, step: int) -> int:
-        """Reseeded at every step from (seed, step, rank): dropout is exactly reproducible after
-        a resume without saving RNG states."""
-        return self.seed * 1_000_003 + step * 1009 + self.global_rank
-
     @property
     def local_stages(self) -> list[int]:
         """The stages this process trains (one; the emulator trains all)."""
@@ -157,9 +125,9 @@ class AccountedPipelineEngine(PipelineEngine):
         """Steps first_step+1 .. first_step+num_steps, one DeepSpeed train_batch (1F1B, flushed) each."""
         records = []
         for step in range(first_step + 1, first_step + num_steps + 1):
-            torch.manual_seed(self.seed_for_step(step))
+            torch.manual_seed(step_seed(self.seed, step, self.global_rank))
             batches = iter([batch_fn(step - 1, m, self.micro_batches) for m in range(self.micro_batches)])
-            before = self._snapshot() if step in track_update_at else None
+            before = snapshot(ds_internals.master_weights(self)) if step in track_update_at else None
             self.tracer.set_step(step, self.weights)
             start = self.accounting.now()
             loss = self.train_batch(batches).item()
@@ -168,7 +136,8 @@ class AccountedPipelineEngine(PipelineEngine):
             records.append(StepRecord(step=step, loss=loss, step_s=step_s, busy_s=busy, idle_s=idle,
                                       lr=self.get_lr()[0],
                                       grad_norm=None if self.nonfinite else _as_float(self.get_global_grad_norm()),
-                                      update_norm=self._update_norm(before) if before is not None else None,
+                                      update_norm=None if before is None else
+                                      update_norm(before, ds_internals.master_weights(self)),
                                       nonfinite=self.nonfinite))
         self.tracer.set_step(None)
         return {self.stage_id: records}
@@ -184,12 +153,3 @@ class AccountedPipelineEngine(PipelineEngine):
 
     def load_extra_state(self, state) -> None:
         pass
-
-    def _snapshot(self) -> list[torch.Tensor]:
-        return ds_internals.master_weights(self)
-
-    def _update_norm(self, before: list[torch.Tensor]) -> float:
-        """||theta_after - theta_before|| over the weights the optimizer updates (in bf16, its fp32
-        masters: the bf16 copies also move by their rounding), as the emulator measures it."""
-        total = sum(float((after - b).pow(2).sum()) for after, b in zip(ds_internals.master_weights(self), before))
-        return total ** 0.5
