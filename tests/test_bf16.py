@@ -44,7 +44,7 @@ import torch
 from helpers import REPO, launch_failure, run_pretrain, stage_losses
 
 from bll_ds import run_dir as names
-from bll_ds.config import BLLConfig
+from bll_ds.bll.variants import get as get_variant
 from bll_ds.engine.build import build_stage_feedback
 from bll_ds.engine.emulator import EMULATOR_STATE
 from bll_ds.modeling import load_model_spec
@@ -112,7 +112,7 @@ def _initial_masters(run_dir: Path, variant: str | None, stages: int) -> list[di
     for k, indices in enumerate(stage_layer_ranges(config, stages)):
         modules = {f"layer{i}.": layers[i] for i in indices}
         if variant is not None and k < stages - 1:
-            modules["bll_feedback."] = build_stage_feedback(BLLConfig(variant=variant), config, k, SEED)
+            modules["bll_feedback."] = build_stage_feedback(get_variant(variant), config, k, SEED)
         masters.append({prefix + key: p.detach().to(torch.bfloat16).float()
                         for prefix, module in modules.items() for key, p in module.named_parameters()
                         if p.requires_grad})

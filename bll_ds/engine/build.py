@@ -29,10 +29,11 @@ def weight_decay_groups(module: nn.Module) -> list[dict]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_stage_feedback(bll: BLLConfig, model_config, stage: int, seed: int):
-    """Stage `stage`'s feedback block (not on the last stage), seeded apart from every layer."""
+def build_stage_feedback(variant: type, model_config, stage: int, seed: int):
+    """Stage `stage`'s feedback block (not on the last stage), seeded apart from every layer.
+    `variant`: the run's variant class (bll/variants.py get), resolved once by the caller."""
     torch.manual_seed(seed + FEEDBACK_SEED_OFFSET + stage)
-    return get_variant(bll.variant).build(model_config)
+    return variant.build(model_config)
 
 
 @dataclass
@@ -54,13 +55,14 @@ class Stage:
 def build_stage(config, stages: int, stage: int, seed: int = 0, variant: str = "prototype") -> Stage:
     """Stage `stage` of an S-stage pipeline, with the same initial weights as the pipeline."""
     first, last = stage == 0, stage == stages - 1
+    variant_class = get_variant(variant)
     module = nn.Sequential(*(layer for _, layer in build_stage_layers(config, stages, stage, seed)))
     feedback = None
     if not last:
-        feedback = build_stage_feedback(BLLConfig(variant=variant), config, stage, seed)  # as build_engine
+        feedback = build_stage_feedback(variant_class, config, stage, seed)  # as build_engine
         module.add_module("bll_feedback", feedback)
     return Stage(module, feedback, first, last, stage_layer_counts(config, stages)[stage],
-                 sends_tables=stages > 1 and get_variant(variant).message_shape(config) is not None, variant=variant)
+                 sends_tables=stages > 1 and variant_class.message_shape(config) is not None, variant=variant)
 
 
 def forward_layers(stage: Stage, inputs: torch.Tensor) -> torch.Tensor:
@@ -80,15 +82,15 @@ def build_engine(method: str, module, ds_config: dict, model_config=None, seed: 
     engine_kwargs = {}
     if method == "bll":
         bll = bll or BLLConfig()
+        variant = get_variant(bll.variant)
         stage, last = grid.get_stage_id(), grid.get_pipe_parallel_world_size() - 1
         feedback = None
         if stage < last:
-            feedback = build_stage_feedback(bll, model_config, stage, seed)
+            feedback = build_stage_feedback(variant, model_config, stage, seed)
             # A submodule of the stage's module: DeepSpeed's optimizer, precision casts and
             # ZeRO sharding see its parameters like any other. (Its weights are checkpointed by
             # bll_ds.checkpoint, since DeepSpeed saves pipeline layers only.)
             module.add_module("bll_feedback", feedback)
-        variant = get_variant(bll.variant)
         engine_kwargs = dict(feedback=feedback, variant=variant, table_shape=variant.message_shape(model_config),
                              readout_max_logits_mb=bll.readout_max_logits_mb)
         grid = StageLocalGrid(grid, singleton_groups())

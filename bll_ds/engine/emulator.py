@@ -69,7 +69,7 @@ class EmulatedPipeline:
         self.table_refresh = variant.table_refresh() if variant is not None else 1
         self.stages, self.block_stages = [], []
         for k in range(stages):
-            feedback = build_stage_feedback(bll, model_config, k, seed) if method == "bll" and k < stages - 1 else None
+            feedback = build_stage_feedback(variant, model_config, k, seed) if method == "bll" and k < stages - 1 else None
             stage = EmulatedStage(k, build_stage_layers(model_config, stages, k, seed), feedback, ds.config, ds.micro_batches,
                                   self.device, ds.bf16, seed, activation_checkpoint_interval,
                                   grad_accum_dtype=ds.grad_accum_dtype, communication_dtype=ds.communication_dtype)
