@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv pretrain test test-all clean
+.PHONY: venv pretrain test test-fast test-all clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,11 @@ pretrain: venv
 # CI's suite; `test-all` adds the slow repeats (4-stage launches, more variants, bf16 on CPU).
 test: venv
 	$(PY) -m pytest -q -m "not slow"
+
+# The edit-and-rerun loop: CI's suite less every test that starts several processes (the
+# deepspeed launcher, torchrun, MPI-style ranks; marker `launcher`).
+test-fast: venv
+	$(PY) -m pytest -q -m "not launcher and not slow"
 
 test-all: venv
 	$(PY) -m pytest -q

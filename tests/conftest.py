@@ -5,7 +5,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import REPO, SHARED_TEXT  # noqa: E402
+from helpers import REPO, SHARED_TEXT, stop_fork_server  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fork_server_lifetime():
+    """helpers.run_script's fork server starts on the first one-process run; it stops here."""
+    yield
+    stop_fork_server()
 
 
 @pytest.fixture(scope="session")

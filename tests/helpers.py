@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+from forkserver import RUNTIME_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -30,8 +36,12 @@ def tiny_model_config(folder: Path):
 
 
 def cpu_env() -> dict:
+    """The environment of every process a test starts. BLL_DS_THREADS=1: an emulated run takes
+    one intra-op thread, as each launched rank does, instead of every core; on a busy machine a
+    two-thread pool waits at each barrier for a descheduled thread (measured here: 0.5 s instead
+    of 0.045 s per step of test-1m, the same losses)."""
     env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+    env.update(DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", BLL_DS_THREADS="1",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
@@ -39,18 +49,179 @@ def cpu_env() -> dict:
 
 
 def run_pretrain(args: list[str], ranks: int | None, cache_dir: Path, timeout: int = 600,
-                 master_port: int | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    """ranks=None: one plain process; otherwise the deepspeed launcher with that many CPU ranks."""
+                 master_port: int | None = None, env: dict | None = None,
+                 fresh: bool = False) -> subprocess.CompletedProcess:
+    """ranks=None: one plain process (`python scripts/pretrain.py`, forked by run_script's server
+    unless fresh=True); otherwise the deepspeed launcher with that many CPU ranks."""
     script = [str(REPO / "scripts" / "pretrain.py"), *args, "--cache_dir", str(cache_dir), "--no-progress"]
     if ranks is None:
-        cmd = [sys.executable, *script]
-    else:
-        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks)]
-        if master_port:
-            cmd += ["--master_port", str(master_port)]
-        cmd += script
+        return run_script(script[0], script[1:], env=env, timeout=timeout, fresh=fresh)
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks)]
+    if master_port:
+        cmd += ["--master_port", str(master_port)]
+    cmd += script
     return subprocess.run(cmd, cwd=REPO, env={**cpu_env(), **(env or {})}, capture_output=True, text=True,
                           timeout=timeout)
+
+
+# ---- one-process runs of scripts/*.py, forked from a server that has done the imports ----------
+#
+# tests/forkserver.py says what a forked run shares with a fresh interpreter (only the imports)
+# and when a run gets a fresh interpreter instead. BLL_TEST_FORKSERVER=0: always a fresh one.
+
+def run_script(script: str | Path, args: list[str], env: dict | None = None, timeout: int = 600,
+               fresh: bool = False) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` in the repository with cpu_env() (plus `env`), as subprocess.run with
+    capture_output=True, text=True would run it. fresh=True: a fresh interpreter whatever the
+    server could do (for a test of the interpreter's own start-up)."""
+    proc = start_script(script, args, env=env, fresh=fresh, merge_stderr=False)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def start_script(script: str | Path, args: list[str], env: dict | None = None, fresh: bool = False,
+                 merge_stderr: bool = True):
+    """`python SCRIPT ARGS` started and not waited for: a subprocess.Popen, or a ForkedRun with the
+    same pid, poll, send_signal and communicate. merge_stderr: stderr goes to stdout's stream."""
+    full_env = {**cpu_env(), **(env or {})}
+    cmd = [sys.executable, str(script), *args]
+    server = None if fresh else _fork_server()
+    if server is None or not server.accepts(full_env):
+        return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True)
+    return server.start(cmd, full_env, merge_stderr)
+
+
+class ForkedRun:
+    """One run forked by tests/forkserver.py; its output goes to files until it ends."""
+
+    def __init__(self, args: list[str], conn, folder: str, merge_stderr: bool):
+        self.args, self._conn, self._folder, self._merged = args, conn, folder, merge_stderr
+        self.returncode = None
+        self.pid = json.loads(self._line(None))["pid"]
+
+    def _line(self, timeout: float | None) -> str:
+        self._conn.settimeout(timeout)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = self._conn.recv(4096)
+            if not chunk:
+                raise RuntimeError("the fork server's waiter closed the connection without an answer")
+            data += chunk
+        return data.decode()
+
+    def poll(self):
+        if self.returncode is None:
+            try:
+                self.returncode = json.loads(self._line(0.0))["returncode"]
+            except (socket.timeout, BlockingIOError):
+                return None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str | None]:
+
+        if self.returncode is None:
+            try:
+                self.returncode = json.loads(self._line(timeout))["returncode"]
+            except socket.timeout:
+                self.kill()
+                self.returncode = json.loads(self._line(None))["returncode"]
+                out, err = self._outputs()
+                raise subprocess.TimeoutExpired(self.args, timeout, out, err) from None
+        out, err = self._outputs()
+        self._conn.close()
+        shutil.rmtree(self._folder, ignore_errors=True)
+        return out, err
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.communicate(timeout)
+        return self.returncode
+
+    def _outputs(self) -> tuple[str, str | None]:
+        read = lambda name: Path(self._folder, name).read_text(errors="replace")  # noqa: E731
+        return read("stdout"), (None if self._merged else read("stderr"))
+
+
+class _ForkServer:
+    def __init__(self):
+        self.folder = tempfile.mkdtemp(prefix="bll-forkserver-")
+        self.path = os.path.join(self.folder, "socket")
+        self.env = cpu_env()
+        with open(os.path.join(self.folder, "server.log"), "w") as log:
+            # It stops when its stdin closes: at close(), or when this process ends in any way.
+            self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "forkserver.py"), self.path],
+                                         cwd=REPO, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=log, text=True)
+        word, _, read = self.proc.stdout.readline().partition(" ")
+        self.ready = word == "ready"
+        self.runtime_env = RUNTIME_ENV - set(json.loads(read) if self.ready else [])
+
+    def alive(self) -> bool:
+        return self.ready and self.proc.poll() is None
+
+    def accepts(self, env: dict) -> bool:
+        changed = {k for k in set(env) | set(self.env) if env.get(k) != self.env.get(k)}
+        return changed <= self.runtime_env
+
+    def start(self, cmd: list[str], env: dict, merge_stderr: bool) -> ForkedRun:
+        folder = tempfile.mkdtemp(prefix="run-", dir=self.folder)
+        out = os.path.join(folder, "stdout")
+        request = {"script": cmd[1], "args": cmd[2:], "env": env, "cwd": str(REPO), "stdout": out,
+                   "stderr": out if merge_stderr else os.path.join(folder, "stderr")}
+        for name in {request["stdout"], request["stderr"]}:
+            Path(name).touch()  # a run killed before it opens them has said nothing
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(self.path)
+        conn.sendall(json.dumps(request).encode() + b"\n")
+        return ForkedRun(cmd, conn, folder, merge_stderr)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_SERVER: _ForkServer | None = None
+
+
+def _fork_server() -> _ForkServer | None:
+    """The session's server (started on first use, stopped by conftest at the session's end), or
+    None where BLL_TEST_FORKSERVER=0 or it could not start (then runs get fresh interpreters)."""
+    global _SERVER
+    if os.environ.get("BLL_TEST_FORKSERVER", "1") == "0":
+        return None
+    if _SERVER is None or not _SERVER.alive():
+        if _SERVER is not None:
+            _SERVER.close()
+        _SERVER = _ForkServer()
+        if not _SERVER.ready:
+            _SERVER.close()
+            _SERVER = None
+    return _SERVER
+
+
+def stop_fork_server() -> None:
+    global _SERVER
+    if _SERVER is not None:
+        _SERVER.close()
+        _SERVER = None
 
 
 def launch_failure(result: subprocess.CompletedProcess, tail: int = 2000) -> str:

@@ -1,5 +1,6 @@
 """Bad input through the real entry point: one clear line, a non-zero exit, no traceback, and no
-half-written run dir."""
+half-written run dir. The first case runs in a fresh interpreter, as a user starts it; the others
+are forked from helpers' server (the same script and arguments, without its 7 s of imports)."""
 
 import json
 
@@ -24,7 +25,8 @@ def check_refused(result, run_dir, *phrases):
 
 def test_missing_data_path(tmp_path, cache_dir):
     out = tmp_path / "run"
-    result = run_pretrain(BASE + ["--data", str(tmp_path / "missing.txt"), "--out", str(out)], None, cache_dir)
+    result = run_pretrain(BASE + ["--data", str(tmp_path / "missing.txt"), "--out", str(out)], None, cache_dir,
+                          fresh=True)
     check_refused(result, out, "missing.txt", "does not exist")
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from bll_ds import distributed
 from bll_ds.errors import UserError
-from helpers import REPO, VENV_BIN, cpu_env, launch_failure
+from helpers import REPO, VENV_BIN, cpu_env, launch_failure, run_script
 
 RUN = ["--model", "models/test-1m.json", "--deepspeed_config", "ds_configs/test-1m.json", "--method", "bll",
        "--bll_variant", "prototype", "--tokenizer", "char", "--seq_len", "32", "--stages", "2", "--steps", "4",
@@ -139,11 +139,10 @@ def test_a_port_in_use_names_master_port(tmp_path, cache_dir, text_corpus):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        env = {**cpu_env(), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port)}
-        result = subprocess.run([sys.executable, str(REPO / "scripts" / "pretrain.py"), *RUN, "--stages", "1",
-                                 "--data", str(text_corpus), "--out", str(tmp_path / "run"), "--cache_dir",
-                                 str(cache_dir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        result = run_script(REPO / "scripts" / "pretrain.py", [*RUN, "--stages", "1", "--data", str(text_corpus),
+                                                               "--out", str(tmp_path / "run"), "--cache_dir",
+                                                               str(cache_dir)], env=env, timeout=300)
     assert result.returncode == 2, launch_failure(result)
     errors = [line for line in result.stderr.splitlines() if line.startswith("bll-ds: error:")]
     assert len(errors) == 1 and f"port {port}" in errors[0] and "--master_port" in errors[0], result.stderr[-2000:]

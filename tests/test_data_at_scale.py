@@ -14,15 +14,13 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before datasets / transformers are imported
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from helpers import REPO, cpu_env, launch_failure, run_pretrain, train_losses  # noqa: E402
+from helpers import REPO, launch_failure, run_pretrain, run_script, train_losses  # noqa: E402
 
 from bll_ds.data import (EvalBatches, MicroBatchSampler, ShardedTokens, build_tokenizer, documents,  # noqa: E402
                          load_corpus, load_run_tokenizer, open_token_dir, packing, parse_tokenizer_spec,
@@ -434,9 +432,8 @@ def test_pretrain_from_tokens_dir_equals_the_in_memory_run(prepared, jsonl, tmp_
     assert np.isfinite(from_tokens["val_loss"]) and from_tokens["val_loss"] == in_memory["val_loss"]
     assert train_losses(run) == train_losses(tmp_path / "memory_run")
     # evaluate.py reads the same shards (no tokenization) and reproduces the run's final loss.
-    evaluated = subprocess.run([sys.executable, "scripts/evaluate.py", str(run), "--batches", "2",
-                                "--json", str(tmp_path / "eval.json")], cwd=REPO, env=cpu_env(),
-                               capture_output=True, text=True, timeout=300)
+    evaluated = run_script(REPO / "scripts/evaluate.py", [str(run), "--batches", "2", "--json",
+                                                          str(tmp_path / "eval.json")], timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["data"] == f"tokens:{out}" and result["loss"] == pytest.approx(from_tokens["val_loss"], rel=1e-4)

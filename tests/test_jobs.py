@@ -2,20 +2,20 @@
 --exit_duration_mins stop with a checkpoint, the resolved configs are saved, a changed --steps
 on resume follows the documented rule, bf16 "auto" is decided by a measurement, and the
 DeepSpeed config's CSV and W&B monitors get the run log. One-process emulated runs (the same
-train loop as a launched one), a few seconds each."""
+train loop as a launched one), a few seconds each; where several tests only read a run, it is a
+module fixture and each test copies what it changes."""
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from helpers import REPO, cpu_env, launch_failure, read_metrics, run_pretrain, train_losses
+from helpers import REPO, launch_failure, read_metrics, run_pretrain, start_script, train_losses
 
 
 def _ds_config(tmp_path, name="ds.json", **changes):
@@ -42,11 +42,22 @@ def _ok(result):
     return result
 
 
-def test_resume_auto_starts_then_continues(tmp_path, cache_dir, text_corpus):
-    out, ds = tmp_path / "run", _ds_config(tmp_path)
+@pytest.fixture(scope="module")
+def stopped_at_3(tmp_path_factory, cache_dir, text_corpus):
+    """A 6-step run started with --resume auto (nothing to resume yet) and stopped after step 3,
+    with its output. Tests copy it before they resume it."""
+    folder = tmp_path_factory.mktemp("stopped-at-3")
+    out, ds = folder / "run", _ds_config(folder)
     first = _ok(run_pretrain(_args(out, text_corpus, ds) + ["--resume", "auto", "--exit_interval", "3"], None, cache_dir))
+    return out, ds, first
+
+
+def test_resume_auto_starts_then_continues(stopped_at_3, tmp_path, cache_dir, text_corpus):
+    stopped, ds, first = stopped_at_3
     assert "stopped after step 3" in first.stdout + first.stderr
-    assert (out / "checkpoints" / "latest").read_text() == "step_0000003"
+    assert (stopped / "checkpoints" / "latest").read_text() == "step_0000003"
+    out = tmp_path / "run"
+    shutil.copytree(stopped, out)
     _ok(run_pretrain(_args(out, text_corpus, ds) + ["--resume", "auto"], None, cache_dir))
     assert sorted(train_losses(out)) == list(range(1, 7))
     assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 3
@@ -59,9 +70,11 @@ def test_resume_auto_starts_then_continues(tmp_path, cache_dir, text_corpus):
     assert ds_saved["scheduler"]["params"]["total_num_steps"] == 6
 
 
-def test_a_changed_steps_on_resume_is_refused_for_a_schedule_that_knows_its_length(tmp_path, cache_dir, text_corpus):
-    out, ds = tmp_path / "run", _ds_config(tmp_path)
-    _ok(run_pretrain(_args(out, text_corpus, ds) + ["--exit_interval", "2"], None, cache_dir))
+def test_a_changed_steps_on_resume_is_refused_for_a_schedule_that_knows_its_length(stopped_at_3, tmp_path, cache_dir,
+                                                                                   text_corpus):
+    stopped, ds, _ = stopped_at_3
+    out = tmp_path / "run"
+    shutil.copytree(stopped, out)
     result = run_pretrain(_args(out, text_corpus, ds, steps=10) + ["--resume"], None, cache_dir)
     assert result.returncode == 2
     assert "started for 6 steps" in result.stderr and "--steps 6" in result.stderr, result.stderr[-2000:]
@@ -97,11 +110,11 @@ def test_a_stop_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, cache_dir
     sig = signal.SIGUSR1
     out = tmp_path / "run"
     ds = _ds_config(tmp_path, scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 2}})
-    cmd = [sys.executable, str(REPO / "scripts/pretrain.py"), *_args(out, text_corpus, ds, steps=100000),
-           "--cache_dir", str(cache_dir), "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_script(REPO / "scripts/pretrain.py", [*_args(out, text_corpus, ds, steps=100000),
+                                                        "--cache_dir", str(cache_dir), "--no-progress"])
     deadline = time.time() + 240
-    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and len(read_metrics(out)) >= 3):
+    while (time.time() < deadline and proc.poll() is None
+           and not ((out / "metrics.jsonl").is_file() and len(read_metrics(out)) >= 3)):
         time.sleep(0.2)
     proc.send_signal(sig)
     output = proc.communicate(timeout=240)[0]
@@ -132,23 +145,40 @@ def test_bf16_auto_is_decided_by_the_runs_own_measurement(tmp_path, cache_dir, t
     assert json.loads((out / "summary.json").read_text())["bf16"] is saved["enabled"]
 
 
-def test_csv_monitor_gets_the_run_log(tmp_path, cache_dir, text_corpus):
-    out = tmp_path / "run"
-    ds = _ds_config(tmp_path, csv_monitor={"enabled": True, "output_path": str(tmp_path / "csv"), "job_name": "bp-run"})
-    _ok(run_pretrain(_args(out, text_corpus, ds, steps=3), None, cache_dir))
-    with open(tmp_path / "csv" / "bp-run" / "train_loss.csv") as f:
+def _has_wandb() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("wandb") is not None
+
+
+@pytest.fixture(scope="module")
+def monitored(tmp_path_factory, cache_dir, text_corpus):
+    """A 3-step block-local run with the CSV monitor and (where wandb is installed) W&B offline."""
+    folder = tmp_path_factory.mktemp("monitored")
+    out = folder / "run"
+    sections = {"csv_monitor": {"enabled": True, "output_path": str(folder / "csv"), "job_name": "bll-run"}}
+    env = {}
+    if _has_wandb():
+        sections["wandb"] = {"enabled": True, "project": "bll-ds-test", "group": "s2"}
+        env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(folder)}
+    ds = _ds_config(folder, **sections)
+    _ok(run_pretrain(_args(out, text_corpus, ds, steps=3, method="bll"), None, cache_dir, env=env))
+    return out, folder
+
+
+def test_csv_monitor_gets_the_run_log(monitored):
+    out, folder = monitored
+    with open(folder / "csv" / "bll-run" / "train_loss.csv") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["step", "loss"]
+    assert sorted(train_losses(out)) == [1, 2, 3]
     assert {int(s): float(v) for s, v in rows[1:]} == pytest.approx(train_losses(out))
-    assert json.loads((out / "ds_config.json").read_text())["csv_monitor"]["job_name"] == "bp-run"  # as written
+    assert json.loads((out / "ds_config.json").read_text())["csv_monitor"]["job_name"] == "bll-run"  # as written
 
 
-def test_wandb_offline_gets_the_block_local_run_log(tmp_path, cache_dir, text_corpus):
+def test_wandb_offline_gets_the_block_local_run_log(monitored):
     pytest.importorskip("wandb")
-    out = tmp_path / "run"
-    ds = _ds_config(tmp_path, wandb={"enabled": True, "project": "bll-ds-test", "group": "s2"})
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path)}
-    _ok(run_pretrain(_args(out, text_corpus, ds, steps=3, method="bll"), None, cache_dir, env=env))
+    out, _ = monitored
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     run_id = (out / "wandb_id.txt").read_text().strip()

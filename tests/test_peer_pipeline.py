@@ -6,7 +6,7 @@ single-process autograd on build_sequential with the mean loss over the micro-ba
 global-norm clipping and the same AdamW step.
 
 One torchrun launch runs all five schedules in turn (one start-up instead of five); the
-comparisons are per schedule."""
+comparisons are per schedule. The tests that read a torchrun launch carry the launcher marker."""
 
 from __future__ import annotations
 
@@ -90,6 +90,7 @@ def test_stage_layer_ranges_cover_the_model(config):
     assert stage_layer_ranges(config, 4) == [range(0, 2), range(2, 3), range(3, 4), range(4, 6)]
 
 
+@pytest.mark.launcher
 @pytest.mark.parametrize("name", list(PEER_SCHEDULES))
 def test_peer_arm_one_step_matches_autograd(name, peer_runs, reference, reference_batches, config):
     folder = peer_runs / name
@@ -127,6 +128,7 @@ def test_peer_arm_one_step_matches_autograd(name, peer_runs, reference, referenc
                                    msg=lambda m: f"{name} grad {key}: {m}")
 
 
+@pytest.mark.launcher
 def test_peer_pretrain_script_trains_and_writes_what_the_harness_reads(tmp_path, text_corpus, cache_dir):
     """scripts/peer_pretrain.py: the launchable arm, on the run data pretrain.py builds (3 steps of
     DualPipeV, which needs micro-batches >= stages = 4), through a 20 ms slow link
