@@ -1,21 +1,20 @@
 """The one-process emulator (--emulate) against the launched pipeline it emulates.
 
 For backprop and for block-local learning (prototype, dgl) at 2 and 4 stages, both train 20 fp32
-steps on the same data: every stage's per-step loss and every final weight must agree to a
-relative difference of 1e-4. The emulated run dir must also work with evaluate and resume
-exactly. Issue 11's levers (auxiliary-layer and overlap readouts) are checked the same way, with
+steps (30 for the runs shared with tests/test_launcher.py) on the same data: every stage's
+per-step loss and every final weight must agree to a relative difference of 1e-4. The emulated
+run dir must also work with evaluate and resume exactly. Issue 11's levers (auxiliary-layer and overlap readouts) are checked the same way, with
 a launched run that is killed and resumed.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import cpu_env, launch_failure, run_pretrain, stage_losses
+from helpers import (LAUNCHED_BLL_ARGS, LAUNCHED_BP_ARGS, LAUNCHED_STEPS, launch_failure, run_pretrain, run_script,
+                     stage_losses)
 
 from bll_ds.engine.emulated_stage import build_optimizer
 from bll_ds.errors import UserError
@@ -50,22 +49,35 @@ def _worst_weight_difference(run_a, run_b) -> float:
     return worst
 
 
+# The 2-stage backprop and prototype cases read the launched runs that tests/test_launcher.py
+# reads too (conftest: launched_bp_run, launched_bll_run; 30 steps at seq_len 64, 8 block-local
+# steps per call); the emulated run takes their arguments.
+SHARED = {("bp", None, 2): ("launched_bp_run", LAUNCHED_BP_ARGS),
+          ("bll", "prototype", 2): ("launched_bll_run", LAUNCHED_BLL_ARGS)}
+
+
 @pytest.mark.launcher
 # The 4-stage cases are in `make test-all` only (pytest -m slow): the 2-stage ones cover every
 # method in CI, and each 4-stage launch costs about 40 s on 2 cores.
 @pytest.mark.parametrize("method,variant,stages",
                          [pytest.param(*key, marks=pytest.mark.slow) if key[2] == 4 else key for key in PORTS])
-def test_emulator_equals_the_launched_pipeline(method, variant, stages, tmp_path, cache_dir, text_corpus):
-    launched, emulated = tmp_path / "launched", tmp_path / "emulated"
-    result = run_pretrain(_args(method, variant, stages, launched, data=text_corpus), ranks=stages,
-                          cache_dir=cache_dir, master_port=PORTS[(method, variant, stages)])
-    assert result.returncode == 0, launch_failure(result)
-    result = run_pretrain(_args(method, variant, stages, emulated, data=text_corpus) + ["--emulate"], ranks=None,
-                          cache_dir=cache_dir)
+def test_emulator_equals_the_launched_pipeline(method, variant, stages, tmp_path, cache_dir, text_corpus, request):
+    emulated = tmp_path / "emulated"
+    if (method, variant, stages) in SHARED:
+        fixture, args = SHARED[(method, variant, stages)]
+        launched, steps = request.getfixturevalue(fixture), LAUNCHED_STEPS
+        emulated_args = args + ["--data", str(text_corpus), "--out", str(emulated)]
+    else:
+        launched, steps = tmp_path / "launched", STEPS
+        result = run_pretrain(_args(method, variant, stages, launched, data=text_corpus), ranks=stages,
+                              cache_dir=cache_dir, master_port=PORTS[(method, variant, stages)])
+        assert result.returncode == 0, launch_failure(result)
+        emulated_args = _args(method, variant, stages, emulated, data=text_corpus)
+    result = run_pretrain(emulated_args + ["--emulate"], ranks=None, cache_dir=cache_dir)
     assert result.returncode == 0, launch_failure(result)
 
     losses_l, losses_e = stage_losses(launched, stages), stage_losses(emulated, stages)
-    assert set(losses_l) == set(losses_e) and len(losses_l) == stages * STEPS
+    assert set(losses_l) == set(losses_e) and len(losses_l) == stages * steps
     worst_loss = max(_relative(losses_l[key], losses_e[key]) for key in losses_l)
     assert worst_loss <= TOLERANCE, f"per-step losses differ by {worst_loss:.2e} (relative)"
     worst_weight = _worst_weight_difference(launched, emulated)
@@ -105,9 +117,9 @@ def test_emulated_run_resumes_exactly_and_evaluates(tmp_path, cache_dir, text_co
     assert result.returncode != 0 and "--emulate" in result.stderr, launch_failure(result)
 
     # scripts/evaluate.py reads the emulated run as it reads a launched one.
-    evaluated = subprocess.run([sys.executable, str(repo / "scripts" / "evaluate.py"), str(straight), "--batches", "4",
-                                "--cache_dir", str(cache_dir), "--json", str(tmp_path / "eval.json")],
-                               cwd=repo, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    evaluated = run_script(repo / "scripts" / "evaluate.py", [str(straight), "--batches", "4", "--cache_dir",
+                                                              str(cache_dir), "--json", str(tmp_path / "eval.json")],
+                           timeout=300)
     assert evaluated.returncode == 0, launch_failure(evaluated)
     summary = json.loads((straight / "summary.json").read_text())
     assert json.loads((tmp_path / "eval.json").read_text())["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)

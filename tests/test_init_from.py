@@ -235,7 +235,7 @@ def test_a_launched_bf16_zero1_run_from_a_run_dir_checkpoints_its_weights(source
     out = tmp_path / "run"
     done = run_pretrain(_args(out, "--stages", "2", "--method", "bp", "--steps", "1", "--data", str(text_corpus),
                               "--deepspeed_config", str(_ds_config(tmp_path, bf16=True, zero=1)),
-                              "--init_from", str(source_run)), 2, cache_dir, master_port=29740)
+                              "--init_from", str(source_run)), 2, cache_dir, master_port=29741)
     assert done.returncode == 0, launch_failure(done)
     _assert_same(_checkpointed(out, run_config), _checkpointed(source_run, run_config), torch.bfloat16)
 

@@ -9,13 +9,11 @@ import pytest
 import torch
 
 from bll_ds.data import Tokenizer
-from helpers import launch_failure, read_metrics, run_pretrain, train_losses
+from helpers import LAUNCH_COMMON, launch_failure, read_metrics, run_pretrain, train_losses
 
 pytestmark = pytest.mark.launcher
 
-COMMON = ["--model", "models/test-1m.json", "--deepspeed_config", "ds_configs/test-1m.json",
-          "--method", "bp", "--tokenizer", "char", "--seq_len", "64", "--log_interval", "1",
-          "--eval_interval", "10", "--eval_batches", "4", "--final_eval_batches", "16", "--seed", "7"]
+COMMON = LAUNCH_COMMON  # the settings of conftest's launched_bp_run and launched_bll_run, resumed below
 
 
 def launch(args, ranks, cache_dir, port):
@@ -24,13 +22,10 @@ def launch(args, ranks, cache_dir, port):
     return result
 
 
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory, cache_dir, text_corpus):
-    """30 uninterrupted steps on 2 stages, checkpoint every 10."""
-    out = tmp_path_factory.mktemp("straight") / "run"
-    launch(["--data", str(text_corpus), "--stages", "2", "--steps", "30", "--save_interval", "10",
-            "--out", str(out)], 2, cache_dir, 29611)
-    return out
+@pytest.fixture
+def straight_run(launched_bp_run):
+    """30 uninterrupted backprop steps on 2 stages, checkpoint every 10 (conftest, shared)."""
+    return launched_bp_run
 
 
 def test_two_stage_run_learns_and_reports(straight_run):
@@ -87,6 +82,10 @@ def test_resume_refuses_a_corrupt_checkpoint(straight_run, tmp_path, cache_dir, 
     assert "Traceback" not in result.stderr
 
 
+# make test-all only: it repeats tests/test_checkpoint.py::test_a_different_launch_is_refused[seed-2]
+# through a launch; a launched resume's one-line refusal is covered above (a corrupt checkpoint), and
+# the launched meta check by tests/test_emulator.py (a launch refusing to resume an emulated run).
+@pytest.mark.slow
 def test_resume_refuses_a_different_launch_shape(straight_run, tmp_path, cache_dir, text_corpus):
     out = tmp_path / "run"
     shutil.copytree(straight_run, out)
@@ -161,13 +160,11 @@ def test_one_pipeline_step_equals_a_hand_computed_adamw_step(tmp_path, cache_dir
 
 # ---- block-local learning ---------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def bll_run(tmp_path_factory, cache_dir, text_corpus):
-    """30 block-local steps (prototype feedback) on 2 stages, checkpoint every 10, 8 steps per call."""
-    out = tmp_path_factory.mktemp("bll") / "run"
-    launch(["--method", "bll", "--bll_variant", "prototype", "--data", str(text_corpus), "--stages", "2", "--steps", "30",
-            "--save_interval", "10", "--bll_steps_per_call", "8", "--out", str(out)], 2, cache_dir, 29621)
-    return out
+@pytest.fixture
+def bll_run(launched_bll_run):
+    """30 block-local steps (prototype feedback) on 2 stages, checkpoint every 10, 8 steps per call
+    (conftest, shared)."""
+    return launched_bll_run
 
 
 def test_bll_sends_no_gradients_and_learns(bll_run, straight_run):

@@ -13,10 +13,11 @@ from helpers import REPO, VENV_BIN, cpu_env, launch_failure, run_pretrain, train
 
 pytestmark = pytest.mark.launcher
 
-STEPS = 300
+STEPS = 100  # the kill comes right after the first checkpoint (step 20): 80 steps, seconds, to spare
 ARGS = ["--model", "models/test-1m.json", "--deepspeed_config", "ds_configs/test-1m.json", "--stages", "2",
         "--tokenizer", "char", "--seq_len", "64", "--steps", str(STEPS), "--save_interval", "20",
-        "--log_interval", "1", "--eval_interval", "0", "--final_eval_batches", "4", "--seed", "11"]
+        "--log_interval", "1", "--eval_interval", "0", "--final_eval_batches", "4", "--no-measure_matmul_peak",
+        "--seed", "11"]
 
 
 def _launch(args, cache_dir, port):
