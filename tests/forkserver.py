@@ -5,15 +5,18 @@ before it does anything; the fast suite starts some thirty of them. This server 
 trainer's modules once and forks a child per run. Each run is still its own process: it gets its
 own arguments, environment, working directory and output files, runs the script as __main__, and
 leaves through the interpreter's normal exit (atexit handlers, exit status), so nothing it does
-touches pytest's process or another run. What it shares with a fresh interpreter's run is
-everything but the imports, which the server only performs (it runs no torch operation, starts no
-thread and reads no file a run writes):
+touches pytest's process or another run. A forked run differs from a fresh interpreter's only in
+starting with those modules imported, and with the server's str-hash seed (torch's and numpy's
+seeds are drawn anew in each run; Python's random module reseeds itself after a fork). The server
+only imports: it runs no torch operation, starts no thread and reads no file a run writes.
 
 - the server is started with the environment a plain run gets (helpers.cpu_env()); a run whose
   environment differs in anything but RUNTIME_ENV (variables read when the run starts, never at
   import) is given a fresh interpreter instead (helpers.run_script decides);
 - a module that fails to import here is simply imported again by the run, which then fails as a
   fresh interpreter would;
+- the imports are those of the server's start (the session's first one-process run), as pytest's
+  own are those of its collection: a module edited during a session is not seen by later forks;
 - BLL_TEST_FORKSERVER=0 turns the server off: every run is a fresh interpreter.
 
 Protocol, over a Unix socket: one JSON line per request, {"script", "args", "env", "cwd",

@@ -108,7 +108,7 @@ def run_script(script: str | Path, args: list[str], env: dict | None = None, tim
     proc = start_script(script, args, env=env, fresh=fresh, merge_stderr=False)
     try:
         out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except BaseException:  # a timeout or ^C: the run goes with it, as under subprocess.run
         proc.kill()
         proc.communicate()
         raise
