@@ -649,7 +649,7 @@ def _table_bytes_saved_in_readout(config, setup: Setup, last: bool) -> int:
     leaf computed once per step without a graph (feedback.TableFeedback.targets), held anyway.
     A sampled softmax (neg=n) gathers the candidate rows first: the product saves those rows
     (the variant's readout_saved_bytes_per_micro_batch), and the gather saves only their ids."""
-    if not _has_tables(setup) or last or variants.get(setup.variant).variant_options.neg:
+    if not _has_tables(setup) or last or variants.get(setup.variant).options.neg:
         return 0
     return _table_elements(config, setup) * setup.e
 

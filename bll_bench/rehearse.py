@@ -239,11 +239,11 @@ def _holdings(config, built: Stage, micro_batch_size: int, seq_len: int, dtype) 
     return holdings
 
 
-def _random_message(config, variant: str, dtype) -> torch.Tensor:
+def _random_message(config, spec: str, dtype) -> torch.Tensor:
     """Stands in for a message received from the downstream stage (a target table: rows like an
     LM head's; entries of a sent layer on the same scale)."""
-    cls = get_variant(variant)
-    return (torch.randn(cls.message_shape(config)) * config.initializer_range).to(cls.message_dtype(dtype))
+    variant = get_variant(spec)
+    return (torch.randn(variant.message_shape(config)) * config.initializer_range).to(variant.message_dtype(dtype))
 
 
 class RehearsalCompute:

@@ -37,7 +37,7 @@ def variant_costs(config, seq_len: int, micro_batch_tokens: int, micro_batches: 
     full_table = config.vocab_size * config.hidden_size * FP32
     rows = []
     for name in specs or variants.names():
-        cls = variants.get(name)
+        variant = variants.get(name)
         try:
             per_token = (readout_flops_per_micro_batch_token(config, name, micro_batch_tokens)
                          + feedback_step_flops(config, name) / (micro_batch_tokens * micro_batches))
@@ -47,11 +47,11 @@ def variant_costs(config, seq_len: int, micro_batch_tokens: int, micro_batches: 
                      "over_one_layer": None if per_token is None else per_token / layer,
                      "layers_per_stage": layers_per_stage,
                      "over_stage": None if per_token is None else per_token / (layers_per_stage * layer),
-                     "table_over_fp32_full": cls.table_bytes_per_step(config, FP32) / full_table,
-                     "table_bytes_per_step_fp32": cls.table_bytes_per_step(config, FP32),
-                     "table_bytes_per_step_bf16": cls.table_bytes_per_step(config, BF16),
-                     "feedback_matrix_parameters": cls.trainable_matrix_parameters(config),
-                     "sliced": bool(cls.per_token_readout)})
+                     "table_over_fp32_full": variant.table_bytes_per_step(config, FP32) / full_table,
+                     "table_bytes_per_step_fp32": variant.table_bytes_per_step(config, FP32),
+                     "table_bytes_per_step_bf16": variant.table_bytes_per_step(config, BF16),
+                     "feedback_matrix_parameters": variant.trainable_matrix_parameters(config),
+                     "sliced": bool(variant.per_token_readout)})
     return rows
 
 

@@ -25,7 +25,8 @@ for tree in old new; do
     port=$((port+1))
     (cd "$root" && $D --num_gpus 2 --master_port $port scripts/pretrain.py $COMMON --stages 2 --method $arm --out $WORK/$tree/$name > $WORK/$tree-$name.log 2>&1) || { echo "FAILED $tree $name"; tail -5 $WORK/$tree-$name.log; }
   done
-  for arm in "bp" "bll --bll_variant prototype" "bll --bll_variant gaussian" "bll --bll_variant dgl-context" "bll --bll_variant dgl:neg=16"; do
+  for arm in "bp" "bll --bll_variant prototype" "bll --bll_variant gaussian" "bll --bll_variant dgl-context" "bll --bll_variant dgl:neg=16" \
+             "bll --bll_variant prototype-overlap" "bll --bll_variant dgl-aux"; do
     name=emulated-S4-$(echo $arm | cut -d' ' -f1,3 | tr ' :=' '___' | tr -d '-')
     (cd "$root" && $PY scripts/pretrain.py $COMMON --emulate --stages 4 --method $arm --out $WORK/$tree/$name > $WORK/$tree-$name.log 2>&1) || { echo "FAILED $tree $name"; tail -5 $WORK/$tree-$name.log; }
   done

@@ -30,7 +30,7 @@ def test_with_its_residual_branches_closed_the_aux_readout_is_the_plain_prototyp
     table, hidden = torch.randn(V, 8), torch.randn(2, T, 8)
     labels = torch.randint(0, V, (2, T))
     feedback.prepare(table)
-    loss, terms = feedback.local_loss(hidden, labels)
+    loss, terms = feedback.loss(hidden, labels)
     normed = hidden / torch.sqrt(hidden.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps)
     scores = normed @ table.t()
     by_hand = (torch.logsumexp(scores, -1) - scores.gather(-1, labels[..., None])[..., 0]).mean()
@@ -49,7 +49,7 @@ def test_the_aux_readout_mixes_earlier_tokens_and_never_later_ones(config, varia
     t = 3
     labels = torch.full((1, T), -100)
     labels[0, t] = 5
-    loss, _ = feedback.local_loss(hidden, labels)
+    loss, _ = feedback.loss(hidden, labels)
     loss.backward()
     per_token = hidden.grad[0].abs().sum(-1)
     assert (per_token[t + 1:] == 0).all()
@@ -72,7 +72,7 @@ def test_declared_readout_flops_match_the_flop_counter(config, variant):
     hidden = torch.randn(batch, T, 8, requires_grad=True)
     counter = FlopCounterMode(display=False)
     with counter, sdpa_kernel(SDPBackend.MATH):
-        loss, _ = feedback.local_loss(hidden, torch.randint(0, V, (batch, T)))
+        loss, _ = feedback.loss(hidden, torch.randint(0, V, (batch, T)))
         loss.backward()
     counted = counter.get_total_flops() / (batch * T)
     declared = readout_flops_per_token(config, variant)

@@ -34,7 +34,7 @@ def test_prototype_loss_is_cross_entropy_against_the_fed_back_prototypes(config)
     hidden = torch.randn(1, 3, H)
     labels = torch.tensor([[0, 3, 4]])
     feedback.prepare(upstream)
-    loss, terms = feedback.local_loss(hidden, labels)
+    loss, terms = feedback.loss(hidden, labels)
     # g starts as the identity (zero-initialised output layer): prototypes = upstream table.
     normed = layer_norm_rows(hidden[0].tolist())
     table = upstream.tolist()
@@ -50,7 +50,7 @@ def test_prototype_gradient_reaches_the_feedback_network_once_per_step(config):
     feedback = build_feedback("prototype", config)
     feedback.prepare(torch.randn(V, H))
     for _ in range(2):  # two micro-batches share the step's table
-        loss, _ = feedback.local_loss(torch.randn(1, 3, H), torch.tensor([[1, 2, 3]]))
+        loss, _ = feedback.loss(torch.randn(1, 3, H), torch.tensor([[1, 2, 3]]))
         loss.backward()
     assert feedback.g.down.weight.grad is None  # not yet: the table gradient is still accumulating
     feedback.finish_step(lambda surrogate: surrogate.backward())
@@ -76,7 +76,7 @@ def test_gaussian_loss_terms_by_hand(config):
     hidden = torch.randn(1, 3, H)
     labels = torch.tensor([[4, 1, 1]])
     feedback.prepare(upstream)
-    loss, terms = feedback.local_loss(hidden, labels)
+    loss, terms = feedback.loss(hidden, labels)
     normed = layer_norm_rows(hidden[0].tolist())  # projection starts as the identity
     table = upstream.tolist()
     var = 0.5 + 0.5
@@ -101,7 +101,7 @@ def test_bernoulli_loss_by_hand(config):
     hidden = torch.randn(1, 3, H)
     labels = torch.tensor([[2, 2, 0]])
     feedback.prepare(upstream)
-    loss, terms = feedback.local_loss(hidden, labels)
+    loss, terms = feedback.loss(hidden, labels)
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     normed = layer_norm_rows(hidden[0].tolist())
     per_unit = [-math.log(sig(a) * sig(b) + (1 - sig(a)) * (1 - sig(b)))
@@ -123,7 +123,7 @@ def test_readout_variants_by_hand(config, variant):
     feedback.prepare(None)
     hidden = torch.randn(1, 2, H)
     labels = torch.tensor([[0, 2]])
-    loss, _ = feedback.local_loss(hidden, labels)
+    loss, _ = feedback.loss(hidden, labels)
     weights = (feedback.head.weight if variant == "dgl" else feedback.table).tolist()
     normed = layer_norm_rows(hidden[0].tolist())
     by_hand = sum(cross_entropy([sum(a * b for a, b in zip(row, w)) for w in weights], y)

@@ -35,7 +35,7 @@ def _run(variant, slices):
     with meter.hooks():
         hidden = block(x)
         if slices == 1:
-            loss, terms = feedback.local_loss(hidden, labels)
+            loss, terms = feedback.loss(hidden, labels)
             _backward(loss, True)
         else:
             loss, terms = sliced_local_backward(feedback, hidden, labels, slices, _backward)

@@ -39,7 +39,7 @@ def test_loss_is_next_token_ce_plus_the_weighted_mean_of_the_reconstruction_ces(
     feedback = build_feedback("dgl-context", config)
     feedback.prepare(None)
     hidden, labels = torch.randn(2, T, H), torch.randint(0, V, (2, T))
-    loss, terms = feedback.local_loss(hidden, labels)
+    loss, terms = feedback.loss(hidden, labels)
     normed = hidden / torch.sqrt(hidden.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps)
     next_token = _ce(normed @ feedback.head.weight.t(), labels)
     back = [_ce(normed @ head.weight.t(), preceding_tokens(labels, j))
@@ -59,11 +59,11 @@ def test_the_loss_at_t_reads_only_h_at_t_and_sends_nothing_upstream(config):
     feedback.prepare(None)
     hidden = torch.randn(1, T, H, requires_grad=True)
     labels = torch.randint(0, V, (1, T))
-    loss, _ = feedback.local_loss(hidden, labels)
+    loss, _ = feedback.loss(hidden, labels)
     grad, = torch.autograd.grad(loss, hidden)
     assert (grad[0].abs().sum(-1) > 0).all()
-    assert ContextLocalHeadFeedback.message_shape(config) is None
-    assert ContextLocalHeadFeedback.table_bytes_per_step(config, 4) == 0
+    assert feedback.variant.message_shape(config) is None
+    assert feedback.variant.table_bytes_per_step(config, 4) == 0
     assert feedback.publish() is None
     assert slices_for(get_variant("dgl-context"), (1, T), V, max_logits_mb=1e-9) == 1
 
@@ -76,7 +76,7 @@ def test_declared_readout_flops_match_the_flop_counter(config):
     hidden = torch.randn(batch, T, H, requires_grad=True)
     counter = FlopCounterMode(display=False)
     with counter:
-        loss, _ = feedback.local_loss(hidden, torch.randint(0, V, (batch, T)))
+        loss, _ = feedback.loss(hidden, torch.randint(0, V, (batch, T)))
         loss.backward()
     declared = readout_flops_per_token(config, "dgl-context") * batch * T
     assert counter.get_total_flops() == pytest.approx(declared, rel=1e-6)

@@ -75,7 +75,7 @@ def _counted_feedback_step(config) -> float:
     labels = torch.zeros(1, 1, dtype=torch.long)
     with FlopCounterMode(display=False) as counter:
         feedback.prepare(torch.randn(config.vocab_size, config.hidden_size))
-        loss, _ = feedback.local_loss(hidden, labels)
+        loss, _ = feedback.loss(hidden, labels)
         loss.backward()
         feedback.finish_step(lambda surrogate: surrogate.backward())
         feedback.publish()

@@ -87,7 +87,7 @@ def _local_backward(built, out, labels, slices):
     if slices > 1:
         sliced_local_backward(built.feedback, out, labels, slices, lambda part, scale: part.backward())
     else:
-        built.feedback.local_loss(out, labels)[0].backward()
+        built.feedback.loss(out, labels)[0].backward()
 
 
 @pytest.mark.parametrize("spec,method,stages,stage,dtype,b,max_mb,variant", STAGE_CASES)

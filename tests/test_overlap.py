@@ -42,9 +42,9 @@ def test_prototype_overlap_loss_is_the_readout_of_the_sent_layer_by_hand(config)
     with torch.no_grad():  # g_k away from its zero-initialised second layer
         feedback.g.down.weight.normal_(std=0.3)
     layer, table = _downstream_layer(config), torch.randn(V, H)
-    feedback.prepare(type(feedback).compose_message(table, [layer]))
+    feedback.variant.receive(feedback, feedback.variant.compose_message(table, [layer]))
     hidden, labels = torch.randn(2, T, H), torch.randint(0, V, (2, T))
-    loss, terms = feedback.local_loss(hidden, labels)
+    loss, terms = feedback.loss(hidden, labels)
 
     g = feedback.g
     targets = table + F.gelu(table @ g.up.weight.t() + g.up.bias) @ g.down.weight.t() + g.down.bias
@@ -61,9 +61,9 @@ def test_dgl_overlap_loss_is_its_own_head_on_the_sent_layer_by_hand(config):
     torch.manual_seed(1)
     feedback = build_feedback("dgl-overlap", config)
     layer = _downstream_layer(config)
-    feedback.prepare(type(feedback).compose_message(None, [layer]))
+    feedback.variant.receive(feedback, feedback.variant.compose_message(None, [layer]))
     hidden, labels = torch.randn(2, T, H), torch.randint(0, V, (2, T))
-    loss, _ = feedback.local_loss(hidden, labels)
+    loss, _ = feedback.loss(hidden, labels)
     with torch.no_grad():
         read = layer(hidden)
     normed = read / torch.sqrt(read.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps)
@@ -77,23 +77,23 @@ def test_the_message_carries_the_table_and_the_first_decoder_layer_and_nothing_e
     """compose_message on stage k+1 (its layers: the embedding, if any, is skipped) and prepare
     on stage k: the copy holds exactly the sent weights, the table exactly the sent table, and
     the declared shape and bytes are the message's."""
-    cls = get_variant(variant)
+    declared = get_variant(variant)
     layer, later = _downstream_layer(config, seed=2), _downstream_layer(config, seed=3)
     table = torch.randn(V, H)
-    message = cls.compose_message(table if cls.sends_table else None, [TokenEmbedding(config), layer, later])
-    entries = (V * H if cls.sends_table else 0) + sum(p.numel() for p in layer.parameters())
-    assert message.shape == cls.message_shape(config) == (entries,)
-    assert entries == (V * H if cls.sends_table else 0) + layer_numel(config)
-    assert cls.table_bytes_per_step(config, 2) == 2 * entries
+    message = declared.compose_message(table if declared.sends_table else None, [TokenEmbedding(config), layer, later])
+    entries = (V * H if declared.sends_table else 0) + sum(p.numel() for p in layer.parameters())
+    assert message.shape == declared.message_shape(config) == (entries,)
+    assert entries == (V * H if declared.sends_table else 0) + layer_numel(config)
+    assert declared.table_bytes_per_step(config, 2) == 2 * entries
 
     feedback = build_feedback(variant, config)
-    feedback.prepare(message)
+    feedback.variant.receive(feedback, message)
     for (name, sent), (_, copy) in zip(layer.named_parameters(), feedback.aux.named_parameters()):
         assert torch.equal(sent, copy), name
-    if cls.sends_table:
+    if declared.sends_table:
         assert torch.equal(feedback._upstream, table)
     with pytest.raises(ValueError, match="same variant and model"):
-        feedback.prepare(torch.cat([message, torch.zeros(1)]))
+        feedback.variant.receive(feedback, torch.cat([message, torch.zeros(1)]))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -101,37 +101,37 @@ def test_the_copy_takes_no_gradient_and_the_stage_gets_one_through_it(config, va
     """dL_k/dD_k is never formed (nothing to send back, nothing for the optimizer); the block
     output receives the gradient of the loss through D_k, causally."""
     torch.manual_seed(4)
-    cls = get_variant(variant)
+    declared = get_variant(variant)
     feedback = build_feedback(variant, config)
-    feedback.prepare(cls.compose_message(torch.randn(V, H) if cls.sends_table else None,
+    feedback.variant.receive(feedback, declared.compose_message(torch.randn(V, H) if declared.sends_table else None,
                                          [_downstream_layer(config)]))
     hidden = torch.randn(1, T, H, requires_grad=True)
     labels = torch.full((1, T), -100)
     labels[0, 3] = 5
-    loss, _ = feedback.local_loss(hidden, labels)
+    loss, _ = feedback.loss(hidden, labels)
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in feedback.aux.parameters())
     per_token = hidden.grad[0].abs().sum(-1)
     assert (per_token[4:] == 0).all() and (per_token[:4] > 0).all()
     plain = variant.removesuffix("-overlap")
-    assert cls.trainable_matrix_parameters(config) == get_variant(plain).trainable_matrix_parameters(config)
+    assert declared.trainable_matrix_parameters(config) == get_variant(plain).trainable_matrix_parameters(config)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_declared_readout_flops_match_the_flop_counter(config, variant):
     """The copy's forward and its input gradient, no weight gradient, plus the plain readout."""
     torch.manual_seed(6)
-    cls = get_variant(variant)
+    declared = get_variant(variant)
     feedback = build_feedback(variant, config)
-    feedback.prepare(cls.compose_message(torch.randn(V, H) if cls.sends_table else None,
+    feedback.variant.receive(feedback, declared.compose_message(torch.randn(V, H) if declared.sends_table else None,
                                          [_downstream_layer(config)]))
-    if cls.sends_table:
+    if declared.sends_table:
         feedback.targets()  # g_k on the table: once per step (step_flops), not per token
     batch = 2
     hidden = torch.randn(batch, T, H, requires_grad=True)
     counter = FlopCounterMode(display=False)
     with counter, sdpa_kernel(SDPBackend.MATH):
-        loss, _ = feedback.local_loss(hidden, torch.randint(0, V, (batch, T)))
+        loss, _ = feedback.loss(hidden, torch.randint(0, V, (batch, T)))
         loss.backward()
     assert readout_flops_per_token(config, variant) == pytest.approx(counter.get_total_flops() / (batch * T),
                                                                      rel=0.02)

@@ -36,11 +36,18 @@ def test_a_spec_names_a_variant_and_its_options():
     assert parse_spec("dgl-context:dim=64:neg=2048") == ("dgl-context", VariantOptions(dim=64, neg=2048))
     assert parse_spec("prototype:table=bf16:refresh=4") == ("prototype", VariantOptions(table="bf16", refresh=4))
     assert run_name("dgl-context:dim=64:neg=2048") == "dgl-context-dim64-neg2048"
-    cls = variants.get("dgl-context:neg=2048:dim=64")  # any order: one canonical class
-    assert cls is variants.get("dgl-context:dim=64:neg=2048") and cls.name == "dgl-context:dim=64:neg=2048"
-    assert issubclass(cls, variants.get("dgl-context")) and not cls.per_token_readout
+    variant = variants.get("dgl-context:neg=2048:dim=64")  # any order: one canonical spec
+    assert variant == variants.get("dgl-context:dim=64:neg=2048") and variant.name == "dgl-context:dim=64:neg=2048"
+    assert variant.block is variants.get("dgl-context").block and not variant.per_token_readout
     assert variants.get("dgl:dim=8").per_token_readout  # a reduced width alone keeps the per-token slices
-    assert variants.get("prototype:dim=0") is variants.get("prototype")
+    assert variants.get("prototype:dim=0") == variants.get("prototype")
+
+
+def test_options_are_an_attribute_of_the_built_block_not_a_class_made_at_run_time(config):
+    plain, reduced = build_feedback("dgl", config), build_feedback("dgl:dim=4:neg=8", config)
+    assert type(plain) is type(reduced) is variants.get("dgl").block
+    assert plain.options == VariantOptions() and reduced.options == VariantOptions(dim=4, neg=8)
+    assert reduced.variant == variants.get("dgl:neg=8:dim=4") and reduced.head.weight.shape == (V, 4)
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -61,7 +68,7 @@ def test_a_bad_spec_is_refused_naming_the_fix(spec, message):
 
 def test_the_agreement_variants_take_their_guard_and_variance_from_the_spec(config):
     assert parse_spec("gaussian:guard=0.5:variance=learned") == ("gaussian", VariantOptions(guard=0.5, variance="learned"))
-    assert variants.get("bernoulli:guard=2.0") is variants.get("bernoulli:guard=2")  # one canonical spelling
+    assert variants.get("bernoulli:guard=2.0") == variants.get("bernoulli:guard=2")  # one canonical spelling
     assert run_name("gaussian:guard=0.5") == "gaussian-guard0.5"
     plain, tuned = build_feedback("gaussian", config), build_feedback("gaussian:guard=0.25:variance=learned", config)
     assert plain.guard_weight == 1.0 and not plain.log_var_a.requires_grad
@@ -101,7 +108,7 @@ def test_reduced_dgl_is_ce_of_the_projected_normed_output(config):
     torch.manual_seed(0)
     feedback = build_feedback("dgl:dim=3", config)
     hidden, labels = torch.randn(2, T, H), torch.randint(0, V, (2, T))
-    loss, terms = feedback.local_loss(hidden, labels)
+    loss, terms = feedback.loss(hidden, labels)
     z = _rms_norm(hidden, feedback.norm) @ feedback.reduce.weight.t()
     assert z.shape == (2, T, 3) and feedback.head.weight.shape == (V, 3)
     by_hand = F.cross_entropy((z @ feedback.head.weight.t()).reshape(-1, V), labels.reshape(-1))
@@ -123,7 +130,7 @@ def test_reduced_prototype_starts_as_the_heads_readout_restricted_to_the_project
     assert torch.equal(message, (w_out @ R).to(torch.bfloat16))
     feedback.prepare(message)
     hidden, labels = torch.randn(1, T, H), torch.randint(0, V, (1, T))
-    loss, _ = feedback.local_loss(hidden, labels)
+    loss, _ = feedback.loss(hidden, labels)
     # g_k is the identity at initialisation, so the logits are norm(h) R R^T W_out^T (bf16 table).
     logits = _rms_norm(hidden, feedback.norm) @ R @ message.float().t()
     assert loss.item() == pytest.approx(F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1)).item(), rel=1e-5)
@@ -136,7 +143,7 @@ def test_sampled_loss_is_the_corrected_ce_over_the_shared_candidates(config):
     torch.manual_seed(2)
     feedback = build_feedback("dgl:neg=3", config)
     hidden, labels = torch.randn(1, T, H), torch.tensor([[1, 1, 4, IGNORE, 4, 7]])
-    loss, terms = feedback.local_loss(hidden, labels)
+    loss, terms = feedback.loss(hidden, labels)
     # The block's own generator, seeded by (sample_seed, draws so far): both are checkpointed.
     assert int(feedback.draws) == 1 and {"sample_seed", "draws"} <= set(feedback.state_dict())
     candidates = shared_candidates(labels, V, 3, torch.Generator().manual_seed(int(feedback.sample_seed)))
@@ -158,7 +165,7 @@ def test_context_heads_read_their_targets_from_the_same_candidates(config):
     torch.manual_seed(3)
     feedback = build_feedback("dgl-context:dim=4:neg=2", config)
     labels = torch.randint(0, V, (2, T))
-    loss, terms = feedback.local_loss(torch.randn(2, T, H), labels)
+    loss, terms = feedback.loss(torch.randn(2, T, H), labels)
     assert {"ce", "context_ce_1", "context_ce_2", "readout_candidates"} <= set(terms)
     assert all(math.isfinite(float(v)) for v in terms.values()) and math.isfinite(loss.item())
     candidates = shared_candidates(labels, V, 2)
@@ -232,7 +239,7 @@ def test_declared_readout_flops_match_the_flop_counter(config, spec):
     hidden = torch.randn(batch, T, H, requires_grad=True)
     counter = FlopCounterMode(display=False)
     with counter:
-        loss, _ = feedback.local_loss(hidden, labels)
+        loss, _ = feedback.loss(hidden, labels)
         loss.backward()
     declared = readout_flops_per_token(config, spec, batch * T) * batch * T
     assert counter.get_total_flops() == pytest.approx(declared, rel=1e-6)

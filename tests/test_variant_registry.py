@@ -25,13 +25,13 @@ class BottleneckHeadFeedback(StageFeedback):
     per_token_readout = True
     RANK = 8
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, options):
+        super().__init__(config, options)
         self.down = nn.Linear(config.hidden_size, self.RANK, bias=False)
         self.up = nn.Linear(self.RANK, config.vocab_size, bias=False)
 
     @classmethod
-    def readout_flops_per_token(cls, config, micro_batch_tokens=None):
+    def readout_flops_per_token(cls, options, config, micro_batch_tokens=None):
         """Two trained products, each forward + grad of input + grad of weight."""
         return 6.0 * cls.RANK * (config.hidden_size + config.vocab_size)
 

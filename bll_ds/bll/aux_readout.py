@@ -25,45 +25,29 @@ cross a stage boundary beyond the plain variant's table.
 from __future__ import annotations
 
 from bll_ds.bll.feedback import LocalHeadFeedback, PrototypeFeedback
-from bll_ds.bll.variants import register
+from bll_ds.bll.variants import register_composed
 from bll_ds.modeling.layers import DecoderLayer
 
 
-class _AuxiliaryLayer:
-    """Mixin: the readout reads A_k(h_k) instead of h_k."""
+class AuxiliaryLayer:
+    """A_k, the layer a composed variant's readout reads through (variants.Variant): built after
+    the block's own parameters, held as `block.aux`, trained with them; nothing travels."""
 
-    per_token_readout = False  # A_k's attention needs the whole sequence: no sequence slices
+    carries_message = False
+    excluded_options: frozenset[str] = frozenset()
 
-    @classmethod
-    def readout_flops_per_token(cls, config, micro_batch_tokens=None):
+    @staticmethod
+    def build(config) -> DecoderLayer:
+        # layer_idx only names the block for HF's cache; A_k is never part of the exported model.
+        return DecoderLayer(config, layer_idx=config.num_hidden_layers)
+
+    @staticmethod
+    def flops_per_token(config) -> float:
+        """A_k's forward, input-gradient and weight-gradient products, on top of the readout's."""
         from bll_ds.measure.flops import TRAIN_OVER_FORWARD, layer_forward_flops
 
-        # The plain readout's (6HV), plus A_k's forward, input-gradient and weight-gradient products.
-        context = config.max_position_embeddings
-        return super().readout_flops_per_token(config, micro_batch_tokens) + TRAIN_OVER_FORWARD * layer_forward_flops(config, context)
-
-    @classmethod
-    def readout_saved_bytes_per_token(cls, config, dtype_bytes, norm_saved_bytes, micro_batch_tokens=None):
-        return None  # A_k's activations depend on the sequence length: not modelled by the planner
-
-    def __init__(self, config):
-        super().__init__(config)
-        # layer_idx only names the block for HF's cache; A_k is never part of the exported model.
-        self.aux = DecoderLayer(config, layer_idx=config.num_hidden_layers)
-
-    def local_loss(self, hidden, labels):
-        return super().local_loss(self.aux(hidden), labels)
+        return TRAIN_OVER_FORWARD * layer_forward_flops(config, config.max_position_embeddings)
 
 
-@register
-class AuxPrototypeFeedback(_AuxiliaryLayer, PrototypeFeedback):
-    """The prototype readout behind one auxiliary decoder layer."""
-
-    name = "prototype-aux"
-
-
-@register
-class AuxLocalHeadFeedback(_AuxiliaryLayer, LocalHeadFeedback):
-    """DGL's free local head behind one auxiliary decoder layer."""
-
-    name = "dgl-aux"
+register_composed("prototype-aux", PrototypeFeedback, AuxiliaryLayer)  # the prototype readout behind A_k
+register_composed("dgl-aux", LocalHeadFeedback, AuxiliaryLayer)        # DGL's free local head behind A_k

@@ -63,19 +63,20 @@ class ContextLocalHeadFeedback(LocalHeadFeedback):
     readout_heads = 1 + offsets  # the next-token head and J reconstruction heads share z and the candidates
 
     @classmethod
-    def readout_saved_bytes_per_token(cls, config, dtype_bytes, norm_saved_bytes, micro_batch_tokens=None):
+    def readout_saved_bytes_per_token(cls, options, config, dtype_bytes, norm_saved_bytes, micro_batch_tokens=None):
         """The heads' (dgl's count with readout_heads), plus each reconstruction term's bool mask."""
-        return super().readout_saved_bytes_per_token(config, dtype_bytes, norm_saved_bytes,
+        return super().readout_saved_bytes_per_token(options, config, dtype_bytes, norm_saved_bytes,
                                                      micro_batch_tokens) + cls.offsets
 
     @classmethod
-    def readout_saved_bytes_per_micro_batch(cls, config, dtype_bytes, micro_batch_tokens):
+    def readout_saved_bytes_per_micro_batch(cls, options, config, dtype_bytes, micro_batch_tokens):
         """Each reconstruction head's cross-entropy total_weight (fp32) and masked_mean's int64 count."""
-        return super().readout_saved_bytes_per_micro_batch(config, dtype_bytes, micro_batch_tokens) + cls.offsets * (4 + 8)
+        return (super().readout_saved_bytes_per_micro_batch(options, config, dtype_bytes, micro_batch_tokens)
+                + cls.offsets * (4 + 8))
 
-    def __init__(self, config):
-        super().__init__(config)
-        width = self.readout_width(config)
+    def __init__(self, config, options):
+        super().__init__(config, options)
+        width = self.readout_width(options, config)
         self.context_heads = nn.ModuleList(nn.Linear(width, config.vocab_size, bias=False)
                                            for _ in range(self.offsets))
         for head in self.context_heads:

@@ -36,7 +36,6 @@ distribution, whose loss is log V, not 0.
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import torch
@@ -79,17 +78,17 @@ class TableMap(nn.Module):
 
 class StageFeedback(nn.Module):
     """Base class of every variant. Per optimizer step: `prepare(upstream_table)`, then
-    `local_loss` per micro-batch, then `finish_step`, then (after the optimizer step) `publish()`
+    `loss` per micro-batch, then `finish_step`, then (after the optimizer step) `publish()`
     (bll_ds/bll/stage_step.py runs them in that order).
 
-    A variant declares its facts here, for the engine builder, the memory planner
-    (bll_bench/memory.py) and the FLOPs model (bll_ds/measure/flops.py)."""
+    A variant declares its facts here as class methods that take its options first, for the
+    engine builder, the memory planner (bll_bench/memory.py) and the FLOPs model
+    (bll_ds/measure/flops.py); they are read through its `variants.Variant`, which passes the
+    run's options. A built block holds them as `self.options`."""
 
     name: ClassVar[str] = ""
     sends_table: ClassVar[bool] = False        # its target table m_k travels upstream once per step
     per_token_readout: ClassVar[bool] = False  # the loss is a token mean of per-token terms: sliceable
-    # What follows the name (bll_ds/bll/variant_options.py); variants.get builds a subclass per set.
-    variant_options: ClassVar[VariantOptions] = VariantOptions()
 
     @classmethod
     def accepted_options(cls) -> frozenset[str]:
@@ -97,37 +96,24 @@ class StageFeedback(nn.Module):
         return frozenset()
 
     @classmethod
-    def option_attributes(cls, options: VariantOptions) -> dict:
-        """Class attributes that options change (e.g. a sampled softmax is not sliceable)."""
-        return {}
+    def sliceable(cls, options: VariantOptions) -> bool:
+        """Whether the readout may run in sequence slices with these options."""
+        return cls.per_token_readout
 
     @classmethod
-    def readout_width(cls, config: PretrainedConfig) -> int:
+    def readout_width(cls, options: VariantOptions, config: PretrainedConfig) -> int:
         """r: the width of the local readout and of the table (dim=r, else the hidden size)."""
-        return cls.variant_options.dim or config.hidden_size
+        return options.dim or config.hidden_size
 
     @classmethod
-    def readout_candidates(cls, config: PretrainedConfig, micro_batch_tokens: int | None = None) -> int:
+    def readout_candidates(cls, options: VariantOptions, config: PretrainedConfig,
+                           micro_batch_tokens: int | None = None) -> int:
         """The width of the local softmax per token: the vocabulary unless an option samples it."""
         return config.vocab_size
 
     @classmethod
-    def table_refresh(cls) -> int:
-        """Steps between tables sent upstream (refresh=k; feedback_channel.py's lag rule)."""
-        return cls.variant_options.refresh
-
-    @classmethod
-    def message_dtype(cls, default: torch.dtype) -> torch.dtype:
-        """The dtype the message travels and is held in (table=..., else the model's `default`)."""
-        return TABLE_DTYPES.get(cls.variant_options.table, default)
-
-    @classmethod
-    def build(cls, config: PretrainedConfig) -> "StageFeedback":
-        """The block for one stage; its options are the class's `variant_options`."""
-        return cls(config)
-
-    @classmethod
-    def readout_flops_per_token(cls, config: PretrainedConfig, micro_batch_tokens: int | None = None) -> float | None:
+    def readout_flops_per_token(cls, options: VariantOptions, config: PretrainedConfig,
+                                micro_batch_tokens: int | None = None) -> float | None:
         """Training FLOPs per token (forward + backward) of the local loss, beyond the stage's blocks,
         in a micro-batch of `micro_batch_tokens` tokens (default one sequence; a shared-candidate
         softmax's width grows with the micro-batch's distinct targets). None: not declared. Such a
@@ -136,64 +122,47 @@ class StageFeedback(nn.Module):
         return None
 
     @classmethod
-    def readout_flops_per_micro_batch(cls, config: PretrainedConfig) -> float:
+    def readout_flops_per_micro_batch(cls, options: VariantOptions, config: PretrainedConfig) -> float:
         """Training FLOPs per micro-batch that do not scale with its tokens."""
         return 0.0
 
     @classmethod
-    def step_flops(cls, config: PretrainedConfig) -> float:
+    def step_flops(cls, options: VariantOptions, config: PretrainedConfig) -> float:
         """Training FLOPs once per optimizer step (the feedback network's own update)."""
         return 0.0
 
     @classmethod
-    def trainable_matrix_parameters(cls, config: PretrainedConfig) -> int:
-        """Trainable weights of rank >= 2 (biases and norm gains, well under 1%, left out), counted
-        on the meta device: what the optimizer-step cost model charges the block."""
-        with torch.device("meta"):
-            block = cls.build(config)
-        return sum(p.numel() for p in block.parameters() if p.requires_grad and p.dim() >= 2)
+    def message_shape(cls, options: VariantOptions, config: PretrainedConfig) -> tuple[int, ...] | None:
+        """The table stage k+1 sends to stage k once per optimizer step (None: nothing). The
+        engine's channel (engine/feedback_channel.py) carries the Variant's message_shape."""
+        return (config.vocab_size, cls.readout_width(options, config)) if cls.sends_table else None
 
     @classmethod
-    def message_shape(cls, config: PretrainedConfig) -> tuple[int, ...] | None:
-        """The one tensor stage k+1 sends to stage k once per optimizer step (None: nothing).
-        The engine's channel (engine/feedback_channel.py) carries exactly this shape."""
-        return (config.vocab_size, cls.readout_width(config)) if cls.sends_table else None
-
-    @classmethod
-    def compose_message(cls, table: torch.Tensor | None, stage_layers) -> torch.Tensor | None:
+    def compose_message(cls, options: VariantOptions, table: torch.Tensor | None, stage_layers) -> torch.Tensor | None:
         """Built on the sending stage k+1 after its optimizer step: its table (m_{k+1}, or W_out on
         the last stage). `stage_layers` are its forward layers, for variants that send more than
-        the table (bll_ds/bll/overlap.py); `prepare` on stage k receives the result."""
-        return table
+        the table; `prepare` on stage k receives the result."""
+        return table if cls.sends_table else None
 
     @classmethod
-    def table_bytes_per_step(cls, config: PretrainedConfig, dtype_bytes: int) -> float:
-        """Bytes this variant sends upstream per optimizer step (its message, or nothing), in the
-        training dtype's `dtype_bytes` unless table= sets its own; averaged over the refresh
-        period when the message travels every k steps."""
-        shape = cls.message_shape(config)
-        if shape is None:
-            return 0
-        dtype = TABLE_DTYPES.get(cls.variant_options.table)
-        element = dtype.itemsize if dtype is not None else dtype_bytes
-        return math.prod(shape) * element / cls.table_refresh()
-
-    @classmethod
-    def readout_saved_bytes_per_token(cls, config: PretrainedConfig, dtype_bytes: int,
+    def readout_saved_bytes_per_token(cls, options: VariantOptions, config: PretrainedConfig, dtype_bytes: int,
                                       norm_saved_bytes: int, micro_batch_tokens: int | None = None) -> int | None:
         """Bytes autograd saves per token for the local readout, given what its norm saves
         (model-family specific: the planner passes it). None: not modelled by the planner."""
         return None
 
     @classmethod
-    def readout_saved_bytes_per_micro_batch(cls, config: PretrainedConfig, dtype_bytes: int,
-                                            micro_batch_tokens: int) -> int:
+    def readout_saved_bytes_per_micro_batch(cls, options: VariantOptions, config: PretrainedConfig,
+                                            dtype_bytes: int, micro_batch_tokens: int) -> int:
         """Saved bytes per micro-batch that do not scale with its tokens, beyond the one loss's
         scalar the planner counts anyway (bll_bench/memory.py LOSS_TOTAL_WEIGHT)."""
         return 0
 
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: PretrainedConfig, options: VariantOptions):
         super().__init__()
+        self.config, self.options = config, options
+        self.variant = None      # its variants.Variant, set by Variant.build
+        self.aux = None          # the layer the readout reads through, where the Variant composes one
         self.norm = readout_norm(config)
         self.vocab_size = config.vocab_size
         self._table_leaf = None  # m_k as read by the micro-batches; accumulates dL/dm_k
@@ -203,6 +172,11 @@ class StageFeedback(nn.Module):
     def prepare(self, upstream_table: torch.Tensor | None) -> None:
         self._upstream = upstream_table
         self._table_leaf = self._drift = None
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """L_k of block output `hidden`: the variant's local loss, of the readout layer's output
+        where the Variant composes one (A_k(h_k) in aux_readout.py, D_k(h_k) in overlap.py)."""
+        return self.local_loss(hidden if self.aux is None else self.aux(hidden), labels)
 
     def local_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
@@ -227,7 +201,7 @@ class TableFeedback(StageFeedback):
         return super().accepted_options() | {"table", "refresh"}
 
     @classmethod
-    def step_flops(cls, config: PretrainedConfig) -> float:
+    def step_flops(cls, options, config: PretrainedConfig) -> float:
         """g_k (TableMap, r -> Hg -> r, Hg = r as built; r = H unless dim=r) applied to the V x r
         table, per step (written for r = H below):
 
@@ -237,24 +211,24 @@ class TableFeedback(StageFeedback):
                       weight only (the upstream table is detached)              5 products: 10 V H Hg
         publish()     g_k forward after the optimizer step                      2 products: 4 V H Hg
         """
-        width = cls.readout_width(config)
+        width = cls.readout_width(options, config)
         return 18.0 * config.vocab_size * width * width
 
     @classmethod
-    def compose_message(cls, table, stage_layers):
+    def compose_message(cls, options, table, stage_layers):
         """The last stage's W_out [V, H] enters a reduced readout's width through the fixed
         projection R (so that at initialisation, with P_k = R^T, the local readout is the real
         head's restricted to R's span); every table travels in the declared dtype."""
-        width = cls.variant_options.dim
+        width = options.dim
         if width and table.shape[-1] != width:
             table = table @ fixed_projection(table.shape[-1], width).to(table.device, table.dtype)
-        dtype = TABLE_DTYPES.get(cls.variant_options.table)
+        dtype = TABLE_DTYPES.get(options.table)
         return table if dtype is None else table.to(dtype)
 
-    def __init__(self, config: PretrainedConfig, hidden: int | None = None):
-        super().__init__(config)
-        width = self.readout_width(config)
-        self.g = TableMap(width, hidden or width)
+    def __init__(self, config: PretrainedConfig, options: VariantOptions):
+        super().__init__(config, options)
+        width = self.readout_width(options, config)
+        self.g = TableMap(width, width)
 
     def targets(self) -> torch.Tensor:
         """m_k = g_k(m_{k+1}), computed once per step without a graph: the micro-batches only
@@ -307,56 +281,57 @@ class _CrossEntropyReadout:
         return super().accepted_options() | {"dim", "neg"}
 
     @classmethod
-    def option_attributes(cls, options):
+    def sliceable(cls, options):
         # The candidates are shared by the micro-batch's tokens: a slice would draw its own.
-        return {**super().option_attributes(options), **({"per_token_readout": False} if options.neg else {})}
+        return super().sliceable(options) and not options.neg
 
     @classmethod
-    def readout_candidates(cls, config, micro_batch_tokens: int | None = None) -> int:
+    def readout_candidates(cls, options, config, micro_batch_tokens: int | None = None) -> int:
         """C, the softmax's width: V, or with neg=n at most n + the micro-batch's tokens (its
         distinct targets, fewer in practice; the run logs the measured `readout_candidates`)."""
-        negatives = cls.variant_options.neg
+        negatives = options.neg
         if not negatives:
             return config.vocab_size
         return min(config.vocab_size, negatives + (micro_batch_tokens or config.max_position_embeddings))
 
     @classmethod
-    def readout_flops_per_token(cls, config, micro_batch_tokens=None):
+    def readout_flops_per_token(cls, options, config, micro_batch_tokens=None):
         """Per head: forward 2rC, grad of z 2rC, and (trained operand) grad of the operand 2rC;
         with dim=r, P_k's forward and both gradients, 6Hr, once. Full readout: 6HV."""
-        width, candidates = cls.readout_width(config), cls.readout_candidates(config, micro_batch_tokens)
+        width = cls.readout_width(options, config)
+        candidates = cls.readout_candidates(options, config, micro_batch_tokens)
         per_head = (6.0 if cls.trained_operand else 4.0) * width * candidates
-        reduce = 6.0 * config.hidden_size * width if cls.variant_options.dim else 0.0
+        reduce = 6.0 * config.hidden_size * width if options.dim else 0.0
         return reduce + cls.readout_heads * per_head
 
     @classmethod
-    def readout_saved_bytes_per_token(cls, config, dtype_bytes, norm_saved_bytes, micro_batch_tokens=None):
+    def readout_saved_bytes_per_token(cls, options, config, dtype_bytes, norm_saved_bytes, micro_batch_tokens=None):
         """The norm's saved tensors and its output (which the next product saves when its operand
         takes a gradient), with dim=r also z [r]; per head fp32 log-probabilities [C] and the
         int64 target; the operand itself is a weight or a table, not an activation."""
-        unsaved_output = 0 if cls.trained_operand or cls.variant_options.dim else dtype_bytes * config.hidden_size
-        reduced = dtype_bytes * cls.readout_width(config) if cls.variant_options.dim else 0
-        candidates = cls.readout_candidates(config, micro_batch_tokens)
+        unsaved_output = 0 if cls.trained_operand or options.dim else dtype_bytes * config.hidden_size
+        reduced = dtype_bytes * cls.readout_width(options, config) if options.dim else 0
+        candidates = cls.readout_candidates(options, config, micro_batch_tokens)
         return norm_saved_bytes - unsaved_output + reduced + cls.readout_heads * (FP32 * candidates + INT64)
 
     @classmethod
-    def readout_saved_bytes_per_micro_batch(cls, config, dtype_bytes, micro_batch_tokens):
+    def readout_saved_bytes_per_micro_batch(cls, options, config, dtype_bytes, micro_batch_tokens):
         """With neg=n: the gathered candidate rows O[C] [C, r], which each head's product saves
         (z takes a gradient), and the candidate ids the gather saves, at the declared bound of C."""
-        if not cls.variant_options.neg:
+        if not options.neg:
             return 0
-        candidates = cls.readout_candidates(config, micro_batch_tokens)
-        return candidates * (cls.readout_heads * cls.readout_width(config) * dtype_bytes + INT64)
+        candidates = cls.readout_candidates(options, config, micro_batch_tokens)
+        return candidates * (cls.readout_heads * cls.readout_width(options, config) * dtype_bytes + INT64)
 
     def _build_readout(self, config) -> None:
         """P_k when dim=r (a submodule named `reduce`), starting as R^T (variant_options.py);
         with neg=n the candidate sampler's seed and its count of draws so far."""
-        width = self.variant_options.dim
+        width = self.options.dim
         self.reduce = nn.Linear(config.hidden_size, width, bias=False) if width else None
         if self.reduce is not None and not self.reduce.weight.is_meta:
             with torch.no_grad():
                 self.reduce.weight.copy_(fixed_projection(config.hidden_size, width).t())
-        if self.variant_options.neg:
+        if self.options.neg:
             # Buffers, so that the checkpoint carries them: a resumed run draws what an
             # uninterrupted one would. The seed comes from the stage's seeded construction
             # (engine/build.py), so stages, and runs with other seeds, draw differently.
@@ -372,11 +347,11 @@ class _CrossEntropyReadout:
         """This micro-batch's shared candidates (None: the full softmax), from a generator of the
         block's own seeded by (sample_seed, draws): independent of whatever else consumes random
         numbers on the stage, so the launched and the emulated pipelines draw alike."""
-        if not self.variant_options.neg:
+        if not self.options.neg:
             return None
         generator = torch.Generator().manual_seed(int(self.sample_seed) + 1_000_003 * int(self.draws))
         self.draws += 1
-        return shared_candidates(labels, self.vocab_size, self.variant_options.neg, generator)
+        return shared_candidates(labels, self.vocab_size, self.options.neg, generator)
 
     @staticmethod
     def readout_cross_entropy(z, operand, labels, candidates):
@@ -397,8 +372,8 @@ class PrototypeFeedback(_CrossEntropyReadout, TableFeedback):
 
     name = "prototype"
 
-    def __init__(self, config, hidden=None):
-        super().__init__(config, hidden)
+    def __init__(self, config, options):
+        super().__init__(config, options)
         self._build_readout(config)
 
     def local_loss(self, hidden, labels):
@@ -416,24 +391,24 @@ class _AgreementFeedback(TableFeedback):
         return super().accepted_options() | {"guard"}
 
     @classmethod
-    def readout_flops_per_token(cls, config, micro_batch_tokens=None):
+    def readout_flops_per_token(cls, options, config, micro_batch_tokens=None):
         """Forward message P norm(h), P [H, H] trained: 6H^2; the collapse guard's covariance over
         the micro-batch's tokens, centred^T centred [H, N] @ [N, H]: 2H^2 per token forward, 4H^2
         backward. The target rows m_k[y_t] are a gather (0). Total 12H^2."""
         return 12.0 * config.hidden_size ** 2
 
     @classmethod
-    def readout_flops_per_micro_batch(cls, config):
+    def readout_flops_per_micro_batch(cls, options, config):
         """The collapse guard on the whole target table, covariance [H, V] @ [V, H], forward 2VH^2
         and backward 4VH^2, which `local_loss` recomputes for every micro-batch."""
         return 6.0 * config.vocab_size * config.hidden_size ** 2
 
-    def __init__(self, config: PretrainedConfig, hidden: int | None = None):
-        super().__init__(config, hidden)
+    def __init__(self, config: PretrainedConfig, options: VariantOptions):
+        super().__init__(config, options)
         width = config.hidden_size
         self.project = nn.Linear(width, width, bias=False)
         nn.init.eye_(self.project.weight)
-        self.guard_weight = self.variant_options.guard
+        self.guard_weight = options.guard
 
     def local_loss(self, hidden, labels):
         forward_msg = self.project(self.norm(hidden)).float()
@@ -467,10 +442,10 @@ class GaussianFeedback(_AgreementFeedback):
     def accepted_options(cls):
         return super().accepted_options() | {"variance"}
 
-    def __init__(self, config, hidden=None):
-        super().__init__(config, hidden)
+    def __init__(self, config, options):
+        super().__init__(config, options)
         start = torch.full((config.hidden_size,), 0.5).log()
-        learned = self.variant_options.variance == "learned"
+        learned = options.variance == "learned"
         self.log_var_a = nn.Parameter(start.clone(), requires_grad=learned)
         self.log_var_b = nn.Parameter(start.clone(), requires_grad=learned)
 
@@ -501,10 +476,10 @@ class LocalHeadFeedback(_CrossEntropyReadout, StageFeedback):
 
     name = "dgl"
 
-    def __init__(self, config: PretrainedConfig):
-        super().__init__(config)
+    def __init__(self, config: PretrainedConfig, options: VariantOptions):
+        super().__init__(config, options)
         self._build_readout(config)
-        self.head = nn.Linear(self.readout_width(config), config.vocab_size, bias=False)
+        self.head = nn.Linear(self.readout_width(options, config), config.vocab_size, bias=False)
         nn.init.normal_(self.head.weight, std=config.initializer_range)
 
     def local_loss(self, hidden, labels):
@@ -524,8 +499,8 @@ class RandomFeedback(_CrossEntropyReadout, StageFeedback):
     def accepted_options(cls):
         return frozenset()  # its fixed random prototypes are a full [V, H] buffer; no options
 
-    def __init__(self, config: PretrainedConfig):
-        super().__init__(config)
+    def __init__(self, config: PretrainedConfig, options: VariantOptions):
+        super().__init__(config, options)
         table = torch.randn(config.vocab_size, config.hidden_size) * config.hidden_size ** -0.5
         self.register_buffer("table", table)
 

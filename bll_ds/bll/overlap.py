@@ -34,9 +34,8 @@ import math
 
 import torch
 
-from bll_ds.bll.aux_readout import _AuxiliaryLayer
 from bll_ds.bll.feedback import LocalHeadFeedback, PrototypeFeedback
-from bll_ds.bll.variants import register
+from bll_ds.bll.variants import register_composed
 from bll_ds.modeling.layers import DecoderLayer
 
 
@@ -55,64 +54,52 @@ def layer_numel(config) -> int:
         return sum(p.numel() for p in DecoderLayer(config, layer_idx=0).parameters())
 
 
-class _OverlapLayer(_AuxiliaryLayer):
-    """Mixin: the readout reads D_k(h_k), D_k a frozen copy of the next stage's first layer, which
-    sits where the auxiliary variants keep their own trained layer (`self.aux`)."""
+class NextLayerCopy:
+    """D_k, the layer a composed variant's readout reads through (variants.Variant): a frozen
+    copy of stage k+1's first decoder layer, held as `block.aux`, loaded from the tail of every
+    message. The message is cast to the layer's dtype, so table= does not apply; with dim=r the
+    table's width would not be the one the copy's output has, so dim= does not either."""
 
-    @classmethod
-    def readout_flops_per_token(cls, config, micro_batch_tokens=None):
+    carries_message = True
+    excluded_options = frozenset({"dim", "table"})
+
+    @staticmethod
+    def build(config) -> DecoderLayer:
+        return DecoderLayer(config, layer_idx=config.num_hidden_layers).requires_grad_(False)
+
+    @staticmethod
+    def flops_per_token(config) -> float:
+        """D_k's forward and input gradient on top of the readout's. Frozen weights take no
+        gradient: a weight product costs 2 x its forward, while the attention scores, both of
+        whose operands are activations, cost 3 x."""
         from bll_ds.measure.flops import layer_attention_flops, layer_projection_flops
 
-        # The plain readout's, plus D_k's forward and input gradient. Frozen weights take no
-        # gradient: a weight product costs 2 x its forward, while the attention scores, both of
-        # whose operands are activations, cost 3 x.
         context = config.max_position_embeddings
-        plain = super(_AuxiliaryLayer, cls).readout_flops_per_token(config, micro_batch_tokens)
-        return plain + 2 * layer_projection_flops(config) + 3 * layer_attention_flops(config, context)
+        return 2 * layer_projection_flops(config) + 3 * layer_attention_flops(config, context)
 
-    @classmethod
-    def message_shape(cls, config):
-        table = math.prod(super().message_shape(config) or (0,))
-        return (table + layer_numel(config),)
+    @staticmethod
+    def message_entries(config) -> int:
+        return layer_numel(config)
 
-    @classmethod
-    def compose_message(cls, table, stage_layers):
-        layer = [p.detach().reshape(-1) for p in first_decoder_layer(stage_layers).parameters()]
-        parts = ([table.detach().reshape(-1)] if cls.sends_table else []) + layer
-        return torch.cat([part.to(layer[0].dtype) for part in parts])
+    @staticmethod
+    def compose(stage_layers) -> list[torch.Tensor]:
+        """On stage k+1: its first decoder layer's weights, flattened in `parameters` order."""
+        return [p.detach().reshape(-1) for p in first_decoder_layer(stage_layers).parameters()]
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.aux.requires_grad_(False)
-        self._table_shape = super().message_shape(config)  # the base variant's table, or None
-
-    def prepare(self, message):
-        if message is None:
-            raise RuntimeError(f"{self.name} needs the downstream stage's message before local_loss()")
-        table = None
-        offset = 0
-        if self._table_shape is not None:
-            offset = math.prod(self._table_shape)
-            table = message[:offset].view(self._table_shape)
-        with torch.no_grad():
-            for param in self.aux.parameters():
-                param.copy_(message[offset:offset + param.numel()].view_as(param))
-                offset += param.numel()
+    @staticmethod
+    @torch.no_grad()
+    def load(copy: DecoderLayer, message: torch.Tensor, table_shape) -> torch.Tensor | None:
+        """On stage k: D_k from the message's tail; returns the table in front of it (or None)."""
+        offset = math.prod(table_shape) if table_shape is not None else 0
+        table = message[:offset].view(table_shape) if table_shape is not None else None
+        for param in copy.parameters():
+            param.copy_(message[offset:offset + param.numel()].view_as(param))
+            offset += param.numel()
         if offset != message.numel():
-            raise ValueError(f"{self.name}: the message has {message.numel()} entries, the table and "
-                             f"the layer copy take {offset}; both stages must run the same variant and model")
-        super().prepare(table)
+            raise ValueError(f"the message has {message.numel()} entries, the table and the layer copy "
+                             f"take {offset}; both stages must run the same variant and model")
+        return table
 
 
-@register
-class OverlapPrototypeFeedback(_OverlapLayer, PrototypeFeedback):
-    """The prototype readout behind a lagged copy of the next stage's first layer."""
-
-    name = "prototype-overlap"
-
-
-@register
-class OverlapLocalHeadFeedback(_OverlapLayer, LocalHeadFeedback):
-    """DGL's free local head behind a lagged copy of the next stage's first layer."""
-
-    name = "dgl-overlap"
+register_composed("prototype-overlap", PrototypeFeedback, NextLayerCopy)  # the prototype readout behind D_k
+register_composed("dgl-overlap", LocalHeadFeedback, NextLayerCopy)        # DGL's free local head behind D_k

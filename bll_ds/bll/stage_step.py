@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from bll_ds.bll.feedback import StageFeedback
+from bll_ds.bll.variants import Variant
 
 Backward = Callable[[torch.Tensor, bool], None]
 
@@ -47,10 +48,10 @@ def run_step_end(operations: dict[str, Callable[[], None]]) -> None:
         operations[name]()
 
 
-def slices_for(variant: type, hidden_shape, vocab_size: int, max_logits_mb: float) -> int:
+def slices_for(variant: Variant, hidden_shape, vocab_size: int, max_logits_mb: float) -> int:
     """Sequence slices that keep one slice's fp32 logits under `max_logits_mb` (0 = one slice).
     Only a per-token readout can be sliced: a collapse guard takes statistics over all tokens.
-    `variant`: the variant class (bll/variants.py get), resolved once by the caller."""
+    `variant`: the run's Variant (bll/variants.py get), resolved once by the caller."""
     if not variant.per_token_readout or max_logits_mb <= 0:
         return 1
     batch, tokens = hidden_shape[0], hidden_shape[1]
@@ -72,7 +73,7 @@ def sliced_local_backward(feedback: StageFeedback, hidden: torch.Tensor, labels:
     loss_sum, term_sums = torch.zeros((), device=hidden.device), {}
     for index in torch.arange(hidden.shape[1]).tensor_split(slices):
         part = slice(int(index[0]), int(index[-1]) + 1)
-        loss, terms = feedback.local_loss(detached[:, part], labels[:, part])
+        loss, terms = feedback.loss(detached[:, part], labels[:, part])
         weight = labels[:, part].numel() / total
         backward(loss * weight, True)  # readout weights, table and detached.grad (scaled like the loss)
         loss_sum = loss_sum + loss.detach().float() * weight
@@ -88,12 +89,12 @@ class StageStep:
     `lm_loss(outputs, labels)`; `readout_max_logits_mb` as --bll_readout_max_logits_mb."""
 
     def __init__(self, feedback: StageFeedback | None, lm_loss, readout_max_logits_mb: float = 0.0,
-                 variant: type | None = None):
-        """`variant`: the run's variant class (bll/variants.py get, resolved once), which decides
-        what the last stage (no feedback block of its own) sends upstream; the other stages take
-        it from their block."""
+                 variant: Variant | None = None):
+        """`variant`: the run's Variant (bll/variants.py get, resolved once), which decides what
+        the last stage (no feedback block of its own) sends upstream; the other stages take it
+        from their block."""
         self.feedback = feedback
-        self.variant = type(feedback) if feedback is not None else variant
+        self.variant = feedback.variant if feedback is not None else variant
         self.lm_loss = lm_loss
         self.readout_max_logits_mb = readout_max_logits_mb
         self.losses: list[torch.Tensor] = []  # this step's, one per micro-batch
@@ -103,7 +104,7 @@ class StageStep:
         """A new optimizer step, with the downstream table it uses (None: the variant has none)."""
         self.losses, self.terms = [], {}
         if self.feedback is not None:
-            self.feedback.prepare(table)
+            self.variant.receive(self.feedback, table)
 
     def readout_slices(self, hidden_shape) -> int:
         if self.feedback is None:
@@ -119,7 +120,7 @@ class StageStep:
             if self.feedback is None:
                 loss, terms = self.lm_loss(outputs, labels), {}
             else:
-                loss, terms = self.feedback.local_loss(outputs, labels)
+                loss, terms = self.feedback.loss(outputs, labels)
             backward(loss, True)
         self.losses.append(loss.detach().float())
         for name, value in terms.items():

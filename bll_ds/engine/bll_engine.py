@@ -123,10 +123,10 @@ class LaunchedTransport:
 
 
 class BLLPipelineEngine(AccountedPipelineEngine):
-    def __init__(self, *args, feedback=None, variant: type | None = None, table_shape=None,
+    def __init__(self, *args, feedback=None, variant=None, table_shape=None,
                  max_inflight_sends: int = 0, readout_max_logits_mb: float = 0.0, **kwargs):
         """feedback: this stage's feedback block (None on the last stage). variant: the run's
-        variant class (bll/variants.py), resolved once: it decides the message upstream (its
+        Variant (bll/variants.py), resolved once: it decides the message upstream (its
         dtype and refresh period). table_shape: the message's shape ((V, H) for a target
         table), None if it sends none. readout_max_logits_mb: the local readout runs in sequence
         slices whose logits stay under this (0 = one slice)."""

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from bll_ds.bll.feedback import StageFeedback
+from bll_ds.bll.variants import Variant
 from bll_ds.bll.variants import get as get_variant
 from bll_ds.config import BLLConfig
 from bll_ds.engine import deepspeed_internals as ds_internals
@@ -29,9 +30,9 @@ def weight_decay_groups(module: nn.Module) -> list[dict]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_stage_feedback(variant: type, model_config, stage: int, seed: int):
+def build_stage_feedback(variant: Variant, model_config, stage: int, seed: int):
     """Stage `stage`'s feedback block (not on the last stage), seeded apart from every layer.
-    `variant`: the run's variant class (bll/variants.py get), resolved once by the caller."""
+    `variant`: the run's Variant (bll/variants.py get), resolved once by the caller."""
     torch.manual_seed(seed + FEEDBACK_SEED_OFFSET + stage)
     return variant.build(model_config)
 
