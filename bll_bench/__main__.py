@@ -8,7 +8,7 @@ python -m bll_bench.simulate ..., python -m bll_bench.memory ...
 
 import sys
 
-from bll_ds.errors import UserError
+from bll_ds.infra.errors import UserError
 
 
 def main(argv: list[str]) -> int:

@@ -19,11 +19,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from bll_ds import run_dir as names
-from bll_ds.atomic import atomic_write_text
 from bll_bench.plots import OP_KIND
 from bll_bench.simulate import Link, StageCosts, simulate
-from bll_ds.engine.trace import read_timelines
+from bll_ds.infra.atomic import atomic_write_text
+from bll_ds.pipeline.trace import read_timelines
+from bll_ds.run import run_dir as names
 
 SCHEDULE_OF_ARM = {"bp": "1f1b", "bll-flush": "bll", "bll": "bll-noflush", "peer:1f1b": "1f1b"}
 # An arm without timelines of its own borrows the per-stage costs of one that does the same work

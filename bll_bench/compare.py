@@ -30,11 +30,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bll_ds import run_dir as names
-from bll_ds.atomic import atomic_write_text
 from bll_bench import nanogpt_arm
-from bll_ds.bll.variants import get as get_variant
-from bll_ds.errors import UserError
+from bll_ds.infra.atomic import atomic_write_text
+from bll_ds.infra.errors import UserError
+from bll_ds.method.variants import get as get_variant
+from bll_ds.run import run_dir as names
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,7 +135,7 @@ def parse_args(argv: list[str]) -> BenchConfig:
                    help="report the wall time to reach this held-out loss; 'best-bp' = the lowest median final "
                         "held-out loss of the backprop arms (bp, peer:*) in this benchmark")
     p.add_argument("--link_delays_ms", default="0", help="comma-separated one-way link delays between stages, "
-                   "ms; each run gets one as --link_delay_ms (bll_ds/link_delay.py)")
+                   "ms; each run gets one as --link_delay_ms (bll_ds/pipeline/launched/link_delay.py)")
     p.add_argument("--baseline", default="bp", help="the arm the paired ratios divide by")
     p.add_argument("--nanogpt_dir", default=None, help="a clone of https://github.com/karpathy/nanoGPT, for the "
                    "nanogpt arm (its own train.py, run side by side: bll_bench/nanogpt_arm.py)")

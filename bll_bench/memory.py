@@ -32,7 +32,7 @@ against `measure_saved_activation_bytes` by tests/test_memory.py):
   readout, plus the engine's send window, plus the target tables. The readout (norm, logits,
   fp32 log-probabilities, int64 targets) of the prototype, dgl and drtp variants runs in
   `slices_for(variant, [b, T], V, readout_max_logits_mb)` sequence slices
-  (bll_ds/bll/stage_step.py `sliced_local_backward`, which StageStep uses when there are
+  (bll_ds/method/stage_step.py `sliced_local_backward`, which StageStep uses when there are
   several): one slice's readout is alive at a time (a slice of the block output is a view of it,
   so where the readout norm saves its input, and for b = 1 the targets, the whole micro-batch's
   storage is saved), then the block's backward runs once from the accumulated gradient of the
@@ -85,17 +85,17 @@ from types import SimpleNamespace
 import torch
 from transformers import PretrainedConfig
 
-from bll_ds.bll import variants
-from bll_ds.bll.feedback import build_feedback
-from bll_ds.bll.stage_step import slices_for
-from bll_ds.config import BLLConfig
-from bll_ds.engine.bll_engine import SEND_WINDOW_PER_MICRO_BATCH
-from bll_ds.engine.feedback_channel import LAG, OUTBOX_HELD
-from bll_ds.engine.trace import SavedActivationMeter
 from bll_ds.measure.flops import _attention_width, _mlp_width
+from bll_ds.method import variants
+from bll_ds.method.feedback import build_feedback
+from bll_ds.method.stage_step import slices_for
 from bll_ds.modeling import load_model_spec
 from bll_ds.modeling.checkpointing import checkpointed_groups
 from bll_ds.modeling.pipeline import layer_specs, stage_layer_counts
+from bll_ds.pipeline.feedback_channel import LAG, OUTBOX_HELD
+from bll_ds.pipeline.launched.bll_engine import SEND_WINDOW_PER_MICRO_BATCH
+from bll_ds.pipeline.trace import SavedActivationMeter
+from bll_ds.run.config import BLLConfig
 
 FP32 = 4
 INT64 = 8
@@ -105,7 +105,7 @@ METHODS = ("bp", "bll")
 GIB = 2 ** 30
 MIB = 2 ** 20
 
-# BLL engine holdings, from their owners (bll_ds/engine/bll_engine.py, feedback_channel.py).
+# BLL engine holdings, from their owners (bll_ds/pipeline/launched/bll_engine.py, feedback_channel.py).
 INBOX_TABLES = LAG + 1      # TableInbox.queue right after a drain: P_{t-2}, P_{t-1}, P_t
 OUTBOX_TABLES = OUTBOX_HELD
 READOUT_MAX_LOGITS_MB = BLLConfig().readout_max_logits_mb  # --bll_readout_max_logits_mb's default
@@ -258,7 +258,7 @@ def measure_saved_activation_bytes(fn, *args, exclude=(), **kwargs) -> int:
     with `exclude` (parameters, buffers, tables) left out. Run forward and backward inside `fn`
     to get the live peak over both; run the forward only to get everything saved.
 
-    A thin wrapper over bll_ds.engine.trace.SavedActivationMeter, the meter the engines use."""
+    A thin wrapper over bll_ds.pipeline.trace.SavedActivationMeter, the meter the engines use."""
     meter = SavedActivationMeter()
     meter.exclude(exclude)
     with meter.hooks():
@@ -667,7 +667,7 @@ def _finish_step_saved_bytes(config, setup: Setup, last: bool) -> int:
 def _meter_bytes(config, setup: Setup, in_flight: int, forward: int, body: BodyPhases, readout: int,
                  block_grad: int, last: bool) -> int:
     """The engines' SavedActivationMeter peak (weights excluded; it meters the forward, local
-    backward and FinishStep instructions, bll_ds/engine/trace.py SAVES_ACTIVATIONS). BP: the 1F1B
+    backward and FinishStep instructions, bll_ds/pipeline/trace.py SAVES_ACTIVATIONS). BP: the 1F1B
     stash (rotary tables saved by the forward counted once); its BackwardPass is not metered, so
     a checkpointed group's recompute is not seen there (`activation_bytes` counts it). BLL: one
     micro-batch (its body, then the larger of its readout, with m_k saved by the product, and the

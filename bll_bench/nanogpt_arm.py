@@ -34,9 +34,9 @@ import sys
 import time
 from pathlib import Path
 
-from bll_ds import run_dir as names
-from bll_ds.atomic import atomic_write_text
-from bll_ds.errors import UserError
+from bll_ds.infra.atomic import atomic_write_text
+from bll_ds.infra.errors import UserError
+from bll_ds.run import run_dir as names
 
 NANOGPT_COMMIT = "3adf61e1"  # the snapshot the documented figures were measured with
 BATCH_SIZE, BLOCK_SIZE = 12, 64

@@ -50,10 +50,10 @@ import torch.distributed as dist
 from torch import nn
 
 from bll_ds.data import MicroBatchSampler
-from bll_ds.engine.build import weight_decay_groups
-from bll_ds.engine.emulated_stage import build_optimizer, build_scheduler
 from bll_ds.modeling.layers import lm_loss
 from bll_ds.modeling.pipeline import build_sequential, build_stage_layers
+from bll_ds.pipeline.build import weight_decay_groups
+from bll_ds.pipeline.emulated.emulated_stage import build_optimizer, build_scheduler
 
 
 @dataclass(frozen=True)

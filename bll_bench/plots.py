@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bll_bench.plotting import pyplot
-from bll_ds.engine.trace import read_timelines
+from bll_ds.pipeline.trace import read_timelines
 
 plt = pyplot()
 

@@ -3,7 +3,7 @@ headless (the Agg backend), and one clear error where it is missing."""
 
 from __future__ import annotations
 
-from bll_ds.errors import UserError
+from bll_ds.infra.errors import UserError
 
 
 def pyplot():

@@ -14,7 +14,7 @@ outputs at its worst case (2M, what the planner counts: the engine releases comp
 the next send, but a slow receiver fills the window), the inbox queue of received tables
 (LAG + 1) and the outbox of published payloads.
 
-The step itself is the engine's: bll_ds/engine/block_local_stage.py's `BlockLocalStage` (begin
+The step itself is the engine's: bll_ds/pipeline/block_local_stage.py's `BlockLocalStage` (begin
 with the table; per micro-batch, after the forward, `local_backward`, sliced where the engine
 slices; then the STEP_END operations in their order: the feedback update, the gradient
 reduction (nothing to reduce at DP = 1), clipping and the optimizer step, and the table
@@ -52,13 +52,13 @@ import torch
 from torch import nn
 
 from bll_bench import memory
-from bll_ds.bll.stage_step import StageStep, run_step_end
-from bll_ds.bll.variants import get as get_variant
-from bll_ds.engine.block_local_stage import BlockLocalStage
-from bll_ds.engine.build import Stage, build_stage, forward_layers, weight_decay_groups
-from bll_ds.engine.trace import SavedActivationMeter
 from bll_ds.measure.rss import peak_rss_mb
+from bll_ds.method.stage_step import StageStep, run_step_end
+from bll_ds.method.variants import get as get_variant
 from bll_ds.modeling import lm_loss, load_model_spec
+from bll_ds.pipeline.block_local_stage import BlockLocalStage
+from bll_ds.pipeline.build import Stage, build_stage, forward_layers, weight_decay_groups
+from bll_ds.pipeline.trace import SavedActivationMeter
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter number
@@ -340,7 +340,7 @@ def _train_step(config, built: Stage, block_stage: BlockLocalStage, step: int, h
     finish_feedback, publish_table = operations["finish_feedback"], operations["publish_table"]
 
     def metered_finish_feedback() -> None:
-        # The engines meter FinishStep too (bll_ds/engine/trace.py SAVES_ACTIVATIONS).
+        # The engines meter FinishStep too (bll_ds/pipeline/trace.py SAVES_ACTIVATIONS).
         with meter.hooks() if meter_mode == "step" else contextlib.nullcontext():
             finish_feedback()
 

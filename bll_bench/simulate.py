@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Callable
 
 from bll_bench.plotting import pyplot
-from bll_ds.bll import variants
-from bll_ds.errors import UserError
+from bll_ds.infra.errors import UserError
 from bll_ds.measure.flops import NotModelled
+from bll_ds.method import variants
 
 OP_KINDS = ("forward", "backward", "backward_input", "backward_weight", "local", "optimizer")
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "bll", "bll-noflush")
@@ -101,7 +101,7 @@ class Link:
     activation_bytes   one micro-batch's activation (down) or activation gradient (up)
     table_bytes        BLL target table sent upstream once per step (0: no tables, e.g. dgl, drtp)
     table_lag          stage k uses during step t the table stage k+1 published after its step
-                       t - table_lag (bll_ds/engine/feedback_channel.py: LAG = 2)
+                       t - table_lag (bll_ds/pipeline/feedback_channel.py: LAG = 2)
     """
 
     latency_s: float = 0.0
@@ -370,7 +370,7 @@ def _bll_schedule(name: str, costs: StageCosts, link: Link, micro_batches: int, 
     plus the link delay) and then `local` (its local loss and its own backward); no gradient
     crosses a stage. Per step: the optimizer. Target tables (when `link.table_bytes` > 0) go
     upstream after each optimizer step; stage k's step t begins by taking the table stage k+1
-    published after step t - lag (bll_ds/engine/bll_schedule.py: BeginStep), so it waits if that table
+    published after step t - lag (bll_ds/pipeline/launched/bll_schedule.py: BeginStep), so it waits if that table
     has not arrived. flush: a barrier between steps; no flush: none."""
     stages = costs.stages
     stage_ops = [[] for _ in range(stages)]

@@ -3,7 +3,7 @@
     python -m bll_bench sweep --plan depth --data ../shared/data/kernel-docs.jsonl --out results/sweep-d16
     python -m bll_bench sweep --plan shakespeare --data ../shared/data/tinyshakespeare.txt --out results/sweep-char8
 
-Every run is one `python scripts/pretrain.py --emulate` process (bll_ds/engine/emulator.py), one
+Every run is one `python scripts/pretrain.py --emulate` process (bll_ds/pipeline/emulated/emulator.py), one
 after another, on the same tokens (tokenizer, seed, batch shape and schedule are shared):
 
     bp-L{N}            backprop on the plan's model: N = all its layers (the baseline), or the
@@ -35,11 +35,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bll_bench.plotting import pyplot
-from bll_ds import run_dir as names
-from bll_ds.atomic import atomic_write_text
-from bll_ds.bll import variants as bll_variants
-from bll_ds.bll.variant_options import run_name
-from bll_ds.errors import UserError
+from bll_ds.infra.atomic import atomic_write_text
+from bll_ds.infra.errors import UserError
+from bll_ds.method import variants as bll_variants
+from bll_ds.method.variant_options import run_name
+from bll_ds.run import run_dir as names
 
 REPO = Path(__file__).resolve().parents[1]
 DEPTH_GATE = 0.05  # issue 10: BP on all layers at least 5% below the 1-layer model
@@ -280,7 +280,7 @@ def main(argv: list[str]) -> int:
         if unknown:
             raise UserError(f"--variants names {unknown}, which are not registered BLL variants (with valid options).",
                             f"choose from {', '.join(bll_variants.names())}, options as NAME:dim=64:neg=2048 "
-                            "(bll_ds/bll/variant_options.py), or register one with `-- --custom_import FILE.py`.")
+                            "(bll_ds/method/variant_options.py), or register one with `-- --custom_import FILE.py`.")
         plan = replace(plan, variants=chosen_variants)
     runs = runs_of(plan)
     chosen = args.only.split(",") if args.only else list(runs)

@@ -3,8 +3,8 @@
     python -m bll_bench variants --model models/llama-d16.json [--seq_len T] [--micro_batch_tokens N]
         [--micro_batches M] [--layers_per_stage L] [--variants SPEC,...] [--json FILE]
 
-One row per variant in the registry (bll_ds/bll/variants.py), or per --variants spec with its
-options (bll_ds/bll/variant_options.py, e.g. dgl-context:dim=64:neg=2048), from the class's own
+One row per variant in the registry (bll_ds/method/variants.py), or per --variants spec with its
+options (bll_ds/method/variant_options.py, e.g. dgl-context:dim=64:neg=2048), from the class's own
 declarations, the same numbers the FLOPs model, the simulator and the memory planner use:
 
     readout MFLOP/token   the local loss's forward + backward per token (incl. per-micro-batch
@@ -23,7 +23,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bll_ds.bll import variants
+from bll_ds.method import variants
 from bll_ds.measure.flops import (TRAIN_OVER_FORWARD, NotModelled, feedback_step_flops, layer_forward_flops,
                                   readout_flops_per_micro_batch_token)
 from bll_ds.modeling import load_model_spec

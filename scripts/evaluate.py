@@ -27,11 +27,11 @@ import torch  # noqa: E402
 
 from bll_ds.data import (EvalBatches, is_token_dir_spec, load_corpus, load_run_tokenizer, open_stream,  # noqa: E402
                          open_token_dir, prepare_token_streams, token_dtype)
-from bll_ds.devices import add_device_flags, dtype_name, resolve_device, resolve_dtype  # noqa: E402
-from bll_ds.errors import UserError  # noqa: E402
-from bll_ds.run_dir import TOKENIZER_MODEL  # noqa: E402
-from bll_ds.use import load_forward_network, residual_norms  # noqa: E402
-from bll_ds.use import evaluate as evaluate_batches  # noqa: E402
+from bll_ds.infra.errors import UserError  # noqa: E402
+from bll_ds.run.run_dir import TOKENIZER_MODEL  # noqa: E402
+from bll_ds.use.devices import add_device_flags, dtype_name, resolve_device, resolve_dtype  # noqa: E402
+from bll_ds.use.trained_run import evaluate as evaluate_batches  # noqa: E402
+from bll_ds.use.trained_run import load_forward_network, residual_norms  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import _bootstrap  # noqa: E402,F401  (the checkout on sys.path; CPU accelerator without CUDA)
 
-from bll_ds.devices import DTYPES  # noqa: E402
-from bll_ds.errors import UserError  # noqa: E402
-from bll_ds.use import export  # noqa: E402
+from bll_ds.infra.errors import UserError  # noqa: E402
+from bll_ds.use.devices import DTYPES  # noqa: E402
+from bll_ds.use.trained_run import export  # noqa: E402
 
 
 def main(argv=None) -> int:

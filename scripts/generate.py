@@ -16,9 +16,9 @@ from pathlib import Path
 import _bootstrap  # noqa: E402,F401  (the checkout on sys.path; CPU accelerator without CUDA)
 import torch  # noqa: E402
 
-from bll_ds.devices import add_device_flags, resolve_device, resolve_dtype  # noqa: E402
-from bll_ds.errors import UserError  # noqa: E402
-from bll_ds.use import hf_model, hf_tokenizer, load_forward_network  # noqa: E402
+from bll_ds.infra.errors import UserError  # noqa: E402
+from bll_ds.use.devices import add_device_flags, resolve_device, resolve_dtype  # noqa: E402
+from bll_ds.use.trained_run import hf_model, hf_tokenizer, load_forward_network  # noqa: E402
 
 
 def load(source: Path, step: int | None, device: torch.device = torch.device("cpu"),

@@ -34,19 +34,19 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as tdist  # noqa: E402
 
-from bll_ds import distributed  # noqa: E402
-from bll_ds import run_dir as names  # noqa: E402
-from bll_ds.atomic import atomic_write_text  # noqa: E402
-from bll_ds import link_delay  # noqa: E402
 from bll_bench.peer_pipeline import PEER_SCHEDULES, PeerArm  # noqa: E402
-from bll_ds.config import parse_run_config, resolve_seq_len  # noqa: E402
 from bll_ds.data import EvalBatches, MicroBatchSampler  # noqa: E402
-from bll_ds.ds_config import load_ds_config  # noqa: E402
-from bll_ds.errors import UserError  # noqa: E402
+from bll_ds.data.prepare import prepare_run_data  # noqa: E402
+from bll_ds.infra import distributed  # noqa: E402
+from bll_ds.infra.atomic import atomic_write_text  # noqa: E402
+from bll_ds.infra.errors import UserError  # noqa: E402
 from bll_ds.measure.rss import peak_rss_mb  # noqa: E402
 from bll_ds.metrics.log import MetricsLog  # noqa: E402
 from bll_ds.modeling import count_parameters, load_model_spec  # noqa: E402
-from bll_ds.prepare import prepare_run_data  # noqa: E402
+from bll_ds.pipeline.launched import link_delay  # noqa: E402
+from bll_ds.run import run_dir as names  # noqa: E402
+from bll_ds.run.config import parse_run_config, resolve_seq_len  # noqa: E402
+from bll_ds.run.ds_config import load_ds_config  # noqa: E402
 
 
 def train(schedule: str, argv: list[str]) -> None:

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from bll_ds.train import main  # noqa: E402
+from bll_ds.run.train import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(started=STARTED))

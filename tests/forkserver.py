@@ -39,7 +39,7 @@ import socket
 import sys
 
 # The trainer's import closure and the checkpoint readers (evaluate.py, export.py, generate.py).
-PRELOAD = ("torch", "deepspeed", "deepspeed.comm", "transformers", "bll_ds.train", "bll_ds.use")
+PRELOAD = ("torch", "deepspeed", "deepspeed.comm", "transformers", "bll_ds.run.train", "bll_ds.use.trained_run")
 
 # Variables that no preloaded module should read at import, only the run when it starts: a run may
 # set them and still be forked. The server checks this as it imports (_preload) and tells the

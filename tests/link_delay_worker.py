@@ -1,4 +1,4 @@
-"""Two gloo ranks exercising bll_ds/link_delay.py (launched by tests/test_link_delay.py with
+"""Two gloo ranks exercising bll_ds/pipeline/launched/link_delay.py (launched by tests/test_link_delay.py with
 torchrun). Rank 0 sends five messages through every path the runs use (send, isend, a P2POp
 batch as torch.distributed.pipelining builds it) with a 200 ms delay installed; rank 1 receives
 them. Each rank writes what it saw to OUT/rank{r}.json; the test asserts on it."""
@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bll_ds import link_delay
+from bll_ds.pipeline.launched import link_delay
 
 DELAY_MS = 200.0
 

@@ -18,12 +18,12 @@ from deepspeed.runtime.activation_checkpointing import checkpointing as ds_check
 from helpers import launch_failure, run_pretrain, stage_losses
 
 from bll_bench import memory
-from bll_ds.config import BLLConfig
-from bll_ds.ds_config import DsSettings
-from bll_ds.engine.emulator import EmulatedPipeline
 from bll_ds.modeling import build_sequential, load_model_spec
 from bll_ds.modeling.checkpointing import checkpoint, checkpointed_groups, run_layers
-from bll_ds.use import load_forward_network
+from bll_ds.pipeline.emulated.emulator import EmulatedPipeline
+from bll_ds.run.config import BLLConfig
+from bll_ds.run.ds_config import DsSettings
+from bll_ds.use.trained_run import load_forward_network
 
 SPEC, DS_CONFIG = "models/test-1m.json", "ds_configs/test-1m.json"
 B, T = 2, 16

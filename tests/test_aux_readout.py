@@ -1,4 +1,4 @@
-"""The auxiliary-layer readouts (bll_ds/bll/aux_readout.py): loss by hand, causality, declared costs."""
+"""The auxiliary-layer readouts (bll_ds/method/aux_readout.py): loss by hand, causality, declared costs."""
 
 import pytest
 import torch
@@ -6,10 +6,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from helpers import TINY_SEQ, TINY_VOCAB, tiny_model_config
 
-from bll_ds.bll.feedback import build_feedback
-from bll_ds.bll.stage_step import slices_for
-from bll_ds.bll.variants import get as get_variant
 from bll_ds.measure.flops import TRAIN_OVER_FORWARD, layer_forward_flops, readout_flops_per_token
+from bll_ds.method.feedback import build_feedback
+from bll_ds.method.stage_step import slices_for
+from bll_ds.method.variants import get as get_variant
 
 T, V = TINY_SEQ, TINY_VOCAB
 

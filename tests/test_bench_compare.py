@@ -6,7 +6,7 @@ import json
 import pytest
 
 from bll_bench import compare, report
-from bll_ds.errors import UserError
+from bll_ds.infra.errors import UserError
 from helpers import cpu_env
 
 

@@ -31,7 +31,7 @@ bf16 weights (a weight of 1.0 does not round to a new bf16 value after a 3e-3 st
 first step moves a master by about lr wherever its gradient is non-zero and not at all where it
 is zero (weight decay is off here). Two kinds must stay: embedding rows of tokens absent from
 the step's inputs, and a feedback network's first layer, whose gradient is exactly zero on
-step 1 because its output layer starts at zero (bll_ds/bll/feedback.py).
+step 1 because its output layer starts at zero (bll_ds/method/feedback.py).
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ import pytest
 import torch
 from helpers import REPO, launch_failure, run_pretrain, stage_losses
 
-from bll_ds import run_dir as names
-from bll_ds.bll.variants import get as get_variant
-from bll_ds.engine.build import build_stage_feedback
-from bll_ds.engine.emulator import EMULATOR_STATE
+from bll_ds.method.variants import get as get_variant
 from bll_ds.modeling import load_model_spec
 from bll_ds.modeling.pipeline import build_sequential, stage_layer_ranges
+from bll_ds.pipeline.build import build_stage_feedback
+from bll_ds.pipeline.emulated.emulator import EMULATOR_STATE
+from bll_ds.run import run_dir as names
 
 STEPS, SEED = 20, 1234
 U = 2.0 ** -9                 # bf16's unit roundoff

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from bll_ds.bll.feedback import build_feedback, collapse_guard
+from bll_ds.method.feedback import build_feedback, collapse_guard
 from bll_ds.modeling import load_model_spec
 
 H, V = 4, 5

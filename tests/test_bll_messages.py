@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from bll_ds.bll.messages import (bernoulli_agreement, categorical_agreement, delta_categorical_agreement,
+from bll_ds.method.messages import (bernoulli_agreement, categorical_agreement, delta_categorical_agreement,
                                  gaussian_agreement)
 
 

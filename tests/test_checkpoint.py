@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from bll_ds import checkpoint
-from bll_ds.atomic import atomic_write_text
-from bll_ds.errors import UserError
+from bll_ds.infra.atomic import atomic_write_text
+from bll_ds.infra.errors import UserError
+from bll_ds.run import checkpoint
 
 META = {"method": "bp", "stages": 2, "data_parallel": 1, "model_spec_sha256": "a", "tokenizer_sha256": "b",
         "micro_batch_size": 3, "micro_batches": 4, "seq_len": 64, "seed": 1}

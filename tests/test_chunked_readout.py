@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from bll_ds.bll.variants import get as get_variant
-from bll_ds.bll.stage_step import slices_for, sliced_local_backward
-from bll_ds.bll.feedback import build_feedback
-from bll_ds.engine.trace import SavedActivationMeter
+from bll_ds.method.feedback import build_feedback
+from bll_ds.method.stage_step import slices_for, sliced_local_backward
+from bll_ds.method.variants import get as get_variant
 from bll_ds.modeling import load_model_spec
+from bll_ds.pipeline.trace import SavedActivationMeter
 
 GAS = 4  # gradient-accumulation steps the engine's backward divides by
 

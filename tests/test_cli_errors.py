@@ -82,8 +82,8 @@ def test_a_full_disk_is_found_before_training(tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
 
-    from bll_ds.errors import UserError
-    from bll_ds.storage import check_run_dir_storage
+    from bll_ds.infra.errors import UserError
+    from bll_ds.infra.storage import check_run_dir_storage
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**6, 10**6))
@@ -98,7 +98,7 @@ def test_every_rank_checks_the_run_dir_at_once(tmp_path):
     the run dir, so one rank's clean-up broke another rank's probe (seen in CI with 4 ranks)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from bll_ds.storage import check_run_dir_storage
+    from bll_ds.infra.storage import check_run_dir_storage
 
     out = tmp_path / "runs" / "new-run"
     with ThreadPoolExecutor(8) as pool:

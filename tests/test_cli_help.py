@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bll_ds.config import build_parser
+from bll_ds.run.config import build_parser
 
 
 def _captured_parser(monkeypatch, script: str) -> argparse.ArgumentParser:

@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from bll_ds import distributed
-from bll_ds.errors import UserError
+from bll_ds.infra import distributed
+from bll_ds.infra.errors import UserError
 from helpers import REPO, VENV_BIN, cpu_env, launch_failure, run_script
 
 RUN = ["--model", "models/test-1m.json", "--deepspeed_config", "ds_configs/test-1m.json", "--method", "bll",

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from bll_ds.config import RunConfig, parse_run_config
-from bll_ds.ds_config import load_ds_config
-from bll_ds.errors import UserError
+from bll_ds.infra.errors import UserError
+from bll_ds.run.config import RunConfig, parse_run_config
+from bll_ds.run.ds_config import load_ds_config
 
 
 def write(tmp_path, cfg: dict):

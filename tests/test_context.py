@@ -1,15 +1,15 @@
-"""The context-preserving local loss (bll_ds/bll/context.py): targets, loss by hand, costs."""
+"""The context-preserving local loss (bll_ds/method/context.py): targets, loss by hand, costs."""
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from helpers import TINY_HIDDEN, TINY_SEQ, TINY_VOCAB, tiny_model_config
 
-from bll_ds.bll.context import IGNORE, ContextLocalHeadFeedback, preceding_tokens
-from bll_ds.bll.feedback import build_feedback
-from bll_ds.bll.variants import get as get_variant
-from bll_ds.bll.stage_step import slices_for
 from bll_ds.measure.flops import readout_flops_per_token
+from bll_ds.method.context import IGNORE, ContextLocalHeadFeedback, preceding_tokens
+from bll_ds.method.feedback import build_feedback
+from bll_ds.method.stage_step import slices_for
+from bll_ds.method.variants import get as get_variant
 
 T, V, H = TINY_SEQ, TINY_VOCAB, TINY_HIDDEN
 

@@ -29,7 +29,7 @@ from bll_ds.data import prepare_tokens as prep  # noqa: E402
 from bll_ds.data import tokenizer as tokenizer_mod  # noqa: E402
 from bll_ds.data.hf_tokenizer import HFTokenizer, transformers_tokenizer  # noqa: E402
 from bll_ds.data.shards import MANIFEST, check_tokenizer_flag  # noqa: E402
-from bll_ds.errors import UserError  # noqa: E402
+from bll_ds.infra.errors import UserError  # noqa: E402
 
 FIELD = "body"
 

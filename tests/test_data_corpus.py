@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bll_ds.data import DEFAULT_CORPUS_MAX_BYTES, default_corpus_files, load_corpus
-from bll_ds.errors import UserError
+from bll_ds.infra.errors import UserError
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 REPO = Path(__file__).resolve().parents[1]
@@ -117,7 +117,7 @@ def test_bogus_hub_name_is_user_error_and_fast():
     """Runs in a subprocess: the hub's offline switches are read when `datasets` is imported."""
     code = (
         "from bll_ds.data import load_corpus\n"
-        "from bll_ds.errors import UserError\n"
+        "from bll_ds.infra.errors import UserError\n"
         "for spec in ['no_such_dataset_bll_xyz', 'nobody-bll/no_such_dataset:cfg']:\n"
         "    try:\n"
         "        load_corpus(spec)\n"

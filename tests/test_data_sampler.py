@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bll_ds.data import EvalBatches, MicroBatchSampler, token_windows_available
-from bll_ds.errors import UserError
+from bll_ds.infra.errors import UserError
 
 N, L, B, M = 5_001, 16, 4, 3
 STREAM = np.arange(N, dtype=np.uint32)

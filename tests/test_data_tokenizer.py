@@ -9,7 +9,7 @@ import pytest
 
 from bll_ds.data import build_tokenizer, parse_tokenizer_spec
 from bll_ds.data import tokenizer as tokenizer_mod
-from bll_ds.errors import UserError
+from bll_ds.infra.errors import UserError
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"shared data file {SHAKESPEARE} is absent")

@@ -1,4 +1,4 @@
-"""The one DeepSpeed boundary (bll_ds/engine/deepspeed_internals.py): a DeepSpeed without a member
+"""The one DeepSpeed boundary (bll_ds/pipeline/launched/deepspeed_internals.py): a DeepSpeed without a member
 the code uses is refused at engine build time, naming the member and the pinned version; and no
 other module reaches into DeepSpeed's private members."""
 
@@ -11,8 +11,8 @@ import pytest
 from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
-from bll_ds.engine import deepspeed_internals as ds_internals
-from bll_ds.errors import UserError
+from bll_ds.infra.errors import UserError
+from bll_ds.pipeline.launched import deepspeed_internals as ds_internals
 
 PACKAGE = Path(__file__).resolve().parents[1] / "bll_ds"
 
@@ -44,7 +44,7 @@ def test_an_engine_without_an_attribute_is_named():
 
 def test_the_build_runs_the_check_first(monkeypatch):
     """build_engine stops before it touches the module or any process group."""
-    from bll_ds.engine import build
+    from bll_ds.pipeline import build
 
     monkeypatch.delattr(PipelineEngine, "_send_tensor_meta")
     with pytest.raises(UserError, match="_send_tensor_meta"):

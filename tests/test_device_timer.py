@@ -8,9 +8,9 @@ import time
 
 import torch
 
-from bll_ds.engine.accounting import StageAccounting
-from bll_ds.engine.device_timer import CudaTimer, HostTimer, timer_for
-from bll_ds.engine.trace import StageTracer
+from bll_ds.pipeline.accounting import StageAccounting
+from bll_ds.pipeline.device_timer import CudaTimer, HostTimer, timer_for
+from bll_ds.pipeline.trace import StageTracer
 
 
 class DeferredTimer:

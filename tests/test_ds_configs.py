@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from bll_ds.ds_config import load_ds_config
+from bll_ds.run.ds_config import load_ds_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,9 +16,9 @@ import torch
 from helpers import (LAUNCHED_BLL_ARGS, LAUNCHED_BP_ARGS, LAUNCHED_STEPS, launch_failure, run_pretrain, run_script,
                      stage_losses)
 
-from bll_ds.engine.emulated_stage import build_optimizer
-from bll_ds.errors import UserError
-from bll_ds.use import load_forward_network
+from bll_ds.infra.errors import UserError
+from bll_ds.pipeline.emulated.emulated_stage import build_optimizer
+from bll_ds.use.trained_run import load_forward_network
 
 STEPS = 20
 TOLERANCE = 1e-4
@@ -135,7 +135,7 @@ SENDS_UPSTREAM = {"prototype-aux": True, "prototype-overlap": True, "dgl-overlap
 @pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v.endswith("overlap") else v
                                      for v in LEVER_PORTS])
 def test_lever_launched_killed_and_resumed_equals_emulated(tmp_path, cache_dir, text_corpus, variant):
-    """Issue 11's levers (bll_ds/bll/aux_readout.py, overlap.py, context.py) through the launcher, killed at
+    """Issue 11's levers (bll_ds/method/aux_readout.py, overlap.py, context.py) through the launcher, killed at
     step 10 and resumed, end where one straight emulated run does, and no gradient crosses a
     stage. The overlap variants send a layer copy upstream (dgl-overlap: nothing else), through
     the same channel, lag and checkpointed queue as the tables; dgl-context sends nothing."""

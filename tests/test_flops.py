@@ -68,7 +68,7 @@ def _counted_feedback_step(config) -> float:
     readout's own, as FlopCounterMode counts them."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from bll_ds.bll.feedback import build_feedback
+    from bll_ds.method.feedback import build_feedback
 
     feedback = build_feedback("prototype", config)
     hidden = torch.randn(1, 1, config.hidden_size)

@@ -15,13 +15,13 @@ import pytest
 import torch
 from helpers import REPO, launch_failure, run_pretrain
 
-from bll_ds.config import BLLConfig
-from bll_ds.ds_config import load_ds_config
-from bll_ds.engine.emulator import EmulatedPipeline
-from bll_ds.errors import UserError
-from bll_ds.init_weights import load_into
+from bll_ds.infra.errors import UserError
 from bll_ds.modeling import load_model_spec
-from bll_ds.run_dir import MODEL_CONFIG, checkpoints, layer_weights
+from bll_ds.pipeline.emulated.emulator import EmulatedPipeline
+from bll_ds.run.config import BLLConfig
+from bll_ds.run.ds_config import load_ds_config
+from bll_ds.run.init_weights import load_into
+from bll_ds.run.run_dir import MODEL_CONFIG, checkpoints, layer_weights
 
 SEQ = "32"
 

@@ -93,7 +93,7 @@ def test_both_stop_signals_are_caught(sig):
     """In this process: the handler notes the signal and the run would stop at the next boundary."""
     import os
 
-    from bll_ds.job_control import JobControl
+    from bll_ds.run.job_control import JobControl
 
     job = JobControl(exit_duration_mins=0, started=time.time())
     try:

@@ -119,8 +119,8 @@ def test_one_pipeline_step_equals_a_hand_computed_adamw_step(tmp_path, cache_dir
     (a wrong accumulation scale or clip shows up as a wrong update).
     """
     from bll_ds.data import Tokenizer, load_corpus, prepare_token_streams, MicroBatchSampler
-    from bll_ds.engine.build import weight_decay_groups
     from bll_ds.modeling import build_sequential, lm_loss, load_model_spec
+    from bll_ds.pipeline.build import weight_decay_groups
 
     ds_cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3, "gradient_clipping": 0.5,
               "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "betas": [0.9, 0.95], "eps": 1e-3,

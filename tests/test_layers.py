@@ -1,6 +1,6 @@
 """The layers point one way: the trainer's package (bll_ds) never imports the benchmark package
 (bll_bench) or a plotting library, and nothing in the trainer imports the checkpoint-use module
-(bll_ds/use.py)."""
+(bll_ds/use/trained_run.py)."""
 
 import ast
 import subprocess
@@ -9,7 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "bll_ds"
-UPPER = ("bll_bench", "bll_ds.use", "matplotlib")
+UPPER = ("bll_bench", "bll_ds.use.trained_run", "matplotlib")
 
 
 def _imports(path: Path) -> set[str]:

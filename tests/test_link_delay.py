@@ -1,4 +1,4 @@
-"""bll_ds/link_delay.py: a slow link in the point-to-point layer (--link_delay_ms). Two gloo
+"""bll_ds/pipeline/launched/link_delay.py: a slow link in the point-to-point layer (--link_delay_ms). Two gloo
 ranks (tests/link_delay_worker.py): messages arrive no sooner than the delay after they were
 sent, in order, with the values they had when sent; the sender is not held up; uninstall gives
 torch its functions back. The tests that read the two-rank launch carry the launcher marker."""
@@ -48,7 +48,7 @@ def test_install_patches_and_uninstall_restores_torch(seen):
 
 
 def test_negative_delay_is_refused():
-    from bll_ds import link_delay
+    from bll_ds.pipeline.launched import link_delay
 
     with pytest.raises(ValueError, match=">= 0"):
         link_delay.install(-1.0)
@@ -65,8 +65,8 @@ def test_the_emulator_refuses_a_link_delay(tmp_path):
 
 
 def test_a_negative_flag_is_a_user_error_naming_it():
-    from bll_ds import link_delay
-    from bll_ds.errors import UserError
+    from bll_ds.infra.errors import UserError
+    from bll_ds.pipeline.launched import link_delay
 
     with pytest.raises(UserError, match="--link_delay_ms -1.0 is negative"):
         link_delay.check_flag(-1.0)

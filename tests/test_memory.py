@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from bll_bench import memory
-from bll_ds.engine.build import build_stage, forward_layers
-from bll_ds.bll import variants
-from bll_ds.bll.variants import get as get_variant
-from bll_ds.bll.stage_step import slices_for, sliced_local_backward
-from bll_ds.bll.feedback import build_feedback
+from bll_ds.method import variants
+from bll_ds.method.feedback import build_feedback
+from bll_ds.method.stage_step import slices_for, sliced_local_backward
+from bll_ds.method.variants import get as get_variant
 from bll_ds.modeling import count_parameters, lm_loss, load_model_spec
 from bll_ds.modeling.checkpointing import run_layers
 from bll_ds.modeling.layers import DecoderLayer
+from bll_ds.pipeline.build import build_stage, forward_layers
 
 B, T = 2, 16
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -76,7 +76,7 @@ STAGE_CASES = [
     (TEST_1M, "bll", 4, 2, "bf16", 2, 0.011, "drtp"), (TEST_1M, "bll", 4, 1, "fp32", 2, 16, "drtp"),
     (GPT2, "bll", 4, 1, "fp32", 2, 0.002, "prototype"), (GPT2, "bll", 4, 0, "fp32", 1, 0.002, "dgl"),
     (TEST_1M, "bp", 2, 0, "fp32", 2, 16, "prototype"), (TEST_1M, "bp", 2, 1, "bf16", 2, 16, "prototype"),
-    # the readout options of bll_ds/bll/variant_options.py, and dgl-context's three heads
+    # the readout options of bll_ds/method/variant_options.py, and dgl-context's three heads
     (TEST_1M, "bll", 4, 1, "fp32", 2, 16, "dgl-context"), (TEST_1M, "bll", 4, 1, "fp32", 2, 16, "dgl-context:dim=8:neg=16"),
     (TEST_1M, "bll", 4, 1, "bf16", 2, 16, "prototype:dim=8:neg=16:table=bf16"),
     (TEST_1M, "bll", 4, 1, "fp32", 2, 0.01, "dgl:dim=8")]

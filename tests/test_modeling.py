@@ -7,7 +7,7 @@ import torch
 from deepspeed.runtime import utils as ds_utils
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
-from bll_ds.errors import UserError
+from bll_ds.infra.errors import UserError
 from bll_ds.modeling import (build_sequential, check_stages, count_parameters, load_hf_state_dict,
                              load_model_spec, stage_layer_counts, to_hf_state_dict)
 from bll_ds.modeling.layers import DecoderLayer

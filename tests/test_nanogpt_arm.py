@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bll_bench import compare, nanogpt_arm
-from bll_ds.errors import UserError
+from bll_ds.infra.errors import UserError
 from helpers import REPO
 
 STDOUT = """tokens per iteration will be: 768

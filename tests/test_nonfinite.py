@@ -2,7 +2,7 @@
 a message naming the step, the stage and the last good checkpoint; --on_nonfinite skip drops the
 update and goes on. Block-local stages decide alone; backprop stages decide together.
 
-Faults are injected with BLL_DS_INJECT_NONFINITE (bll_ds/engine/nonfinite.py), so the step and
+Faults are injected with BLL_DS_INJECT_NONFINITE (bll_ds/pipeline/nonfinite.py), so the step and
 stage are known; one test diverges for real with a huge learning rate."""
 
 import json
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bll_ds.engine import nonfinite
-from bll_ds.errors import UserError
-from bll_ds.nonfinite_policy import NonFinitePolicy
+from bll_ds.infra.errors import UserError
+from bll_ds.pipeline import nonfinite
+from bll_ds.run.nonfinite_policy import NonFinitePolicy
 from helpers import launch_failure, read_metrics, run_pretrain, train_losses
 
 STEPS = 8

@@ -1,4 +1,4 @@
-"""The overlap readouts (bll_ds/bll/overlap.py): loss by hand through the sent layer, the message
+"""The overlap readouts (bll_ds/method/overlap.py): loss by hand through the sent layer, the message
 round trip, no gradient into the copy, declared costs. The launcher run (no cross-stage gradient,
 exact resume) is in tests/test_emulator.py."""
 
@@ -9,10 +9,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from helpers import TINY_HIDDEN, TINY_SEQ, TINY_VOCAB, tiny_model_config
 
-from bll_ds.bll.feedback import build_feedback
-from bll_ds.bll.overlap import layer_numel
-from bll_ds.bll.variants import get as get_variant
 from bll_ds.measure.flops import readout_flops_per_token
+from bll_ds.method.feedback import build_feedback
+from bll_ds.method.overlap import layer_numel
+from bll_ds.method.variants import get as get_variant
 from bll_ds.modeling.layers import DecoderLayer, TokenEmbedding
 
 T, V, H = TINY_SEQ, TINY_VOCAB, TINY_HIDDEN

@@ -132,7 +132,7 @@ def test_peer_arm_one_step_matches_autograd(name, peer_runs, reference, referenc
 def test_peer_pretrain_script_trains_and_writes_what_the_harness_reads(tmp_path, text_corpus, cache_dir):
     """scripts/peer_pretrain.py: the launchable arm, on the run data pretrain.py builds (3 steps of
     DualPipeV, which needs micro-batches >= stages = 4), through a 20 ms slow link
-    (bll_ds/link_delay.py on torch's P2POp path); its outputs are what the bench harness reads."""
+    (bll_ds/pipeline/launched/link_delay.py on torch's P2POp path); its outputs are what the bench harness reads."""
     from bll_bench import compare
 
     (tmp_path / "ds.json").write_text(json.dumps(DS_CONFIG))

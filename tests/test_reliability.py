@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 
-from bll_ds import checkpoint
+from bll_ds.run import checkpoint
 from helpers import REPO, VENV_BIN, cpu_env, launch_failure, run_pretrain, train_losses
 
 pytestmark = pytest.mark.launcher

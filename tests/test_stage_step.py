@@ -1,13 +1,13 @@
-"""The one stage step (bll_ds/bll/stage_step.py) on one CPU process, without the launcher: what a
+"""The one stage step (bll_ds/method/stage_step.py) on one CPU process, without the launcher: what a
 stage computes per micro-batch and at the step boundary, against plain autograd by hand."""
 
 import pytest
 import torch
 
-from bll_ds.engine.build import build_stage, forward_layers
-from bll_ds.bll.stage_step import STEP_END, StageStep, run_step_end
-from bll_ds.engine import bll_schedule
+from bll_ds.method.stage_step import STEP_END, StageStep, run_step_end
 from bll_ds.modeling import lm_loss, load_model_spec
+from bll_ds.pipeline.build import build_stage, forward_layers
+from bll_ds.pipeline.launched import bll_schedule
 
 M = 3  # micro-batches per step
 

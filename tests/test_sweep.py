@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from bll_ds import run_dir as names
 from bll_bench import sweep
-from bll_ds.errors import UserError
+from bll_ds.infra.errors import UserError
+from bll_ds.run import run_dir as names
 
 
 def test_depth_plan_has_the_baseline_every_stage_count_and_the_truncated_models():

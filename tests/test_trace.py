@@ -2,7 +2,7 @@
 
 import torch
 
-from bll_ds.engine.trace import SavedActivationMeter, StageTracer, traced
+from bll_ds.pipeline.trace import SavedActivationMeter, StageTracer, traced
 
 
 def test_meter_counts_each_saved_storage_once_and_releases_after_backward():

@@ -66,7 +66,7 @@ def test_evaluate_under_the_launcher_splits_batches_and_agrees(trained_run, cach
 def test_residual_norms_are_each_layers_stream_and_update_rms(trained_run, cache_dir):
     """--residual_norms reports one row per decoder layer; checked by hand on one batch."""
     from bll_ds.modeling.layers import DecoderLayer
-    from bll_ds.use import load_forward_network, residual_norms
+    from bll_ds.use.trained_run import load_forward_network, residual_norms
 
     result = _json_out(_script("evaluate.py", str(trained_run), "--cache_dir", str(cache_dir), "--batches", "2",
                                "--residual_norms"))

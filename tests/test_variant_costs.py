@@ -5,8 +5,8 @@ import json
 import pytest
 
 from bll_bench import variant_costs
-from bll_ds.bll import variants
 from bll_ds.measure.flops import layer_forward_flops
+from bll_ds.method import variants
 from bll_ds.modeling import load_model_spec
 
 

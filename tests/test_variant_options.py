@@ -1,4 +1,4 @@
-"""Cheaper readouts and tables (bll_ds/bll/variant_options.py): the spec syntax, the loss terms by
+"""Cheaper readouts and tables (bll_ds/method/variant_options.py): the spec syntax, the loss terms by
 hand, the sampled softmax's unbiased partition and its stated bias on a tiny vocabulary, the
 declared FLOPs and bytes against counters, and exact resume with tables refreshed every k steps."""
 
@@ -15,12 +15,12 @@ from helpers import (TINY_HIDDEN, TINY_SEQ, TINY_VOCAB, launch_failure, run_pret
                      tiny_model_config)
 from torch.utils.flop_counter import FlopCounterMode
 
-from bll_ds.bll import variants
-from bll_ds.bll.feedback import build_feedback
-from bll_ds.bll.variant_options import (IGNORE, Candidates, VariantOptions, fixed_projection, parse_spec,
+from bll_ds.method import variants
+from bll_ds.method.feedback import build_feedback
+from bll_ds.method.variant_options import (IGNORE, Candidates, VariantOptions, fixed_projection, parse_spec,
                                         run_name, shared_candidates)
-from bll_ds.engine.feedback_channel import LAG, publishes_after, table_index, tables_published
 from bll_ds.measure.flops import readout_flops_per_token, stage_step_flops
+from bll_ds.pipeline.feedback_channel import LAG, publishes_after, table_index, tables_published
 
 H, V, T = TINY_HIDDEN, TINY_VOCAB, TINY_SEQ
 
@@ -78,8 +78,8 @@ def test_the_agreement_variants_take_their_guard_and_variance_from_the_spec(conf
 @pytest.mark.parametrize("flag,new_form", [("--bll_guard_weight", "gaussian:guard=0.5"),
                                            ("--bll_learn_variance", "gaussian:variance=learned")])
 def test_the_old_option_flags_are_refused_naming_the_spec(flag, new_form):
-    from bll_ds.config import parse_run_config
-    from bll_ds.errors import UserError
+    from bll_ds.infra.errors import UserError
+    from bll_ds.run.config import parse_run_config
 
     with pytest.raises(UserError, match=f"{flag} is no longer a flag") as err:
         parse_run_config(["--model", "m.json", "--deepspeed_config", "d.json", "--out", "o",
@@ -88,7 +88,7 @@ def test_the_old_option_flags_are_refused_naming_the_spec(flag, new_form):
 
 
 def test_the_trainer_refuses_a_bad_option_before_it_starts():
-    from bll_ds.config import parse_run_config
+    from bll_ds.run.config import parse_run_config
 
     with pytest.raises(SystemExit):
         parse_run_config(["--model", "m.json", "--deepspeed_config", "d.json", "--out", "o",
@@ -169,7 +169,7 @@ def test_context_heads_read_their_targets_from_the_same_candidates(config):
     assert {"ce", "context_ce_1", "context_ce_2", "readout_candidates"} <= set(terms)
     assert all(math.isfinite(float(v)) for v in terms.values()) and math.isfinite(loss.item())
     candidates = shared_candidates(labels, V, 2)
-    from bll_ds.bll.context import preceding_tokens
+    from bll_ds.method.context import preceding_tokens
     for offset in (1, 2):
         targets = preceding_tokens(labels, offset)
         assert ((candidates.position(targets) != IGNORE) == (targets != IGNORE)).all()

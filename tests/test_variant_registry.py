@@ -1,7 +1,7 @@
 """A new local loss is one class in one file: this file defines a throwaway variant, and the CLI,
 the builder, the FLOPs model, the memory planner and a launched 2-stage run all find it.
 
-The launched ranks import this very file with --custom_import (bll_ds/bll/variants.py)."""
+The launched ranks import this very file with --custom_import (bll_ds/method/variants.py)."""
 
 import json
 import textwrap
@@ -11,8 +11,8 @@ import pytest
 import torch.nn.functional as F
 from torch import nn
 
-from bll_ds.bll import variants
-from bll_ds.bll.feedback import StageFeedback, build_feedback
+from bll_ds.method import variants
+from bll_ds.method.feedback import StageFeedback, build_feedback
 
 THIS_FILE = str(Path(__file__).resolve())
 
@@ -42,7 +42,7 @@ class BottleneckHeadFeedback(StageFeedback):
 
 
 def _docstring_recipe() -> str:
-    """The class in bll_ds/bll/variants.py's docstring, as written there (a name, a loss, no cost
+    """The class in bll_ds/method/variants.py's docstring, as written there (a name, a loss, no cost
     declarations), renamed so that it cannot clash with a user's "mine"."""
     doc = variants.__doc__
     start = doc.index("    @register")
@@ -55,9 +55,9 @@ exec(_docstring_recipe(), {"register": variants.register, "StageFeedback": Stage
 
 def test_every_consumer_asks_the_class():
     from bll_bench import memory
-    from bll_ds.config import parse_run_config
     from bll_ds.measure import flops
     from bll_ds.modeling import load_model_spec
+    from bll_ds.run.config import parse_run_config
 
     assert "test-bottleneck" in variants.names() and not variants.get("test-bottleneck").sends_table
     config = load_model_spec("models/test-1m.json", vocab_size=100)

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bll_ds.data.documents import FOLDER_SUFFIXES, iter_file_documents, resolve_source  # noqa: F401
-from bll_ds.errors import UserError
+from bll_ds.infra.errors import UserError
 
 DEFAULT_CORPUS_MAX_BYTES = 8_000_000
 VAL_FRACTION = 0.1

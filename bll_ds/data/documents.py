@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bll_ds.errors import UserError
+from bll_ds.infra.errors import UserError
 
 FOLDER_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".parquet")
 TOKENS_PREFIX = "tokens:"  # --data tokens:DIR, a folder written by the prepare command

@@ -35,9 +35,9 @@ import json
 import os
 from pathlib import Path
 
-from bll_ds.atomic import atomic_write_text
-from bll_ds.errors import UserError
-from bll_ds.run_dir import HF_TOKENIZER
+from bll_ds.infra.atomic import atomic_write_text
+from bll_ds.infra.errors import UserError
+from bll_ds.run.run_dir import HF_TOKENIZER
 
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eos|>", "[EOS]", "<|im_end|>")
 HF_FOLDER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")

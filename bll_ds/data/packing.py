@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bll_ds.atomic import atomic_path
 from bll_ds.data.corpus import Corpus
 from bll_ds.data.tokenizer import Tokenizer
+from bll_ds.infra.atomic import atomic_path
 
 CACHE_FORMAT_VERSION = 1
 CHUNK_CHARS = 1_000_000

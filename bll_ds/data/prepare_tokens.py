@@ -6,7 +6,7 @@
     # (scripts/prepare_data.py is the same command), then:
     deepspeed ... scripts/pretrain.py --data tokens:DIR ...
 
-Why a separate command: a training run's data step (bll_ds/prepare.py) reads the whole corpus
+Why a separate command: a training run's data step (bll_ds/data/prepare.py) reads the whole corpus
 into memory on rank 0 while every other rank waits, which is fine for Tiny Shakespeare and
 impossible for FineWeb. Here documents are *streamed* (documents.py: text files one document each,
 jsonl line by line, parquet row group by row group, a Hugging Face dataset with
@@ -66,13 +66,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bll_ds.atomic import atomic_write_text
 from bll_ds.data.documents import iter_documents, resolve_source
 from bll_ds.data.packing import CHUNK_CHARS, _chunk_documents, token_dtype
 from bll_ds.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, shard_name
 from bll_ds.data.tokenizer import MAX_TRAIN_CHARS, build_tokenizer, parse_tokenizer_spec
-from bll_ds.errors import UserError
-from bll_ds.run_dir import HF_TOKENIZER, TOKENIZER_META, TOKENIZER_MODEL
+from bll_ds.infra.atomic import atomic_write_text
+from bll_ds.infra.errors import UserError
+from bll_ds.run.run_dir import HF_TOKENIZER, TOKENIZER_META, TOKENIZER_MODEL
 
 DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_VAL_EVERY = 10

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from bll_ds.data.packing import token_windows_available
-from bll_ds.errors import UserError
+from bll_ds.infra.errors import UserError
 
 
 class MicroBatchSampler:

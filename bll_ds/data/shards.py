@@ -33,7 +33,7 @@ import numpy as np
 
 from bll_ds.data.documents import TOKENS_PREFIX
 from bll_ds.data.packing import open_stream
-from bll_ds.errors import UserError
+from bll_ds.infra.errors import UserError
 
 MANIFEST = "tokens.json"
 FORMAT = "bll-ds-tokens"

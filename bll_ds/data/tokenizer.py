@@ -50,9 +50,9 @@ import re
 import shutil
 from pathlib import Path
 
-from bll_ds.atomic import atomic_write_bytes
-from bll_ds.errors import UserError
-from bll_ds.run_dir import HF_TOKENIZER, TOKENIZER_META, TOKENIZER_MODEL
+from bll_ds.infra.atomic import atomic_write_bytes
+from bll_ds.infra.errors import UserError
+from bll_ds.run.run_dir import HF_TOKENIZER, TOKENIZER_META, TOKENIZER_MODEL
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 NUM_SPECIALS = 3

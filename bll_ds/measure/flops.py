@@ -23,7 +23,7 @@ What FlopCounterMode counts instead (torch 2.13), checked by tests/test_flops.py
 
 Stage layout (DeepSpeed's type-based partition, bll_ds/modeling/pipeline.py): decoder layers per
 `stage_layer_counts`, the embedding on stage 0, the LM head (final norm + Linear(H, V)) on the
-last stage. Under BLL every stage but the last also runs a local readout (bll_ds/bll/feedback.py).
+last stage. Under BLL every stage but the last also runs a local readout (bll_ds/method/feedback.py).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
-from bll_ds.bll.variants import get as get_variant
+from bll_ds.method.variants import get as get_variant
 from bll_ds.modeling.pipeline import stage_layer_counts
 
 METHODS = ("bp", "bll")
@@ -89,7 +89,7 @@ def head_forward_flops(config: PretrainedConfig) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# BLL local readouts (non-last stages): each variant declares its own (bll_ds/bll/feedback.py)
+# BLL local readouts (non-last stages): each variant declares its own (bll_ds/method/feedback.py)
 # ---------------------------------------------------------------------------------------------
 
 class NotModelled(ValueError):
@@ -104,7 +104,7 @@ class NotModelled(ValueError):
 def readout_flops_per_token(config: PretrainedConfig, variant: str, micro_batch_tokens: int | None = None) -> float:
     """Training FLOPs per token of a non-last stage's local loss (forward + backward), beyond the
     stage's own blocks: prototype and dgl 6HV, drtp 4HV, gaussian and bernoulli 12H^2; with the
-    options of bll_ds/bll/variant_options.py 6Hr + 6rC per head (C: the candidates of a micro-batch
+    options of bll_ds/method/variant_options.py 6Hr + 6rC per head (C: the candidates of a micro-batch
     of `micro_batch_tokens` tokens). NotModelled where the variant declares none."""
     flops = get_variant(variant).readout_flops_per_token(config, micro_batch_tokens)
     if flops is None:

@@ -62,7 +62,7 @@ class WandbMonitor:
         try:
             import wandb
         except ImportError:
-            from bll_ds.errors import UserError
+            from bll_ds.infra.errors import UserError
             raise UserError("the DeepSpeed config enables wandb, but the wandb package is not installed.",
                             "pip install wandb (or pip install -e '.[wandb]'), or set wandb.enabled false.") from None
         config = WandbConfig(**section)

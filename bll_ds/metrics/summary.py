@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from bll_ds.atomic import atomic_write_text
+from bll_ds.infra.atomic import atomic_write_text
 from bll_ds.measure.flops import NotModelled, stage_step_flops
 from bll_ds.modeling import count_parameters
-from bll_ds.run_dir import SUMMARY
+from bll_ds.run.run_dir import SUMMARY
 
 
 def build_summary(cfg, ds, engine, model_config, recent, step_times, seq_len: int, start_step: int,

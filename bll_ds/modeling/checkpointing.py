@@ -14,7 +14,7 @@ needs none either, so its layers get no gradient at all. That is every block-loc
 the first: its received input has requires_grad False (nothing goes back upstream). torch's
 non-reentrant checkpoint (and DeepSpeed's `non_reentrant_checkpoint`) are right, but they save
 the recomputed tensors through their own saved-tensor hooks, which hide them from the engines'
-SavedActivationMeter (bll_ds/engine/trace.py), so the planner's recompute term could not be
+SavedActivationMeter (bll_ds/pipeline/trace.py), so the planner's recompute term could not be
 measured. `checkpoint` below is a reentrant checkpoint that takes the group's parameters as
 inputs of its autograd Function:
 - its output needs a gradient whenever a parameter does, whatever the input;

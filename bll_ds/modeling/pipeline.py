@@ -14,7 +14,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule
 from torch import nn
 from transformers import PretrainedConfig
 
-from bll_ds.errors import UserError
+from bll_ds.infra.errors import UserError
 from bll_ds.modeling.checkpointing import CHECKPOINTABLE_LAYERS, StageCheckpoint
 from bll_ds.modeling.layers import DecoderLayer, OutputHead, TokenEmbedding, lm_loss
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transformers import GPT2Config, LlamaConfig, PretrainedConfig
 
-from bll_ds.errors import UserError
+from bll_ds.infra.errors import UserError
 
 SUPPORTED_FAMILIES = {"gpt2": GPT2Config, "llama": LlamaConfig}
 

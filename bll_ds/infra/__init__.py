@@ -1,0 +1,1 @@
+"""Infrastructure every part uses: errors, atomic writes, storage checks, process groups."""

@@ -1,0 +1,244 @@
+"""One config object per run: `RunConfig`, with documented defaults, filled from the command line.
+
+Everything about *how DeepSpeed trains* (batch sizes, optimizer, scheduler, precision, ZeRO,
+clipping) lives in the DeepSpeed JSON given with --deepspeed_config, unchanged from what a
+DeepSpeed user writes. Everything about *what* is trained (model, data, tokenizer, method,
+stages, steps, output) lives here.
+
+RunConfig groups its fields in sections (`cfg.bll`, `cfg.eval`, `cfg.checkpoint`,
+`cfg.nonfinite`, `cfg.metrics`), each a dataclass whose parts take them whole. The command line
+stays flat: a section field's flag is its section's prefix plus its name (`--bll_variant` fills
+`cfg.bll.variant`) unless the field names its own flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bll_ds.infra.errors import UserError
+
+METHODS = ("bp", "bll")
+ON_NONFINITE = ("stop", "skip")
+RESUME = ("no", "yes", "auto")
+
+
+def _doc(text: str, flag: str | None = None, **kwargs):
+    metadata = {"help": text} if flag is None else {"help": text, "flag": flag}
+    return field(metadata=metadata, **kwargs)
+
+
+@dataclass
+class BLLConfig:
+    """--method bll: the local loss and how the block-local pipeline runs (flags --bll_*)."""
+    variant: str = _doc("Local loss (docs/METHOD.md): dgl-context (a free local head that also reconstructs "
+                        "the two preceding tokens; closest to backprop at 8 and 16 stages), prototype (the "
+                        "feedback network's target prototypes), gaussian, bernoulli (per-token agreement with a "
+                        "collapse guard), dgl (a free local head), drtp (fixed random feedback), the -aux and "
+                        "-overlap levers, or a variant of your own (--custom_import). Options follow the name: "
+                        "NAME:dim=r:neg=n:table=bf16:refresh=k, a readout in r dimensions, a softmax over the "
+                        "micro-batch's targets and n sampled negatives, the table in bf16 and sent every k "
+                        "steps; gaussian/bernoulli:guard=w, the collapse guard's weight; "
+                        "gaussian:variance=learned (bll_ds/method/variant_options.py).",
+                        default="dgl-context")
+    steps_per_call: int = _doc("Optimizer steps per engine call, BLL only: the pipe fills and drains once per "
+                               "call, not once per step; 1 = drain after every step. Backprop drains after "
+                               "every step by construction (1F1B's flush) and runs one step per call.",
+                               default=32)
+    readout_max_logits_mb: float = _doc("The per-token local readouts (prototype, dgl, drtp) run in sequence "
+                                        "slices whose fp32 logits stay under this many MiB, so a large "
+                                        "vocabulary does not add a [tokens, V] stash per stage (0 = one slice).",
+                                        default=16.0)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation of the full forward network."""
+    interval: int = _doc("Steps between held-out evaluations (0 = only at the end).", default=250)
+    batches: int = _doc("Micro-batches per data-parallel replica in a periodic evaluation.", default=20)
+    final_batches: int = _doc("Micro-batches per replica in the final evaluation (0 = the whole held-out split).",
+                              flag="final_eval_batches", default=0)
+
+
+@dataclass
+class CheckpointConfig:
+    """Atomic checkpoints in RUN_DIR/checkpoints/ (bll_ds/run/checkpoint.py)."""
+    save_interval: int = _doc("Steps between checkpoints (0 = only at the end).", flag="save_interval",
+                              default=500)
+    keep: int = _doc("Complete checkpoints kept on disk (older ones are deleted).", flag="keep_checkpoints",
+                     default=2)
+    exit_interval: int = _doc("Save a checkpoint and exit cleanly once the step count is a multiple of this "
+                              "(0 = never): run long jobs in slices under a scheduler's time limit.",
+                              flag="exit_interval", default=0)
+    resume: str = _doc("'yes' (the bare flag --resume): continue the run in --out from its latest complete "
+                       "checkpoint, and fail if it has none. 'auto': continue it if it has one, else start it "
+                       "(what a requeued scheduler job wants). 'no': start a new run, and fail if --out "
+                       "already holds checkpoints.", flag="resume", default="no")
+    exit_duration_mins: float = _doc("Save a checkpoint and exit cleanly at the first step boundary after this "
+                                     "many minutes of wall time since start-up (0 = never): set it a few "
+                                     "minutes under the job's time limit. SIGTERM and SIGUSR1 do the same at "
+                                     "once (the next step boundary).", flag="exit_duration_mins", default=0.0)
+
+
+@dataclass
+class NonFiniteConfig:
+    """Steps whose loss or gradients are NaN/inf (bll_ds/pipeline/nonfinite.py, nonfinite_policy.py)."""
+    policy: str = _doc("A step whose loss or gradients are NaN/inf is never applied. 'stop': the run stops, "
+                       "naming the step, the stage and the last good checkpoint. 'skip': the update is "
+                       "dropped and training goes on (the learning-rate schedule advances); block-local "
+                       "stages decide alone, backprop stages together.", flag="on_nonfinite", default="stop")
+    max_consecutive_skips: int = _doc("With --on_nonfinite skip: a stage that skips more steps than this in a "
+                                      "row has diverged, and the run stops.", flag="max_consecutive_skips",
+                                      default=10)
+
+
+@dataclass
+class MetricsConfig:
+    """What the run measures and logs (bll_ds/metrics/)."""
+    log_interval: int = _doc("Steps between metrics.jsonl / TensorBoard lines.", flag="log_interval", default=10)
+    throughput_warmup_steps: int = _doc("Steps excluded from the tokens/s median.", flag="throughput_warmup_steps",
+                                        default=5)
+    trace_steps: int = _doc("The last N warm-up steps are traced: every pipeline instruction timed into "
+                            "timeline_stage{k}.json, and the saved-activation peak metered (0 = off).",
+                            flag="trace_steps", default=3)
+    measure_matmul_peak: bool = _doc("Measure the device's fp32/bf16 matrix-product peak, for model FLOP "
+                                     "utilisation in summary.json (under a second each: before and after training, the "
+                                     "best kept).", flag="measure_matmul_peak", default=True)
+    progress: bool = _doc("Show a tqdm progress bar on rank 0.", flag="progress", default=True)
+
+
+def resolve_seq_len(cfg: "RunConfig", model_config) -> int:
+    """--seq_len, or the model's context length; it must fit the context."""
+    context = model_config.max_position_embeddings
+    seq_len = cfg.seq_len or context
+    if not 1 <= seq_len <= context:
+        raise UserError(f"--seq_len {seq_len} does not fit the model's context of {context} positions.",
+                        f"pass --seq_len between 1 and {context}, or raise the spec's context length.")
+    return seq_len
+
+
+@dataclass
+class RunConfig:
+    model: str = _doc("Model spec: a Hugging Face config.json of the gpt2 or llama family (models/*.json).")
+    deepspeed_config: str = _doc("DeepSpeed JSON config (ds_configs/*.json).")
+    out: str = _doc("Run directory: checkpoints, tokenizer, metrics.jsonl, summary.json, tb/.")
+    method: str = _doc("'bll' = block-local learning (each stage trains on its own local loss); "
+                       "'bp' = DeepSpeed's own pipeline backprop (1F1B), the baseline.", default="bll")
+    stages: int = _doc("Pipeline stages S. The launch needs N = S x data-parallel replicas ranks.", default=2)
+    emulate: bool = _doc("Train the S-stage pipeline in this one process, on one device (CUDA when present, "
+                         "else every CPU core), with the launched run's semantics (bll_ds/pipeline/emulated/emulator.py): "
+                         "run with python, not a launcher. For depth sweeps at 8-16+ stages.", default=False)
+    data: str | None = _doc("Text/jsonl/parquet file, folder, glob, HF dataset name[:config], or tokens:DIR "
+                            "(token shards written once by python -m bll_ds.data.prepare_tokens). "
+                            "Default: the Python standard library sources of this interpreter.", default=None)
+    tokenizer: str = _doc("'char', 'bpe:N', 'unigram:N' (trained on the training split, saved in the run "
+                          "dir), a path to a sentencepiece .model file, a Hugging Face tokenizer.json or a "
+                          "local tokenizer folder (loaded offline).", default="bpe:4096")
+    text_field: str = _doc("The field (jsonl), column (parquet) or feature (Hugging Face dataset) that holds "
+                           "each document's text.", default="text")
+    steps: int | None = _doc("Optimizer steps. Default: the scheduler's total_num_steps in the DeepSpeed "
+                             "config, else 1000. It also sets the scheduler's total_num_steps.", default=None)
+    seq_len: int | None = _doc("Tokens per training sequence. Default: the model's context length.", default=None)
+    seed: int = _doc("Seed for weights and data order.", default=1234)
+    cache_dir: str = _doc("Cache of tokenized corpora (flat token memmaps).",
+                          default=str(Path.home() / ".cache" / "bll_ds"))
+    tokenize_workers: int = _doc("Processes for datasets.map tokenization.", default=2)
+    init_from: str | None = _doc("Start from existing weights (weights only: a new optimizer and schedule): a "
+                                 "Hugging Face model folder (config.json + safetensors/bin) of the same shape, "
+                                 "or another bll-ds run dir (its latest complete checkpoint).", default=None)
+    activation_checkpoint_interval: int = _doc("Recompute activations in backward every this many layers "
+                                               "(DeepSpeed's PipelineModule activation_checkpoint_interval; "
+                                               "0 = off, 1 = every decoder layer), for both methods.",
+                                               default=0)
+    link_delay_ms: float = _doc("Benchmarks: every point-to-point message between stages arrives this many "
+                                "milliseconds after it is sent (one way), without blocking the sender "
+                                "(bll_ds/pipeline/launched/link_delay.py). 0 = off.", default=0.0)
+    custom_import: str | None = _doc("A .py file or module imported before the flags are parsed, e.g. one that "
+                                     "registers a BLL variant of your own (bll_ds/method/variants.py).", default=None)
+    bll: BLLConfig = field(default_factory=BLLConfig, metadata={"prefix": "bll_"})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"prefix": "eval_"})
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"prefix": ""})
+    nonfinite: NonFiniteConfig = field(default_factory=NonFiniteConfig, metadata={"prefix": ""})
+    metrics: MetricsConfig = field(default_factory=MetricsConfig, metadata={"prefix": ""})
+
+
+def _is_section(f: dataclasses.Field) -> bool:
+    return "prefix" in f.metadata
+
+
+def _flag_fields():
+    """(section name or None, field, flag name) of every field that is a command-line flag."""
+    for f in dataclasses.fields(RunConfig):
+        if _is_section(f):
+            for sub in dataclasses.fields(f.default_factory):
+                yield f.name, sub, sub.metadata.get("flag", f.metadata["prefix"] + sub.name)
+        else:
+            yield None, f, f.name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bll_ds.method import variants  # late: the registry imports the feedback blocks (torch)
+
+    parser = argparse.ArgumentParser(
+        prog="pretrain.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Pretrain a causal LM on a DeepSpeed pipeline. Launch with: "
+                    "deepspeed --num_gpus N scripts/pretrain.py --model ... --deepspeed_config ... --out DIR")
+    choices = {"method": METHODS, "on_nonfinite": ON_NONFINITE, "resume": RESUME}
+    types = {"bll_variant": variants.argparse_type}  # a name, optionally with options (variant_options.py)
+    for _, f, flag in _flag_fields():
+        required = f.default is dataclasses.MISSING
+        if f.type == "bool":
+            parser.add_argument("--" + flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"])
+            continue
+        kind = {"int": int, "int | None": int, "float": float}.get(f.type, str)
+        if flag == "resume":  # `--resume` alone means "yes", as before; `--resume auto` for schedulers
+            parser.add_argument("--resume", nargs="?", const="yes", default=f.default, choices=RESUME,
+                                help=f.metadata["help"])
+            continue
+        parser.add_argument("--" + flag, type=types.get(flag, kind), required=required, default=None if required else f.default,
+                            help=f.metadata["help"], choices=choices.get(flag))
+        if "_" in flag:  # accept --seq-len as well as --seq_len
+            parser.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, help=argparse.SUPPRESS)
+    # Added by the deepspeed launcher; the rank comes from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def _import_custom(argv: list[str] | None) -> None:
+    """--custom_import first, so that what it registers is among the parser's choices."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--custom_import", "--custom-import", default=None)
+    spec = pre.parse_known_args(argv)[0].custom_import
+    if spec:
+        from bll_ds.method import variants
+
+        try:
+            variants.import_custom(spec)
+        except (FileNotFoundError, ModuleNotFoundError) as err:
+            raise SystemExit(f"pretrain.py: error: --custom_import {spec}: {err}. Fix: pass a .py file that "
+                             f"exists or an importable module name.") from None
+
+
+# Flags that became variant options: one channel for every option of a variant, its spec.
+_MOVED_FLAGS = {"--bll_guard_weight": "--bll_variant gaussian:guard=0.5 (or bernoulli:guard=0.5)",
+                "--bll_learn_variance": "--bll_variant gaussian:variance=learned"}
+
+
+def parse_run_config(argv: list[str] | None = None) -> RunConfig:
+    for arg in argv if argv is not None else sys.argv[1:]:
+        flag = arg.split("=", 1)[0]
+        if flag in _MOVED_FLAGS:
+            raise UserError(f"{flag} is no longer a flag: variant options are written after the variant's name.",
+                            f"use {_MOVED_FLAGS[flag]}.")
+    _import_custom(argv)
+    args = vars(build_parser().parse_args(argv))
+    top, sections = {}, {f.name: {} for f in dataclasses.fields(RunConfig) if _is_section(f)}
+    for section, f, flag in _flag_fields():
+        (top if section is None else sections[section])[f.name] = args[flag]
+    section_types = {f.name: f.default_factory for f in dataclasses.fields(RunConfig) if _is_section(f)}
+    return RunConfig(**top, **{name: section_types[name](**values) for name, values in sections.items()})

@@ -1,0 +1,1 @@
+"""How a trained run is used: rebuild it from a checkpoint, evaluate, export, generate."""
