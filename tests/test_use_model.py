@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bll_ds.data import EvalBatches, Tokenizer, load_corpus, open_stream, prepare_token_streams, token_dtype
-from helpers import LAUNCHED_STEPS, REPO, cpu_env, launch_failure, run_script
+from helpers import LAUNCHED_STEPS, REPO, VENV_BIN, cpu_env, launch_failure, run_script
 
 pytestmark = pytest.mark.launcher
 
@@ -33,7 +33,7 @@ def _script(name, *args, launcher_ranks=None):
     script = str(REPO / "scripts" / name)
     if launcher_ranks is None:
         return run_script(script, list(args), timeout=300)
-    cmd = [str(REPO / ".venv" / "bin" / "deepspeed"), "--num_gpus", str(launcher_ranks), "--master_port", "29652",
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(launcher_ranks), "--master_port", "29652",
            script, *args]
     return subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
 
