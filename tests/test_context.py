@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from helpers import TINY_HIDDEN, TINY_SEQ, TINY_VOCAB, tiny_model_config
 
@@ -68,16 +69,42 @@ def test_the_loss_at_t_reads_only_h_at_t_and_sends_nothing_upstream(config):
     assert slices_for(get_variant("dgl-context"), (1, T), V, max_logits_mb=1e-9) == 1
 
 
-def test_declared_readout_flops_match_the_flop_counter(config):
+@pytest.mark.parametrize("variant", ["dgl-context", "prototype-context"])
+def test_declared_readout_flops_match_the_flop_counter(config, variant):
     torch.manual_seed(2)
-    feedback = build_feedback("dgl-context", config)
-    feedback.prepare(None)
+    feedback = build_feedback(variant, config)
+    feedback.prepare(torch.randn(V, H) if feedback.variant.sends_table else None)
+    if feedback.variant.sends_table:
+        feedback.targets()  # m_k = g_k(m_{k+1}) once per step: step_flops, not the per-token readout
     batch = 2
     hidden = torch.randn(batch, T, H, requires_grad=True)
     counter = FlopCounterMode(display=False)
     with counter:
         loss, _ = feedback.loss(hidden, torch.randint(0, V, (batch, T)))
         loss.backward()
-    declared = readout_flops_per_token(config, "dgl-context") * batch * T
+    declared = readout_flops_per_token(config, variant) * batch * T
     assert counter.get_total_flops() == pytest.approx(declared, rel=1e-6)
     assert declared == pytest.approx(3 * 6 * H * V * batch * T)
+
+
+def test_prototype_context_is_the_prototype_readout_plus_the_same_reconstruction_terms(config):
+    """The feedback network's readout with dgl-context's terms: CE against m_k = g_k(m_{k+1}) plus
+    lambda times the mean of the J reconstruction cross-entropies, and its table travels upstream."""
+    torch.manual_seed(2)
+    feedback = build_feedback("prototype-context", config)
+    upstream = torch.randn(V, H)
+    feedback.prepare(upstream)
+    hidden, labels = torch.randn(2, T, H), torch.randint(0, V, (2, T))
+    loss, terms = feedback.loss(hidden, labels)
+    z = feedback.norm(hidden)
+    table = feedback.g(upstream)
+    next_token = F.cross_entropy((z @ table.t()).flatten(0, 1), labels.flatten())
+    back = []
+    for offset, head in enumerate(feedback.context_heads, start=1):
+        targets = preceding_tokens(labels, offset)
+        back.append(F.cross_entropy((z @ head.weight.t()).flatten(0, 1), targets.flatten(), ignore_index=IGNORE))
+    by_hand = next_token + ContextLocalHeadFeedback.weight * sum(back) / len(back)
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert set(terms) >= {"ce", "table_drift", "context_ce_1", "context_ce_2"}
+    assert feedback.variant.sends_table and feedback.variant.message_shape(config) == (V, H)
+    assert not feedback.variant.per_token_readout

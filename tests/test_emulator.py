@@ -125,14 +125,16 @@ def test_emulated_run_resumes_exactly_and_evaluates(tmp_path, cache_dir, text_co
     assert json.loads((tmp_path / "eval.json").read_text())["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
 
 
-LEVER_PORTS = {"prototype-aux": 29688, "prototype-overlap": 29689, "dgl-overlap": 29690, "dgl-context": 29691}
-SENDS_UPSTREAM = {"prototype-aux": True, "prototype-overlap": True, "dgl-overlap": True, "dgl-context": False}
+LEVER_PORTS = {"prototype-aux": 29688, "prototype-overlap": 29689, "dgl-overlap": 29690, "dgl-context": 29691,
+               "dgl-context-man": 29694, "prototype-context": 29695}
+SENDS_UPSTREAM = {"prototype-aux": True, "prototype-overlap": True, "dgl-overlap": True, "dgl-context": False,
+                  "dgl-context-man": True, "prototype-context": True}
+IN_MAKE_TEST = ("prototype-aux", "dgl-context")  # the rest run in `make test-all`
 
 
 @pytest.mark.launcher
-# CI keeps the default variant and one lever that sends tables upstream; the overlap levers run
-# in `make test-all`.
-@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v.endswith("overlap") else v
+# CI keeps the default variant and one lever that sends tables upstream.
+@pytest.mark.parametrize("variant", [v if v in IN_MAKE_TEST else pytest.param(v, marks=pytest.mark.slow)
                                      for v in LEVER_PORTS])
 def test_lever_launched_killed_and_resumed_equals_emulated(tmp_path, cache_dir, text_corpus, variant):
     """Issue 11's levers (bll_ds/method/aux_readout.py, overlap.py, context.py) through the launcher, killed at

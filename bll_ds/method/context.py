@@ -9,7 +9,9 @@ natural thing to reconstruct is the preceding tokens. Stage k's local loss becom
 
     L_k = -log q_k(y_t | h_t) + (lambda / J) sum_{j=1..J} -log r_{k,j}(x_{t-j} | h_t)
 
-    q_k     = softmax(W_k norm(h))       the next-token readout (dgl: W_k free)
+    q_k     = softmax(O_k norm(h))       the next-token readout: dgl-context O_k = W_k, free;
+                                         prototype-context O_k = m_k = g_k(m_{k+1}), the
+                                         feedback network's table (feedback.py)
     r_{k,j} = softmax(R_{k,j} norm(h))   a free head per offset j, owned by stage k
     x_{t-j} = y_{t-j-1}                  the input j tokens back, read off the shifted labels;
                                          positions t <= j have none and drop out of that term
@@ -17,8 +19,8 @@ natural thing to reconstruct is the preceding tokens. Stage k's local loss becom
 with lambda = `weight` = 0.5 and J = `offsets` = 2, class attributes (so that the costs the class
 declares are the run's; other values are a subclass with another name). j starts at 1: the current
 token x_t rides in the residual stream from the embedding on, so reconstructing it is free. The
-heads are never used at inference and are not exported. No message crosses a stage boundary (dgl
-sends nothing).
+heads are never used at inference and are not exported. What crosses a stage boundary is the
+readout's: nothing for dgl-context, the target table m_{k+1} for prototype-context.
 
 Cost: J more [V]-way readouts per token, 6 H V FLOPs each, on top of dgl's (`readout_heads`; with
 the options of variant_options.py, 6 r C each, the heads sharing z and the candidates). The offset targets of
@@ -30,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bll_ds.method.feedback import LocalHeadFeedback
+from bll_ds.method.feedback import LocalHeadFeedback, PrototypeFeedback
 from bll_ds.method.variants import register
 
 IGNORE = -100
@@ -51,11 +53,10 @@ def masked_mean(per_token: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (per_token * valid).sum() / valid.sum().clamp_min(1)
 
 
-@register
-class ContextLocalHeadFeedback(LocalHeadFeedback):
-    """DGL's free local head plus J heads that reconstruct the preceding tokens."""
+class _ContextTerms:
+    """The reconstruction terms on a cross-entropy readout (feedback.py _CrossEntropyReadout):
+    J more heads R_{k,j} on the readout's z, sharing its candidates."""
 
-    name = "dgl-context"
     per_token_readout = False  # the offset targets reach back across a sequence slice's start
 
     offsets = 2   # J
@@ -64,7 +65,7 @@ class ContextLocalHeadFeedback(LocalHeadFeedback):
 
     @classmethod
     def readout_saved_bytes_per_token(cls, options, config, dtype_bytes, norm_saved_bytes, micro_batch_tokens=None):
-        """The heads' (dgl's count with readout_heads), plus each reconstruction term's bool mask."""
+        """The heads' (the readout's count with readout_heads), plus each reconstruction term's bool mask."""
         return super().readout_saved_bytes_per_token(options, config, dtype_bytes, norm_saved_bytes,
                                                      micro_batch_tokens) + cls.offsets
 
@@ -85,10 +86,7 @@ class ContextLocalHeadFeedback(LocalHeadFeedback):
     def local_loss(self, hidden, labels):
         # The offset targets are earlier labels of the same micro-batch, so the candidates drawn
         # for the labels (neg=n) hold every target of every head.
-        candidates = self.draw_candidates(labels)
-        z = self.readout_input(hidden)
-        ce = self.readout_cross_entropy(z, self.head.weight, labels, candidates).mean()
-        terms = {"ce": ce.detach(), **self.candidate_terms(candidates)}
+        ce, terms, (z, candidates) = self.next_token_loss(hidden, labels)
         reconstruction = 0.0
         for offset, head in enumerate(self.context_heads, start=1):
             targets = preceding_tokens(labels, offset)
@@ -96,3 +94,17 @@ class ContextLocalHeadFeedback(LocalHeadFeedback):
             terms[f"context_ce_{offset}"] = term.detach()
             reconstruction = reconstruction + term / len(self.context_heads)
         return ce + self.weight * reconstruction, terms
+
+
+@register
+class ContextLocalHeadFeedback(_ContextTerms, LocalHeadFeedback):
+    """DGL's free local head plus J heads that reconstruct the preceding tokens."""
+
+    name = "dgl-context"
+
+
+@register
+class ContextPrototypeFeedback(_ContextTerms, PrototypeFeedback):
+    """The feedback network's readout (prototype: m_k = g_k(m_{k+1})) plus the same J heads."""
+
+    name = "prototype-context"

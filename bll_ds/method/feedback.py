@@ -339,6 +339,26 @@ class _CrossEntropyReadout:
             self.register_buffer("sample_seed", seed if not seed.is_meta else torch.zeros((), dtype=torch.long))
             self.register_buffer("draws", torch.zeros((), dtype=torch.long))
 
+    def readout_operand(self) -> torch.Tensor:
+        """O [V, r], what z is scored against: W_k (dgl), m_k (prototype)."""
+        raise NotImplementedError
+
+    def readout_terms(self) -> dict:
+        """What the variant logs beside its cross-entropy."""
+        return {}
+
+    def local_loss(self, hidden, labels):
+        ce, terms, _ = self.next_token_loss(hidden, labels)
+        return ce, terms
+
+    def next_token_loss(self, hidden, labels):
+        """-log q_k(y_t | h) averaged over the tokens, its terms, and (z, candidates) for
+        variants that score more targets on the same z (context.py)."""
+        candidates = self.draw_candidates(labels)
+        z = self.readout_input(hidden)
+        ce = self.readout_cross_entropy(z, self.readout_operand(), labels, candidates).mean()
+        return ce, {"ce": ce.detach(), **self.readout_terms(), **self.candidate_terms(candidates)}, (z, candidates)
+
     def readout_input(self, hidden):
         normed = self.norm(hidden)
         return self.reduce(normed) if self.reduce is not None else normed
@@ -376,10 +396,11 @@ class PrototypeFeedback(_CrossEntropyReadout, TableFeedback):
         super().__init__(config, options)
         self._build_readout(config)
 
-    def local_loss(self, hidden, labels):
-        candidates = self.draw_candidates(labels)
-        ce = self.readout_cross_entropy(self.readout_input(hidden), self.targets(), labels, candidates).mean()
-        return ce, {"ce": ce.detach(), "table_drift": self.table_drift(), **self.candidate_terms(candidates)}
+    def readout_operand(self):
+        return self.targets()
+
+    def readout_terms(self):
+        return {"table_drift": self.table_drift()}
 
 
 class _AgreementFeedback(TableFeedback):
@@ -482,10 +503,8 @@ class LocalHeadFeedback(_CrossEntropyReadout, StageFeedback):
         self.head = nn.Linear(self.readout_width(options, config), config.vocab_size, bias=False)
         nn.init.normal_(self.head.weight, std=config.initializer_range)
 
-    def local_loss(self, hidden, labels):
-        candidates = self.draw_candidates(labels)
-        ce = self.readout_cross_entropy(self.readout_input(hidden), self.head.weight, labels, candidates).mean()
-        return ce, {"ce": ce.detach(), **self.candidate_terms(candidates)}
+    def readout_operand(self):
+        return self.head.weight
 
 
 @register

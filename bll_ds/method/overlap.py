@@ -87,19 +87,28 @@ class NextLayerCopy:
         return [p.detach().reshape(-1) for p in first_decoder_layer(stage_layers).parameters()]
 
     @staticmethod
-    @torch.no_grad()
-    def load(copy: DecoderLayer, message: torch.Tensor, table_shape) -> torch.Tensor | None:
-        """On stage k: D_k from the message's tail; returns the table in front of it (or None)."""
+    def split(message: torch.Tensor, table_shape, layer: DecoderLayer) -> tuple[torch.Tensor | None, list]:
+        """The table in front of the message (or None) and the sent weights, each in the shape of
+        `layer`'s parameter it belongs to."""
         offset = math.prod(table_shape) if table_shape is not None else 0
         table = message[:offset].view(table_shape) if table_shape is not None else None
-        for param in copy.parameters():
-            param.copy_(message[offset:offset + param.numel()].view_as(param))
+        sent = []
+        for param in layer.parameters():
+            sent.append(message[offset:offset + param.numel()].view_as(param))
             offset += param.numel()
         if offset != message.numel():
             raise ValueError(f"the message has {message.numel()} entries, the table and the layer copy "
                              f"take {offset}; both stages must run the same variant and model")
-        return table
+        return table, sent
 
+    @classmethod
+    @torch.no_grad()
+    def load(cls, copy: DecoderLayer, message: torch.Tensor, table_shape) -> torch.Tensor | None:
+        """On stage k: D_k from the message's tail; returns the table in front of it (or None)."""
+        table, sent = cls.split(message, table_shape, copy)
+        for param, latest in zip(copy.parameters(), sent):
+            param.copy_(latest)
+        return table
 
 register_composed("prototype-overlap", PrototypeFeedback, NextLayerCopy)  # the prototype readout behind D_k
 register_composed("dgl-overlap", LocalHeadFeedback, NextLayerCopy)        # DGL's free local head behind D_k

@@ -50,7 +50,8 @@ import torch
 
 from bll_ds.method.variant_options import TABLE_DTYPES, VariantOptions, parse_spec
 
-_BUILT_IN = ("bll_ds.method.feedback", "bll_ds.method.aux_readout", "bll_ds.method.overlap", "bll_ds.method.context")
+_BUILT_IN = ("bll_ds.method.feedback", "bll_ds.method.aux_readout", "bll_ds.method.overlap", "bll_ds.method.context",
+             "bll_ds.method.next_layer_average")
 
 
 @dataclass(frozen=True)
