@@ -117,9 +117,10 @@ def test_the_copy_takes_no_gradient_and_the_stage_gets_one_through_it(config, va
     assert declared.trainable_matrix_parameters(config) == get_variant(plain).trainable_matrix_parameters(config)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS + ["dgl-man", "dgl-context-man"])
 def test_declared_readout_flops_match_the_flop_counter(config, variant):
-    """The copy's forward and its input gradient, no weight gradient, plus the plain readout."""
+    """The copy's forward and its input gradient, no weight gradient, plus the plain readout; for
+    the averaged copy (next_layer_average.py) the same, its elementwise scale and shift left out."""
     torch.manual_seed(6)
     declared = get_variant(variant)
     feedback = build_feedback(variant, config)
