@@ -35,6 +35,21 @@ def tiny_model_config(folder: Path):
     return load_model_spec(folder / "tiny.json", vocab_size=TINY_VOCAB)
 
 
+def sent_decoder_layer(config, seed: int = 5):
+    """A downstream stage's first decoder layer as it would send it, trained away from its
+    initialisation (random weights): what the overlap and averaged readouts receive."""
+    import torch
+
+    from bll_ds.modeling.layers import DecoderLayer
+
+    torch.manual_seed(seed)
+    layer = DecoderLayer(config, layer_idx=1)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    return layer
+
+
 def cpu_env() -> dict:
     """The environment of every process a test starts. BLL_DS_THREADS=1: an emulated run takes
     one intra-op thread, as each launched rank does, instead of every core; on a busy machine a

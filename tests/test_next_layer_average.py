@@ -6,13 +6,13 @@ resume, no cross-stage gradient) is in tests/test_emulator.py."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY_HIDDEN, TINY_SEQ, TINY_VOCAB, tiny_model_config
+from helpers import TINY_HIDDEN, TINY_SEQ, TINY_VOCAB, sent_decoder_layer, tiny_model_config
 
 from bll_ds.method.feedback import build_feedback
 from bll_ds.method.next_layer_average import AveragedNextLayer
 from bll_ds.method.overlap import layer_numel
 from bll_ds.method.variants import get as get_variant
-from bll_ds.modeling.layers import DecoderLayer
+
 
 T, V, H = TINY_SEQ, TINY_VOCAB, TINY_HIDDEN
 MU = AveragedNextLayer.momentum
@@ -23,22 +23,13 @@ def config(tmp_path):
     return tiny_model_config(tmp_path)
 
 
-def _sent_layer(config, seed):
-    torch.manual_seed(seed)
-    layer = DecoderLayer(config, layer_idx=1)
-    with torch.no_grad():
-        for param in layer.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
-    return layer
-
-
 def _receive(feedback, layer):
     feedback.variant.receive(feedback, feedback.variant.compose_message(None, [layer]))
 
 
 def test_the_first_message_is_copied_and_later_ones_averaged(config):
     feedback = build_feedback("dgl-man", config)
-    first, second, third = (_sent_layer(config, seed) for seed in (1, 2, 3))
+    first, second, third = (sent_decoder_layer(config, seed) for seed in (1, 2, 3))
     _receive(feedback, first)
     for (name, sent), (_, held) in zip(first.named_parameters(), feedback.aux.layer.named_parameters()):
         assert torch.equal(sent, held), name
@@ -57,7 +48,7 @@ def test_the_first_message_is_copied_and_later_ones_averaged(config):
 def test_loss_by_hand_and_only_the_scale_shift_head_and_stage_are_trained(config):
     torch.manual_seed(4)
     feedback = build_feedback("dgl-man", config)
-    layer = _sent_layer(config, 5)
+    layer = sent_decoder_layer(config, 5)
     _receive(feedback, layer)
     with torch.no_grad():
         feedback.aux.scale.uniform_(0.5, 1.5)

@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-from helpers import TINY_HIDDEN, TINY_SEQ, TINY_VOCAB, tiny_model_config
+from helpers import TINY_HIDDEN, TINY_SEQ, TINY_VOCAB, sent_decoder_layer, tiny_model_config
 
 from bll_ds.measure.flops import readout_flops_per_token
 from bll_ds.method.feedback import build_feedback
 from bll_ds.method.overlap import layer_numel
 from bll_ds.method.variants import get as get_variant
-from bll_ds.modeling.layers import DecoderLayer, TokenEmbedding
+from bll_ds.modeling.layers import TokenEmbedding
 
 T, V, H = TINY_SEQ, TINY_VOCAB, TINY_HIDDEN
 VARIANTS = ["prototype-overlap", "dgl-overlap"]
@@ -24,16 +24,6 @@ def config(tmp_path):
     return tiny_model_config(tmp_path)
 
 
-def _downstream_layer(config, seed=5):
-    """Stage k+1's first decoder layer, trained away from its initialisation (random weights)."""
-    torch.manual_seed(seed)
-    layer = DecoderLayer(config, layer_idx=1)
-    with torch.no_grad():
-        for param in layer.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
-    return layer
-
-
 def test_prototype_overlap_loss_is_the_readout_of_the_sent_layer_by_hand(config):
     """L_k = CE(<norm(D(h)), g_k(m_{k+1})>, y) with D the downstream layer exactly as sent, g_k
     written out (m + W2 gelu(W1 m + b1) + b2) and the RMS norm by hand."""
@@ -41,7 +31,7 @@ def test_prototype_overlap_loss_is_the_readout_of_the_sent_layer_by_hand(config)
     feedback = build_feedback("prototype-overlap", config)
     with torch.no_grad():  # g_k away from its zero-initialised second layer
         feedback.g.down.weight.normal_(std=0.3)
-    layer, table = _downstream_layer(config), torch.randn(V, H)
+    layer, table = sent_decoder_layer(config), torch.randn(V, H)
     feedback.variant.receive(feedback, feedback.variant.compose_message(table, [layer]))
     hidden, labels = torch.randn(2, T, H), torch.randint(0, V, (2, T))
     loss, terms = feedback.loss(hidden, labels)
@@ -60,7 +50,7 @@ def test_prototype_overlap_loss_is_the_readout_of_the_sent_layer_by_hand(config)
 def test_dgl_overlap_loss_is_its_own_head_on_the_sent_layer_by_hand(config):
     torch.manual_seed(1)
     feedback = build_feedback("dgl-overlap", config)
-    layer = _downstream_layer(config)
+    layer = sent_decoder_layer(config)
     feedback.variant.receive(feedback, feedback.variant.compose_message(None, [layer]))
     hidden, labels = torch.randn(2, T, H), torch.randint(0, V, (2, T))
     loss, _ = feedback.loss(hidden, labels)
@@ -78,7 +68,7 @@ def test_the_message_carries_the_table_and_the_first_decoder_layer_and_nothing_e
     on stage k: the copy holds exactly the sent weights, the table exactly the sent table, and
     the declared shape and bytes are the message's."""
     declared = get_variant(variant)
-    layer, later = _downstream_layer(config, seed=2), _downstream_layer(config, seed=3)
+    layer, later = sent_decoder_layer(config, seed=2), sent_decoder_layer(config, seed=3)
     table = torch.randn(V, H)
     message = declared.compose_message(table if declared.sends_table else None, [TokenEmbedding(config), layer, later])
     entries = (V * H if declared.sends_table else 0) + sum(p.numel() for p in layer.parameters())
@@ -104,7 +94,7 @@ def test_the_copy_takes_no_gradient_and_the_stage_gets_one_through_it(config, va
     declared = get_variant(variant)
     feedback = build_feedback(variant, config)
     feedback.variant.receive(feedback, declared.compose_message(torch.randn(V, H) if declared.sends_table else None,
-                                         [_downstream_layer(config)]))
+                                         [sent_decoder_layer(config)]))
     hidden = torch.randn(1, T, H, requires_grad=True)
     labels = torch.full((1, T), -100)
     labels[0, 3] = 5
@@ -125,7 +115,7 @@ def test_declared_readout_flops_match_the_flop_counter(config, variant):
     declared = get_variant(variant)
     feedback = build_feedback(variant, config)
     feedback.variant.receive(feedback, declared.compose_message(torch.randn(V, H) if declared.sends_table else None,
-                                         [_downstream_layer(config)]))
+                                         [sent_decoder_layer(config)]))
     if declared.sends_table:
         feedback.targets()  # g_k on the table: once per step (step_flops), not per token
     batch = 2
