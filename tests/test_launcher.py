@@ -52,11 +52,26 @@ def test_two_stage_run_learns_and_reports(straight_run):
     assert kept == ["step_0000020", "step_0000030"]  # keep_checkpoints=2
 
 
+def stopped_at(run: Path, out: Path, step: int) -> Path:
+    """`run` as it was when it stopped after `step` (a checkpoint step): later checkpoints,
+    metrics lines and the summary gone. The stop itself (--exit_interval, a signal, a killed rank)
+    is tested where it happens: tests/test_emulator.py, test_job_control.py, test_reliability.py."""
+    shutil.copytree(run, out)
+    tag = f"step_{step:07d}"
+    for folder in (out / "checkpoints").glob("step_*"):
+        if folder.name > tag:
+            shutil.rmtree(folder)
+    (out / "checkpoints" / "latest").write_text(tag)
+    for metrics in out.glob("metrics*.jsonl"):
+        lines = metrics.read_text().splitlines()
+        metrics.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+    (out / "summary.json").unlink()
+    return out
+
+
 def test_resume_continues_exactly(straight_run, tmp_path, cache_dir, text_corpus):
-    out = tmp_path / "run"
+    out = stopped_at(straight_run, tmp_path / "run", 20)
     base = ["--data", str(text_corpus), "--stages", "2", "--steps", "30", "--save_interval", "10", "--out", str(out)]
-    launch(base + ["--exit_interval", "20"], 2, cache_dir, 29612)
-    assert (out / "checkpoints" / "latest").read_text() == "step_0000020"
     assert max(train_losses(out)) == 20
     launch(base + ["--resume"], 2, cache_dir, 29613)
     resumed, straight = train_losses(out), train_losses(straight_run)
@@ -187,10 +202,9 @@ def test_bll_sends_no_gradients_and_learns(bll_run, straight_run):
 
 
 def test_bll_resume_continues_exactly(bll_run, tmp_path, cache_dir, text_corpus):
-    out = tmp_path / "run"
+    out = stopped_at(bll_run, tmp_path / "run", 20)
     base = ["--method", "bll", "--bll_variant", "prototype", "--data", str(text_corpus), "--stages", "2", "--steps", "30",
-            "--save_interval", "10", "--bll_steps_per_call", "8", "--out", str(out)]
-    launch(base + ["--exit_interval", "20"], 2, cache_dir, 29622)
+            "--save_interval", "10", "--bll_steps_per_call", "8", "--final_eval_batches", "0", "--out", str(out)]
     launch(base + ["--resume"], 2, cache_dir, 29623)
     resumed, straight = train_losses(out), train_losses(bll_run)
     for step in range(21, 31):
