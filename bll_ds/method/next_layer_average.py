@@ -25,6 +25,11 @@ the stage's state (in its checkpoint, so a resumed run averages what an uninterr
 gamma_k and b_k are the stage's own parameters. Because the average moves once per arriving
 message, the refresh= option (a message every k steps, the same one k times) is not offered.
 
+Precision: the average lives in the frozen layer's parameters, which a bf16 run holds in bf16;
+there a step of (1 - mu) times a small weight change is below bf16's resolution (2^-8 relative)
+and rounds away, so the average would lag far behind the sent copies. Measured only in fp32 so
+far (the CPU runs); a bf16 run wants the average kept in fp32.
+
 Cost: overlap.py's (Dbar_k's forward and input gradient) plus an elementwise scale and shift
 (not counted: O(H) per token against the layer's O(H^2)); the bytes of one decoder layer per step
 per hop, as overlap.py.
