@@ -230,10 +230,7 @@ def test_stage0_update_ignores_the_last_stage_only_in_bll(method, bll_run, strai
     extra = ["--bll_variant", "prototype", "--bll_steps_per_call", "8"] if method == "bll" else []
     stage0 = {}
     for name, port in (("plain", 29624), ("perturbed", 29625)):
-        out = tmp_path / name
-        shutil.copytree(source, out)
-        shutil.rmtree(out / "checkpoints" / "step_0000030")
-        (out / "checkpoints" / "latest").write_text("step_0000020")
+        out = stopped_at(source, tmp_path / name, 20)
         if name == "perturbed":
             perturb_last_stage(out, "step_0000020", [3, 4, 5])
         launch(["--method", method, "--data", str(text_corpus), "--stages", "2", "--steps", "30",

@@ -82,6 +82,11 @@ class Variant:
         """Whether the loss is a token mean of per-token terms of h_k, and so can be sliced."""
         return self.readout_layer is None and self.block.sliceable(self.options)
 
+    @property
+    def layer_carries_message(self) -> bool:
+        """The readout layer travels in the message after the table (overlap.py, next_layer_average.py)."""
+        return self.readout_layer is not None and self.readout_layer.carries_message
+
     def accepted_options(self) -> frozenset[str]:
         excluded = self.readout_layer.excluded_options if self.readout_layer is not None else frozenset()
         return self.block.accepted_options() - excluded
@@ -114,7 +119,7 @@ class Variant:
         """The one tensor stage k+1 sends to stage k once per optimizer step (None: nothing):
         the block's table, then what the readout layer carries (flattened)."""
         table = self.block.message_shape(self.options, config)
-        if self.readout_layer is None or not self.readout_layer.carries_message:
+        if not self.layer_carries_message:
             return table
         return (math.prod(table or (0,)) + self.readout_layer.message_entries(config),)
 
@@ -122,7 +127,7 @@ class Variant:
         """Built on the sending stage k+1 after its optimizer step from its table (m_{k+1}, or
         W_out on the last stage) and its forward layers; `receive` on stage k takes it apart."""
         message = self.block.compose_message(self.options, table, stage_layers)
-        if self.readout_layer is None or not self.readout_layer.carries_message:
+        if not self.layer_carries_message:
             return message
         parts = self.readout_layer.compose(stage_layers)
         parts = ([message.detach().reshape(-1)] if message is not None else []) + parts
@@ -131,7 +136,7 @@ class Variant:
     def receive(self, block, message: torch.Tensor | None) -> None:
         """Stage k at the start of a step: the readout layer takes its share of the message, the
         block (`prepare`) the table."""
-        if self.readout_layer is not None and self.readout_layer.carries_message:
+        if self.layer_carries_message:
             if message is None:
                 raise RuntimeError(f"{self.name} needs the downstream stage's message before its local loss")
             table_shape = self.block.message_shape(self.options, block.config)
