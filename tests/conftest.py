@@ -65,8 +65,11 @@ def one_thread():
 # ---- launched runs that several files only read (tests marked `launcher` only) ------------------
 
 def _launched(tmp_path_factory, cache_dir, text_corpus, name, args, port) -> Path:
+    """Through the deepspeed runner, the path users take; the other launches fork their ranks
+    (helpers.run_pretrain)."""
     out = tmp_path_factory.mktemp(name) / "run"
-    result = run_pretrain(args + ["--data", str(text_corpus), "--out", str(out)], 2, cache_dir, master_port=port)
+    result = run_pretrain(args + ["--data", str(text_corpus), "--out", str(out)], 2, cache_dir, master_port=port,
+                          runner=True)
     assert result.returncode == 0, launch_failure(result)
     return out
 

@@ -44,8 +44,8 @@ PRELOAD = ("torch", "deepspeed", "deepspeed.comm", "transformers", "bll_ds.run.t
 # Variables that no preloaded module should read at import, only the run when it starts: a run may
 # set them and still be forked. The server checks this as it imports (_preload) and tells the
 # client which of them were read after all; a run that sets one of those gets a fresh interpreter.
-RUNTIME_ENV = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "BLL_DS_THREADS",
-                         "BLL_DS_INJECT_NONFINITE", "WANDB_MODE", "WANDB_SILENT", "WANDB_DIR",
+RUNTIME_ENV = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                         "BLL_DS_THREADS", "BLL_DS_INJECT_NONFINITE", "WANDB_MODE", "WANDB_SILENT", "WANDB_DIR",
                          "PYTEST_CURRENT_TEST"})  # pytest sets the last one for each test
 
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from forkserver import RUNTIME_ENV
@@ -64,22 +65,68 @@ def cpu_env() -> dict:
 
 
 def run_pretrain(args: list[str], ranks: int | None, cache_dir: Path, timeout: int = 600,
-                 master_port: int | None = None, env: dict | None = None,
-                 fresh: bool = False) -> subprocess.CompletedProcess:
-    """ranks=None: one plain process (`python scripts/pretrain.py`, forked by run_script's server
-    unless fresh=True); otherwise the deepspeed launcher with that many CPU ranks."""
+                 master_port: int | None = None, env: dict | None = None, fresh: bool = False,
+                 runner: bool = False) -> subprocess.CompletedProcess:
+    """`scripts/pretrain.py ARGS` as one process (ranks=None) or as `ranks` CPU ranks.
+
+    - ranks=None: one plain process, forked by run_script's server unless fresh=True;
+    - ranks=N: N ranks started as torchrun starts them (launch_ranks), forked by the same server;
+    - ranks=N, runner=True: through the deepspeed runner (`deepspeed --num_gpus N`), for the
+      tests of the runner's own path. It costs about 15 s more per launch: the runner and its
+      per-node launcher import deepspeed in turn before the ranks start their own imports."""
     script = [str(REPO / "scripts" / "pretrain.py"), *args, "--cache_dir", str(cache_dir), "--no-progress"]
     if ranks is None:
         return run_script(script[0], script[1:], env=env, timeout=timeout, fresh=fresh)
-    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks)]
-    if master_port:
-        cmd += ["--master_port", str(master_port)]
-    cmd += script
     try:
-        return subprocess.run(cmd, cwd=REPO, env={**cpu_env(), **(env or {})}, capture_output=True, text=True,
-                              timeout=timeout)
+        if not runner:
+            return launch_ranks(script[0], script[1:], ranks, master_port or 29500, env=env, timeout=timeout)
+        cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks)]
+        if master_port:
+            cmd += ["--master_port", str(master_port)]
+        return subprocess.run(cmd + script, cwd=REPO, env={**cpu_env(), **(env or {})}, capture_output=True,
+                              text=True, timeout=timeout)
     finally:
         remove_shm_buffers(port=master_port or 29500)
+
+
+def launch_ranks(script: str | Path, args: list[str], ranks: int, master_port: int, env: dict | None = None,
+                 timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` as `ranks` ranks on this host with the variables torchrun gives each
+    (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), as the deepspeed
+    runner's per-node launcher supervises them: when one rank exits non-zero the others are
+    terminated, and the launch returns that rank's exit status. stdout and stderr are every rank's,
+    rank by rank (a launcher interleaves them)."""
+    procs = []
+    try:
+        for rank in range(ranks):
+            rank_env = {**(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
+                        "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port)}
+            procs.append(start_script(script, args, env=rank_env, merge_stderr=False))
+        deadline = time.monotonic() + timeout
+        while True:
+            running = [p.poll() is None for p in procs]
+            returncode = next((p.returncode for p in procs if p.returncode), 0)
+            if returncode or not any(running):
+                break
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired([str(script), *args], timeout)
+            time.sleep(0.05)
+        if returncode:  # a failed rank's peers wait in a collective that will never complete
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            grace = time.monotonic() + 10
+            while any(p.poll() is None for p in procs) and time.monotonic() < grace:
+                time.sleep(0.05)
+            for p in procs:
+                p.kill()
+        outputs = [p.communicate() for p in procs]
+    except BaseException:
+        for p in procs:
+            p.kill()
+            p.communicate()
+        raise
+    return subprocess.CompletedProcess([str(script), *args], returncode, "".join(o for o, _ in outputs),
+                                       "".join(e for _, e in outputs))
 
 
 SHM = Path("/dev/shm")
