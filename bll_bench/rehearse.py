@@ -310,7 +310,7 @@ def _block_stage(config, built: Stage, optimizer, holdings: EngineHoldings, micr
     """The stage's BlockLocalStage with the rehearsal's compute and transport."""
     layers = [layer for name, layer in built.module.named_children() if name != "bll_feedback"]
     variant = get_variant(built.variant)
-    return BlockLocalStage(StageStep(built.feedback, lm_loss, readout_max_logits_mb, variant), layers, built.last,
+    return BlockLocalStage(StageStep(built.feedback, lm_loss, built.last, readout_max_logits_mb, variant), layers, built.last,
                            variant.table_refresh(), RehearsalCompute(built, optimizer, micro_batches),
                            RehearsalTransport(config, built, holdings, dtype))
 
@@ -332,9 +332,9 @@ def _train_step(config, built: Stage, block_stage: BlockLocalStage, step: int, h
 
     with meter.hooks() if meter is not None else contextlib.nullcontext():
         for _ in range(micro_batches):
-            outputs, labels = _forward_micro_batch(config, built, holdings, micro_batch_size, seq_len,
-                                                   micro_batches, generator)
-            block_stage.local_backward(outputs, labels)
+            outputs, labels, inputs = _forward_micro_batch(config, built, holdings, micro_batch_size, seq_len,
+                                                           micro_batches, generator)
+            block_stage.local_backward(outputs, labels, inputs)
 
     operations = block_stage.step_end()
     finish_feedback, publish_table = operations["finish_feedback"], operations["publish_table"]
@@ -353,8 +353,9 @@ def _train_step(config, built: Stage, block_stage: BlockLocalStage, step: int, h
 
 
 def _forward_micro_batch(config, built: Stage, holdings: EngineHoldings, micro_batch_size: int, seq_len: int,
-                         micro_batches: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets, the (received) input, the stage's forward and the send of its detached output."""
+                         micro_batches: int, generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Targets, the (received) input, the stage's forward and the send of its detached output.
+    Returns (outputs, labels, inputs)."""
     labels = torch.randint(config.vocab_size, (micro_batch_size, seq_len), generator=generator)
     if built.first:
         inputs = torch.randint(config.vocab_size, (micro_batch_size, seq_len), generator=generator)
@@ -365,7 +366,7 @@ def _forward_micro_batch(config, built: Stage, holdings: EngineHoldings, micro_b
     outputs = forward_layers(built, inputs)
     if not built.last:
         _send(holdings, outputs.detach(), 2 * micro_batches)
-    return outputs, labels
+    return outputs, labels, inputs
 
 
 def _send(holdings: EngineHoldings, detached: torch.Tensor, window: int) -> None:

@@ -549,7 +549,12 @@ def layer_costs_from_flops(config, seq_len: int, micro_batch_size: int, achieved
     (bf16 training, AdamW on fp32 master weights: read master, grad, m, v and write master, m, v
     in fp32 plus the bf16 copy, about 30) at `memory_bytes_per_s`."""
     from bll_ds.measure import flops
+    from bll_ds.method.variants import get as get_variant
 
+    if get_variant(variant).trains_input_critic:
+        # LayerCosts charges a local readout to non-last stages only; a critic also runs on the last.
+        raise flops.NotModelled(variant, "trains a critic on every stage but the first, the last included: "
+                                         "the simulator's per-layer costs do not model it yet")
     tokens = seq_len * micro_batch_size
     to_s = tokens / achieved_flops
     projection = flops.layer_projection_flops(config)

@@ -111,8 +111,9 @@ def _initial_masters(run_dir: Path, variant: str | None, stages: int) -> list[di
     masters = []
     for k, indices in enumerate(stage_layer_ranges(config, stages)):
         modules = {f"layer{i}.": layers[i] for i in indices}
-        if variant is not None and k < stages - 1:
-            modules["bll_feedback."] = build_stage_feedback(get_variant(variant), config, k, SEED)
+        feedback = build_stage_feedback(get_variant(variant), config, k, stages, SEED) if variant else None
+        if feedback is not None:
+            modules["bll_feedback."] = feedback
         masters.append({prefix + key: p.detach().to(torch.bfloat16).float()
                         for prefix, module in modules.items() for key, p in module.named_parameters()
                         if p.requires_grad})

@@ -126,10 +126,11 @@ def test_emulated_run_resumes_exactly_and_evaluates(tmp_path, cache_dir, text_co
 
 
 LEVER_PORTS = {"prototype-aux": 29688, "prototype-overlap": 29689, "dgl-overlap": 29690, "dgl-context": 29691,
-               "dgl-context-man": 29694, "prototype-context": 29695}
+               "dgl-context-man": 29694, "prototype-context": 29695, "critic": 29696}
 SENDS_UPSTREAM = {"prototype-aux": True, "prototype-overlap": True, "dgl-overlap": True, "dgl-context": False,
-                  "dgl-context-man": True, "prototype-context": True}
-IN_MAKE_TEST = ("prototype-aux", "dgl-context")  # the rest run in `make test-all`
+                  "dgl-context-man": True, "prototype-context": True, "critic": True}
+# The rest run in `make test-all`. critic: the last stage holds a block (its critic), checkpointed.
+IN_MAKE_TEST = ("prototype-aux", "dgl-context", "critic")
 
 
 @pytest.mark.launcher

@@ -38,7 +38,7 @@ def test_micro_batches_accumulate_the_local_gradient_of_the_mean_local_loss(max_
     for mode in ("step", "by_hand"):
         built = build_stage(config, 4, 1, seed=3)
         if mode == "step":
-            step = StageStep(built.feedback, lm_loss, max_mb)
+            step = StageStep(built.feedback, lm_loss, built.last, max_mb)
             assert step.readout_slices((2, 16)) == (1 if max_mb == 0 else 16)
             step.begin(table)
             for inputs, labels in batches:
@@ -69,7 +69,7 @@ def test_micro_batches_accumulate_the_local_gradient_of_the_mean_local_loss(max_
 def test_last_stage_trains_on_the_lm_loss_and_publishes_its_head():
     config = load_model_spec("models/test-1m.json", vocab_size=50)
     built = build_stage(config, 2, 1)
-    step = StageStep(None, lm_loss, readout_max_logits_mb=0.001)
+    step = StageStep(None, lm_loss, True, readout_max_logits_mb=0.001)
     assert step.readout_slices((2, 16)) == 1  # the LM head is never sliced
     step.begin(None)
     (inputs, labels), = _batches(config, 1, 1)

@@ -96,8 +96,9 @@ class NotModelled(ValueError):
     """A variant that declares no readout FLOPs (cost declarations are optional): the figures that
     need them are null in summary.json and "not modelled" in the simulator and `bench variants`."""
 
-    def __init__(self, variant: str):
-        super().__init__(f"BLL variant {variant!r} declares no readout FLOPs (its class's readout_flops_per_token)")
+    def __init__(self, variant: str, reason: str | None = None):
+        super().__init__(f"BLL variant {variant!r} " + (reason or "declares no readout FLOPs (its class's "
+                                                                   "readout_flops_per_token)"))
         self.variant = variant
 
 
@@ -142,7 +143,9 @@ class StageFlops:
     forward           the stage's own layers (embedding: 0; last stage: with the LM head)
     backward_input    gradient w.r.t. inputs of every product (attention scores included)
     backward_weight   gradient w.r.t. weights (attention scores have none)
-    local_readout     BLL only, non-last stages: the local loss forward + backward
+    local_readout     BLL only, non-last stages: the local loss forward + backward; with a
+                      critic variant (method/critic.py) also, on every stage but the first, the
+                      critic of the stage's input
     """
 
     forward: float
@@ -186,6 +189,8 @@ def stage_flop_split(config: PretrainedConfig, stages: int, seq_len: int, method
         readout = 0.0
         if method == "bll" and not last:
             readout = readout_flops_per_micro_batch_token(config, variant, tokens)
+        if method == "bll" and k > 0:
+            readout += get_variant(variant).input_critic_flops_per_token(config)
         result.append(StageFlops(forward=weights + scores, backward_input=weights + 2 * scores,
                                  backward_weight=weights, local_readout=readout))
     return result

@@ -89,6 +89,9 @@ class StageFeedback(nn.Module):
     name: ClassVar[str] = ""
     sends_table: ClassVar[bool] = False        # its target table m_k travels upstream once per step
     per_token_readout: ClassVar[bool] = False  # the loss is a token mean of per-token terms: sliceable
+    # Every stage but the first trains a critic of its input and sends it as its message; the last
+    # stage then holds a block too (critic.py).
+    trains_input_critic: ClassVar[bool] = False
 
     @classmethod
     def accepted_options(cls) -> frozenset[str]:
@@ -132,6 +135,11 @@ class StageFeedback(nn.Module):
         return 0.0
 
     @classmethod
+    def input_critic_flops_per_token(cls, options: VariantOptions, config: PretrainedConfig) -> float:
+        """Training FLOPs per token of the critic a stage (not the first) trains on its input."""
+        return 0.0
+
+    @classmethod
     def message_shape(cls, options: VariantOptions, config: PretrainedConfig) -> tuple[int, ...] | None:
         """The table stage k+1 sends to stage k once per optimizer step (None: nothing). The
         engine's channel (pipeline/feedback_channel.py) carries the Variant's message_shape."""
@@ -163,6 +171,7 @@ class StageFeedback(nn.Module):
         self.config, self.options = config, options
         self.variant = None      # its variants.Variant, set by Variant.build
         self.aux = None          # the layer the readout reads through, where the Variant composes one
+        self.critic = None       # the critic of this stage's input, where the variant trains one
         self.norm = readout_norm(config)
         self.vocab_size = config.vocab_size
         self._table_leaf = None  # m_k as read by the micro-batches; accumulates dL/dm_k
@@ -179,6 +188,14 @@ class StageFeedback(nn.Module):
         return self.local_loss(hidden if self.aux is None else self.aux(hidden), labels)
 
     def local_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def attach_input_critic(self) -> None:
+        """Build the critic of this stage's input (variants that train one; not on the first stage)."""
+        raise NotImplementedError
+
+    def input_critic_loss(self, stage_input: torch.Tensor, labels: torch.Tensor,
+                          prediction: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
     def finish_step(self, backward) -> None:

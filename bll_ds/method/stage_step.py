@@ -85,15 +85,16 @@ def sliced_local_backward(feedback: StageFeedback, hidden: torch.Tensor, labels:
 
 
 class StageStep:
-    """One stage's local learning. `feedback` is None on the last stage, whose loss is
-    `lm_loss(outputs, labels)`; `readout_max_logits_mb` as --bll_readout_max_logits_mb."""
+    """One stage's local learning. The last stage's loss is `lm_loss(outputs, labels)`; it holds a
+    feedback block only where the variant trains a critic of each stage's input (critic.py).
+    `readout_max_logits_mb` as --bll_readout_max_logits_mb."""
 
-    def __init__(self, feedback: StageFeedback | None, lm_loss, readout_max_logits_mb: float = 0.0,
+    def __init__(self, feedback: StageFeedback | None, lm_loss, last: bool, readout_max_logits_mb: float = 0.0,
                  variant: Variant | None = None):
         """`variant`: the run's Variant (method/variants.py get, resolved once), which decides what
-        the last stage (no feedback block of its own) sends upstream; the other stages take it
-        from their block."""
-        self.feedback = feedback
+        a last stage without a feedback block sends upstream; the other stages take it from their
+        block."""
+        self.feedback, self.last = feedback, last
         self.variant = feedback.variant if feedback is not None else variant
         self.lm_loss = lm_loss
         self.readout_max_logits_mb = readout_max_logits_mb
@@ -107,21 +108,31 @@ class StageStep:
             self.variant.receive(self.feedback, table)
 
     def readout_slices(self, hidden_shape) -> int:
-        if self.feedback is None:
+        if self.last:
             return 1
         return slices_for(self.variant, hidden_shape, self.feedback.vocab_size, self.readout_max_logits_mb)
 
-    def local_backward(self, outputs: torch.Tensor, labels: torch.Tensor, backward: Backward) -> torch.Tensor:
-        """The micro-batch's local loss and its backward inside the stage; returns the loss."""
+    def local_backward(self, outputs: torch.Tensor, labels: torch.Tensor, backward: Backward,
+                       inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """The micro-batch's local loss and its backward inside the stage; returns the loss.
+        `inputs`: what the stage received (h_{k-1}), for a variant that trains a critic of it;
+        its loss joins the stage's backward but not the loss returned and logged."""
         slices = self.readout_slices(outputs.shape)
         if slices > 1:
             loss, terms = sliced_local_backward(self.feedback, outputs, labels, slices, backward)
         else:
-            if self.feedback is None:
+            if self.last:
                 loss, terms = self.lm_loss(outputs, labels), {}
             else:
                 loss, terms = self.feedback.loss(outputs, labels)
-            backward(loss, True)
+            total = loss
+            if self.feedback is not None and self.feedback.critic is not None:
+                # The last stage's prediction is its output, the LM logits; elsewhere the block
+                # kept its readout's from the loss above.
+                critic, critic_terms = self.feedback.input_critic_loss(inputs, labels,
+                                                                       outputs if self.last else None)
+                total, terms = loss + critic, {**terms, **critic_terms}
+            backward(total, True)
         self.losses.append(loss.detach().float())
         for name, value in terms.items():
             self.terms.setdefault(name, []).append(value.float())
@@ -135,7 +146,7 @@ class StageStep:
     def table_to_publish(self, lm_head_weight: torch.Tensor | None, stage_layers=()) -> torch.Tensor | None:
         """What goes upstream after the optimizer step: the variant's message built from m_k (on
         the last stage W_out itself) and, for variants that ask, this stage's forward layers."""
-        table = lm_head_weight.detach() if self.feedback is None else self.feedback.publish()
+        table = lm_head_weight.detach() if self.last and self.feedback is None else self.feedback.publish()
         if self.variant is None:
             return table
         return self.variant.compose_message(table, stage_layers)

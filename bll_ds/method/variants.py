@@ -51,7 +51,7 @@ import torch
 from bll_ds.method.variant_options import TABLE_DTYPES, VariantOptions, parse_spec
 
 _BUILT_IN = ("bll_ds.method.feedback", "bll_ds.method.aux_readout", "bll_ds.method.overlap", "bll_ds.method.context",
-             "bll_ds.method.next_layer_average")
+             "bll_ds.method.next_layer_average", "bll_ds.method.critic")
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,16 @@ class Variant:
         return self.readout_layer is None and self.block.sliceable(self.options)
 
     @property
+    def trains_input_critic(self) -> bool:
+        """Every stage but the first trains a critic of its input, which is its message (critic.py)."""
+        return self.block.trains_input_critic
+
+    def holds_block(self, stage: int, stages: int) -> bool:
+        """Whether stage `stage` of `stages` holds a feedback block: every stage but the last, and
+        the last too where it trains a critic of its input."""
+        return stage < stages - 1 or self.trains_input_critic
+
+    @property
     def layer_carries_message(self) -> bool:
         """The readout layer travels in the message after the table (overlap.py, next_layer_average.py)."""
         return self.readout_layer is not None and self.readout_layer.carries_message
@@ -99,11 +109,14 @@ class Variant:
         return Variant(self.registered_name, self.block, self.readout_layer, options)
 
     # -- building the block and its messages --
-    def build(self, config):
-        """The block for one stage (its parameters in this order: the block's, then the readout layer's)."""
+    def build(self, config, input_critic: bool = False):
+        """The block for one stage (its parameters in this order: the block's, the readout layer's,
+        then the critic of the stage's input where `input_critic`)."""
         block = self.block(config, self.options)
         if self.readout_layer is not None:
             block.aux = self.readout_layer.build(config)
+        if input_critic:
+            block.attach_input_critic()
         block.variant = self
         return block
 
@@ -161,6 +174,9 @@ class Variant:
 
     def step_flops(self, config) -> float:
         return self.block.step_flops(self.options, config)
+
+    def input_critic_flops_per_token(self, config) -> float:
+        return self.block.input_critic_flops_per_token(self.options, config)
 
     def trainable_matrix_parameters(self, config) -> int:
         """Trainable weights of rank >= 2 (biases and norm gains, well under 1%, left out), counted

@@ -10,7 +10,8 @@ runs in and what it records. Beside docs/METHOD.md:
                           the message for step t arrives by the lag rule (feedback_channel.py);
                           StageStep.begin (m_k = g_k(P) once, no graph)
     local_backward(h, y)  per micro-batch, after the driver's forward: the local loss and its
-                          backward inside the stage (StageStep.local_backward)
+                          backward inside the stage (StageStep.local_backward); the driver also
+                          hands over the stage's input, for a critic of it (method/critic.py)
     step end, in STEP_END order (the launched engine runs each as an instruction of its schedule,
     the emulator and the rehearsal through run_step_end(stage.step_end(t))):
         finish_feedback   the feedback network's update: one backward through g_k
@@ -107,8 +108,9 @@ class BlockLocalStage:
         self.compute.begin_step(step)
         self.stage_step.begin(self.transport.table_for_step(step) if self.transport.receives else None)
 
-    def local_backward(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.stage_step.local_backward(outputs, labels, self.compute.backward)
+    def local_backward(self, outputs: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """`inputs`: what the stage received, for a variant that trains a critic of it (critic.py)."""
+        return self.stage_step.local_backward(outputs, labels, self.compute.backward, inputs)
 
     # ---- the step end, one method per STEP_END name ----------------------------------------------
     def finish_feedback(self) -> None:

@@ -30,11 +30,14 @@ def weight_decay_groups(module: nn.Module) -> list[dict]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_stage_feedback(variant: Variant, model_config, stage: int, seed: int):
-    """Stage `stage`'s feedback block (not on the last stage), seeded apart from every layer.
-    `variant`: the run's Variant (method/variants.py get), resolved once by the caller."""
+def build_stage_feedback(variant: Variant, model_config, stage: int, stages: int, seed: int):
+    """Stage `stage`'s feedback block, seeded apart from every layer, or None where the stage
+    holds none (Variant.holds_block). `variant`: the run's Variant (method/variants.py get),
+    resolved once by the caller."""
+    if not variant.holds_block(stage, stages):
+        return None
     torch.manual_seed(seed + FEEDBACK_SEED_OFFSET + stage)
-    return variant.build(model_config)
+    return variant.build(model_config, input_critic=variant.trains_input_critic and stage > 0)
 
 
 @dataclass
@@ -58,9 +61,8 @@ def build_stage(config, stages: int, stage: int, seed: int = 0, variant: str = "
     first, last = stage == 0, stage == stages - 1
     variant_class = get_variant(variant)
     module = nn.Sequential(*(layer for _, layer in build_stage_layers(config, stages, stage, seed)))
-    feedback = None
-    if not last:
-        feedback = build_stage_feedback(variant_class, config, stage, seed)  # as build_engine
+    feedback = build_stage_feedback(variant_class, config, stage, stages, seed)  # as build_engine
+    if feedback is not None:
         module.add_module("bll_feedback", feedback)
     return Stage(module, feedback, first, last, stage_layer_counts(config, stages)[stage],
                  sends_tables=stages > 1 and variant_class.message_shape(config) is not None, variant=variant)
@@ -85,9 +87,8 @@ def build_engine(method: str, module, ds_config: dict, model_config=None, seed: 
         bll = bll or BLLConfig()
         variant = get_variant(bll.variant)
         stage, last = grid.get_stage_id(), grid.get_pipe_parallel_world_size() - 1
-        feedback = None
-        if stage < last:
-            feedback = build_stage_feedback(variant, model_config, stage, seed)
+        feedback = build_stage_feedback(variant, model_config, stage, last + 1, seed)
+        if feedback is not None:
             # A submodule of the stage's module: DeepSpeed's optimizer, precision casts and
             # ZeRO sharding see its parameters like any other. (Its weights are checkpointed by
             # bll_ds.run.checkpoint, since DeepSpeed saves pipeline layers only.)

@@ -69,7 +69,7 @@ class EmulatedPipeline:
         self.table_refresh = variant.table_refresh() if variant is not None else 1
         self.stages, self.block_stages = [], []
         for k in range(stages):
-            feedback = build_stage_feedback(variant, model_config, k, seed) if method == "bll" and k < stages - 1 else None
+            feedback = build_stage_feedback(variant, model_config, k, stages, seed) if method == "bll" else None
             stage = EmulatedStage(k, build_stage_layers(model_config, stages, k, seed), feedback, ds.config, ds.micro_batches,
                                   self.device, ds.bf16, seed, activation_checkpoint_interval,
                                   grad_accum_dtype=ds.grad_accum_dtype, communication_dtype=ds.communication_dtype)
@@ -78,7 +78,7 @@ class EmulatedPipeline:
             if method == "bll":
                 if feedback is not None:
                     feedback.local_loss = stage.fault.wrap(feedback.local_loss, lambda stage=stage: stage.step)
-                step = StageStep(feedback, stage.lm_loss, bll.readout_max_logits_mb, variant)
+                step = StageStep(feedback, stage.lm_loss, k == stages - 1, bll.readout_max_logits_mb, variant)
                 self.block_stages.append(BlockLocalStage(step, stage.module.layers, k == stages - 1, self.table_refresh,
                                                          stage, EmulatedChannel(self, stage)))
         self.last = self.stages[-1]
@@ -149,13 +149,13 @@ class EmulatedPipeline:
             x, labels = self._micro_batch(step, m, batch_fn)
             for stage, block_stage in zip(self.stages, self.block_stages):
                 with stage.running():
-                    outputs = stage.forward(x)
+                    inputs, outputs = x, stage.forward(x)
                     if stage is not self.last:
                         x = outputs.detach()  # what the launched stage sends: no gradient goes back
                         stage.accounting.count("acts_sent", tensor_bytes(x), "bytes_down")
                     if stage.stage_id > 0:
                         stage.accounting.count("acts_received")
-                    block_stage.local_backward(outputs, labels)
+                    block_stage.local_backward(outputs, labels, inputs)
         for stage, block_stage in zip(self.stages, self.block_stages):
             with stage.running():
                 run_step_end(block_stage.step_end())

@@ -125,7 +125,7 @@ class LaunchedTransport:
 class BLLPipelineEngine(AccountedPipelineEngine):
     def __init__(self, *args, feedback=None, variant=None, table_shape=None,
                  max_inflight_sends: int = 0, readout_max_logits_mb: float = 0.0, **kwargs):
-        """feedback: this stage's feedback block (None on the last stage). variant: the run's
+        """feedback: this stage's feedback block (None where it holds none: Variant.holds_block). variant: the run's
         Variant (method/variants.py), resolved once: it decides the message upstream (its
         dtype and refresh period). table_shape: the message's shape ((V, H) for a target
         table), None if it sends none. readout_max_logits_mb: the local readout runs in sequence
@@ -156,7 +156,7 @@ class BLLPipelineEngine(AccountedPipelineEngine):
             self.feedback.local_loss = self.fault.wrap(self.feedback.local_loss, self.training_step,
                                                        lambda: self.module.training)
         # After the fault wrappers: the step calls the (possibly wrapped) losses.
-        step = StageStep(self.feedback, self.module.loss_fn, readout_max_logits_mb, variant)
+        step = StageStep(self.feedback, self.module.loss_fn, self.is_last_stage(), readout_max_logits_mb, variant)
         self.stage = BlockLocalStage(step, self.module.forward_funcs, self.is_last_stage(), refresh,
                                      LaunchedCompute(self), self.transport)
 
@@ -240,7 +240,7 @@ class BLLPipelineEngine(AccountedPipelineEngine):
 
     def _bll_local_backward(self, buffer_id):
         buffers = ds_internals.pipe_buffers(self)
-        self.stage.local_backward(buffers["outputs"][buffer_id], buffers["labels"][buffer_id])
+        self.stage.local_backward(buffers["outputs"][buffer_id], buffers["labels"][buffer_id], buffers["inputs"][buffer_id])
         buffers["outputs"][buffer_id] = None
         buffers["inputs"][buffer_id] = None
 

@@ -1,0 +1,123 @@
+"""Downstream-trained feedback (bll_ds/method/critic.py): the critic's loss by hand, which stages
+hold a critic and a block, that the critic's loss trains the critic alone, that the stage's readout
+scores against the received critic without training it, and the declared costs. The launched run
+(exact resume, no cross-stage gradient, the last stage's block checkpointed) is in
+tests/test_emulator.py."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TINY_HIDDEN, TINY_SEQ, TINY_VOCAB, tiny_model_config
+
+from bll_ds.measure.flops import NotModelled, stage_flop_split
+from bll_ds.method.critic import critic_loss
+from bll_ds.method.stage_step import StageStep
+from bll_ds.method.variants import get as get_variant
+from bll_ds.modeling import lm_loss
+from bll_ds.pipeline.build import build_stage
+
+T, V, H = TINY_SEQ, TINY_VOCAB, TINY_HIDDEN
+
+
+@pytest.fixture
+def config(tmp_path):
+    return tiny_model_config(tmp_path)
+
+
+def test_critic_loss_by_hand():
+    torch.manual_seed(0)
+    logits, prediction = torch.randn(2, T, V), torch.randn(2, T, V)
+    labels = torch.randint(0, V, (2, T))
+    labels[0, 0] = -100
+    a = 0.3
+    loss, terms = critic_loss(logits, prediction, labels, a)
+    valid = labels != -100
+    log_q, p = F.log_softmax(logits, -1)[valid], F.softmax(prediction, -1)[valid]
+    target = (1 - a) * p + a * F.one_hot(labels[valid], V).float()
+    assert loss.item() == pytest.approx(-(target * log_q).sum(-1).mean().item(), rel=1e-5)
+    assert terms["critic_ce"].item() == pytest.approx(F.cross_entropy(logits[valid], labels[valid]).item(), rel=1e-5)
+    kl = (p * (p.log() - log_q)).sum(-1).mean()
+    assert terms["critic_kl"].item() == pytest.approx(kl.item(), rel=1e-4)
+    assert critic_loss(prediction, prediction, labels, a)[1]["critic_kl"].abs().item() < 1e-5
+
+
+def test_every_stage_but_the_first_holds_a_critic_and_the_last_a_block(config):
+    variant = get_variant("critic")
+    assert [variant.holds_block(k, 3) for k in range(3)] == [True, True, True]
+    assert [get_variant("dgl").holds_block(k, 3) for k in range(3)] == [True, True, False]
+    built = [build_stage(config, 3, k, seed=1, variant="critic") for k in range(3)]
+    assert [b.feedback is not None for b in built] == [True, True, True]
+    assert [b.feedback.critic is not None for b in built] == [False, True, True]
+    assert built[1].sends_tables and variant.message_shape(config) == (V, H)
+    # Seeded apart per stage: two stages' critics differ, and a rebuild is the same.
+    assert not torch.equal(built[1].feedback.critic.weight, built[2].feedback.critic.weight)
+    again = build_stage(config, 3, 2, seed=1, variant="critic")
+    assert torch.equal(again.feedback.critic.weight, built[2].feedback.critic.weight)
+
+
+def _micro_batch(config, built, generator):
+    inputs = torch.randn(2, T, H, generator=generator)
+    labels = torch.randint(0, V, (2, T), generator=generator)
+    outputs = inputs
+    for name, layer in built.module.named_children():
+        if name != "bll_feedback":
+            outputs = layer(outputs)
+    return inputs, outputs, labels
+
+
+def test_the_critics_loss_trains_the_critic_only_and_the_readout_scores_against_the_received_one(config):
+    generator = torch.Generator().manual_seed(2)
+    middle = build_stage(config, 3, 1, seed=1, variant="critic")
+    step = StageStep(middle.feedback, lm_loss, False, variant=get_variant("critic"))
+    received = torch.randn(V, H, generator=generator) * 0.1
+    step.begin(received)
+    inputs, outputs, labels = _micro_batch(config, middle, generator)
+    inputs.requires_grad_()
+    grads = {}
+
+    def backward(loss, scale):
+        grads["loss"] = loss.detach()
+        loss.backward()
+
+    loss = step.local_backward(outputs, labels, backward, inputs)
+    # The stage's loss is the readout's against the received critic, by hand.
+    feedback = middle.feedback
+    readout = feedback.norm(outputs.detach()) @ received.t()
+    assert loss.item() == pytest.approx(F.cross_entropy(readout.flatten(0, 1), labels.flatten()).item(), rel=1e-5)
+    # The backward carried the critic's loss too, toward this stage's own prediction.
+    critic, _ = critic_loss(feedback.critic(inputs), readout, labels, feedback.label_weight)
+    assert grads["loss"].item() == pytest.approx(loss.item() + critic.item(), rel=1e-5)
+    assert inputs.grad is None  # the stage's input is data to its critic
+    assert feedback.critic.weight.grad.abs().sum() > 0 and feedback.critic.norm.weight.grad.abs().sum() > 0
+    assert set(step.mean_terms()) >= {"ce", "critic_ce", "critic_kl"}
+    assert torch.equal(step.table_to_publish(None), feedback.critic.weight.detach())
+
+    # The last stage: its loss is the LM loss, its critic's target the LM head's prediction.
+    last = build_stage(config, 3, 2, seed=1, variant="critic")
+    step = StageStep(last.feedback, lm_loss, True, variant=get_variant("critic"))
+    step.begin(None)
+    inputs, logits, labels = _micro_batch(config, last, generator)
+    seen = {}
+    loss = step.local_backward(logits, labels, lambda total, scale: seen.update(total=total.detach()), inputs)
+    critic, _ = critic_loss(last.feedback.critic(inputs), logits, labels, last.feedback.label_weight)
+    assert loss.item() == pytest.approx(lm_loss(logits, labels).item(), rel=1e-6)
+    assert seen["total"].item() == pytest.approx(loss.item() + critic.item(), rel=1e-5)
+
+
+def test_declared_costs_and_what_is_not_modelled(config):
+    variant = get_variant("critic")
+    assert variant.readout_flops_per_token(config) == 4 * H * V           # the received critic is data
+    assert variant.input_critic_flops_per_token(config) == 4 * H * V      # forward and weight gradient
+    assert get_variant("critic-context").readout_flops_per_token(config) == (4 + 6 * 2) * H * V
+    split = stage_flop_split(config, 2, T, "bll", "critic")
+    dgl = stage_flop_split(config, 2, T, "bll", "dgl")
+    assert split[0].local_readout == pytest.approx(dgl[0].local_readout - 2 * H * V)
+    assert split[1].local_readout == 4 * H * V and dgl[1].local_readout == 0  # the last stage's critic
+    assert variant.table_bytes_per_step(config, 4) == V * H * 4
+    assert variant.readout_saved_bytes_per_token(config, 4, 0) is None     # the planner says "not modelled"
+    from bll_bench.simulate import layer_costs_from_flops
+    with pytest.raises(NotModelled, match="critic"):
+        layer_costs_from_flops(config, T, 1, 1e12, variant="critic")
+    for spec in ("critic:dim=4", "critic:refresh=2", "critic-context:neg=8"):
+        with pytest.raises(ValueError, match="does not take the option"):
+            get_variant(spec)
