@@ -555,6 +555,9 @@ def layer_costs_from_flops(config, seq_len: int, micro_batch_size: int, achieved
         # LayerCosts charges a local readout to non-last stages only; a critic also runs on the last.
         raise flops.NotModelled(variant, "trains a critic on every stage but the first, the last included: "
                                          "the simulator's per-layer costs do not model it yet")
+    if get_variant(variant).block.tables_from_last_stage:
+        raise flops.NotModelled(variant, "sends every table from the last stage: the simulator models one "
+                                         "table per hop between neighbours")
     tokens = seq_len * micro_batch_size
     to_s = tokens / achieved_flops
     projection = flops.layer_projection_flops(config)

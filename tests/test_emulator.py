@@ -126,11 +126,13 @@ def test_emulated_run_resumes_exactly_and_evaluates(tmp_path, cache_dir, text_co
 
 
 LEVER_PORTS = {"prototype-aux": 29688, "prototype-overlap": 29689, "dgl-overlap": 29690, "dgl-context": 29691,
-               "dgl-context-man": 29694, "prototype-context": 29695, "critic": 29696}
+               "dgl-context-man": 29694, "prototype-context": 29695, "critic": 29696, "direct": 29697}
 SENDS_UPSTREAM = {"prototype-aux": True, "prototype-overlap": True, "dgl-overlap": True, "dgl-context": False,
-                  "dgl-context-man": True, "prototype-context": True, "critic": True}
-# The rest run in `make test-all`. critic: the last stage holds a block (its critic), checkpointed.
-IN_MAKE_TEST = ("prototype-aux", "dgl-context", "critic")
+                  "dgl-context-man": True, "prototype-context": True, "critic": True, "direct": True}
+LEVER_STAGES = {"direct": 3}  # the others at 2; direct's tables skip a stage only from 3 on
+# The rest run in `make test-all`. critic: the last stage holds a block (its critic), checkpointed;
+# direct: the last stage sends to every stage on groups that are not neighbours'.
+IN_MAKE_TEST = ("prototype-aux", "dgl-context", "critic", "direct")
 
 
 @pytest.mark.launcher
@@ -143,23 +145,28 @@ def test_lever_launched_killed_and_resumed_equals_emulated(tmp_path, cache_dir, 
     stage. The overlap variants send a layer copy upstream (dgl-overlap: nothing else), through
     the same channel, lag and checkpointed queue as the tables; dgl-context sends nothing."""
     launched, emulated = tmp_path / "launched", tmp_path / "emulated"
-    args = _args("bll", variant, 2, launched, data=text_corpus)
+    stages = LEVER_STAGES.get(variant, 2)
+    args = _args("bll", variant, stages, launched, data=text_corpus)
     port = LEVER_PORTS[variant]
-    result = run_pretrain(args + ["--exit_interval", "10"], ranks=2, cache_dir=cache_dir, master_port=port)
+    result = run_pretrain(args + ["--exit_interval", "10"], ranks=stages, cache_dir=cache_dir, master_port=port)
     assert result.returncode == 0 and "continue with --resume" in result.stdout, launch_failure(result)
-    result = run_pretrain(args + ["--resume"], ranks=2, cache_dir=cache_dir, master_port=port)
+    result = run_pretrain(args + ["--resume"], ranks=stages, cache_dir=cache_dir, master_port=port)
     assert result.returncode == 0, launch_failure(result)
-    result = run_pretrain(_args("bll", variant, 2, emulated, data=text_corpus) + ["--emulate"], ranks=None,
+    result = run_pretrain(_args("bll", variant, stages, emulated, data=text_corpus) + ["--emulate"], ranks=None,
                           cache_dir=cache_dir)
     assert result.returncode == 0, launch_failure(result)
-    losses_l, losses_e = stage_losses(launched, 2), stage_losses(emulated, 2)
-    assert set(losses_l) == set(losses_e) and len(losses_l) == 2 * STEPS
+    losses_l, losses_e = stage_losses(launched, stages), stage_losses(emulated, stages)
+    assert set(losses_l) == set(losses_e) and len(losses_l) == stages * STEPS
     assert max(_relative(losses_l[key], losses_e[key]) for key in losses_l) <= TOLERANCE
     assert _worst_weight_difference(launched, emulated) <= TOLERANCE
     summary = json.loads((launched / "summary.json").read_text())
     assert all(d["grads_sent"] == 0 for d in summary["stages_detail"])
     assert summary["stages_detail"][0]["tables_sent"] == 0
-    assert (summary["stages_detail"][1]["tables_sent"] > 0) == SENDS_UPSTREAM[variant]
+    assert (summary["stages_detail"][-1]["tables_sent"] > 0) == SENDS_UPSTREAM[variant]
+    if variant == "direct":  # the last stage sends P_0 .. P_20 to both stages; the middle one sends none
+        sent = [d["tables_sent"] for d in json.loads((emulated / "summary.json").read_text())["stages_detail"]]
+        assert sent == [0, 0, 2 * (STEPS + 1)]
+        assert summary["stages_detail"][1]["tables_sent"] == 0
 
 
 def test_emulate_refuses_a_launched_rank(tmp_path, cache_dir, text_corpus):

@@ -92,6 +92,9 @@ class StageFeedback(nn.Module):
     # Every stage but the first trains a critic of its input and sends it as its message; the last
     # stage then holds a block too (critic.py).
     trains_input_critic: ClassVar[bool] = False
+    # Every stage's table comes from the last stage in one hop instead of through the chain
+    # (direct.py); the stages between send nothing.
+    tables_from_last_stage: ClassVar[bool] = False
 
     @classmethod
     def accepted_options(cls) -> frozenset[str]:

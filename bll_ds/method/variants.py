@@ -51,7 +51,7 @@ import torch
 from bll_ds.method.variant_options import TABLE_DTYPES, VariantOptions, parse_spec
 
 _BUILT_IN = ("bll_ds.method.feedback", "bll_ds.method.aux_readout", "bll_ds.method.overlap", "bll_ds.method.context",
-             "bll_ds.method.next_layer_average", "bll_ds.method.critic")
+             "bll_ds.method.next_layer_average", "bll_ds.method.critic", "bll_ds.method.direct")
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,17 @@ class Variant:
     def trains_input_critic(self) -> bool:
         """Every stage but the first trains a critic of its input, which is its message (critic.py)."""
         return self.block.trains_input_critic
+
+    def message_source(self, stage: int, stages: int) -> int | None:
+        """The stage whose messages stage `stage` receives, for a variant that sends any (None: the
+        last stage, which receives none): the next stage, or the last one for direct feedback."""
+        if stage == stages - 1:
+            return None
+        return stages - 1 if self.block.tables_from_last_stage else stage + 1
+
+    def message_destinations(self, stage: int, stages: int) -> list[int]:
+        """The stages that receive stage `stage`'s messages (message_source's inverse)."""
+        return [k for k in range(stages) if self.message_source(k, stages) == stage]
 
     def holds_block(self, stage: int, stages: int) -> bool:
         """Whether stage `stage` of `stages` holds a feedback block: every stage but the last, and

@@ -1,4 +1,5 @@
-"""Target tables travelling upstream (stage k+1 -> stage k), once per optimizer step.
+"""Target tables travelling upstream (stage k+1 -> stage k; from the last stage to every stage for
+direct feedback, bll_ds/method/direct.py), once per optimizer step.
 
 The rule that makes training deterministic (and resume exact) without ever making a stage wait
 for another stage's current step:
@@ -18,8 +19,8 @@ Sends are non-blocking (gloo's blocking send waits for the matching receive). At
 (evaluation, checkpoint, end of a train call) the receiver drains every table in flight into its
 queue, which is saved in its checkpoint, so a resumed run consumes exactly the same tables.
 
-Tables travel on a process group of their own for each pair of neighbouring stages
-(`neighbour_groups`), never on the default group with a tag: NCCL ignores tags, and on the
+Tables travel on a process group of their own for each pair of sending and receiving stages
+(`message_groups`), never on the default group with a tag: NCCL ignores tags, and on the
 default group an upstream table would queue on the same communicator and stream as the
 downstream activations of that pair, where a send waiting for its receive blocks the activation
 behind it (a deadlock on the first GPU run). A group per pair is a communicator and stream per
@@ -36,13 +37,14 @@ import torch.distributed as tdist
 LAG = 2
 
 
-def neighbour_groups(stages: int, replicas: int, global_rank) -> dict[tuple[int, int], object]:
-    """{(stage k, replica d): the two-rank group of stage k and stage k+1 of replica d}.
+def message_groups(sources: dict[int, int], replicas: int, global_rank) -> dict[tuple[int, int], object]:
+    """{(stage k, replica d): the two-rank group of stage k and the stage it receives from,
+    sources[k] (k+1; the last stage for direct feedback), of replica d}.
 
     Every rank must create every group, in the same order (torch.distributed.new_group's rule),
     even the groups it is not part of. global_rank(stage, replica) -> rank in the world."""
-    return {(k, d): tdist.new_group(sorted({global_rank(k, d), global_rank(k + 1, d)}))
-            for d in range(replicas) for k in range(stages - 1)}
+    return {(k, d): tdist.new_group(sorted({global_rank(k, d), global_rank(source, d)}))
+            for d in range(replicas) for k, source in sorted(sources.items())}
 
 
 def publishes_after(step: int, refresh: int = 1) -> bool:
@@ -66,10 +68,11 @@ OUTBOX_HELD = 2
 
 
 class TableOutbox:
-    """On stage k > 0: sends its table to stage k-1 of the same data-parallel replica."""
+    """On a sending stage: sends its table to one receiving stage (k-1) of the same data-parallel
+    replica."""
 
     def __init__(self, dst_rank: int, group=None):
-        """group: the two-rank group of this stage and stage k-1 (neighbour_groups)."""
+        """group: the two-rank group of this stage and the receiving one (message_groups)."""
         self.dst_rank, self.group = dst_rank, group
         self.published = 0  # tables sent so far (P_0 .. P_{published-1})
         self._pending: list[tuple[object, torch.Tensor]] = []
@@ -87,11 +90,12 @@ class TableOutbox:
 
 
 class TableInbox:
-    """On stage k < S-1: receives stage k+1's tables, in order, and hands out the one for a step."""
+    """On stage k < S-1: receives its source's tables (stage k+1's, or the last stage's), in order,
+    and hands out the one for a step."""
 
     def __init__(self, src_rank: int, shape: tuple[int, ...], dtype: torch.dtype, device, refresh: int = 1,
                  group=None):
-        """group: the two-rank group of this stage and stage k+1 (neighbour_groups)."""
+        """group: the two-rank group of this stage and its source (message_groups)."""
         self.src_rank, self.shape, self.dtype, self.device = src_rank, shape, dtype, device
         self.group = group
         self.refresh = refresh

@@ -10,7 +10,8 @@ a few cores nor S GPUs:
 - block-local learning runs every stage through block_local_stage.py's BlockLocalStage, the code
   the launched engine runs, with the emulated stage as its compute and this file's transport
   (EmulatedChannel), which passes the tables with feedback_channel.py's LAG: stage k uses
-  P_{max(t - LAG, 0)} of stage k+1 during its step t (rounded down to the refresh grid);
+  P_{max(t - LAG, 0)} of stage k+1 (of the last stage, for direct feedback) during its step t
+  (rounded down to the refresh grid);
 - `--method bp` is pipeline backprop as DeepSpeed's 1F1B computes it: one autograd graph through
   all stages per micro-batch, every stage clipped by the global norm and stepped together.
 
@@ -65,6 +66,7 @@ class EmulatedPipeline:
         self.device = emulation_device()
         self.micro_batches = ds.micro_batches
         variant = get_variant(bll.variant) if method == "bll" else None
+        self.variant = variant
         self.sends_table = variant is not None and variant.message_shape(model_config) is not None
         self.table_refresh = variant.table_refresh() if variant is not None else 1
         self.stages, self.block_stages = [], []
@@ -229,7 +231,8 @@ class EmulatedPipeline:
                 torch.save({k: v.detach().clone() for k, v in layer.state_dict().items()},
                            folder / names.layer_weights(index))
             if self.method == "bll":
-                inbox = self.tables[stage.stage_id + 1] if stage is not self.last else {}
+                source = self.variant.message_source(stage.stage_id, self.num_stages)
+                inbox = self.tables[source] if source is not None else {}
                 torch.save({"feedback": stage.feedback.state_dict() if stage.feedback is not None else None,
                             "inbox": {"queue": [(j, t.cpu()) for j, t in sorted(inbox.items())]}},
                            folder / names.block_local_state(stage.stage_id))
@@ -257,17 +260,20 @@ class EmulatedPipeline:
 
 
 class EmulatedChannel:
-    """Stage k's messages in one process: stage k+1's published tables, by the lag rule, and its
-    own kept for stage k-1 until the rule no longer asks for them (what a checkpoint saves)."""
+    """Stage k's messages in one process: its source's published tables (stage k+1's, or the last
+    stage's for direct feedback: Variant.message_source), by the lag rule, and its own kept for
+    the stages it sends to until the rule no longer asks for them (what a checkpoint saves)."""
 
     def __init__(self, pipeline: EmulatedPipeline, stage: EmulatedStage):
         self.pipeline, self.stage = pipeline, stage
-        self.receives = pipeline.sends_table and stage.stage_id < pipeline.num_stages - 1
-        self.sends = pipeline.sends_table and stage.stage_id > 0
+        stages, k = pipeline.num_stages, stage.stage_id
+        self.source = pipeline.variant.message_source(k, stages) if pipeline.sends_table else None
+        self.destinations = pipeline.variant.message_destinations(k, stages) if pipeline.sends_table else []
+        self.receives, self.sends = self.source is not None, bool(self.destinations)
 
     def table_for_step(self, step: int) -> torch.Tensor:
         self.stage.accounting.count("tables_received")
-        return self.pipeline.tables[self.stage.stage_id + 1][table_index(step, self.pipeline.table_refresh)]
+        return self.pipeline.tables[self.source][table_index(step, self.pipeline.table_refresh)]
 
     def publish(self, table: torch.Tensor, completed_step: int) -> None:
         table = table.detach().clone()
@@ -275,7 +281,8 @@ class EmulatedChannel:
         history[completed_step] = table
         for old in [j for j in history if j < table_index(completed_step + 1, self.pipeline.table_refresh)]:
             del history[old]
-        self.stage.accounting.count("tables_sent", tensor_bytes(table), "bytes_up")
+        for _ in self.destinations:  # one send per receiving stage, as the launched stage makes
+            self.stage.accounting.count("tables_sent", tensor_bytes(table), "bytes_up")
 
     def resume(self, completed_step: int) -> None:
         """The tables come back with the checkpoint (load_checkpoint)."""

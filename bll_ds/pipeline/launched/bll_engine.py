@@ -23,7 +23,7 @@ from deepspeed.runtime.pipe import schedule as ds_schedule
 from bll_ds.method.stage_step import StageStep
 from bll_ds.pipeline.accounting import tensor_bytes
 from bll_ds.pipeline.block_local_stage import BlockLocalStage
-from bll_ds.pipeline.feedback_channel import TableInbox, TableOutbox, neighbour_groups, tables_published
+from bll_ds.pipeline.feedback_channel import TableInbox, TableOutbox, message_groups, tables_published
 from bll_ds.pipeline.launched import bll_schedule as bll
 from bll_ds.pipeline.launched import deepspeed_internals as ds_internals
 from bll_ds.pipeline.launched.pipeline_engine import (AccountedPipelineEngine, _as_float, guarded_optimizer_step,
@@ -96,27 +96,30 @@ class LaunchedCompute:
 class LaunchedTransport:
     """The tables between neighbouring launched stages (feedback_channel.py), counted."""
 
-    def __init__(self, engine: "BLLPipelineEngine", inbox: TableInbox | None, outbox: TableOutbox | None,
+    def __init__(self, engine: "BLLPipelineEngine", inbox: TableInbox | None, outboxes: list[TableOutbox],
                  refresh: int):
-        self.engine, self.inbox, self.outbox, self.refresh = engine, inbox, outbox, refresh
-        self.receives, self.sends = inbox is not None, outbox is not None
+        """outboxes: one per receiving stage (one, stage k-1; every other stage, from the last
+        stage under direct feedback; none)."""
+        self.engine, self.inbox, self.outboxes, self.refresh = engine, inbox, outboxes, refresh
+        self.receives, self.sends = inbox is not None, bool(outboxes)
 
     def table_for_step(self, step: int) -> torch.Tensor:
         with self.engine.accounting.p2p():
             return self.inbox.table_for_step(step)
 
     def publish(self, table: torch.Tensor, completed_step: int) -> None:
-        with self.engine.accounting.p2p():
-            self.outbox.publish(table)
-        self.engine.accounting.count("tables_sent", tensor_bytes(table), "bytes_up")
+        for outbox in self.outboxes:
+            with self.engine.accounting.p2p():
+                outbox.publish(table)
+            self.engine.accounting.count("tables_sent", tensor_bytes(table), "bytes_up")
 
     def resume(self, completed_step: int) -> None:
-        if self.outbox is not None:
-            self.outbox.published = tables_published(completed_step, self.refresh)
+        for outbox in self.outboxes:
+            outbox.published = tables_published(completed_step, self.refresh)
 
     def drain(self, completed_step: int) -> None:
-        if self.outbox is not None:
-            self.outbox.flush()
+        for outbox in self.outboxes:
+            outbox.flush()
         if self.inbox is not None:
             self.inbox.drain(published=tables_published(completed_step, self.refresh))
             self.engine.accounting.counters.tables_received = self.inbox.received
@@ -140,18 +143,19 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         self.lr_kwargs = None
         refresh = variant.table_refresh() if variant is not None else 1
         replica = self.grid.data_parallel_id
-        outbox = inbox = None
+        outboxes, inbox = [], None
         if table_shape is not None:  # the same on every rank: every rank creates every pair's group
-            groups = neighbour_groups(self.num_stages, self.grid.get_data_parallel_world_size(),
-                                      lambda k, d: self.grid.stage_to_global(k, data=d))
-            if not self.is_first_stage():
-                outbox = TableOutbox(self.grid.stage_to_global(self.stage_id - 1, data=replica),
-                                     groups[(self.stage_id - 1, replica)])
+            stages = self.num_stages
+            sources = {k: variant.message_source(k, stages) for k in range(stages - 1)}
+            groups = message_groups(sources, self.grid.get_data_parallel_world_size(),
+                                    lambda k, d: self.grid.stage_to_global(k, data=d))
+            outboxes = [TableOutbox(self.grid.stage_to_global(k, data=replica), groups[(k, replica)])
+                        for k in variant.message_destinations(self.stage_id, stages)]
             if not self.is_last_stage():
                 dtype = variant.message_dtype(next(self.module.parameters()).dtype)
-                inbox = TableInbox(self.grid.stage_to_global(self.stage_id + 1, data=replica),
+                inbox = TableInbox(self.grid.stage_to_global(sources[self.stage_id], data=replica),
                                    tuple(table_shape), dtype, self.device, refresh, groups[(self.stage_id, replica)])
-        self.transport = LaunchedTransport(self, inbox, outbox, refresh)
+        self.transport = LaunchedTransport(self, inbox, outboxes, refresh)
         if self.feedback is not None:
             self.feedback.local_loss = self.fault.wrap(self.feedback.local_loss, self.training_step,
                                                        lambda: self.module.training)
