@@ -15,8 +15,9 @@ run loads, so all runs see the same tokens. A run with a summary.json is done; a
 checkpoints is resumed (--resume); so the command continues where a killed sweep stopped. An --out under results/ is committed without its
 checkpoints (.gitignore): on another machine, finished runs count as done and an unfinished one
 starts again. --only picks runs by name. The table (sweep.md, sweep.json)
-and the plot of held-out loss against tokens are rewritten from whatever runs are complete or in
-progress, each time the command runs (--table_only: without training).
+and the plot of held-out loss against tokens are rewritten from whatever runs in the folder are
+complete or in progress (the plan's, and those other plans or --variants put there, each BLL run
+against backprop on its own model), each time the command runs (--table_only: without training).
 
     recovered = (L_truncated - L_BLL) / (L_truncated - L_BP)
 
@@ -89,7 +90,8 @@ PLANS = {
 }
 
 
-def _layers(model: str) -> int:
+def _layers(model: str | Path) -> int:
+    """Decoder layers of a model spec (llama's num_hidden_layers, gpt2's n_layer)."""
     spec = json.loads((REPO / model).read_text())
     return spec.get("num_hidden_layers", spec.get("n_layer"))
 
@@ -165,11 +167,28 @@ def val_curve(run_dir: Path) -> list[tuple[int, int, float]]:
     return [(step, step * (tokens_per_step or 0), loss) for step, loss in sorted(points.items())]
 
 
+def _runs_in(plan: Plan, out: Path) -> list[str]:
+    """The plan's runs and every other run in the folder (another plan's depth, other variants,
+    earlier sweeps): backprop from the deepest model down, then block-local by stages and name."""
+    found = {d.name for d in out.iterdir() if d.is_dir() and d.name.startswith(("bp-L", "bll-"))} if out.is_dir() else set()
+    names_ = set(runs_of(plan)) | found
+    bp = sorted((n for n in names_ if n.startswith("bp-L")), key=lambda n: -int(n[4:]))
+    bll = sorted((n for n in names_ if n.startswith("bll-")), key=lambda n: (int(n.rsplit("-S", 1)[1]), n))
+    return bp + bll
+
+
+def _model_layers(run_dir: Path, default: int) -> int:
+    """The run's decoder layers (its model_config.json), which name its backprop baseline bp-L{layers}."""
+    config = run_dir / names.MODEL_CONFIG
+    return (_layers(config.resolve()) or default) if config.is_file() else default
+
+
 def tabulate(plan: Plan, out: Path) -> dict:
-    """Every run's final and half-way held-out loss, BLL/BP ratios and recovered fractions."""
+    """Every run's final and half-way held-out loss, BLL/BP ratios and recovered fractions: the
+    plan's runs and any other in the folder, each BLL run against backprop on its own model."""
     layers = _layers(plan.model)
     rows, curves = [], {}
-    for name in runs_of(plan):
+    for name in _runs_in(plan, out):
         run_dir = out / name
         curve = val_curve(run_dir)
         if not curve:
@@ -184,12 +203,15 @@ def tabulate(plan: Plan, out: Path) -> dict:
                      "tokens_per_s": summary["tokens_per_s"] if summary else None,
                      "model_gflops_per_s": summary.get("model_gflops_per_s") if summary else None})
     by_name = {r["run"]: r for r in rows}
-    bp = by_name.get(f"bp-L{layers}")
     for r in rows:
-        if not r["run"].startswith("bll-") or bp is None:
+        if not r["run"].startswith("bll-"):
+            continue
+        depth = _model_layers(out / r["run"], layers)
+        bp = by_name.get(f"bp-L{depth}")
+        if bp is None:
             continue
         stages = int(r["run"].rsplit("-S", 1)[1])
-        truncated = by_name.get(f"bp-L{layers // stages}")
+        truncated = by_name.get(f"bp-L{depth // stages}")
         for key, point in (("final", "final"), ("half", "half")):
             mine, base = r[point], bp[point]
             r[f"ratio_{key}"] = round(mine / base, 4) if mine and base else None

@@ -88,3 +88,21 @@ def test_variants_replace_the_plans_and_unknown_ones_are_refused(tmp_path, capsy
     assert "bll-prototype-aux-S8" in listed and "bll-prototype-S8" not in listed and "bp-L8" in listed
     with pytest.raises(UserError, match="not registered"):
         sweep.main(["--plan", "shakespeare", "--out", str(tmp_path), "--list", "--variants", "protoype"])
+
+
+def test_the_table_keeps_every_run_in_the_folder_each_against_its_own_models_backprop(tmp_path):
+    """Two plans and several --variants share a folder: a sweep of one keeps the others' rows."""
+    _fake_run(tmp_path, "bp-L16", [(5, 5.0), (10, 4.0)], final=4.0)
+    _fake_run(tmp_path, "bp-L8", [(5, 5.2), (10, 4.5)], final=4.5)
+    _fake_run(tmp_path, "bp-L1", [(5, 6.0), (10, 5.5)], final=5.5)
+    _fake_run(tmp_path, "bll-other-S8", [(5, 5.3), (10, 4.75)], final=4.75)    # a variant the plan does not name
+    _fake_run(tmp_path, "bll-other-S16", [(5, 5.1), (10, 4.4)], final=4.4)     # the 16-layer plan's run
+    (tmp_path / "bll-other-S16" / names.MODEL_CONFIG).write_text(json.dumps({"n_layer": 16}))  # gpt2's key
+    (tmp_path / "bll-other-S8" / names.MODEL_CONFIG).write_text(json.dumps({"num_hidden_layers": 8}))
+    plan = dataclasses.replace(sweep.PLANS["kernel-char-d8"], steps=10)
+    rows = {r["run"]: r for r in sweep.tabulate(plan, tmp_path)["rows"]}
+    assert [r for r in rows] == ["bp-L16", "bp-L8", "bp-L1", "bll-other-S8", "bll-other-S16"]
+    assert rows["bll-other-S8"]["ratio_final"] == pytest.approx(4.75 / 4.5, abs=1e-4)
+    assert rows["bll-other-S8"]["recovered_final"] == pytest.approx((5.5 - 4.75) / (5.5 - 4.5), abs=1e-3)
+    assert rows["bll-other-S16"]["ratio_final"] == pytest.approx(4.4 / 4.0, abs=1e-4)
+    assert rows["bll-other-S16"]["recovered_final"] == pytest.approx((5.5 - 4.4) / (5.5 - 4.0), abs=1e-3)
