@@ -37,7 +37,7 @@ class AuxiliaryLayer:
     excluded_options: frozenset[str] = frozenset()
 
     @staticmethod
-    def build(config) -> DecoderLayer:
+    def build(config, options) -> DecoderLayer:  # options: this layer takes none of its own
         # layer_idx only names the block for HF's cache; A_k is never part of the exported model.
         return DecoderLayer(config, layer_idx=config.num_hidden_layers)
 

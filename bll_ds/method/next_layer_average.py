@@ -15,8 +15,10 @@ without block k inflating its stream:
     dgl-context-man   dgl-context's loss of A_k(h_k)                      context.py
 
     A_k(h)    = Dbar_k(gamma_k * h + b_k)          gamma_k = 1, b_k = 0 at the start; trained by L_k
+                                                   (affine=0: A_k(h) = Dbar_k(h), for the ablation)
     Dbar_k   <- mu Dbar_k + (1 - mu) D_{k+1}^{(t - LAG)}   once per step, as the message arrives;
-                                                   the first message is copied; mu = `momentum`
+                                                   the first message is copied; mu=0.9 (an option;
+                                                   mu=0: the latest copy, overlap.py's D_k)
 
 D_{k+1}^{(j)} is stage k+1's first decoder layer as published after its step j (the tables' lag
 rule, engine/feedback_channel.py), sent upstream as overlap.py sends it: a named copy of forward
@@ -25,10 +27,11 @@ the stage's state (in its checkpoint, so a resumed run averages what an uninterr
 gamma_k and b_k are the stage's own parameters. Because the average moves once per arriving
 message, the refresh= option (a message every k steps, the same one k times) is not offered.
 
-Precision: the average lives in the frozen layer's parameters, which a bf16 run holds in bf16;
-there a step of (1 - mu) times a small weight change is below bf16's resolution (2^-8 relative)
-and rounds away, so the average would lag far behind the sent copies. Measured only in fp32 so
-far (the CPU runs); a bf16 run wants the average kept in fp32.
+Precision: a bf16 run holds the frozen layer in bf16, where a step of (1 - mu) times a small
+weight change is below bf16's resolution (2^-8 relative) and would round away. So the average is
+kept in fp32 beside the layer (one layer's parameters, 4 bytes each, per stage; in the checkpoint)
+and the layer takes its rounding after every message. In fp32 runs the two are the same values.
+Measured only in fp32 so far (the CPU runs).
 
 Cost: overlap.py's (Dbar_k's forward and input gradient) plus an elementwise scale and shift
 (not counted: O(H) per token against the layer's O(H^2)); the bytes of one decoder layer per step
@@ -49,40 +52,69 @@ from bll_ds.modeling.layers import DecoderLayer
 
 class ScaledAverage(nn.Module):
     """A_k(h) = Dbar_k(gamma_k * h + b_k): the averaged copy (frozen parameters, the stage's state)
-    behind a trained per-channel scale and shift."""
+    behind a trained per-channel scale and shift (none with affine=0).
 
-    def __init__(self, config):
+    The average itself is kept in fp32 (`average`, flat, in the checkpoint as this module's extra
+    state, which no dtype cast touches); the layer holds its rounding to the run's dtype. In a
+    bf16 run a step of (1 - mu) times a small weight change would otherwise round away."""
+
+    def __init__(self, config, momentum: float, affine: bool):
         super().__init__()
-        self.scale = nn.Parameter(torch.ones(config.hidden_size))
-        self.shift = nn.Parameter(torch.zeros(config.hidden_size))
+        self.momentum = momentum
+        self.scale = nn.Parameter(torch.ones(config.hidden_size)) if affine else None
+        self.shift = nn.Parameter(torch.zeros(config.hidden_size)) if affine else None
         self.layer = DecoderLayer(config, layer_idx=config.num_hidden_layers).requires_grad_(False)
         self.register_buffer("messages", torch.zeros((), dtype=torch.long))  # averaged so far
+        self.average: torch.Tensor | None = None  # Dbar_k's parameters, flat, fp32
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.layer(hidden * self.scale.to(hidden.dtype) + self.shift.to(hidden.dtype))
+        if self.scale is not None:
+            hidden = hidden * self.scale.to(hidden.dtype) + self.shift.to(hidden.dtype)
+        return self.layer(hidden)
+
+    @torch.no_grad()
+    def take(self, sent: list[torch.Tensor]) -> None:
+        """Average one message's copy in: the first is taken as sent, later ones with mu."""
+        latest = torch.cat([part.reshape(-1).float() for part in sent])
+        if int(self.messages) == 0:
+            self.average = latest.clone()
+        else:
+            if self.average is None:  # a checkpoint from before the fp32 average: the layer's values
+                self.average = torch.cat([p.reshape(-1).float() for p in self.layer.parameters()])
+            self.average = self.average.to(latest.device)
+            self.average.lerp_(latest, 1.0 - self.momentum)
+        offset = 0
+        for param in self.layer.parameters():
+            param.copy_(self.average[offset:offset + param.numel()].view_as(param))
+            offset += param.numel()
+        self.messages += 1
+
+    def get_extra_state(self):
+        return {"average": None if self.average is None else self.average.cpu()}
+
+    def set_extra_state(self, state) -> None:
+        self.average = state["average"]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the fp32 average have no extra state: rebuild it from the layer.
+        state_dict.setdefault(prefix + "_extra_state", {"average": None})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class AveragedNextLayer(NextLayerCopy):
     """Dbar_k, the layer a composed variant's readout reads through: overlap.py's message, averaged."""
 
-    momentum = 0.9  # mu: about the last ten messages
     excluded_options = NextLayerCopy.excluded_options | {"refresh"}
+    added_options = frozenset({"mu", "affine"})
 
     @staticmethod
-    def build(config) -> ScaledAverage:
-        return ScaledAverage(config)
+    def build(config, options) -> ScaledAverage:
+        return ScaledAverage(config, options.mu, bool(options.affine))
 
     @classmethod
-    @torch.no_grad()
     def load(cls, average: ScaledAverage, message: torch.Tensor, table_shape) -> torch.Tensor | None:
         table, sent = cls.split(message, table_shape, average.layer)
-        first = int(average.messages) == 0
-        for param, latest in zip(average.layer.parameters(), sent):
-            if first:
-                param.copy_(latest)
-            else:
-                param.lerp_(latest.to(param.dtype), 1.0 - cls.momentum)
-        average.messages += 1
+        average.take(sent)
         return table
 
 

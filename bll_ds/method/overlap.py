@@ -64,7 +64,7 @@ class NextLayerCopy:
     excluded_options = frozenset({"dim", "table"})
 
     @staticmethod
-    def build(config) -> DecoderLayer:
+    def build(config, options) -> DecoderLayer:  # options: this layer takes none of its own
         return DecoderLayer(config, layer_idx=config.num_hidden_layers).requires_grad_(False)
 
     @staticmethod

@@ -26,6 +26,8 @@ the simulator, the planner, `bench variants`) takes them too:
                                                                                 bernoulli
     variance=   fixed    the message variances s_a^2, s_b^2: fixed at 1/2, or  gaussian
       learned            learned (log-parametrised)
+    mu=m        0.9      the moving average's momentum (0: the latest copy)    -man variants
+    affine=0|1  1        the learned scale and shift in front of the average   -man variants
 
 Every option of a variant is written here and nowhere else (there are no --bll_* flags for them).
 
@@ -67,6 +69,8 @@ class VariantOptions:
     refresh: int = 1        # steps between tables sent upstream
     guard: float = 1.0      # the collapse guard's weight (gaussian, bernoulli)
     variance: str = "fixed"  # the gaussian messages' variances: "fixed" or "learned"
+    mu: float = 0.9         # the -man average's momentum (0: the latest copy as sent)
+    affine: int = 1         # the -man readout's learned scale and shift in front of the average (0: none)
 
     def set_names(self) -> tuple[str, ...]:
         """The options that differ from the defaults, in declaration order."""
@@ -99,22 +103,23 @@ def parse_spec(spec: str) -> tuple[str, VariantOptions]:
                 raise ValueError(f"BLL variant {spec!r}: {key}={value} is not one of {_WORDS[key]}")
             options = replace(options, **{key: value})
             continue
-        if key == "guard":
+        if key in ("guard", "mu"):
             try:
                 weight = float(value)
             except ValueError:
                 weight = -1.0
-            if not weight >= 0:
-                raise ValueError(f"BLL variant {spec!r}: guard={value} must be a number >= 0")
-            options = replace(options, guard=weight)
+            if not (weight >= 0 and (key == "guard" or weight < 1)):
+                raise ValueError(f"BLL variant {spec!r}: {key}={value} must be a number "
+                                 f"{'>= 0' if key == 'guard' else 'in [0, 1)'}")
+            options = replace(options, **{key: weight})
             continue
         try:
             number = int(value)
         except ValueError:
             number = -1
-        if number < (1 if key == "refresh" else 0):
+        if number < (1 if key == "refresh" else 0) or (key == "affine" and number > 1):
             raise ValueError(f"BLL variant {spec!r}: {key}={value} must be a whole number "
-                             f"{'>= 1' if key == 'refresh' else '>= 0'}")
+                             f"{'>= 1' if key == 'refresh' else '0 or 1' if key == 'affine' else '>= 0'}")
         options = replace(options, **{key: number})
     return name, options
 

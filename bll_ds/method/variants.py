@@ -109,8 +109,10 @@ class Variant:
         return self.readout_layer is not None and self.readout_layer.carries_message
 
     def accepted_options(self) -> frozenset[str]:
-        excluded = self.readout_layer.excluded_options if self.readout_layer is not None else frozenset()
-        return self.block.accepted_options() - excluded
+        if self.readout_layer is None:
+            return self.block.accepted_options()
+        layer = self.readout_layer
+        return (self.block.accepted_options() - layer.excluded_options) | getattr(layer, "added_options", frozenset())
 
     def with_options(self, options: VariantOptions) -> "Variant":
         unsupported = [key for key in options.set_names() if key not in self.accepted_options()]
@@ -125,7 +127,7 @@ class Variant:
         then the critic of the stage's input where `input_critic`)."""
         block = self.block(config, self.options)
         if self.readout_layer is not None:
-            block.aux = self.readout_layer.build(config)
+            block.aux = self.readout_layer.build(config, self.options)
         if input_critic:
             block.attach_input_critic()
         block.variant = self

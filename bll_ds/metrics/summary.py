@@ -92,9 +92,13 @@ def flop_rates(cfg, ds, stage: int, model_config, seq_len: int, step_s: float, p
 def params_digest(module) -> str:
     """Hash of this rank's weights: data-parallel replicas of a stage must agree bit for bit."""
     digest = hashlib.sha256()
-    for name, param in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for name, value in module.state_dict().items():
+        # A module's extra state (the -man readouts' fp32 average) is a dict; its tensors count too.
+        parts = value.items() if isinstance(value, dict) else [("", value)]
+        for key, tensor in parts:
+            if torch.is_tensor(tensor):
+                digest.update((name + key).encode())
+                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -115,7 +115,11 @@ def _export_feedback(run_dir: Path, meta: dict, out: Path) -> list[str]:
             continue  # the last stage has no feedback block
         (out / "bll_feedback").mkdir(exist_ok=True)
         name = f"bll_feedback/stage{int(path.stem.removeprefix('bll_stage'))}.safetensors"
-        save_file({k: v.contiguous() for k, v in state.items()}, str(out / name),
+        # A module's extra state (the -man readouts' fp32 average) is a dict: its tensors under key.sub.
+        tensors = {f"{k}.{sub}" if sub else k: t.contiguous()
+                   for k, v in state.items() for sub, t in (v.items() if isinstance(v, dict) else [("", v)])
+                   if torch.is_tensor(t)}
+        save_file(tensors, str(out / name),
                   metadata={"bll_variant": str(meta.get("bll_variant")), "step": str(meta["step"])})
         written.append(name)
     return written
