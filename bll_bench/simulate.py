@@ -102,6 +102,8 @@ class Link:
     table_bytes        BLL target table sent upstream once per step (0: no tables, e.g. dgl, drtp)
     table_lag          stage k uses during step t the table stage k+1 published after its step
                        t - table_lag (bll_ds/pipeline/feedback_channel.py: LAG = 2)
+    tables_from_last   direct feedback (bll_ds/method/direct.py): stage k's table comes from the
+                       last stage instead, over a link like the others, one message per stage
     """
 
     latency_s: float = 0.0
@@ -109,6 +111,7 @@ class Link:
     activation_bytes: float = 0.0
     table_bytes: float = 0.0
     table_lag: int = 2
+    tables_from_last: bool = False
 
     def delay(self, nbytes: float) -> float:
         return self.latency_s + nbytes / self.bandwidth_bytes_per_s
@@ -369,8 +372,9 @@ def _bll_schedule(name: str, costs: StageCosts, link: Link, micro_batches: int, 
     """Per micro-batch, stage k runs forward (needs stage k-1's output of the same micro-batch,
     plus the link delay) and then `local` (its local loss and its own backward); no gradient
     crosses a stage. Per step: the optimizer. Target tables (when `link.table_bytes` > 0) go
-    upstream after each optimizer step; stage k's step t begins by taking the table stage k+1
-    published after step t - lag (bll_ds/pipeline/launched/bll_schedule.py: BeginStep), so it waits if that table
+    upstream after each optimizer step; stage k's step t begins by taking the table stage k+1 (the
+    last stage, for direct feedback) published after step t - lag (bll_ds/pipeline/launched/bll_schedule.py:
+    BeginStep), so it waits if that table
     has not arrived. flush: a barrier between steps; no flush: none."""
     stages = costs.stages
     stage_ops = [[] for _ in range(stages)]
@@ -385,7 +389,8 @@ def _bll_schedule(name: str, costs: StageCosts, link: Link, micro_batches: int, 
                         deps += _barrier(stages, step)
                     table_step = step - link.table_lag
                     if link.table_bytes > 0 and k < stages - 1 and table_step >= 0:
-                        deps.append((_optimizer_key(k + 1, table_step), link.table_delay))
+                        source = stages - 1 if link.tables_from_last else k + 1
+                        deps.append((_optimizer_key(source, table_step), link.table_delay))
                 stage_ops[k].append(_Op((k, "forward", 0, m, step), costs.fwd[k], deps))
                 stage_ops[k].append(_Op((k, "local", 0, m, step), costs.local_cost(k), []))
             stage_ops[k].append(_Op(_optimizer_key(k, step), costs.optimizer(k), []))
@@ -452,6 +457,8 @@ class LayerCosts:
     head_*           final norm + LM head + loss (last stage)
     readout_s        BLL, each non-last stage: local loss forward + backward (its readout)
     feedback_step_s  BLL, each non-last stage, per step: feedback block update + table publish
+    critic_s         BLL critic variants, each stage but the first (the last included): the critic
+                     of the stage's input, forward + weight gradient (bll_ds/method/critic.py)
     *_optimizer_s    optimizer step for that piece's parameters
     """
 
@@ -469,6 +476,8 @@ class LayerCosts:
     head_optimizer_s: float = 0.0
     readout_optimizer_s: float = 0.0
     feedback_step_s: float = 0.0
+    critic_s: float = 0.0
+    critic_optimizer_s: float = 0.0
 
 
 def layers_per_stage(num_layers: int, stages: int) -> list[float]:
@@ -494,6 +503,8 @@ def balanced_layers_per_stage(layer: LayerCosts, num_layers: int, stages: int, m
     if method == "bll":
         for k in range(stages - 1):
             extras[k] += layer.readout_s / unit
+        for k in range(1, stages):
+            extras[k] += layer.critic_s / unit
     active = set(range(stages))
     while True:
         share = (num_layers + sum(extras[k] for k in active)) / len(active)
@@ -530,11 +541,13 @@ def stage_costs(layer: LayerCosts, num_layers: int, stages: int, method: str, ba
         optimizer = (layers * layer.layer_optimizer_s + first * layer.embedding_optimizer_s
                      + last * layer.head_optimizer_s)
         if method == "bll" and not last:
-            local.append(backward + layer.readout_s)
-            opt.append(optimizer + layer.readout_optimizer_s + layer.feedback_step_s)
-        else:
-            local.append(backward)
-            opt.append(optimizer)
+            backward += layer.readout_s
+            optimizer += layer.readout_optimizer_s + layer.feedback_step_s
+        if method == "bll" and not first:
+            backward += layer.critic_s
+            optimizer += layer.critic_optimizer_s
+        local.append(backward)
+        opt.append(optimizer)
     if method == "bll":
         return StageCosts(fwd=fwd, local=local, opt=opt)
     return StageCosts(fwd=fwd, bwd=bwd, opt=opt, bwd_input=bwd_input,
@@ -551,13 +564,6 @@ def layer_costs_from_flops(config, seq_len: int, micro_batch_size: int, achieved
     from bll_ds.measure import flops
     from bll_ds.method.variants import get as get_variant
 
-    if get_variant(variant).trains_input_critic:
-        # LayerCosts charges a local readout to non-last stages only; a critic also runs on the last.
-        raise flops.NotModelled(variant, "trains a critic on every stage but the first, the last included: "
-                                         "the simulator's per-layer costs do not model it yet")
-    if get_variant(variant).block.tables_from_last_stage:
-        raise flops.NotModelled(variant, "sends every table from the last stage: the simulator models one "
-                                         "table per hop between neighbours")
     tokens = seq_len * micro_batch_size
     to_s = tokens / achieved_flops
     projection = flops.layer_projection_flops(config)
@@ -576,7 +582,10 @@ def layer_costs_from_flops(config, seq_len: int, micro_batch_size: int, achieved
         head_optimizer_s=config.hidden_size * config.vocab_size * opt_s,
         embedding_optimizer_s=flops.embedding_parameters(config) * opt_s,
         readout_optimizer_s=flops.feedback_parameters(config, variant) * opt_s,
-        feedback_step_s=flops.feedback_step_flops(config, variant) / achieved_flops)
+        feedback_step_s=flops.feedback_step_flops(config, variant) / achieved_flops,
+        critic_s=get_variant(variant).input_critic_flops_per_token(config) * to_s,
+        critic_optimizer_s=(config.vocab_size * config.hidden_size * opt_s
+                            if get_variant(variant).trains_input_critic else 0.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -759,9 +768,11 @@ def run_projection(args: argparse.Namespace) -> list[dict]:
         raise UserError(f"block-local learning with {args.variant!r} is not modelled: {err}.",
                         "declare readout_flops_per_token in the variant's class, or project another --variant.") from None
     tokens = args.seq_len * args.micro_batch_size
-    table_bytes = variants.get(args.variant).table_bytes_per_step(config, args.dtype_bytes)
+    variant = variants.get(args.variant)
+    table_bytes = variant.table_bytes_per_step(config, args.dtype_bytes)
     link = Link(latency_s=args.latency_us * 1e-6, bandwidth_bytes_per_s=args.bandwidth_gbps * 1e9,
-                activation_bytes=tokens * config.hidden_size * args.dtype_bytes, table_bytes=table_bytes)
+                activation_bytes=tokens * config.hidden_size * args.dtype_bytes, table_bytes=table_bytes,
+                tables_from_last=variant.block.tables_from_last_stage)
 
     def costs_for(stages: int, method: str, balanced: bool = False) -> StageCosts:
         return stage_costs(layer, config.num_hidden_layers, stages, method, balanced)

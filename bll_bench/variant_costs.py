@@ -8,7 +8,8 @@ options (bll_ds/method/variant_options.py, e.g. dgl-context:dim=64:neg=2048), fr
 declarations, the same numbers the FLOPs model, the simulator and the memory planner use:
 
     readout MFLOP/token   the local loss's forward + backward per token (incl. per-micro-batch
-                          costs spread over N tokens, and the per-step feedback update over M*N)
+                          costs spread over N tokens, and the per-step feedback update over M*N),
+                          on a middle stage: with a critic variant, the critic of its input too
     x layer               that, over one decoder layer's training FLOPs per token at context T
     of a stage            that, over the forward + backward of a stage of L decoder layers
     message MiB/step      what the stage sends upstream per optimizer step, in fp32 and bf16
@@ -40,7 +41,8 @@ def variant_costs(config, seq_len: int, micro_batch_tokens: int, micro_batches: 
         variant = variants.get(name)
         try:
             per_token = (readout_flops_per_micro_batch_token(config, name, micro_batch_tokens)
-                         + feedback_step_flops(config, name) / (micro_batch_tokens * micro_batches))
+                         + feedback_step_flops(config, name) / (micro_batch_tokens * micro_batches)
+                         + variant.input_critic_flops_per_token(config))
         except NotModelled:
             per_token = None
         rows.append({"variant": name, "readout_flops_per_token": per_token,
@@ -50,7 +52,8 @@ def variant_costs(config, seq_len: int, micro_batch_tokens: int, micro_batches: 
                      "table_over_fp32_full": variant.table_bytes_per_step(config, FP32) / full_table,
                      "table_bytes_per_step_fp32": variant.table_bytes_per_step(config, FP32),
                      "table_bytes_per_step_bf16": variant.table_bytes_per_step(config, BF16),
-                     "feedback_matrix_parameters": variant.trainable_matrix_parameters(config),
+                     "feedback_matrix_parameters": variant.trainable_matrix_parameters(config)
+                     + (config.vocab_size * config.hidden_size if variant.trains_input_critic else 0),
                      "sliced": bool(variant.per_token_readout)})
     return rows
 

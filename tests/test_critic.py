@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from helpers import TINY_HIDDEN, TINY_SEQ, TINY_VOCAB, tiny_model_config
 
-from bll_ds.measure.flops import NotModelled, stage_flop_split
+from bll_ds.measure.flops import stage_flop_split
 from bll_ds.method.critic import critic_loss
 from bll_ds.method.stage_step import StageStep
 from bll_ds.method.variants import get as get_variant
@@ -104,7 +104,7 @@ def test_the_critics_loss_trains_the_critic_only_and_the_readout_scores_against_
     assert seen["total"].item() == pytest.approx(loss.item() + critic.item(), rel=1e-5)
 
 
-def test_declared_costs_and_what_is_not_modelled(config):
+def test_declared_costs_in_the_flops_model_and_the_simulator(config):
     variant = get_variant("critic")
     assert variant.readout_flops_per_token(config) == 4 * H * V           # the received critic is data
     assert variant.input_critic_flops_per_token(config) == 4 * H * V      # forward and weight gradient
@@ -114,10 +114,14 @@ def test_declared_costs_and_what_is_not_modelled(config):
     assert split[0].local_readout == pytest.approx(dgl[0].local_readout - 2 * H * V)
     assert split[1].local_readout == 4 * H * V and dgl[1].local_readout == 0  # the last stage's critic
     assert variant.table_bytes_per_step(config, 4) == V * H * 4
-    assert variant.readout_saved_bytes_per_token(config, 4, 0) is None     # the planner says "not modelled"
-    from bll_bench.simulate import layer_costs_from_flops
-    with pytest.raises(NotModelled, match="critic"):
-        layer_costs_from_flops(config, T, 1, 1e12, variant="critic")
+    assert variant.readout_saved_bytes_per_token(config, 4, 0) is None     # the memory planner says "not modelled"
+    from bll_bench.simulate import layer_costs_from_flops, stage_costs
+    layer = layer_costs_from_flops(config, T, 1, 1e12, variant="critic")
+    assert layer.critic_s == pytest.approx(4 * H * V * T / 1e12)
+    costs, dgl = stage_costs(layer, 2, 2, "bll"), stage_costs(layer_costs_from_flops(config, T, 1, 1e12, variant="dgl"),
+                                                               2, 2, "bll")
+    assert costs.local[1] - dgl.local[1] == pytest.approx(layer.critic_s)   # the last stage's critic
+    assert costs.opt[1] > dgl.opt[1] and costs.opt[0] < dgl.opt[0]        # its weights; no free head on stage 0
     for spec in ("critic:dim=4", "critic:refresh=2", "critic-context:neg=8"):
         with pytest.raises(ValueError, match="does not take the option"):
             get_variant(spec)

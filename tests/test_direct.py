@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import TINY_HIDDEN, TINY_VOCAB, tiny_model_config
 
-from bll_ds.measure.flops import NotModelled, stage_flop_split
+from bll_ds.measure.flops import stage_flop_split
 from bll_ds.method.feedback import build_feedback
 from bll_ds.method.variants import get as get_variant
 
@@ -40,10 +40,21 @@ def test_the_readout_maps_the_last_stages_table_through_the_stages_own_g(config)
     assert torch.allclose(block.targets(), block.g(head))
 
 
-def test_costs_are_prototypes_and_the_planner_and_simulator_say_not_modelled(config):
+def test_costs_are_prototypes_and_the_planner_says_not_modelled(config):
     assert stage_flop_split(config, 3, 6, "bll", "direct") == stage_flop_split(config, 3, 6, "bll", "prototype")
     assert get_variant("direct").readout_saved_bytes_per_token(config, 4, 0) is None
-    from bll_bench.simulate import layer_costs_from_flops
-    with pytest.raises(NotModelled, match="last stage"):
-        layer_costs_from_flops(config, 6, 1, 1e12, variant="direct")
     assert get_variant("direct:dim=4:table=bf16:refresh=2").options.refresh == 2
+
+
+def test_the_simulator_waits_on_the_last_stages_table():
+    """On a slow table link, stage 0 waits for the last stage's table under direct feedback (its
+    source is S - 1 micro-batches behind) where through the chain it waits on stage 1 only."""
+    from bll_bench.simulate import Link, StageCosts, simulate
+
+    stages, micro_batches = 4, 2
+    costs = StageCosts(fwd=[1.0] * stages, local=[2.0] * stages, opt=[0.5] * stages)
+    chain = Link(table_bytes=1.0, bandwidth_bytes_per_s=1 / 20.0)
+    direct = Link(table_bytes=1.0, bandwidth_bytes_per_s=1 / 20.0, tables_from_last=True)
+    times = {name: simulate("bll", costs, link, micro_batches=micro_batches, steps=6).step_time_s
+             for name, link in (("chain", chain), ("direct", direct))}
+    assert times["direct"] > times["chain"]

@@ -32,7 +32,8 @@ holds no feedback block, holds one for its critic (`trains_input_critic`, varian
 Cost on every stage but the first: the critic's forward 2 H V and its weight gradient 2 H V per
 token (its input takes none), its [V, H] weights with their optimizer state, and one [V, H]
 message per step. The readout on stage k against the received C_k: forward and input gradient,
-4 H V per token (the operand is data, as drtp's).
+4 H V per token (the operand is data, as drtp's). The FLOPs model and the simulator charge both;
+the memory planner does not model the critic yet (readout_saved_bytes_per_token is None).
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ before stage k begins step t. With fewer, stage k may wait for the last stage's 
 bubble, not a dependence on the current step).
 
 Bytes: the last stage sends S - 1 tables per step (one per stage, V x H each, or what the
-prototype options make them); summary.json counts each in the last stage's bytes_up. The memory
-planner (which places one outbox per stage) and the simulator do not model it yet.
+prototype options make them); summary.json counts each in the last stage's bytes_up. The
+simulator makes each stage wait for the last stage's table (bll_bench/simulate.py Link
+tables_from_last); the memory planner, which places one outbox per stage, does not model it yet.
 """
 
 from __future__ import annotations
