@@ -10,6 +10,8 @@ compute and message hooks and its record. Next to docs/METHOD.md:
                      local_backward      L_k = -log integral alpha_k(z) beta_k(z) dz         (§1)
                                          = CE(norm_k(h_k) m_k^T, y_t) for prototype, ...   (§3 table)
                                          last stage: the LM loss CE(W_out norm(h), y_t);
+                                         critic variants, every stage but the first, also:
+                                         L_critic of C_{k-1} on the stage's input (critic.py);
                                          dL_k/d(theta_k, m_k) accumulated, scaled by 1/M;
                                          a per-token readout runs in sequence slices (§3 slices)
     step t ends      STEP_END, in order:
@@ -18,7 +20,9 @@ compute and message hooks and its record. Next to docs/METHOD.md:
                                          decided here and dropped (pipeline/nonfinite.py)
                      optimizer_step      clip by this stage's own norm, step its own optimizer
                      publish_table       m_k (last stage: W_out) sent upstream, detached (variants
-                                         that send more compose it: bll_ds/method/overlap.py)
+                                         that send more compose it: bll_ds/method/overlap.py;
+                                         critic variants send C_{k-1}; direct feedback's tables
+                                         go from the last stage to every stage)
 
 `backward(loss, scale_by_micro_batches)` is supplied by the caller: DeepSpeed's engine backward
 (which divides by the gradient-accumulation steps when asked) or a plain autograd stand-in.
