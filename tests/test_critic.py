@@ -48,6 +48,10 @@ def test_every_stage_but_the_first_holds_a_critic_and_the_last_a_block(config):
     built = [build_stage(config, 3, k, seed=1, variant="critic") for k in range(3)]
     assert [b.feedback is not None for b in built] == [True, True, True]
     assert [b.feedback.critic is not None for b in built] == [False, True, True]
+    # The last stage's block is its critic alone: its loss is the model's own.
+    assert all(name.startswith("critic.") for name, _ in built[2].feedback.named_parameters())
+    context = build_stage(config, 3, 2, seed=1, variant="critic-context-man").feedback
+    assert all(name.startswith("critic.") for name, _ in context.named_parameters())
     assert built[1].sends_tables and variant.message_shape(config) == (V, H)
     # Seeded apart per stage: two stages' critics differ, and a rebuild is the same.
     assert not torch.equal(built[1].feedback.critic.weight, built[2].feedback.critic.weight)
@@ -125,3 +129,34 @@ def test_declared_costs_in_the_flops_model_and_the_simulator(config):
     for spec in ("critic:dim=4", "critic:refresh=2", "critic-context:neg=8"):
         with pytest.raises(ValueError, match="does not take the option"):
             get_variant(spec)
+
+
+def test_behind_the_man_readout_the_critic_reads_the_next_layers_output(config):
+    """critic-man: stage k reads h_k through Dbar_k (the average of stage k+1's first layer) and
+    scores it against C_k; stage k+1 trains C_k on its first layer's output, which Dbar_k copies."""
+    from bll_ds.method.overlap import first_decoder_layer
+
+    variant = get_variant("critic-man")
+    sender, middle = build_stage(config, 3, 2, seed=1, variant="critic-man"), build_stage(config, 3, 1, seed=1,
+                                                                                           variant="critic-man")
+    layers = [layer for name, layer in sender.module.named_children() if name != "bll_feedback"]
+    step = StageStep(sender.feedback, lm_loss, True, variant=variant)
+    message = step.table_to_publish(None, layers)
+    assert message.shape == variant.message_shape(config)
+    receiving = StageStep(middle.feedback, lm_loss, False, variant=variant)
+    receiving.begin(message)
+    generator = torch.Generator().manual_seed(3)
+    inputs, outputs, labels = _micro_batch(config, middle, generator)
+    loss = receiving.local_backward(outputs, labels, lambda total, scale: None, inputs,
+                                    [layer for name, layer in middle.module.named_children() if name != "bll_feedback"])
+    # The readout: through the received copy of stage 2's first layer, against stage 2's critic.
+    with torch.no_grad():
+        read = first_decoder_layer(layers)(outputs)
+        logits = middle.feedback.norm(read) @ sender.feedback.critic.weight.t()
+    assert loss.item() == pytest.approx(F.cross_entropy(logits.flatten(0, 1), labels.flatten()).item(), rel=1e-5)
+    # The critic of the middle stage reads its own first layer's output.
+    first = first_decoder_layer([layer for name, layer in middle.module.named_children() if name != "bll_feedback"])
+    features = variant.critic_features(inputs, [first])
+    assert torch.allclose(features, first(inputs)) and not features.requires_grad
+    assert torch.equal(get_variant("critic").critic_features(inputs, [first]), inputs)
+    assert variant.input_critic_flops_per_token(config) > get_variant("critic").input_critic_flops_per_token(config)

@@ -25,6 +25,10 @@ its own received critic. No gradient crosses a boundary: stage k+1's critic loss
 and stage k sees C_k as data. The critic is not a copy of forward weights: it is stage k+1's own
 parameter, trained by stage k+1's optimizer and checkpointed with its block.
 
+With the -man readout (`critic-man`, `critic-context-man`) stage k reads h_k through Dbar_k, the
+averaged copy of stage k+1's first decoder layer (next_layer_average.py), and stage k+1 trains C_k
+on that layer's output instead of on h_k (one more forward of the layer, without a graph).
+
 The first stage's input is token ids, so it holds no critic; the last stage, which otherwise
 holds no feedback block, holds one for its critic (`trains_input_critic`, variants.Variant
 `holds_block`).
@@ -45,7 +49,8 @@ from torch import nn
 from bll_ds.method.context import _ContextTerms
 from bll_ds.method.feedback import StageFeedback, _CrossEntropyReadout, readout_norm
 from bll_ds.method.messages import delta_categorical_agreement
-from bll_ds.method.variants import register
+from bll_ds.method.next_layer_average import AveragedNextLayer
+from bll_ds.method.variants import register, register_composed
 
 IGNORE = -100
 
@@ -83,8 +88,40 @@ def critic_loss(logits: torch.Tensor, prediction: torch.Tensor, labels: torch.Te
     return loss, {"critic_ce": ce, "critic_kl": kl}
 
 
+class _OwnsInputCritic:
+    """A block that holds C_{k-1}, the critic of its stage's input: its loss and its message."""
+
+    label_weight = 0.5  # a: the labels' share of the critic's target
+
+    def attach_input_critic(self) -> None:
+        self.critic = InputCritic(self.config)
+
+    def input_critic_loss(self, features: torch.Tensor, labels: torch.Tensor,
+                          prediction: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """The critic's loss on this micro-batch. `features`: what it reads (Variant.critic_features);
+        `prediction`: the stage's (the last stage's LM logits), else the local readout's from this
+        micro-batch's `loss`."""
+        prediction = self.prediction if prediction is None else prediction
+        self.prediction = None
+        return critic_loss(self.critic(features), prediction, labels, self.label_weight)
+
+    @torch.no_grad()
+    def publish(self) -> torch.Tensor | None:
+        return self.critic.weight.detach() if self.critic is not None else None
+
+
+class LastStageCritic(_OwnsInputCritic, StageFeedback):
+    """The last stage's block under a critic variant: C_{S-2} and nothing else (its own loss is the
+    model's LM loss, whose logits are the critic's target)."""
+
+    def __init__(self, config, options):
+        super().__init__(config, options)
+        self.norm = None  # no readout of its own
+        self.attach_input_critic()
+
+
 @register
-class CriticFeedback(_CrossEntropyReadout, StageFeedback):
+class CriticFeedback(_OwnsInputCritic, _CrossEntropyReadout, StageFeedback):
     """L_k = -log softmax(norm(h_k) C_k^T)(y_t), C_k trained by stage k+1 (module docstring)."""
 
     name = "critic"
@@ -92,7 +129,6 @@ class CriticFeedback(_CrossEntropyReadout, StageFeedback):
     trains_input_critic = True
     trained_operand = False       # the received critic is data on stage k
     per_token_readout = False     # the critic trains on the stage's whole micro-batch with its input
-    label_weight = 0.5            # a: the labels' share of the critic's target
 
     @classmethod
     def accepted_options(cls):
@@ -107,13 +143,14 @@ class CriticFeedback(_CrossEntropyReadout, StageFeedback):
     def readout_saved_bytes_per_token(cls, options, config, dtype_bytes, norm_saved_bytes, micro_batch_tokens=None):
         return None  # the critic's [tokens, V] target and log-probabilities are not in the planner yet
 
+    @classmethod
+    def last_stage_block(cls, config, options) -> StageFeedback:
+        return LastStageCritic(config, options)
+
     def __init__(self, config, options):
         super().__init__(config, options)
         self._build_readout(config)
         self.prediction = None  # this micro-batch's local readout logits, the critic's target downstream
-
-    def attach_input_critic(self) -> None:
-        self.critic = InputCritic(self.config)
 
     def readout_operand(self) -> torch.Tensor:
         if self._upstream is None:
@@ -126,18 +163,6 @@ class CriticFeedback(_CrossEntropyReadout, StageFeedback):
         self.prediction = logits.detach()
         ce = delta_categorical_agreement(logits, labels).mean()
         return ce, {"ce": ce.detach()}, (z, None)
-
-    def input_critic_loss(self, stage_input: torch.Tensor, labels: torch.Tensor,
-                          prediction: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """The critic's loss on this micro-batch; `prediction`: the stage's (the last stage's LM
-        logits), else the local readout's from this micro-batch's `loss`."""
-        prediction = self.prediction if prediction is None else prediction
-        self.prediction = None
-        return critic_loss(self.critic(stage_input), prediction, labels, self.label_weight)
-
-    @torch.no_grad()
-    def publish(self) -> torch.Tensor | None:
-        return self.critic.weight.detach() if self.critic is not None else None
 
 
 @register
@@ -155,3 +180,11 @@ class ContextCriticFeedback(_ContextTerms, CriticFeedback):
     @classmethod
     def readout_saved_bytes_per_token(cls, options, config, dtype_bytes, norm_saved_bytes, micro_batch_tokens=None):
         return None  # as CriticFeedback's
+
+
+# The critic behind the -man readout (next_layer_average.py): stage k reads h_k through Dbar_k, the
+# average of stage k+1's first decoder layer, and scores it against C_k, which stage k+1 trains
+# on that layer's output (Variant.critic_features): the critic and the copy describe the same
+# point of the network. The message is the critic, then the layer copy.
+register_composed("critic-man", CriticFeedback, AveragedNextLayer)
+register_composed("critic-context-man", ContextCriticFeedback, AveragedNextLayer)

@@ -193,11 +193,17 @@ class StageFeedback(nn.Module):
     def local_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
+    @classmethod
+    def last_stage_block(cls, config: PretrainedConfig, options: VariantOptions) -> "StageFeedback":
+        """The block the last stage holds, for a variant that trains a critic of every stage's
+        input there too (critic.py); the others hold none on the last stage."""
+        raise NotImplementedError(f"{cls.__name__} holds no block on the last stage")
+
     def attach_input_critic(self) -> None:
         """Build the critic of this stage's input (variants that train one; not on the first stage)."""
         raise NotImplementedError
 
-    def input_critic_loss(self, stage_input: torch.Tensor, labels: torch.Tensor,
+    def input_critic_loss(self, features: torch.Tensor, labels: torch.Tensor,
                           prediction: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 

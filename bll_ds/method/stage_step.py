@@ -108,7 +108,7 @@ class StageStep:
     def begin(self, table: torch.Tensor | None) -> None:
         """A new optimizer step, with the downstream table it uses (None: the variant has none)."""
         self.losses, self.terms = [], {}
-        if self.feedback is not None:
+        if self.feedback is not None and not self.last:  # the last stage receives nothing
             self.variant.receive(self.feedback, table)
 
     def readout_slices(self, hidden_shape) -> int:
@@ -117,10 +117,11 @@ class StageStep:
         return slices_for(self.variant, hidden_shape, self.feedback.vocab_size, self.readout_max_logits_mb)
 
     def local_backward(self, outputs: torch.Tensor, labels: torch.Tensor, backward: Backward,
-                       inputs: torch.Tensor | None = None) -> torch.Tensor:
+                       inputs: torch.Tensor | None = None, stage_layers=()) -> torch.Tensor:
         """The micro-batch's local loss and its backward inside the stage; returns the loss.
-        `inputs`: what the stage received (h_{k-1}), for a variant that trains a critic of it;
-        its loss joins the stage's backward but not the loss returned and logged."""
+        `inputs`: what the stage received (h_{k-1}), for a variant that trains a critic of it
+        (read through the stage's first layer, `stage_layers`, where Variant.critic_features
+        says); its loss joins the stage's backward but not the loss returned and logged."""
         slices = self.readout_slices(outputs.shape)
         if slices > 1:
             loss, terms = sliced_local_backward(self.feedback, outputs, labels, slices, backward)
@@ -133,7 +134,8 @@ class StageStep:
             if self.feedback is not None and self.feedback.critic is not None:
                 # The last stage's prediction is its output, the LM logits; elsewhere the block
                 # kept its readout's from the loss above.
-                critic, critic_terms = self.feedback.input_critic_loss(inputs, labels,
+                features = self.variant.critic_features(inputs, stage_layers)
+                critic, critic_terms = self.feedback.input_critic_loss(features, labels,
                                                                        outputs if self.last else None)
                 total, terms = loss + critic, {**terms, **critic_terms}
             backward(total, True)

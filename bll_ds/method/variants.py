@@ -122,9 +122,14 @@ class Variant:
         return Variant(self.registered_name, self.block, self.readout_layer, options)
 
     # -- building the block and its messages --
-    def build(self, config, input_critic: bool = False):
+    def build(self, config, input_critic: bool = False, last: bool = False):
         """The block for one stage (its parameters in this order: the block's, the readout layer's,
-        then the critic of the stage's input where `input_critic`)."""
+        then the critic of the stage's input where `input_critic`). `last`: the last stage's,
+        which has no local readout (block.last_stage_block; Variant.holds_block)."""
+        if last:
+            block = self.block.last_stage_block(config, self.options)
+            block.variant = self
+            return block
         block = self.block(config, self.options)
         if self.readout_layer is not None:
             block.aux = self.readout_layer.build(config, self.options)
@@ -189,7 +194,25 @@ class Variant:
         return self.block.step_flops(self.options, config)
 
     def input_critic_flops_per_token(self, config) -> float:
-        return self.block.input_critic_flops_per_token(self.options, config)
+        """The critic's, plus, where it reads through the stage's first layer (critic_features),
+        that layer's forward again."""
+        flops = self.block.input_critic_flops_per_token(self.options, config)
+        if flops and self.layer_carries_message:
+            from bll_ds.measure.flops import layer_forward_flops
+
+            flops += layer_forward_flops(config, config.max_position_embeddings)
+        return flops
+
+    def critic_features(self, inputs: torch.Tensor, stage_layers) -> torch.Tensor:
+        """What a stage's critic reads: its input h_k, or, where the upstream readout reads h_k
+        through a copy of this stage's first decoder layer (-man), that layer's output, which the
+        copy stands for. Data to the critic: computed without a graph."""
+        if not self.layer_carries_message:
+            return inputs
+        from bll_ds.method.overlap import first_decoder_layer
+
+        with torch.no_grad():
+            return first_decoder_layer(stage_layers)(inputs)
 
     def trainable_matrix_parameters(self, config) -> int:
         """Trainable weights of rank >= 2 (biases and norm gains, well under 1%, left out), counted

@@ -110,7 +110,7 @@ class BlockLocalStage:
 
     def local_backward(self, outputs: torch.Tensor, labels: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
         """`inputs`: what the stage received, for a variant that trains a critic of it (critic.py)."""
-        return self.stage_step.local_backward(outputs, labels, self.compute.backward, inputs)
+        return self.stage_step.local_backward(outputs, labels, self.compute.backward, inputs, self.layers)
 
     # ---- the step end, one method per STEP_END name ----------------------------------------------
     def finish_feedback(self) -> None:

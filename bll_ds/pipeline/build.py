@@ -37,7 +37,8 @@ def build_stage_feedback(variant: Variant, model_config, stage: int, stages: int
     if not variant.holds_block(stage, stages):
         return None
     torch.manual_seed(seed + FEEDBACK_SEED_OFFSET + stage)
-    return variant.build(model_config, input_critic=variant.trains_input_critic and stage > 0)
+    return variant.build(model_config, input_critic=variant.trains_input_critic and stage > 0,
+                         last=stage == stages - 1)
 
 
 @dataclass
