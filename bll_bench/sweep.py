@@ -9,6 +9,8 @@ after another, on the same tokens (tokenizer, seed, batch shape and schedule are
     bp-L{N}            backprop on the plan's model: N = all its layers (the baseline), or the
                        truncated models with N = L/S layers that show how much depth buys
     bll-{variant}-S{S} block-local learning, S stages of the full model
+    ...-seed{N}        the same with --seed N (not the default 1234), in the same folder; a BLL run
+                       compares with its own seed's backprop where that ran, else the default's
 
 The first run trains the tokenizer; the sweep keeps a copy (OUT/tokenizer.model) that every later
 run loads, so all runs see the same tokens. A run with a summary.json is done; a run with
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -96,20 +99,46 @@ def _layers(model: str | Path) -> int:
     return spec.get("num_hidden_layers", spec.get("n_layer"))
 
 
-def runs_of(plan: Plan) -> dict[str, list[str]]:
+DEFAULT_SEED = 1234
+_RUN_NAME = re.compile(r"^(?:bp-L(?P<layers>\d+)|bll-(?P<variant>.+)-S(?P<stages>\d+))(?:-seed(?P<seed>\d+))?$")
+
+
+def seed_suffix(seed: int) -> str:
+    """Runs with another --seed share the folder under their own names: bll-dgl-S8-seed2."""
+    return "" if seed == DEFAULT_SEED else f"-seed{seed}"
+
+
+def parse_run_name(name: str) -> dict | None:
+    """{"layers"} for bp-L{n}, {"variant", "stages"} for bll-{variant}-S{s}, both with "seed";
+    None for a name the sweep does not make."""
+    match = _RUN_NAME.match(name)
+    if match is None:
+        return None
+    parts = {k: v for k, v in match.groupdict().items() if v is not None}
+    for key in ("layers", "stages", "seed"):
+        if key in parts:
+            parts[key] = int(parts[key])
+    parts.setdefault("seed", DEFAULT_SEED)
+    return parts
+
+
+def runs_of(plan: Plan, seed: int = DEFAULT_SEED) -> dict[str, list[str]]:
     """Run name -> the pretrain.py flags that make it (besides the shared ones), most telling
     first: the baseline, the 1-layer control, then from the deepest pipeline down, each BLL run
-    after the truncated model its recovered fraction needs; the second variant last."""
-    layers = _layers(plan.model)
-    runs = {f"bp-L{layers}": ["--method", "bp", "--stages", "1"]}
+    after the truncated model its recovered fraction needs; the second variant last. Names carry
+    the seed where it is not the default (`seed_suffix`)."""
+    layers, suffix = _layers(plan.model), seed_suffix(seed)
+    runs = {f"bp-L{layers}{suffix}": ["--method", "bp", "--stages", "1"]}
     for variant in plan.variants:
         for s in sorted(plan.stages, reverse=True):
             per_stage = layers // s
             if per_stage < layers:
-                runs.setdefault(f"bp-L{per_stage}", ["--method", "bp", "--stages", "1", "--truncate", str(per_stage)])
-            runs[f"bll-{run_name(variant)}-S{s}"] = ["--method", "bll", "--bll_variant", variant, "--stages", str(s)]
+                runs.setdefault(f"bp-L{per_stage}{suffix}",
+                                ["--method", "bp", "--stages", "1", "--truncate", str(per_stage)])
+            runs[f"bll-{run_name(variant)}-S{s}{suffix}"] = ["--method", "bll", "--bll_variant", variant,
+                                                              "--stages", str(s)]
     if layers > 1:
-        runs.setdefault("bp-L1", ["--method", "bp", "--stages", "1", "--truncate", "1"])
+        runs.setdefault(f"bp-L1{suffix}", ["--method", "bp", "--stages", "1", "--truncate", "1"])
     return runs
 
 
@@ -168,13 +197,19 @@ def val_curve(run_dir: Path) -> list[tuple[int, int, float]]:
 
 
 def _runs_in(plan: Plan, out: Path) -> list[str]:
-    """The plan's runs and every other run in the folder (another plan's depth, other variants,
-    earlier sweeps): backprop from the deepest model down, then block-local by stages and name."""
-    found = {d.name for d in out.iterdir() if d.is_dir() and d.name.startswith(("bp-L", "bll-"))} if out.is_dir() else set()
-    names_ = set(runs_of(plan)) | found
-    bp = sorted((n for n in names_ if n.startswith("bp-L")), key=lambda n: -int(n[4:]))
-    bll = sorted((n for n in names_ if n.startswith("bll-")), key=lambda n: (int(n.rsplit("-S", 1)[1]), n))
+    """The plan's runs and every other run in the folder (another plan's depth, other variants and
+    seeds, earlier sweeps): backprop from the deepest model down, then block-local by stages and
+    name, each seed after the default one."""
+    found = {d.name for d in out.iterdir() if d.is_dir() and parse_run_name(d.name)} if out.is_dir() else set()
+    parsed = {n: parse_run_name(n) for n in set(runs_of(plan)) | found}
+    bp = sorted((n for n, p in parsed.items() if "layers" in p), key=lambda n: (-parsed[n]["layers"], n))
+    bll = sorted((n for n, p in parsed.items() if "stages" in p), key=lambda n: (parsed[n]["stages"], n))
     return bp + bll
+
+
+def _baseline(by_name: dict, layers: int, seed: int) -> dict | None:
+    """Backprop on `layers` layers with the same seed where it ran, else with the default seed."""
+    return by_name.get(f"bp-L{layers}{seed_suffix(seed)}") or by_name.get(f"bp-L{layers}")
 
 
 def _model_layers(run_dir: Path, default: int) -> int:
@@ -204,14 +239,14 @@ def tabulate(plan: Plan, out: Path) -> dict:
                      "model_gflops_per_s": summary.get("model_gflops_per_s") if summary else None})
     by_name = {r["run"]: r for r in rows}
     for r in rows:
-        if not r["run"].startswith("bll-"):
+        parsed = parse_run_name(r["run"])
+        if "stages" not in parsed:
             continue
         depth = _model_layers(out / r["run"], layers)
-        bp = by_name.get(f"bp-L{depth}")
+        bp = _baseline(by_name, depth, parsed["seed"])
         if bp is None:
             continue
-        stages = int(r["run"].rsplit("-S", 1)[1])
-        truncated = by_name.get(f"bp-L{depth // stages}")
+        truncated = _baseline(by_name, depth // parsed["stages"], parsed["seed"])
         for key, point in (("final", "final"), ("half", "half")):
             mine, base = r[point], bp[point]
             r[f"ratio_{key}"] = round(mine / base, 4) if mine and base else None
@@ -226,17 +261,21 @@ def tabulate(plan: Plan, out: Path) -> dict:
     return result
 
 
-def depth_pays(plan: Plan, out: Path, gate: float) -> str | None:
+def depth_pays(plan: Plan, out: Path, gate: float, seed: int = DEFAULT_SEED) -> str | None:
     """None when backprop on all layers ends at least `gate` below the 1-layer model (held-out
     loss, both runs complete), else why the sweep should not go on. Where depth does not pay for
-    backprop, BLL "matching" it says nothing about what the later stages learn."""
+    backprop, BLL "matching" it says nothing about what the later stages learn. A property of the
+    model and data: with another seed, that seed's baselines where they ran, else the default's."""
     layers = _layers(plan.model)
     finals = {}
-    for name in (f"bp-L{layers}", "bp-L1"):
+    for base in (f"bp-L{layers}", "bp-L1"):
+        name = base + seed_suffix(seed)
+        if not (out / name / names.SUMMARY).is_file():
+            name = base
         summary = out / name / names.SUMMARY
         if not summary.is_file():
             return f"{name} has not finished; run the baselines first (--only bp-L{layers},bp-L1)."
-        finals[name] = json.loads(summary.read_text())["val_loss"]
+        finals[base] = json.loads(summary.read_text())["val_loss"]
     deep, shallow = finals[f"bp-L{layers}"], finals["bp-L1"]
     if deep <= (1 - gate) * shallow:
         return None
@@ -285,7 +324,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--deepspeed_config", default=None, help="Override the plan's DeepSpeed config (e.g. another lr).")
     p.add_argument("--variants", default=None,
                    help="Comma-separated BLL variants to run instead of the plan's (e.g. prototype,dgl,prototype-aux).")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help="Every run's seed; runs with another seed share the folder as NAME-seed{N}.")
     p.add_argument("--table_only", action="store_true", help="Rewrite the table and plot; train nothing.")
     p.add_argument("--list", action="store_true", help="Print the runs and their commands; train nothing.")
     p.add_argument("--depth_gate", type=float, default=DEPTH_GATE,
@@ -304,8 +344,10 @@ def main(argv: list[str]) -> int:
                             f"choose from {', '.join(bll_variants.names())}, options as NAME:dim=64:neg=2048 "
                             "(bll_ds/method/variant_options.py), or register one with `-- --custom_import FILE.py`.")
         plan = replace(plan, variants=chosen_variants)
-    runs = runs_of(plan)
-    chosen = args.only.split(",") if args.only else list(runs)
+    runs = runs_of(plan, args.seed)
+    suffix = seed_suffix(args.seed)
+    # --only takes the names --list prints, or the same without the seed suffix
+    chosen = [n if n in runs or not suffix else n + suffix for n in args.only.split(",")] if args.only else list(runs)
     unknown = [name for name in chosen if name not in runs]
     if unknown:
         raise UserError(f"--only names runs {unknown} that the {args.plan} plan does not have.",
@@ -319,7 +361,7 @@ def main(argv: list[str]) -> int:
         if args.table_only or (out / name / names.SUMMARY).is_file():
             continue
         if name.startswith("bll-") and args.depth_gate > 0:
-            verdict = depth_pays(plan, out, args.depth_gate)
+            verdict = depth_pays(plan, out, args.depth_gate, args.seed)
             if verdict is not None:
                 print(f"sweep: stopped before {name}: {verdict}", file=sys.stderr, flush=True)
                 tabulate(plan, out)

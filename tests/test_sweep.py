@@ -106,3 +106,28 @@ def test_the_table_keeps_every_run_in_the_folder_each_against_its_own_models_bac
     assert rows["bll-other-S8"]["recovered_final"] == pytest.approx((5.5 - 4.75) / (5.5 - 4.5), abs=1e-3)
     assert rows["bll-other-S16"]["ratio_final"] == pytest.approx(4.4 / 4.0, abs=1e-4)
     assert rows["bll-other-S16"]["recovered_final"] == pytest.approx((5.5 - 4.4) / (5.5 - 4.0), abs=1e-3)
+
+
+def test_another_seed_shares_the_folder_under_its_own_names(tmp_path, capsys):
+    """--seed 2: runs are NAME-seed2; a BLL run compares with the same seed's backprop where it
+    ran, else with the default seed's, and the depth gate reads the default seed's baselines."""
+    assert sweep.parse_run_name("bll-dgl-context-man-S8-seed2") == {"variant": "dgl-context-man", "stages": 8,
+                                                                     "seed": 2}
+    assert sweep.parse_run_name("bp-L16") == {"layers": 16, "seed": sweep.DEFAULT_SEED}
+    assert sweep.parse_run_name("tokenizer.model") is None
+    assert "bll-dgl-context-S8-seed2" in sweep.runs_of(sweep.PLANS["kernel-char-d8"], seed=2)
+    _fake_run(tmp_path, "bp-L8", [(5, 5.0), (10, 4.0)], final=4.0)
+    _fake_run(tmp_path, "bp-L1", [(5, 6.0), (10, 5.0)], final=5.0)
+    _fake_run(tmp_path, "bll-x-S8", [(5, 5.5), (10, 4.4)], final=4.4)
+    _fake_run(tmp_path, "bll-x-S8-seed2", [(5, 5.5), (10, 4.6)], final=4.6)
+    plan = dataclasses.replace(sweep.PLANS["kernel-char-d8"], steps=10)
+    rows = {r["run"]: r for r in sweep.tabulate(plan, tmp_path)["rows"]}
+    assert rows["bll-x-S8-seed2"]["ratio_final"] == pytest.approx(4.6 / 4.0, abs=1e-4)  # the default seed's bp
+    _fake_run(tmp_path, "bp-L8-seed2", [(5, 5.0), (10, 4.2)], final=4.2)
+    rows = {r["run"]: r for r in sweep.tabulate(plan, tmp_path)["rows"]}
+    assert rows["bll-x-S8-seed2"]["ratio_final"] == pytest.approx(4.6 / 4.2, abs=1e-4)  # now its own seed's
+    assert rows["bll-x-S8"]["ratio_final"] == pytest.approx(4.4 / 4.0, abs=1e-4)
+    assert sweep.depth_pays(plan, tmp_path, 0.05, seed=2) is None
+    printed = sweep.main(["--plan", "kernel-char-d8", "--out", str(tmp_path), "--seed", "2", "--list",
+                          "--only", "bll-dgl-context-S8"])
+    assert printed == 0 and "bll-dgl-context-S8-seed2" in capsys.readouterr().out
