@@ -564,6 +564,7 @@ def layer_costs_from_flops(config, seq_len: int, micro_batch_size: int, achieved
     from bll_ds.measure import flops
     from bll_ds.method.variants import get as get_variant
 
+    spec = get_variant(variant)
     tokens = seq_len * micro_batch_size
     to_s = tokens / achieved_flops
     projection = flops.layer_projection_flops(config)
@@ -583,9 +584,8 @@ def layer_costs_from_flops(config, seq_len: int, micro_batch_size: int, achieved
         embedding_optimizer_s=flops.embedding_parameters(config) * opt_s,
         readout_optimizer_s=flops.feedback_parameters(config, variant) * opt_s,
         feedback_step_s=flops.feedback_step_flops(config, variant) / achieved_flops,
-        critic_s=get_variant(variant).input_critic_flops_per_token(config) * to_s,
-        critic_optimizer_s=(config.vocab_size * config.hidden_size * opt_s
-                            if get_variant(variant).trains_input_critic else 0.0))
+        critic_s=spec.input_critic_flops_per_token(config) * to_s,
+        critic_optimizer_s=spec.input_critic_parameters(config) * opt_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -757,22 +757,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def projection_setup(config, variant: str, args: argparse.Namespace) -> tuple[LayerCosts, Link, int]:
+    """The layer costs, the link and the tokens per micro-batch a projection of `variant` at
+    `config`'s shape uses, from the projection's arguments (seq_len, micro_batch_size,
+    achieved_tflops, memory_gbps, latency_us, bandwidth_gbps, dtype_bytes)."""
+    try:
+        layer = layer_costs_from_flops(config, args.seq_len, args.micro_batch_size, args.achieved_tflops * 1e12,
+                                       variant, memory_bytes_per_s=args.memory_gbps * 1e9)
+    except NotModelled as err:
+        raise UserError(f"block-local learning with {variant!r} is not modelled: {err}.",
+                        "declare readout_flops_per_token in the variant's class, or project another --variant.") from None
+    tokens = args.seq_len * args.micro_batch_size
+    spec = variants.get(variant)
+    link = Link(latency_s=args.latency_us * 1e-6, bandwidth_bytes_per_s=args.bandwidth_gbps * 1e9,
+                activation_bytes=tokens * config.hidden_size * args.dtype_bytes,
+                table_bytes=spec.table_bytes_per_step(config, args.dtype_bytes),
+                tables_from_last=spec.block.tables_from_last_stage)
+    return layer, link, tokens
+
+
 def run_projection(args: argparse.Namespace) -> list[dict]:
     from bll_ds.modeling import load_model_spec
 
     config = load_model_spec(args.model)
-    try:
-        layer = layer_costs_from_flops(config, args.seq_len, args.micro_batch_size, args.achieved_tflops * 1e12,
-                                       args.variant, memory_bytes_per_s=args.memory_gbps * 1e9)
-    except NotModelled as err:
-        raise UserError(f"block-local learning with {args.variant!r} is not modelled: {err}.",
-                        "declare readout_flops_per_token in the variant's class, or project another --variant.") from None
-    tokens = args.seq_len * args.micro_batch_size
-    variant = variants.get(args.variant)
-    table_bytes = variant.table_bytes_per_step(config, args.dtype_bytes)
-    link = Link(latency_s=args.latency_us * 1e-6, bandwidth_bytes_per_s=args.bandwidth_gbps * 1e9,
-                activation_bytes=tokens * config.hidden_size * args.dtype_bytes, table_bytes=table_bytes,
-                tables_from_last=variant.block.tables_from_last_stage)
+    layer, link, tokens = projection_setup(config, args.variant, args)
 
     def costs_for(stages: int, method: str, balanced: bool = False) -> StageCosts:
         return stage_costs(layer, config.num_hidden_layers, stages, method, balanced)

@@ -207,9 +207,11 @@ def _runs_in(plan: Plan, out: Path) -> list[str]:
     return bp + bll
 
 
-def _baseline(by_name: dict, layers: int, seed: int) -> dict | None:
-    """Backprop on `layers` layers with the same seed where it ran, else with the default seed."""
-    return by_name.get(f"bp-L{layers}{seed_suffix(seed)}") or by_name.get(f"bp-L{layers}")
+def baseline_name(layers: int, seed: int, ran) -> str:
+    """Backprop on `layers` layers with the same seed where `ran(name)` says it ran, else the
+    default seed's: what a run with `seed` is compared with."""
+    own = f"bp-L{layers}{seed_suffix(seed)}"
+    return own if ran(own) else f"bp-L{layers}"
 
 
 def _model_layers(run_dir: Path, default: int) -> int:
@@ -243,10 +245,10 @@ def tabulate(plan: Plan, out: Path) -> dict:
         if "stages" not in parsed:
             continue
         depth = _model_layers(out / r["run"], layers)
-        bp = _baseline(by_name, depth, parsed["seed"])
+        bp = by_name.get(baseline_name(depth, parsed["seed"], by_name.__contains__))
         if bp is None:
             continue
-        truncated = _baseline(by_name, depth // parsed["stages"], parsed["seed"])
+        truncated = by_name.get(baseline_name(depth // parsed["stages"], parsed["seed"], by_name.__contains__))
         for key, point in (("final", "final"), ("half", "half")):
             mine, base = r[point], bp[point]
             r[f"ratio_{key}"] = round(mine / base, 4) if mine and base else None
@@ -268,15 +270,12 @@ def depth_pays(plan: Plan, out: Path, gate: float, seed: int = DEFAULT_SEED) -> 
     model and data: with another seed, that seed's baselines where they ran, else the default's."""
     layers = _layers(plan.model)
     finals = {}
-    for base in (f"bp-L{layers}", "bp-L1"):
-        name = base + seed_suffix(seed)
-        if not (out / name / names.SUMMARY).is_file():
-            name = base
-        summary = out / name / names.SUMMARY
+    for depth in (layers, 1):
+        summary = out / baseline_name(depth, seed, lambda n: (out / n / names.SUMMARY).is_file()) / names.SUMMARY
         if not summary.is_file():
-            return f"{name} has not finished; run the baselines first (--only bp-L{layers},bp-L1)."
-        finals[base] = json.loads(summary.read_text())["val_loss"]
-    deep, shallow = finals[f"bp-L{layers}"], finals["bp-L1"]
+            return f"{summary.parent.name} has not finished; run the baselines first (--only bp-L{layers},bp-L1)."
+        finals[depth] = json.loads(summary.read_text())["val_loss"]
+    deep, shallow = finals[layers], finals[1]
     if deep <= (1 - gate) * shallow:
         return None
     return (f"depth does not pay here: backprop on {layers} layers ends at held-out {deep:.4f}, the 1-layer model "

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from bll_bench import sweep
 from bll_bench.plotting import pyplot
-from bll_bench.simulate import (BALANCED, REFERENCE_ARM, Link, layer_costs_from_flops, project, stage_costs)
+from bll_bench.simulate import BALANCED, REFERENCE_ARM, project, projection_setup, stage_costs
 from bll_ds.infra.atomic import atomic_write_text
 from bll_ds.infra.errors import UserError
 from bll_ds.method import variants
@@ -63,9 +63,7 @@ def measured_ratio(sweep_dir: Path, run: str) -> dict:
     if not config_path.is_file():
         raise UserError(f"{sweep_dir / run} holds no {names.MODEL_CONFIG}.", "point --sweep at the folder the sweep wrote.")
     layers = sweep._layers(config_path.resolve())
-    baseline = f"bp-L{layers}{sweep.seed_suffix(parsed['seed'])}"
-    if not (sweep_dir / baseline).is_dir():
-        baseline = f"bp-L{layers}"
+    baseline = sweep.baseline_name(layers, parsed["seed"], lambda n: (sweep_dir / n).is_dir())
     for folder in (run, baseline):
         if not (sweep_dir / folder / names.SUMMARY).is_file():
             raise UserError(f"{sweep_dir / folder} has not finished (no {names.SUMMARY}).",
@@ -85,14 +83,7 @@ def measured_ratio(sweep_dir: Path, run: str) -> dict:
 def step_ratios(model: str, variant: str, stages: int, factors: list[int], args) -> list[dict]:
     """Per M = factor x S: the fastest block-local arm's step time over balanced ZB-H1's."""
     config = load_model_spec(model)
-    tokens = args.seq_len * args.micro_batch_size
-    layer = layer_costs_from_flops(config, args.seq_len, args.micro_batch_size, args.achieved_tflops * 1e12,
-                                   variant, memory_bytes_per_s=args.memory_gbps * 1e9)
-    spec = variants.get(variant)
-    link = Link(latency_s=args.latency_us * 1e-6, bandwidth_bytes_per_s=args.bandwidth_gbps * 1e9,
-                activation_bytes=tokens * config.hidden_size * args.dtype_bytes,
-                table_bytes=spec.table_bytes_per_step(config, args.dtype_bytes),
-                tables_from_last=spec.block.tables_from_last_stage)
+    layer, link, tokens = projection_setup(config, variant, args)
     rows = project(lambda s, method, balanced=False: stage_costs(layer, config.num_hidden_layers, s, method, balanced),
                    link, tokens, [stages], factors, arms=(REFERENCE_ARM, *BLL_ARMS))
     result = []

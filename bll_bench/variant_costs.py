@@ -52,8 +52,8 @@ def variant_costs(config, seq_len: int, micro_batch_tokens: int, micro_batches: 
                      "table_over_fp32_full": variant.table_bytes_per_step(config, FP32) / full_table,
                      "table_bytes_per_step_fp32": variant.table_bytes_per_step(config, FP32),
                      "table_bytes_per_step_bf16": variant.table_bytes_per_step(config, BF16),
-                     "feedback_matrix_parameters": variant.trainable_matrix_parameters(config)
-                     + (config.vocab_size * config.hidden_size if variant.trains_input_critic else 0),
+                     "feedback_matrix_parameters": (variant.trainable_matrix_parameters(config)
+                                                    + variant.input_critic_parameters(config)),
                      "sliced": bool(variant.per_token_readout)})
     return rows
 

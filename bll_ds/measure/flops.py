@@ -181,6 +181,7 @@ def stage_flop_split(config: PretrainedConfig, stages: int, seq_len: int, method
     attention = layer_attention_flops(config, seq_len)
     head = head_forward_flops(config)
     tokens = micro_batch_tokens or seq_len
+    critic = get_variant(variant).input_critic_flops_per_token(config) if method == "bll" else 0.0
     result = []
     for k, layers in enumerate(counts):
         last = k == len(counts) - 1
@@ -189,8 +190,8 @@ def stage_flop_split(config: PretrainedConfig, stages: int, seq_len: int, method
         readout = 0.0
         if method == "bll" and not last:
             readout = readout_flops_per_micro_batch_token(config, variant, tokens)
-        if method == "bll" and k > 0:
-            readout += get_variant(variant).input_critic_flops_per_token(config)
+        if k > 0:
+            readout += critic
         result.append(StageFlops(forward=weights + scores, backward_input=weights + 2 * scores,
                                  backward_weight=weights, local_readout=readout))
     return result

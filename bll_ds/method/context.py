@@ -65,9 +65,11 @@ class _ContextTerms:
 
     @classmethod
     def readout_saved_bytes_per_token(cls, options, config, dtype_bytes, norm_saved_bytes, micro_batch_tokens=None):
-        """The heads' (the readout's count with readout_heads), plus each reconstruction term's bool mask."""
-        return super().readout_saved_bytes_per_token(options, config, dtype_bytes, norm_saved_bytes,
-                                                     micro_batch_tokens) + cls.offsets
+        """The heads' (the readout's count with readout_heads), plus each reconstruction term's bool
+        mask; None where the base readout is not modelled."""
+        heads = super().readout_saved_bytes_per_token(options, config, dtype_bytes, norm_saved_bytes,
+                                                      micro_batch_tokens)
+        return None if heads is None else heads + cls.offsets
 
     @classmethod
     def readout_saved_bytes_per_micro_batch(cls, options, config, dtype_bytes, micro_batch_tokens):

@@ -170,16 +170,11 @@ class ContextCriticFeedback(_ContextTerms, CriticFeedback):
     """The critic's readout plus the reconstruction heads of context.py."""
 
     name = "critic-context"
-    per_token_readout = False
 
     @classmethod
     def readout_flops_per_token(cls, options, config, micro_batch_tokens=None):
         """The critic readout's 4 H V (its operand is data) and 6 H V per reconstruction head (trained)."""
         return (4.0 + 6.0 * cls.offsets) * config.hidden_size * config.vocab_size
-
-    @classmethod
-    def readout_saved_bytes_per_token(cls, options, config, dtype_bytes, norm_saved_bytes, micro_batch_tokens=None):
-        return None  # as CriticFeedback's
 
 
 # The critic behind the -man readout (next_layer_average.py): stage k reads h_k through Dbar_k, the

@@ -46,7 +46,3 @@ class ContextDirectFeedback(_ContextTerms, DirectFeedback):
     """Direct feedback's readout plus the reconstruction heads of context.py."""
 
     name = "direct-context"
-
-    @classmethod
-    def readout_saved_bytes_per_token(cls, options, config, dtype_bytes, norm_saved_bytes, micro_batch_tokens=None):
-        return None  # as DirectFeedback's

@@ -203,6 +203,10 @@ class Variant:
             flops += layer_forward_flops(config, config.max_position_embeddings)
         return flops
 
+    def input_critic_parameters(self, config) -> int:
+        """Weights of the critic a stage (not the first) trains on its input: C [V, H], or none."""
+        return config.vocab_size * config.hidden_size if self.trains_input_critic else 0
+
     def critic_features(self, inputs: torch.Tensor, stage_layers) -> torch.Tensor:
         """What a stage's critic reads: its input h_k, or, where the upstream readout reads h_k
         through a copy of this stage's first decoder layer (-man), that layer's output, which the
