@@ -111,24 +111,133 @@ def test_the_critics_loss_trains_the_critic_only_and_the_readout_scores_against_
 def test_declared_costs_in_the_flops_model_and_the_simulator(config):
     variant = get_variant("critic")
     assert variant.readout_flops_per_token(config) == 4 * H * V           # the received critic is data
-    assert variant.input_critic_flops_per_token(config) == 4 * H * V      # forward and weight gradient
+    assert variant.input_critic_flops_per_token(config) == 6 * H * V      # forward, weight and input gradients
     assert get_variant("critic-context").readout_flops_per_token(config) == (4 + 6 * 2) * H * V
     split = stage_flop_split(config, 2, T, "bll", "critic")
     dgl = stage_flop_split(config, 2, T, "bll", "dgl")
     assert split[0].local_readout == pytest.approx(dgl[0].local_readout - 2 * H * V)
-    assert split[1].local_readout == 4 * H * V and dgl[1].local_readout == 0  # the last stage's critic
+    assert split[1].local_readout == 6 * H * V and dgl[1].local_readout == 0  # the last stage's critic
     assert variant.table_bytes_per_step(config, 4) == V * H * 4
     assert variant.readout_saved_bytes_per_token(config, 4, 0) is None     # the memory planner says "not modelled"
     from bll_bench.simulate import layer_costs_from_flops, stage_costs
     layer = layer_costs_from_flops(config, T, 1, 1e12, variant="critic")
-    assert layer.critic_s == pytest.approx(4 * H * V * T / 1e12)
+    assert layer.critic_s == pytest.approx(6 * H * V * T / 1e12)
     costs, dgl = stage_costs(layer, 2, 2, "bll"), stage_costs(layer_costs_from_flops(config, T, 1, 1e12, variant="dgl"),
                                                                2, 2, "bll")
     assert costs.local[1] - dgl.local[1] == pytest.approx(layer.critic_s)   # the last stage's critic
     assert costs.opt[1] > dgl.opt[1] and costs.opt[0] < dgl.opt[0]        # its weights; no free head on stage 0
-    for spec in ("critic:dim=4", "critic:refresh=2", "critic-context:neg=8"):
-        with pytest.raises(ValueError, match="does not take the option"):
-            get_variant(spec)
+    with pytest.raises(ValueError, match="does not take the option"):
+        get_variant("critic-context-man:dim=4")  # the layer copy reads h_k in full
+
+
+def test_with_dim_the_critic_is_factored_and_travels_as_one_stack(config):
+    """critic:dim=r: C_k = U_k Q_k, trained on stage k+1 and sent as [U_k; Q_k^T]; stage k reads
+    z = Q_k norm(h_k) and scores it against U_k, both as data, and trains no projection of its own."""
+    r = 4
+    spec = f"critic-context:dim={r}"
+    variant = get_variant(spec)
+    assert variant.message_shape(config) == (V + H, r)
+    last = build_stage(config, 3, 2, seed=1, variant=spec)
+    message = StageStep(last.feedback, lm_loss, True, variant=variant).table_to_publish(None)
+    critic = last.feedback.critic
+    assert message.shape == (V + H, r)
+    assert torch.equal(message[:V], critic.weight) and torch.equal(message[V:], critic.project.weight.t())
+    assert torch.allclose(message[V:].t() @ message[V:], torch.eye(r), atol=1e-5)  # Q starts orthonormal
+
+    middle = build_stage(config, 3, 1, seed=1, variant=spec)
+    assert middle.feedback.reduce is None and all(head.weight.shape == (V, r)
+                                                  for head in middle.feedback.context_heads)
+    step = StageStep(middle.feedback, lm_loss, False, variant=variant)
+    step.begin(message)
+    generator = torch.Generator().manual_seed(4)
+    inputs, outputs, labels = _micro_batch(config, middle, generator)
+    outputs = outputs.detach().requires_grad_()
+
+    def backward(loss, scale):
+        loss.backward()
+
+    step.local_backward(outputs, labels, backward, inputs)
+    with torch.no_grad():
+        z = middle.feedback.norm(outputs) @ message[V:]
+        ce = F.cross_entropy((z @ message[:V].t()).flatten(0, 1), labels.flatten())
+    assert step.mean_terms()["ce"] == pytest.approx(ce.item(), rel=1e-5)
+    assert outputs.grad.abs().sum() > 0  # h_k learns through the received projection
+    own = middle.feedback.critic
+    assert own.weight.grad.abs().sum() > 0 and own.project.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        by_hand = own.project(own.norm(inputs)) @ own.weight.t()
+    assert torch.allclose(own(inputs), by_hand)
+    # The declared costs: the received projection is data on stage k (4 H r), the critic's own
+    # three products on stage k+1 (6 H r and 6 r V).
+    assert variant.readout_flops_per_token(config) == 4 * H * r + (4 + 6 * 2) * r * V
+    assert variant.input_critic_flops_per_token(config) == 6 * H * r + 6 * r * V
+    assert variant.input_critic_parameters(config) == V * r + H * r
+    assert get_variant(spec + ":table=bf16:refresh=2").table_bytes_per_step(config, 4) == (V + H) * r * 2 / 2
+
+
+def _candidates_the_block_draws_next(block, labels, negatives):
+    from bll_ds.method.variant_options import shared_candidates
+
+    generator = torch.Generator().manual_seed(int(block.sample_seed) + 1_000_003 * int(block.draws))
+    return shared_candidates(labels, V, negatives, generator)
+
+
+def test_with_neg_the_critic_trains_on_the_candidates_of_the_stages_readout(config):
+    """critic:neg=n: stage k+1's readout is the shared-candidate softmax, and its critic of h_k
+    is trained toward that prediction over the same candidates; the last stage draws its own and
+    restricts the LM head's logits to them."""
+    n = 3
+    spec = f"critic:neg={n}"
+    variant = get_variant(spec)
+    middle = build_stage(config, 3, 1, seed=1, variant=spec)
+    step = StageStep(middle.feedback, lm_loss, False, variant=variant)
+    generator = torch.Generator().manual_seed(5)
+    received = torch.randn(V, H, generator=generator) * 0.1
+    step.begin(received)
+    inputs, outputs, labels = _micro_batch(config, middle, generator)
+    candidates = _candidates_the_block_draws_next(middle.feedback, labels, n)
+    assert len(candidates) < V
+    seen = {}
+    loss = step.local_backward(outputs, labels, lambda total, scale: seen.update(total=total.detach()), inputs)
+    feedback = middle.feedback
+    with torch.no_grad():
+        readout = feedback.norm(outputs) @ received[candidates.ids].t() + candidates.log_weight
+        targets = candidates.position(labels)
+        critic, _ = critic_loss(feedback.critic(inputs, candidates), readout, targets, feedback.label_weight)
+    assert loss.item() == pytest.approx(F.cross_entropy(readout.flatten(0, 1), targets.flatten()).item(), rel=1e-5)
+    assert seen["total"].item() == pytest.approx(loss.item() + critic.item(), rel=1e-5)
+
+    last = build_stage(config, 3, 2, seed=1, variant=spec)
+    step = StageStep(last.feedback, lm_loss, True, variant=variant)
+    step.begin(None)
+    inputs, logits, labels = _micro_batch(config, last, generator)
+    candidates = _candidates_the_block_draws_next(last.feedback, labels, n)
+    loss = step.local_backward(logits, labels, lambda total, scale: seen.update(total=total.detach()), inputs)
+    with torch.no_grad():
+        critic, _ = critic_loss(last.feedback.critic(inputs, candidates),
+                                logits[..., candidates.ids] + candidates.log_weight, candidates.position(labels),
+                                last.feedback.label_weight)
+    assert seen["total"].item() == pytest.approx(loss.item() + critic.item(), rel=1e-5)
+    assert int(last.feedback.draws) == 1  # a checkpointed count: a resumed run draws what a straight one does
+
+
+def test_neg_at_or_above_the_vocabulary_is_the_full_critic(config):
+    """With every item a candidate (and no sampling correction) the losses are the full ones."""
+    variant = get_variant("critic:neg=100")
+    middle = build_stage(config, 3, 1, seed=1, variant="critic:neg=100")
+    step = StageStep(middle.feedback, lm_loss, False, variant=variant)
+    generator = torch.Generator().manual_seed(6)
+    received = torch.randn(V, H, generator=generator) * 0.1
+    step.begin(received)
+    inputs, outputs, labels = _micro_batch(config, middle, generator)
+    seen = {}
+    loss = step.local_backward(outputs, labels, lambda total, scale: seen.update(total=total.detach()), inputs)
+    feedback = middle.feedback
+    with torch.no_grad():
+        readout = feedback.norm(outputs) @ received.t()
+        critic, _ = critic_loss(feedback.critic(inputs), readout, labels, feedback.label_weight)
+    assert loss.item() == pytest.approx(F.cross_entropy(readout.flatten(0, 1), labels.flatten()).item(), rel=1e-5)
+    assert seen["total"].item() == pytest.approx(loss.item() + critic.item(), rel=1e-5)
 
 
 def test_behind_the_man_readout_the_critic_reads_the_next_layers_output(config):

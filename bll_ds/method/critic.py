@@ -33,11 +33,22 @@ The first stage's input is token ids, so it holds no critic; the last stage, whi
 holds no feedback block, holds one for its critic (`trains_input_critic`, variants.Variant
 `holds_block`).
 
-Cost on every stage but the first: the critic's forward 2 H V and its weight gradient 2 H V per
-token (its input takes none), its [V, H] weights with their optimizer state, and one [V, H]
-message per step. The readout on stage k against the received C_k: forward and input gradient,
-4 H V per token (the operand is data, as drtp's). The FLOPs model and the simulator charge both;
-the memory planner does not model the critic yet (readout_saved_bytes_per_token is None).
+Options (variant_options.py), for real vocabularies. dim=r: the critic is factored, C_k = U_k Q_k
+with U_k [V, r] and Q_k [r, H], both trained on stage k+1 (Q_k starts as the fixed projection R^T);
+the message is the [V + H, r] stack of U_k and Q_k^T, and stage k reads z = Q_k norm(h_k) and
+scores it against U_k, both as data (its context heads, [V, r], are its own). neg=n: stage k's
+readout is the shared-candidate softmax of variant_options.py, and stage k+1 trains C_k on the
+same candidates: the target and the critic are both scored over the candidates of the
+micro-batch, with the sampling correction (the last stage draws its own from its labels).
+table= and refresh= act on the message as on a target table.
+
+Cost on every stage but the first: the critic's forward, its weight gradient and the input
+gradient its norm's gain needs, 6 r C per token (6 H V in full; with dim=r also Q_k's 6 H r), its
+weights with their optimizer state, and one message per step ([V, H], or [V + H, r]). The
+readout on stage k against the received critic: forward and input gradient, 4 r C per token, and
+with dim=r Q_k's 4 H r (the operands are data, as drtp's). The FLOPs model and the simulator
+charge both; the memory planner does not model the critic yet (readout_saved_bytes_per_token is
+None).
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ from torch import nn
 from bll_ds.method.context import _ContextTerms
 from bll_ds.method.feedback import StageFeedback, _CrossEntropyReadout, readout_norm
 from bll_ds.method.messages import delta_categorical_agreement
+from bll_ds.method.variant_options import Candidates, fixed_projection
 from bll_ds.method.next_layer_average import AveragedNextLayer
 from bll_ds.method.variants import register, register_composed
 
@@ -56,23 +68,43 @@ IGNORE = -100
 
 
 class InputCritic(nn.Module):
-    """C_k with its own normalisation, held by stage k+1: logits = C_k norm_c(h_k)."""
+    """C_k with its own normalisation, held by stage k+1: logits = U_k Q_k norm_c(h_k), Q_k only with dim=r
+    (else U_k is [V, H] and there is no projection)."""
 
-    def __init__(self, config):
+    def __init__(self, config, options):
         super().__init__()
+        width = options.dim or config.hidden_size
         self.norm = readout_norm(config)
-        self.weight = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
+        self.project = nn.Linear(config.hidden_size, width, bias=False) if options.dim else None
+        self.weight = nn.Parameter(torch.empty(config.vocab_size, width))
         nn.init.normal_(self.weight, std=config.initializer_range)
+        if self.project is not None and not self.project.weight.is_meta:
+            with torch.no_grad():
+                self.project.weight.copy_(fixed_projection(config.hidden_size, width).t())
 
-    def forward(self, stage_input: torch.Tensor) -> torch.Tensor:
-        return self.norm(stage_input.detach()) @ self.weight.t()
+    def forward(self, stage_input: torch.Tensor, candidates: Candidates | None = None) -> torch.Tensor:
+        """Logits over the vocabulary, or over `candidates` with their sampling correction."""
+        z = self.norm(stage_input.detach())
+        if self.project is not None:
+            z = self.project(z)
+        if candidates is None:
+            return z @ self.weight.t()
+        return z @ self.weight[candidates.ids].t() + candidates.log_weight.to(z.dtype)
+
+    @torch.no_grad()
+    def message(self) -> torch.Tensor:
+        """U_k [V, H]; with dim=r the stack [U_k; Q_k^T], [V + H, r]."""
+        if self.project is None:
+            return self.weight.detach()
+        return torch.cat([self.weight.detach(), self.project.weight.detach().t()])
 
 
 def critic_loss(logits: torch.Tensor, prediction: torch.Tensor, labels: torch.Tensor,
                 label_weight: float) -> tuple[torch.Tensor, dict]:
     """Mean over the labelled tokens of -sum_v t(v) log softmax(logits)(v), t = (1 - a) softmax(prediction)
     + a onehot(y). Terms: the critic's own next-token cross-entropy, and KL(q_{k+1} || critic), how
-    closely it follows the stage's prediction."""
+    closely it follows the stage's prediction. With neg=n, `logits` and `prediction` are both over
+    the micro-batch's candidates (sampling correction included) and `labels` are candidate positions."""
     log_q = F.log_softmax(logits.float(), dim=-1)
     target = F.softmax(prediction.detach().float(), dim=-1)
     valid = labels != IGNORE
@@ -94,29 +126,39 @@ class _OwnsInputCritic:
     label_weight = 0.5  # a: the labels' share of the critic's target
 
     def attach_input_critic(self) -> None:
-        self.critic = InputCritic(self.config)
+        self.critic = InputCritic(self.config, self.options)
 
     def input_critic_loss(self, features: torch.Tensor, labels: torch.Tensor,
                           prediction: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """The critic's loss on this micro-batch. `features`: what it reads (Variant.critic_features);
-        `prediction`: the stage's (the last stage's LM logits), else the local readout's from this
-        micro-batch's `loss`."""
-        prediction = self.prediction if prediction is None else prediction
+        `prediction`: the stage's over the whole vocabulary (the last stage's LM logits), else the
+        local readout's from this micro-batch's `loss`, over its candidates."""
+        if prediction is None:
+            prediction, candidates = self.prediction
+        else:
+            candidates = self.draw_candidates(labels)
+            if candidates is not None:
+                prediction = prediction[..., candidates.ids] + candidates.log_weight.to(prediction.dtype)
         self.prediction = None
-        return critic_loss(self.critic(features), prediction, labels, self.label_weight)
+        targets = labels if candidates is None else candidates.position(labels)
+        return critic_loss(self.critic(features, candidates), prediction, targets, self.label_weight)
 
     @torch.no_grad()
     def publish(self) -> torch.Tensor | None:
-        return self.critic.weight.detach() if self.critic is not None else None
+        return self.critic.message() if self.critic is not None else None
 
 
-class LastStageCritic(_OwnsInputCritic, StageFeedback):
+class LastStageCritic(_OwnsInputCritic, _CrossEntropyReadout, StageFeedback):
     """The last stage's block under a critic variant: C_{S-2} and nothing else (its own loss is the
-    model's LM loss, whose logits are the critic's target)."""
+    model's LM loss, whose logits are the critic's target). With neg=n it draws the critic's
+    candidates from the labels, as the readouts upstream do."""
+
+    owns_projection = False
 
     def __init__(self, config, options):
         super().__init__(config, options)
         self.norm = None  # no readout of its own
+        self._build_readout(config)
         self.attach_input_critic()
 
 
@@ -125,23 +167,39 @@ class CriticFeedback(_OwnsInputCritic, _CrossEntropyReadout, StageFeedback):
     """L_k = -log softmax(norm(h_k) C_k^T)(y_t), C_k trained by stage k+1 (module docstring)."""
 
     name = "critic"
-    sends_table = True            # the critic C_k, [V, H]
+    sends_table = True            # the critic C_k: [V, H], or [V + H, r] with dim=r
     trains_input_critic = True
     trained_operand = False       # the received critic is data on stage k
+    owns_projection = False       # with dim=r, Q_k arrives with U_k
     per_token_readout = False     # the critic trains on the stage's whole micro-batch with its input
 
     @classmethod
     def accepted_options(cls):
-        return frozenset()  # the critic is a full [V, H] matrix: no dim=, neg=, table= or refresh= yet
+        return super().accepted_options() | {"table", "refresh"}
+
+    @classmethod
+    def message_shape(cls, options, config):
+        width = cls.readout_width(options, config)
+        return (config.vocab_size + (config.hidden_size if options.dim else 0), width)
 
     @classmethod
     def input_critic_flops_per_token(cls, options, config) -> float:
-        """Forward 2 H V and the weight gradient 2 H V (the input is detached)."""
-        return 4.0 * config.hidden_size * config.vocab_size
+        """Forward 2rC, the weight gradient 2rC and the input gradient 2rC that the norm's gain
+        needs (its input is detached); with dim=r the same three for Q_k, 6Hr."""
+        width = cls.readout_width(options, config)
+        candidates = cls.readout_candidates(options, config)
+        project = 6.0 * config.hidden_size * width if options.dim else 0.0
+        return 6.0 * width * candidates + project
+
+    @classmethod
+    def input_critic_parameters(cls, options, config) -> int:
+        """U_k [V, r] and, with dim=r, Q_k [r, H]."""
+        width = cls.readout_width(options, config)
+        return config.vocab_size * width + (config.hidden_size * width if options.dim else 0)
 
     @classmethod
     def readout_saved_bytes_per_token(cls, options, config, dtype_bytes, norm_saved_bytes, micro_batch_tokens=None):
-        return None  # the critic's [tokens, V] target and log-probabilities are not in the planner yet
+        return None  # the critic's [tokens, C] target and log-probabilities are not in the planner yet
 
     @classmethod
     def last_stage_block(cls, config, options) -> StageFeedback:
@@ -150,19 +208,36 @@ class CriticFeedback(_OwnsInputCritic, _CrossEntropyReadout, StageFeedback):
     def __init__(self, config, options):
         super().__init__(config, options)
         self._build_readout(config)
-        self.prediction = None  # this micro-batch's local readout logits, the critic's target downstream
+        self.prediction = None  # this micro-batch's local readout logits and candidates: the target downstream
 
-    def readout_operand(self) -> torch.Tensor:
+    def _received(self) -> torch.Tensor:
         if self._upstream is None:
             raise RuntimeError("prepare() must be given the downstream stage's critic before local_loss()")
         return self._upstream
 
+    def readout_operand(self) -> torch.Tensor:
+        """U_k, the received critic's first V rows."""
+        return self._received()[:self.vocab_size]
+
+    def readout_input(self, hidden):
+        """z = norm(h_k), and with dim=r Q_k norm(h_k), Q_k^T the received critic's last H rows."""
+        z = self.norm(hidden)
+        if self.options.dim:
+            z = z @ self._received()[self.vocab_size:].to(z.dtype)
+        return z
+
     def next_token_loss(self, hidden, labels):
+        candidates = self.draw_candidates(labels)
         z = self.readout_input(hidden)
-        logits = z @ self.readout_operand().to(z.dtype).t()
-        self.prediction = logits.detach()
-        ce = delta_categorical_agreement(logits, labels).mean()
-        return ce, {"ce": ce.detach()}, (z, None)
+        operand = self.readout_operand().to(z.dtype)
+        if candidates is None:
+            logits, targets = z @ operand.t(), labels
+        else:
+            logits = z @ operand[candidates.ids].t() + candidates.log_weight.to(z.dtype)
+            targets = candidates.position(labels)
+        self.prediction = (logits.detach(), candidates)
+        ce = delta_categorical_agreement(logits, targets).mean()
+        return ce, {"ce": ce.detach(), **self.candidate_terms(candidates)}, (z, candidates)
 
 
 @register
@@ -170,11 +245,6 @@ class ContextCriticFeedback(_ContextTerms, CriticFeedback):
     """The critic's readout plus the reconstruction heads of context.py."""
 
     name = "critic-context"
-
-    @classmethod
-    def readout_flops_per_token(cls, options, config, micro_batch_tokens=None):
-        """The critic readout's 4 H V (its operand is data) and 6 H V per reconstruction head (trained)."""
-        return (4.0 + 6.0 * cls.offsets) * config.hidden_size * config.vocab_size
 
 
 # The critic behind the -man readout (next_layer_average.py): stage k reads h_k through Dbar_k, the

@@ -45,7 +45,7 @@ from transformers import PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from bll_ds.method.messages import bernoulli_agreement, delta_categorical_agreement, gaussian_agreement
-from bll_ds.method.variant_options import TABLE_DTYPES, VariantOptions, fixed_projection, shared_candidates
+from bll_ds.method.variant_options import VariantOptions, fixed_projection, shared_candidates
 from bll_ds.method.variants import get as get_variant
 from bll_ds.method.variants import register
 
@@ -141,6 +141,11 @@ class StageFeedback(nn.Module):
     def input_critic_flops_per_token(cls, options: VariantOptions, config: PretrainedConfig) -> float:
         """Training FLOPs per token of the critic a stage (not the first) trains on its input."""
         return 0.0
+
+    @classmethod
+    def input_critic_parameters(cls, options: VariantOptions, config: PretrainedConfig) -> int:
+        """Matrix weights of the critic a stage (not the first) trains on its input."""
+        return 0
 
     @classmethod
     def message_shape(cls, options: VariantOptions, config: PretrainedConfig) -> tuple[int, ...] | None:
@@ -244,12 +249,11 @@ class TableFeedback(StageFeedback):
     def compose_message(cls, options, table, stage_layers):
         """The last stage's W_out [V, H] enters a reduced readout's width through the fixed
         projection R (so that at initialisation, with P_k = R^T, the local readout is the real
-        head's restricted to R's span); every table travels in the declared dtype."""
+        head's restricted to R's span)."""
         width = options.dim
         if width and table.shape[-1] != width:
             table = table @ fixed_projection(table.shape[-1], width).to(table.device, table.dtype)
-        dtype = TABLE_DTYPES.get(options.table)
-        return table if dtype is None else table.to(dtype)
+        return table
 
     def __init__(self, config: PretrainedConfig, options: VariantOptions):
         super().__init__(config, options)
@@ -299,8 +303,9 @@ class _CrossEntropyReadout:
                     (variant_options.py: the distinct targets and n sampled negatives)"""
 
     per_token_readout = True
-    trained_operand = True  # the [V, H] operand takes a gradient, so the product saves its normed input
-    readout_heads = 1       # [V]-way products per token that share z and the candidates
+    trained_operand = True  # the first head's [V, H] operand takes a gradient, so the product saves its input
+    readout_heads = 1       # [V]-way products per token that share z and the candidates (the others trained)
+    owns_projection = True  # with dim=r, P_k is the stage's own; False: it arrives in the message (critic.py)
 
     @classmethod
     def accepted_options(cls):
@@ -322,13 +327,14 @@ class _CrossEntropyReadout:
 
     @classmethod
     def readout_flops_per_token(cls, options, config, micro_batch_tokens=None):
-        """Per head: forward 2rC, grad of z 2rC, and (trained operand) grad of the operand 2rC;
-        with dim=r, P_k's forward and both gradients, 6Hr, once. Full readout: 6HV."""
+        """Per head: forward 2rC, grad of z 2rC, and (trained operand; every head after the
+        first is) grad of the operand 2rC; with dim=r, P_k's forward and input gradient, 4Hr, once,
+        and its weight gradient 2Hr where the stage owns it. Full readout: 6HV."""
         width = cls.readout_width(options, config)
         candidates = cls.readout_candidates(options, config, micro_batch_tokens)
-        per_head = (6.0 if cls.trained_operand else 4.0) * width * candidates
-        reduce = 6.0 * config.hidden_size * width if options.dim else 0.0
-        return reduce + cls.readout_heads * per_head
+        heads = (6.0 if cls.trained_operand else 4.0) + 6.0 * (cls.readout_heads - 1)
+        reduce = (6.0 if cls.owns_projection else 4.0) * config.hidden_size * width if options.dim else 0.0
+        return reduce + heads * width * candidates
 
     @classmethod
     def readout_saved_bytes_per_token(cls, options, config, dtype_bytes, norm_saved_bytes, micro_batch_tokens=None):
@@ -353,7 +359,7 @@ class _CrossEntropyReadout:
         """P_k when dim=r (a submodule named `reduce`), starting as R^T (variant_options.py);
         with neg=n the candidate sampler's seed and its count of draws so far."""
         width = self.options.dim
-        self.reduce = nn.Linear(config.hidden_size, width, bias=False) if width else None
+        self.reduce = nn.Linear(config.hidden_size, width, bias=False) if width and self.owns_projection else None
         if self.reduce is not None and not self.reduce.weight.is_meta:
             with torch.no_grad():
                 self.reduce.weight.copy_(fixed_projection(config.hidden_size, width).t())

@@ -15,13 +15,15 @@ the simulator, the planner, `bench variants`) takes them too:
                          z = P_k norm(h), P_k [r, H] owned by the stage;        readouts: dgl,
                          logits = z W_k^T with W_k [V, r] (dgl) or m_k [V, r]   dgl-context,
                          (prototype: the last stage sends W_out R, R a fixed    prototype (and
-                         orthonormal [H, r] projection; P_k starts as R^T)      their -aux forms)
+                         orthonormal [H, r] projection; P_k starts as R^T;      their -aux forms),
+                         critic: P_k and the table are the received critic's)   critic(-context)
     neg=n       0 (all)  shared-candidate softmax: the micro-batch's distinct   the same
                          targets plus n negatives drawn uniformly from the
                          rest of the vocabulary, with the sampling correction
                          (`shared_candidates`); cost scales with n + targets
-    table=bf16  (model)  the table's dtype on the wire and in the inbox          table variants
-    refresh=k   1        the table travels every k steps (lag rule below)       table variants
+    table=bf16  (model)  the table's dtype on the wire and in the inbox          table variants,
+                                                                                critic(-context)
+    refresh=k   1        the table travels every k steps (lag rule below)       the same
     guard=w     1.0      the collapse guard's weight lambda (docs/METHOD.md)    gaussian,
                                                                                 bernoulli
     variance=   fixed    the message variances s_a^2, s_b^2: fixed at 1/2, or  gaussian

@@ -156,13 +156,15 @@ class Variant:
 
     def compose_message(self, table: torch.Tensor | None, stage_layers) -> torch.Tensor | None:
         """Built on the sending stage k+1 after its optimizer step from its table (m_{k+1}, or
-        W_out on the last stage) and its forward layers; `receive` on stage k takes it apart."""
+        W_out on the last stage) and its forward layers; `receive` on stage k takes it apart. It
+        travels in the declared dtype (table=), else in the dtype it was built in."""
         message = self.block.compose_message(self.options, table, stage_layers)
-        if not self.layer_carries_message:
-            return message
-        parts = self.readout_layer.compose(stage_layers)
-        parts = ([message.detach().reshape(-1)] if message is not None else []) + parts
-        return torch.cat([part.to(parts[-1].dtype) for part in parts])
+        if self.layer_carries_message:
+            parts = self.readout_layer.compose(stage_layers)
+            parts = ([message.detach().reshape(-1)] if message is not None else []) + parts
+            message = torch.cat([part.to(parts[-1].dtype) for part in parts])
+        dtype = TABLE_DTYPES.get(self.options.table)
+        return message if message is None or dtype is None else message.to(dtype)
 
     def receive(self, block, message: torch.Tensor | None) -> None:
         """Stage k at the start of a step: the readout layer takes its share of the message, the
@@ -204,8 +206,8 @@ class Variant:
         return flops
 
     def input_critic_parameters(self, config) -> int:
-        """Weights of the critic a stage (not the first) trains on its input: C [V, H], or none."""
-        return config.vocab_size * config.hidden_size if self.trains_input_critic else 0
+        """Weights of the critic a stage (not the first) trains on its input, or none."""
+        return self.block.input_critic_parameters(self.options, config) if self.trains_input_critic else 0
 
     def critic_features(self, inputs: torch.Tensor, stage_layers) -> torch.Tensor:
         """What a stage's critic reads: its input h_k, or, where the upstream readout reads h_k
