@@ -3,9 +3,10 @@
     python -m bll_bench variants --model models/llama-d16.json [--seq_len T] [--micro_batch_tokens N]
         [--micro_batches M] [--layers_per_stage L] [--variants SPEC,...] [--json FILE]
 
-One row per variant in the registry (bll_ds/method/variants.py), or per --variants spec with its
-options (bll_ds/method/variant_options.py, e.g. dgl-context:dim=64:neg=2048), from the class's own
-declarations, the same numbers the FLOPs model, the simulator and the memory planner use:
+One row per variant in the registry (bll_ds/method/variants.py) and one for the default with its
+options (marked), or one per --variants spec with its options (bll_ds/method/variant_options.py,
+e.g. dgl-context:dim=64:neg=2048), from the class's own declarations, the same numbers the FLOPs
+model, the simulator and the memory planner use:
 
     readout MFLOP/token   the local loss's forward + backward per token (incl. per-micro-batch
                           costs spread over N tokens, and the per-step feedback update over M*N),
@@ -25,6 +26,7 @@ import json
 from pathlib import Path
 
 from bll_ds.method import variants
+from bll_ds.method.default_variant import DEFAULT_VARIANT
 from bll_ds.measure.flops import (TRAIN_OVER_FORWARD, NotModelled, feedback_step_flops, layer_forward_flops,
                                   readout_flops_per_micro_batch_token)
 from bll_ds.modeling import load_model_spec
@@ -37,7 +39,7 @@ def variant_costs(config, seq_len: int, micro_batch_tokens: int, micro_batches: 
     layer = TRAIN_OVER_FORWARD * layer_forward_flops(config, seq_len)
     full_table = config.vocab_size * config.hidden_size * FP32
     rows = []
-    for name in specs or variants.names():
+    for name in specs or [*variants.names(), DEFAULT_VARIANT]:
         variant = variants.get(name)
         try:
             per_token = (readout_flops_per_micro_batch_token(config, name, micro_batch_tokens)
@@ -45,7 +47,7 @@ def variant_costs(config, seq_len: int, micro_batch_tokens: int, micro_batches: 
                          + variant.input_critic_flops_per_token(config))
         except NotModelled:
             per_token = None
-        rows.append({"variant": name, "readout_flops_per_token": per_token,
+        rows.append({"variant": name, "default": name == DEFAULT_VARIANT, "readout_flops_per_token": per_token,
                      "over_one_layer": None if per_token is None else per_token / layer,
                      "layers_per_stage": layers_per_stage,
                      "over_stage": None if per_token is None else per_token / (layers_per_stage * layer),
@@ -66,7 +68,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         flops = ("not modelled | | " if r["readout_flops_per_token"] is None else
                  f"{r['readout_flops_per_token'] / 1e6:.2f} | {r['over_one_layer']:.4f} | {r['over_stage']:.4f}")
-        lines.append(f"| {r['variant']} | {flops} | {r['table_bytes_per_step_fp32'] / 2**20:.2f} | "
+        lines.append(f"| {r['variant']}{' (default)' if r['default'] else ''} | {flops} | {r['table_bytes_per_step_fp32'] / 2**20:.2f} | "
                      f"{r['table_bytes_per_step_bf16'] / 2**20:.2f} | {r['table_over_fp32_full']:.4f} | "
                      f"{r['feedback_matrix_parameters']:,} | {'yes' if r['sliced'] else 'no'} |")
     return "\n".join(lines)

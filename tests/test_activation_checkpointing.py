@@ -142,10 +142,12 @@ def test_emulated_step_is_unchanged_by_checkpointing(method, interval):
     assert weights_on.keys() == weights_off.keys()
     for name in weights_off:
         torch.testing.assert_close(weights_on[name], weights_off[name], rtol=1e-6, atol=1e-9, msg=name)
-    # and the step did move every weight (a layer left without gradients would not move)
+    # and the step did move every weight (a layer left without gradients would not move); the
+    # rotary tables and the candidate sampler's seed are buffers that never move
     start = {f"{k}.{n}": t for k, n, t in _initial_weights(method)}
-    moved = [n for n in weights_on if "rotary" not in n and not torch.equal(weights_on[n], start[n])]
-    assert len(moved) == len(weights_on)
+    fixed = [n for n in weights_on if "rotary" in n or n.endswith("sample_seed")]
+    moved = [n for n in weights_on if n not in fixed and not torch.equal(weights_on[n], start[n])]
+    assert len(moved) == len(weights_on) - len(fixed)
 
 
 def _initial_weights(method: str):

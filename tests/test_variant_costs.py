@@ -7,6 +7,7 @@ import pytest
 from bll_bench import variant_costs
 from bll_ds.measure.flops import layer_forward_flops
 from bll_ds.method import variants
+from bll_ds.method.default_variant import DEFAULT_VARIANT
 from bll_ds.modeling import load_model_spec
 
 
@@ -15,7 +16,7 @@ def test_every_variant_has_its_declared_costs(repo):
     H, V, T = config.hidden_size, config.vocab_size, 256
     rows = {r["variant"]: r for r in variant_costs.variant_costs(config, seq_len=T, micro_batch_tokens=1024,
                                                                  micro_batches=4)}
-    assert tuple(rows) == variants.names()
+    assert tuple(rows) == (*variants.names(), DEFAULT_VARIANT) and rows[DEFAULT_VARIANT]["default"]
     # prototype: 6HV per token, and g_k's 18 V H^2 per step spread over the step's 4 x 1024 tokens.
     assert rows["prototype"]["readout_flops_per_token"] == pytest.approx(6 * H * V + 18 * V * H * H / 4096)
     assert rows["prototype"]["table_bytes_per_step_fp32"] == V * H * 4
@@ -32,5 +33,20 @@ def test_the_command_prints_the_table_and_writes_json(repo, tmp_path, capsys):
     out = tmp_path / "costs.json"
     assert variant_costs.main(["--model", str(repo / "models/nanogpt-char-d8.json"), "--json", str(out)]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].startswith("| variant |") and len(printed) == 2 + len(variants.names())
-    assert [r["variant"] for r in json.loads(out.read_text())] == list(variants.names())
+    assert printed[0].startswith("| variant |") and len(printed) == 3 + len(variants.names())
+    assert printed[-1].startswith(f"| {DEFAULT_VARIANT} (default) |")
+    assert [r["variant"] for r in json.loads(out.read_text())] == [*variants.names(), DEFAULT_VARIANT]
+
+
+def test_the_default_is_a_feedback_variant_within_its_budget_at_32k(repo):
+    """The default's options at a 32k vocabulary, on llama-1b shapes: its extra FLOPs (its readout,
+    heads and critic) within 5% of a one-layer stage, its message per hop and step within 1/8 of a
+    full fp32 table. And a feedback network supplies its targets: it receives a message."""
+    config = load_model_spec(repo / "models/llama-1b.json")
+    assert config.vocab_size == 32000
+    T = config.max_position_embeddings
+    (row,) = variant_costs.variant_costs(config, seq_len=T, micro_batch_tokens=T, micro_batches=8,
+                                         specs=[DEFAULT_VARIANT], layers_per_stage=1)
+    assert row["over_stage"] <= 0.05 and row["table_over_fp32_full"] <= 1 / 8
+    default = variants.get(DEFAULT_VARIANT)
+    assert default.trains_input_critic and default.message_shape(config) is not None

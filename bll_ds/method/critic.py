@@ -73,9 +73,10 @@ class InputCritic(nn.Module):
 
     def __init__(self, config, options):
         super().__init__()
-        width = options.dim or config.hidden_size
+        width = StageFeedback.readout_width(options, config)
         self.norm = readout_norm(config)
-        self.project = nn.Linear(config.hidden_size, width, bias=False) if options.dim else None
+        self.project = (nn.Linear(config.hidden_size, width, bias=False) if StageFeedback.reduces(options, config)
+                        else None)
         self.weight = nn.Parameter(torch.empty(config.vocab_size, width))
         nn.init.normal_(self.weight, std=config.initializer_range)
         if self.project is not None and not self.project.weight.is_meta:
@@ -180,7 +181,7 @@ class CriticFeedback(_OwnsInputCritic, _CrossEntropyReadout, StageFeedback):
     @classmethod
     def message_shape(cls, options, config):
         width = cls.readout_width(options, config)
-        return (config.vocab_size + (config.hidden_size if options.dim else 0), width)
+        return (config.vocab_size + (config.hidden_size if cls.reduces(options, config) else 0), width)
 
     @classmethod
     def input_critic_flops_per_token(cls, options, config) -> float:
@@ -188,14 +189,14 @@ class CriticFeedback(_OwnsInputCritic, _CrossEntropyReadout, StageFeedback):
         needs (its input is detached); with dim=r the same three for Q_k, 6Hr."""
         width = cls.readout_width(options, config)
         candidates = cls.readout_candidates(options, config)
-        project = 6.0 * config.hidden_size * width if options.dim else 0.0
+        project = 6.0 * config.hidden_size * width if cls.reduces(options, config) else 0.0
         return 6.0 * width * candidates + project
 
     @classmethod
     def input_critic_parameters(cls, options, config) -> int:
         """U_k [V, r] and, with dim=r, Q_k [r, H]."""
         width = cls.readout_width(options, config)
-        return config.vocab_size * width + (config.hidden_size * width if options.dim else 0)
+        return config.vocab_size * width + (config.hidden_size * width if cls.reduces(options, config) else 0)
 
     @classmethod
     def readout_saved_bytes_per_token(cls, options, config, dtype_bytes, norm_saved_bytes, micro_batch_tokens=None):
@@ -222,7 +223,7 @@ class CriticFeedback(_OwnsInputCritic, _CrossEntropyReadout, StageFeedback):
     def readout_input(self, hidden):
         """z = norm(h_k), and with dim=r Q_k norm(h_k), Q_k^T the received critic's last H rows."""
         z = self.norm(hidden)
-        if self.options.dim:
+        if self.reduces(self.options, self.config):
             z = z @ self._received()[self.vocab_size:].to(z.dtype)
         return z
 

@@ -106,10 +106,16 @@ class StageFeedback(nn.Module):
         """Whether the readout may run in sequence slices with these options."""
         return cls.per_token_readout
 
+    @staticmethod
+    def reduces(options: VariantOptions, config: PretrainedConfig) -> bool:
+        """Whether dim=r narrows the readout: r below the hidden size (at or above it the readout is
+        already that narrow, and dim= changes nothing, so that one spec fits every model)."""
+        return 0 < options.dim < config.hidden_size
+
     @classmethod
     def readout_width(cls, options: VariantOptions, config: PretrainedConfig) -> int:
         """r: the width of the local readout and of the table (dim=r, else the hidden size)."""
-        return options.dim or config.hidden_size
+        return options.dim if cls.reduces(options, config) else config.hidden_size
 
     @classmethod
     def readout_candidates(cls, options: VariantOptions, config: PretrainedConfig,
@@ -251,7 +257,7 @@ class TableFeedback(StageFeedback):
         projection R (so that at initialisation, with P_k = R^T, the local readout is the real
         head's restricted to R's span)."""
         width = options.dim
-        if width and table.shape[-1] != width:
+        if 0 < width < table.shape[-1]:  # W_out, wider than the reduced readout
             table = table @ fixed_projection(table.shape[-1], width).to(table.device, table.dtype)
         return table
 
@@ -333,7 +339,7 @@ class _CrossEntropyReadout:
         width = cls.readout_width(options, config)
         candidates = cls.readout_candidates(options, config, micro_batch_tokens)
         heads = (6.0 if cls.trained_operand else 4.0) + 6.0 * (cls.readout_heads - 1)
-        reduce = (6.0 if cls.owns_projection else 4.0) * config.hidden_size * width if options.dim else 0.0
+        reduce = (6.0 if cls.owns_projection else 4.0) * config.hidden_size * width if cls.reduces(options, config) else 0.0
         return reduce + heads * width * candidates
 
     @classmethod
@@ -341,8 +347,9 @@ class _CrossEntropyReadout:
         """The norm's saved tensors and its output (which the next product saves when its operand
         takes a gradient), with dim=r also z [r]; per head fp32 log-probabilities [C] and the
         int64 target; the operand itself is a weight or a table, not an activation."""
-        unsaved_output = 0 if cls.trained_operand or options.dim else dtype_bytes * config.hidden_size
-        reduced = dtype_bytes * cls.readout_width(options, config) if options.dim else 0
+        reduces = cls.reduces(options, config)
+        unsaved_output = 0 if cls.trained_operand or reduces else dtype_bytes * config.hidden_size
+        reduced = dtype_bytes * cls.readout_width(options, config) if reduces else 0
         candidates = cls.readout_candidates(options, config, micro_batch_tokens)
         return norm_saved_bytes - unsaved_output + reduced + cls.readout_heads * (FP32 * candidates + INT64)
 
@@ -358,8 +365,9 @@ class _CrossEntropyReadout:
     def _build_readout(self, config) -> None:
         """P_k when dim=r (a submodule named `reduce`), starting as R^T (variant_options.py);
         with neg=n the candidate sampler's seed and its count of draws so far."""
-        width = self.options.dim
-        self.reduce = nn.Linear(config.hidden_size, width, bias=False) if width and self.owns_projection else None
+        width = self.readout_width(self.options, config)
+        reduces = self.reduces(self.options, config) and self.owns_projection
+        self.reduce = nn.Linear(config.hidden_size, width, bias=False) if reduces else None
         if self.reduce is not None and not self.reduce.weight.is_meta:
             with torch.no_grad():
                 self.reduce.weight.copy_(fixed_projection(config.hidden_size, width).t())

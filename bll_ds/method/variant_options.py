@@ -16,7 +16,8 @@ the simulator, the planner, `bench variants`) takes them too:
                          logits = z W_k^T with W_k [V, r] (dgl) or m_k [V, r]   dgl-context,
                          (prototype: the last stage sends W_out R, R a fixed    prototype (and
                          orthonormal [H, r] projection; P_k starts as R^T;      their -aux forms),
-                         critic: P_k and the table are the received critic's)   critic(-context)
+                         critic: P_k and the table are the received critic's;  critic(-context)
+                         r >= H: the full readout, so one spec fits any model)
     neg=n       0 (all)  shared-candidate softmax: the micro-batch's distinct   the same
                          targets plus n negatives drawn uniformly from the
                          rest of the vocabulary, with the sampling correction

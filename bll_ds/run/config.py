@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bll_ds.infra.errors import UserError
+from bll_ds.method.default_variant import DEFAULT_VARIANT
 
 METHODS = ("bp", "bll")
 ON_NONFINITE = ("stop", "skip")
@@ -34,16 +35,17 @@ def _doc(text: str, flag: str | None = None, **kwargs):
 @dataclass
 class BLLConfig:
     """--method bll: the local loss and how the block-local pipeline runs (flags --bll_*)."""
-    variant: str = _doc("Local loss (docs/METHOD.md): dgl-context (a free local head that also reconstructs "
-                        "the two preceding tokens; closest to backprop at 8 and 16 stages), prototype (the "
-                        "feedback network's target prototypes), gaussian, bernoulli (per-token agreement with a "
-                        "collapse guard), dgl (a free local head), drtp (fixed random feedback), the -aux and "
-                        "-overlap levers, or a variant of your own (--custom_import). Options follow the name: "
-                        "NAME:dim=r:neg=n:table=bf16:refresh=k, a readout in r dimensions, a softmax over the "
-                        "micro-batch's targets and n sampled negatives, the table in bf16 and sent every k "
-                        "steps; gaussian/bernoulli:guard=w, the collapse guard's weight; "
-                        "gaussian:variance=learned (bll_ds/method/variant_options.py).",
-                        default="dgl-context")
+    variant: str = _doc("Local loss (docs/METHOD.md). The default, critic-context:dim=64:neg=2048: the next stage "
+                        "trains a critic of this stage's output toward its own prediction and sends it upstream as "
+                        "the local readout, plus two heads that reconstruct the two preceding tokens "
+                        "(bll_ds/method/default_variant.py). Others: dgl-context (free local heads, nothing sent "
+                        "upstream), prototype (the feedback network's target prototypes), gaussian, bernoulli, dgl, "
+                        "drtp, direct, the -aux, -overlap and -man levers, or a variant of your own "
+                        "(--custom_import). Options follow the name: NAME:dim=r:neg=n:table=bf16:refresh=k, a "
+                        "readout in r dimensions, a softmax over the micro-batch's targets and n sampled negatives, "
+                        "the message in bf16 and sent every k steps; gaussian/bernoulli:guard=w; -man:mu=m:affine=0|1 "
+                        "(bll_ds/method/variant_options.py).",
+                        default=DEFAULT_VARIANT)
     steps_per_call: int = _doc("Optimizer steps per engine call, BLL only: the pipe fills and drains once per "
                                "call, not once per step; 1 = drain after every step. Backprop drains after "
                                "every step by construction (1F1B's flush) and runs one step per call.",

@@ -1,0 +1,13 @@
+"""The BLL variant a run trains when --bll_variant is not given (no torch import: the run config reads it).
+
+critic-context: the feedback network's method, downstream-trained. Stage k+1 trains a critic of h_k
+toward its own prediction and sends it upstream; stage k's local loss is the critic's readout of h_k
+plus the reconstruction of the two preceding tokens (critic.py, context.py). Its options keep it
+cheap at real vocabularies: the critic in 64 dimensions and a softmax over the micro-batch's
+targets and 2,048 sampled negatives. At V = 32k on llama-1b shapes that is under 2% of one decoder
+layer's training FLOPs and 3% of a full fp32 table per hop and step (`python -m bll_bench variants`).
+On a model with H <= 64 or V <= 2,048 the options change nothing: the readout is already that
+narrow, or every item is a candidate.
+"""
+
+DEFAULT_VARIANT = "critic-context:dim=64:neg=2048"
