@@ -58,8 +58,14 @@ def test_pruning_keeps_the_newest_complete(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000020", "step_0000030"]
 
 
-@pytest.mark.parametrize("key,value", [("stages", 4), ("data_parallel", 2), ("seed", 2), ("tokenizer_sha256", "c")])
-def test_a_different_launch_is_refused(tmp_path, key, value):
+@pytest.mark.parametrize("key,value,problem,fix", [
+    ("stages", 4, "the number of stages differs: the run has 2, this launch 4", "--stages 2 to continue the run"),
+    ("data_parallel", 2, "the number of replicas per stage differs", "launch 1 replica(s) per stage"),
+    ("seed", 2, "the seed differs: the run has 1, this launch 2", "--seed 1 to continue"),
+    ("tokenizer_sha256", "c", "the tokenizer differs from the run's", "--tokenizer and --data the run started with")])
+def test_a_different_launch_is_refused_naming_the_flag_that_continues_it(tmp_path, key, value, problem, fix):
     checkpoint.check_compatible(META, dict(META), tmp_path)
-    with pytest.raises(UserError, match=f"{key}="):
+    with pytest.raises(UserError) as err:
         checkpoint.check_compatible(META, {**META, key: value}, tmp_path)
+    assert problem in err.value.problem and fix in err.value.fix, str(err.value)
+    assert f"--init_from {tmp_path}" in err.value.fix

@@ -72,16 +72,38 @@ def latest_complete(run_dir: Path) -> tuple[str, dict] | None:
                         f"point {latest} at an earlier complete step_* folder, or start a new --out.") from None
 
 
+# What each resume-consistency key is given by, for the fix: (what differs, how to give the run's).
+_GIVEN_BY = {
+    "method": ("the method", "--method {saved}"),
+    "bll_variant": ("the BLL variant", "--bll_variant {saved}"),
+    "stages": ("the number of stages", "--stages {saved}"),
+    "data_parallel": ("the number of replicas per stage", "launch {saved} replica(s) per stage (ranks = stages x replicas)"),
+    "model_spec_sha256": ("the model spec", "pass the spec the run started with (run_config.json "
+                          "names it; its sha256 began {short})"),
+    "tokenizer_sha256": ("the tokenizer", "pass the --tokenizer and --data the run started with "
+                         "(run_config.json)"),
+    "micro_batch_size": ("the micro-batch size", "set train_micro_batch_size_per_gpu to {saved} in the DeepSpeed "
+                         "config"),
+    "micro_batches": ("the micro-batches per step", "set gradient_accumulation_steps to {saved} in the DeepSpeed "
+                      "config"),
+    "seq_len": ("the sequence length", "--seq_len {saved}"),
+    "seed": ("the seed", "--seed {saved}"),
+}
+
+
 def check_compatible(saved: dict, current: dict, run_dir: Path) -> None:
-    """Refuse to resume into a launch that would load shards of a different shape."""
-    for key in ("method", "bll_variant", "stages", "data_parallel", "model_spec_sha256", "tokenizer_sha256",
-                "micro_batch_size", "micro_batches", "seq_len", "seed"):
+    """Refuse to resume into a launch that would load shards of a different shape, or continue
+    another experiment, naming the flag that gives the run's own value."""
+    for key, (what, given_by) in _GIVEN_BY.items():
         if saved.get(key) != current.get(key):
-            raise UserError(
-                f"the checkpoint in {run_dir} was written with {key}={saved.get(key)!r}, this launch has "
-                f"{key}={current.get(key)!r}.",
-                "resume with the same model, tokenizer, stages, replicas, batch shape and seed, "
-                "or start a new --out.")
+            if key.endswith("sha256"):
+                differs = f"{what} differs from the run's"
+            else:
+                differs = f"{what} differs: the run has {saved.get(key)!r}, this launch {current.get(key)!r}"
+            fix = given_by.format(saved=saved.get(key), short=str(saved.get(key))[:12])
+            raise UserError(f"cannot resume {run_dir}: {differs}.",
+                            f"{fix} to continue the run, or start a new --out for the new setting (with "
+                            f"--init_from {run_dir} to start from its weights).")
     if bool(saved.get("emulated")) != bool(current.get("emulated")):
         raise UserError(f"the checkpoint in {run_dir} was written by "
                         f"{'the one-process emulator' if saved.get('emulated') else 'a launched pipeline'}, "

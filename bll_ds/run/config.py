@@ -27,8 +27,15 @@ ON_NONFINITE = ("stop", "skip")
 RESUME = ("no", "yes", "auto")
 
 
-def _doc(text: str, flag: str | None = None, **kwargs):
-    metadata = {"help": text} if flag is None else {"help": text, "flag": flag}
+def _doc(text: str, flag: str | None = None, low: float | None = None, **kwargs):
+    """A documented field. `flag`: its own flag name; `low`: the least value a number may take
+    (checked by parse_run_config before anything is built or written; None stays allowed where it
+    is the default)."""
+    metadata = {"help": text}
+    if flag is not None:
+        metadata["flag"] = flag
+    if low is not None:
+        metadata["low"] = low
     return field(metadata=metadata, **kwargs)
 
 
@@ -49,32 +56,32 @@ class BLLConfig:
     steps_per_call: int = _doc("Optimizer steps per engine call, BLL only: the pipe fills and drains once per "
                                "call, not once per step; 1 = drain after every step. Backprop drains after "
                                "every step by construction (1F1B's flush) and runs one step per call.",
-                               default=32)
+                               default=32, low=1)
     readout_max_logits_mb: float = _doc("The per-token local readouts (prototype, dgl, drtp) run in sequence "
                                         "slices whose fp32 logits stay under this many MiB, so a large "
                                         "vocabulary does not add a [tokens, V] stash per stage (0 = one slice).",
-                                        default=16.0)
+                                        default=16.0, low=0)
 
 
 @dataclass
 class EvalConfig:
     """Held-out evaluation of the full forward network."""
-    interval: int = _doc("Steps between held-out evaluations (0 = only at the end).", default=250)
+    interval: int = _doc("Steps between held-out evaluations (0 = only at the end, low=0).", default=250)
     batches: int = _doc("Micro-batches per data-parallel replica in a periodic evaluation.", default=20)
-    final_batches: int = _doc("Micro-batches per replica in the final evaluation (0 = the whole held-out split).",
-                              flag="final_eval_batches", default=0)
+    final_batches: int = _doc("Micro-batches per replica in the final evaluation (0 = the whole held-out split, low=1).",
+                              flag="final_eval_batches", default=0, low=0)
 
 
 @dataclass
 class CheckpointConfig:
     """Atomic checkpoints in RUN_DIR/checkpoints/ (bll_ds/run/checkpoint.py)."""
     save_interval: int = _doc("Steps between checkpoints (0 = only at the end).", flag="save_interval",
-                              default=500)
+                              default=500, low=0)
     keep: int = _doc("Complete checkpoints kept on disk (older ones are deleted).", flag="keep_checkpoints",
-                     default=2)
+                     default=2, low=1)
     exit_interval: int = _doc("Save a checkpoint and exit cleanly once the step count is a multiple of this "
                               "(0 = never): run long jobs in slices under a scheduler's time limit.",
-                              flag="exit_interval", default=0)
+                              flag="exit_interval", default=0, low=0)
     resume: str = _doc("'yes' (the bare flag --resume): continue the run in --out from its latest complete "
                        "checkpoint, and fail if it has none. 'auto': continue it if it has one, else start it "
                        "(what a requeued scheduler job wants). 'no': start a new run, and fail if --out "
@@ -82,7 +89,7 @@ class CheckpointConfig:
     exit_duration_mins: float = _doc("Save a checkpoint and exit cleanly at the first step boundary after this "
                                      "many minutes of wall time since start-up (0 = never): set it a few "
                                      "minutes under the job's time limit. SIGTERM and SIGUSR1 do the same at "
-                                     "once (the next step boundary).", flag="exit_duration_mins", default=0.0)
+                                     "once (the next step boundary).", flag="exit_duration_mins", default=0.0, low=0)
 
 
 @dataclass
@@ -94,18 +101,18 @@ class NonFiniteConfig:
                        "stages decide alone, backprop stages together.", flag="on_nonfinite", default="stop")
     max_consecutive_skips: int = _doc("With --on_nonfinite skip: a stage that skips more steps than this in a "
                                       "row has diverged, and the run stops.", flag="max_consecutive_skips",
-                                      default=10)
+                                      default=10, low=0)
 
 
 @dataclass
 class MetricsConfig:
     """What the run measures and logs (bll_ds/metrics/)."""
-    log_interval: int = _doc("Steps between metrics.jsonl / TensorBoard lines.", flag="log_interval", default=10)
+    log_interval: int = _doc("Steps between metrics.jsonl / TensorBoard lines.", flag="log_interval", default=10, low=1)
     throughput_warmup_steps: int = _doc("Steps excluded from the tokens/s median.", flag="throughput_warmup_steps",
-                                        default=5)
+                                        default=5, low=0)
     trace_steps: int = _doc("The last N warm-up steps are traced: every pipeline instruction timed into "
                             "timeline_stage{k}.json, and the saved-activation peak metered (0 = off).",
-                            flag="trace_steps", default=3)
+                            flag="trace_steps", default=3, low=0)
     measure_matmul_peak: bool = _doc("Measure the device's fp32/bf16 matrix-product peak, for model FLOP "
                                      "utilisation in summary.json (under a second each: before and after training, the "
                                      "best kept).", flag="measure_matmul_peak", default=True)
@@ -129,7 +136,7 @@ class RunConfig:
     out: str = _doc("Run directory: checkpoints, tokenizer, metrics.jsonl, summary.json, tb/.")
     method: str = _doc("'bll' = block-local learning (each stage trains on its own local loss); "
                        "'bp' = DeepSpeed's own pipeline backprop (1F1B), the baseline.", default="bll")
-    stages: int = _doc("Pipeline stages S. The launch needs N = S x data-parallel replicas ranks.", default=2)
+    stages: int = _doc("Pipeline stages S. The launch needs N = S x data-parallel replicas ranks.", default=2, low=1)
     emulate: bool = _doc("Train the S-stage pipeline in this one process, on one device (CUDA when present, "
                          "else every CPU core), with the launched run's semantics (bll_ds/pipeline/emulated/emulator.py): "
                          "run with python, not a launcher. For depth sweeps at 8-16+ stages.", default=False)
@@ -142,22 +149,22 @@ class RunConfig:
     text_field: str = _doc("The field (jsonl), column (parquet) or feature (Hugging Face dataset) that holds "
                            "each document's text.", default="text")
     steps: int | None = _doc("Optimizer steps. Default: the scheduler's total_num_steps in the DeepSpeed "
-                             "config, else 1000. It also sets the scheduler's total_num_steps.", default=None)
-    seq_len: int | None = _doc("Tokens per training sequence. Default: the model's context length.", default=None)
-    seed: int = _doc("Seed for weights and data order.", default=1234)
+                             "config, else 1000. It also sets the scheduler's total_num_steps.", default=None, low=1)
+    seq_len: int | None = _doc("Tokens per training sequence. Default: the model's context length.", default=None, low=1)
+    seed: int = _doc("Seed for weights and data order.", default=1234, low=0)
     cache_dir: str = _doc("Cache of tokenized corpora (flat token memmaps).",
                           default=str(Path.home() / ".cache" / "bll_ds"))
-    tokenize_workers: int = _doc("Processes for datasets.map tokenization.", default=2)
+    tokenize_workers: int = _doc("Processes for datasets.map tokenization.", default=2, low=1)
     init_from: str | None = _doc("Start from existing weights (weights only: a new optimizer and schedule): a "
                                  "Hugging Face model folder (config.json + safetensors/bin) of the same shape, "
                                  "or another bll-ds run dir (its latest complete checkpoint).", default=None)
     activation_checkpoint_interval: int = _doc("Recompute activations in backward every this many layers "
                                                "(DeepSpeed's PipelineModule activation_checkpoint_interval; "
                                                "0 = off, 1 = every decoder layer), for both methods.",
-                                               default=0)
+                                               default=0, low=0)
     link_delay_ms: float = _doc("Benchmarks: every point-to-point message between stages arrives this many "
                                 "milliseconds after it is sent (one way), without blocking the sender "
-                                "(bll_ds/pipeline/launched/link_delay.py). 0 = off.", default=0.0)
+                                "(bll_ds/pipeline/launched/link_delay.py). 0 = off.", default=0.0, low=0)
     custom_import: str | None = _doc("A .py file or module imported before the flags are parsed, e.g. one that "
                                      "registers a BLL variant of your own (bll_ds/method/variants.py).", default=None)
     bll: BLLConfig = field(default_factory=BLLConfig, metadata={"prefix": "bll_"})
@@ -193,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     for _, f, flag in _flag_fields():
         required = f.default is dataclasses.MISSING
         if f.type == "bool":
-            parser.add_argument("--" + flag, action=argparse.BooleanOptionalAction, default=f.default,
+            names = ["--" + flag] + (["--" + flag.replace("_", "-")] if "_" in flag else [])
+            parser.add_argument(*names, dest=flag, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=f.metadata["help"])
             continue
         kind = {"int": int, "int | None": int, "float": float}.get(f.type, str)
@@ -201,10 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument("--resume", nargs="?", const="yes", default=f.default, choices=RESUME,
                                 help=f.metadata["help"])
             continue
-        parser.add_argument("--" + flag, type=types.get(flag, kind), required=required, default=None if required else f.default,
-                            help=f.metadata["help"], choices=choices.get(flag))
-        if "_" in flag:  # accept --seq-len as well as --seq_len
-            parser.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, help=argparse.SUPPRESS)
+        # One definition per flag: --seq-len is the same argument as --seq_len, with its type and choices.
+        names = ["--" + flag] + (["--" + flag.replace("_", "-")] if "_" in flag else [])
+        parser.add_argument(*names, dest=flag, type=types.get(flag, kind), required=required,
+                            default=None if required else f.default, help=f.metadata["help"], choices=choices.get(flag))
     # Added by the deepspeed launcher; the rank comes from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
@@ -242,5 +250,11 @@ def parse_run_config(argv: list[str] | None = None) -> RunConfig:
     top, sections = {}, {f.name: {} for f in dataclasses.fields(RunConfig) if _is_section(f)}
     for section, f, flag in _flag_fields():
         (top if section is None else sections[section])[f.name] = args[flag]
+    for _, f, flag in _flag_fields():
+        value, low = args[flag], f.metadata.get("low")
+        if low is not None and value is not None and value < low:
+            default = "" if f.default is None else f" (the default is {f.default})"
+            raise UserError(f"--{flag} {value} is out of range: it must be at least {low:g}.",
+                            f"pass --{flag} {low:g} or more, or leave the flag out{default}.")
     section_types = {f.name: f.default_factory for f in dataclasses.fields(RunConfig) if _is_section(f)}
     return RunConfig(**top, **{name: section_types[name](**values) for name, values in sections.items()})

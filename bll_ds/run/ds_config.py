@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bll_ds.infra.errors import UserError
+from bll_ds.run.ds_config_keys import check_keys
 
 DEFAULT_STEPS = 1000
 
@@ -78,6 +79,9 @@ def load_ds_config(path: str, world_size: int, stages: int, steps: int | None,
     ranks (training measures on rank 0 and broadcasts: ranks that chose differently would send
     each other activations of different dtypes). Otherwise it is measured here, in this process."""
     cfg = _read_json(path)
+    # A run dir's saved ds_config.json records what decided bf16 "auto"; as an input it is a record only.
+    cfg.pop("bf16_auto_measured_gflops", None)
+    check_keys(cfg, path)
     if world_size % stages:
         raise UserError(f"{world_size} ranks cannot be split into {stages} pipeline stages.",
                         f"launch a multiple of {stages} ranks (deepspeed --num_gpus {stages * max(1, world_size // stages)}) "

@@ -8,6 +8,7 @@
         tokenizer.model                the run's sentencepiece tokenizer (reused on resume), or
         hf_tokenizer/                  its Hugging Face tokenizer (tokenizer.json, tokenizer_config.json)
         tokenizer.json                 bll-ds's record of the tokenizer (spec, sha256), not an HF file
+        writer.lock                    who writes the run now (host, pid, start); gone when it ends
         summary.json                   written once, at the end
         metrics.jsonl, tb/             the run log (last stage)
         metrics_stage{k}.jsonl, tb/stage{k}/   one stage log per stage
@@ -34,6 +35,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"                  # inside CHECKPOINTS
 COMPLETE_MARKER = "complete.json"  # inside a checkpoint folder, written last
 TIMELINE_PREFIX = "timeline_stage"
+WRITER_LOCK = "writer.lock"        # bll_ds/run/run_lock.py
 
 
 def checkpoints(run_dir: Path) -> Path:

@@ -33,7 +33,7 @@ from bll_ds.pipeline import build_engine
 from bll_ds.pipeline.emulated.emulator import EmulatedPipeline, emulation_device
 from bll_ds.pipeline.launched import link_delay
 from bll_ds.pipeline.trace import StageTracer
-from bll_ds.run import checkpoint
+from bll_ds.run import checkpoint, run_lock
 from bll_ds.run import run_dir as names
 from bll_ds.run.config import RunConfig, parse_run_config, resolve_seq_len
 from bll_ds.run.ds_config import DsSettings, bf16_pays_off, load_ds_config
@@ -89,26 +89,27 @@ def train(cfg: RunConfig, started: float) -> None:
                         defer_bf16_auto=True)
     parse_tokenizer_spec(cfg.tokenizer)
     run_dir = Path(cfg.out)
-    if cfg.nonfinite.max_consecutive_skips < 0:
-        raise UserError(f"--max_consecutive_skips {cfg.nonfinite.max_consecutive_skips} is negative.",
-                        "pass 0 or more: the steps a stage may skip in a row before the run stops.")
-    if cfg.activation_checkpoint_interval < 0:
-        raise UserError(f"--activation_checkpoint_interval {cfg.activation_checkpoint_interval} is negative.",
-                        "pass 0 (off) or N >= 1: recompute every N decoder layers in backward.")
-    resume = _check_run_dir(run_dir, cfg.checkpoint.resume)
-    if resume and cfg.init_from:
-        raise UserError(f"--init_from {cfg.init_from} starts a run from other weights, but {run_dir} is resumed from "
-                        f"its own checkpoint.", "drop --init_from when resuming, or choose a new --out.")
     check_run_dir_storage(run_dir, count_parameters(spec), cfg.checkpoint.keep)
-    created_run_dir = not run_dir.exists()
-    link_delay.check_flag(cfg.link_delay_ms)
     if cfg.link_delay_ms and cfg.emulate:
         raise UserError("--link_delay_ms delays messages between launched ranks; the emulator has none.",
                         "launch the stages (deepspeed/torchrun) to time a slow link, or model it with "
                         "python -m bll_bench simulate --latency_us.")
     distributed.init(all_cores=cfg.emulate)
+    # One writer per run dir, before anything in it is read for the run or written: rank 0 takes
+    # the lock, every rank gets its verdict (bll_ds/run/run_lock.py).
+    held = {}
+
+    def take_lock() -> bool:
+        held["lock"] = run_lock.acquire(run_dir)
+        return held["lock"].created_dir
+
+    created_run_dir = distributed.rank0_then_broadcast(take_lock)
     link_delay.install(cfg.link_delay_ms)
     try:
+        resume = _check_run_dir(run_dir, cfg.checkpoint.resume)
+        if resume and cfg.init_from:
+            raise UserError(f"--init_from {cfg.init_from} starts a run from other weights, but {run_dir} is resumed "
+                            f"from its own checkpoint.", "drop --init_from when resuming, or choose a new --out.")
         _train(cfg, ds, run_dir, started, resume)
     except UserError:
         # Bad input found before the first checkpoint: leave no half-written run dir behind.
@@ -117,6 +118,8 @@ def train(cfg: RunConfig, started: float) -> None:
         raise
     finally:
         link_delay.uninstall()
+        if "lock" in held:
+            held["lock"].release()
 
 
 def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float, resume: bool) -> None:
@@ -127,6 +130,10 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float, resume
     data = prepare_run_data(cfg, run_dir)
     model_config = load_model_spec(cfg.model, vocab_size=data.tokenizer.vocab_size)
     seq_len = resolve_seq_len(cfg, model_config)
+    meta = _run_meta(cfg, ds, seq_len, data)
+    # A resume that would be refused is refused here, before this launch's configs replace the
+    # run's: a refused run leaves the run dir as it was.
+    resumed_from = _check_resume(run_dir, resume, meta, ds)
     resolved = {**dataclasses.asdict(cfg), "steps": ds.steps, "seq_len": seq_len}  # run_config.json, W&B
     if dist.get_rank() == 0:
         # The resolved model (the tokenizer sets the vocabulary): what evaluate/export/generate
@@ -160,9 +167,8 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float, resume
     eval_set = EvalBatches(data.val_tokens, seq_len, ds.micro_batch_size, cfg.eval.batches * ds.data_parallel)
     final_eval_set = EvalBatches(data.val_tokens, seq_len, ds.micro_batch_size,
                                  (cfg.eval.final_batches or 10**9) * ds.data_parallel)
-    meta = _run_meta(cfg, ds, seq_len, data)
 
-    start_step = _maybe_resume(engine, run_dir, resume, meta, ds)
+    start_step = _resume(engine, run_dir, resumed_from)
     if start_step >= ds.steps:
         if dist.get_rank() == 0:
             print(f"bll-ds: {run_dir} is already complete at step {start_step} (see summary.json); "
@@ -289,18 +295,27 @@ def _run_meta(cfg: RunConfig, ds: DsSettings, seq_len: int, data) -> dict:
             "steps": ds.steps, "init_from": cfg.init_from, "text_field": cfg.text_field}
 
 
-def _maybe_resume(engine, run_dir: Path, resume: bool, meta: dict, ds: DsSettings) -> int:
+def _check_resume(run_dir: Path, resume: bool, meta: dict, ds: DsSettings) -> tuple[str, int] | None:
+    """The checkpoint a resumed run continues from (tag, step), after every check that can refuse
+    it; None for a new run. Reads only."""
     if not resume:
+        return None
+    tag, saved = checkpoint.latest_complete(run_dir)
+    checkpoint.check_compatible(saved, meta, run_dir)
+    checkpoint.check_schedule_length(saved, meta, ds.config, run_dir)
+    return tag, int(saved["step"])
+
+
+def _resume(engine, run_dir: Path, resumed_from: tuple[str, int] | None) -> int:
+    if resumed_from is None:
         return 0
+    tag, step = resumed_from
     removed = checkpoint.remove_incomplete(run_dir) if dist.get_rank() == 0 else []
     if removed:
         print(f"bll-ds: removed incomplete checkpoint folders {removed}", flush=True)
     dist.barrier()
-    tag, saved = checkpoint.latest_complete(run_dir)
-    checkpoint.check_compatible(saved, meta, run_dir)
-    checkpoint.check_schedule_length(saved, meta, ds.config, run_dir)
     distributed.agree_on_errors(checkpoint.load, engine, run_dir, tag)
-    return int(saved["step"])
+    return step
 
 
 def _evaluate(engine, eval_set: EvalBatches, dp: int, dp_rank: int) -> float:
