@@ -236,8 +236,9 @@ def test_stop_names_the_step_the_stage_and_the_last_good_checkpoint(tmp_path, ca
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("bll-ds: error:")]
     assert ("bll-ds: error: the training loss is non-finite (nan) at step 5 on stage 0; its update was not "
-            "applied. Fix: resume (--resume) from the last good checkpoint, step_0000003, with a lower learning "
-            "rate or tighter gradient clipping, or pass --on_nonfinite skip to drop such steps and go on."
+            "applied. Fix: resume (--resume) from the last good checkpoint, step_0000003, after lowering "
+            "optimizer.params.lr (or gradient_clipping) in ds_configs/test-1m.json (the resumed steps use the new "
+            "values), or pass --on_nonfinite skip to drop such steps and go on."
             in errors), launch_failure(result)
     # Stage 1 was waiting for stage 0: if the launcher has not killed it first, it says so in one line.
     assert all("non-finite" in e or "lost its connection to another rank" in e for e in errors)

@@ -22,6 +22,7 @@ import torch
 
 from bll_ds.infra.atomic import atomic_write_text
 from bll_ds.infra.errors import UserError
+from bll_ds.run.resumed_settings import configured_hyperparameters_win, optimizers_and_schedulers
 from bll_ds.run import run_dir as names
 
 MARKER = names.COMPLETE_MARKER
@@ -132,8 +133,9 @@ def load(engine, run_dir: Path, tag: str) -> None:
     ckpt_dir = names.checkpoints(run_dir)
     fix = f"delete {ckpt_dir / tag}, point {ckpt_dir / LATEST} at an earlier step_* folder, or start a new --out."
     try:
-        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+        with configured_hyperparameters_win(optimizers_and_schedulers(engine)):
+            path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                             load_lr_scheduler_states=True)
     except Exception as err:  # torch.load / state_dict errors: the files are damaged or foreign
         raise UserError(f"checkpoint {ckpt_dir / tag} could not be loaded ({type(err).__name__}: "
                         f"{str(err).splitlines()[0][:200]}).", fix) from None

@@ -26,7 +26,9 @@ def describe(record, stage: int) -> str:
 
 
 class NonFinitePolicy:
-    def __init__(self, mode: str, max_consecutive_skips: int, stage: int, run_dir: Path, announce):
+    def __init__(self, mode: str, max_consecutive_skips: int, stage: int, run_dir: Path, announce,
+                 ds_config_path: str = "the DeepSpeed config"):
+        self.ds_config_path = ds_config_path  # named in the advice: a resumed run uses its values
         self.mode = mode
         self.limit = max_consecutive_skips
         self.stage = stage
@@ -41,7 +43,8 @@ class NonFinitePolicy:
                 continue
             if self.mode == "stop":
                 raise UserError(f"{describe(record, self.stage)}; its update was not applied.",
-                                f"{self._restart()} with a lower learning rate or tighter gradient clipping, or pass --on_nonfinite skip to drop such steps and go on.",
+                                f"{self._restart()} {self._lower()}, or pass --on_nonfinite skip to drop such "
+                                f"steps and go on.",
                                 rank_local=True)
             self.in_a_row.append(record.step)
             self.announce(f"bll-ds: warning: {describe(record, self.stage)}; update skipped "
@@ -49,8 +52,13 @@ class NonFinitePolicy:
             if len(self.in_a_row) > self.limit:
                 raise UserError(f"stage {self.stage} skipped {len(self.in_a_row)} steps in a row "
                                 f"(steps {self.in_a_row[0]}..{self.in_a_row[-1]}): the run has diverged.",
-                                f"{self._restart()} with a lower learning rate or tighter gradient clipping "
-                                "(or raise --max_consecutive_skips).", rank_local=True)
+                                f"{self._restart()} {self._lower()} (or raise --max_consecutive_skips).",
+                                rank_local=True)
+
+    def _lower(self) -> str:
+        # Takes effect from the first resumed step: bll_ds/run/resumed_settings.py.
+        return (f"after lowering optimizer.params.lr (or gradient_clipping) in {self.ds_config_path} (the resumed "
+                f"steps use the new values)")
 
     def _restart(self) -> str:
         last = checkpoint.latest_complete(self.run_dir)

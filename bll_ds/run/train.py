@@ -186,7 +186,7 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float, resume
     stage_logs = {k: MetricsLog(names.stage_metrics(run_dir, k), names.stage_tensorboard(run_dir, k),
                                 dp_rank == 0, start_step) for k in engine.local_stages}
     on_nonfinite = {k: NonFinitePolicy(cfg.nonfinite.policy, cfg.nonfinite.max_consecutive_skips, k, run_dir,
-                                       stage_logs[k].print) for k in engine.local_stages}
+                                       stage_logs[k].print, cfg.deepspeed_config) for k in engine.local_stages}
     log.print(f"bll-ds: {cfg.method}{'/' + cfg.bll.variant if cfg.method == 'bll' else ''} | "
               f"{cfg.stages} stages x {ds.data_parallel} replicas | "
               f"{count_parameters(model_config) / 1e6:.2f}M params | vocab {model_config.vocab_size} | "
