@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from bll_ds.data import (EvalBatches, is_token_dir_spec, load_corpus, load_run_tokenizer, open_stream,  # noqa: E402
                          open_token_dir, prepare_token_streams, token_dtype)
+from bll_ds.infra.cli_types import at_least  # noqa: E402
 from bll_ds.infra.errors import UserError  # noqa: E402
 from bll_ds.run.run_dir import TOKENIZER_MODEL  # noqa: E402
 from bll_ds.use.devices import add_device_flags, dtype_name, resolve_device, resolve_dtype  # noqa: E402
@@ -40,9 +41,10 @@ def main(argv=None) -> int:
     p.add_argument("run_dir", help="the run to evaluate: a pretrain.py --out folder")
     p.add_argument("--data", default=None,
                    help="corpus whose held-out split is evaluated (as pretrain.py --data); None = the run's own")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step to load; None = the latest complete one")
-    p.add_argument("--batches", type=int, default=0, help="micro-batches to evaluate; 0 = the whole held-out split")
-    p.add_argument("--batch_size", type=int, default=None,
+    p.add_argument("--step", type=at_least(0), default=None, help="checkpoint step to load; None = the latest complete one")
+    p.add_argument("--batches", type=at_least(0, "0 = the whole held-out split"), default=0,
+                   help="micro-batches to evaluate; 0 = the whole held-out split")
+    p.add_argument("--batch_size", type=at_least(1), default=None,
                    help="sequences per batch; None = the run's micro_batch_size")
     p.add_argument("--cache_dir", default=str(Path.home() / ".cache" / "bll_ds"),
                    help="folder of tokenized corpora, shared with pretrain.py --cache_dir")

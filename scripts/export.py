@@ -23,6 +23,7 @@ from pathlib import Path
 
 import _bootstrap  # noqa: E402,F401  (the checkout on sys.path; CPU accelerator without CUDA)
 
+from bll_ds.infra.cli_types import at_least  # noqa: E402
 from bll_ds.infra.errors import UserError  # noqa: E402
 from bll_ds.use.devices import DTYPES  # noqa: E402
 from bll_ds.use.trained_run import export  # noqa: E402
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir", help="the run to export: a pretrain.py --out folder")
     p.add_argument("out_dir", help="the new model folder (must not exist)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step to export; None = the latest complete one")
+    p.add_argument("--step", type=at_least(0), default=None, help="checkpoint step to export; None = the latest complete one")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES),
                    help="dtype of the saved weights (recorded in config.json); fp32 = as trained")
     args = p.parse_args(argv)

@@ -66,9 +66,9 @@ class BLLConfig:
 @dataclass
 class EvalConfig:
     """Held-out evaluation of the full forward network."""
-    interval: int = _doc("Steps between held-out evaluations (0 = only at the end, low=0).", default=250)
-    batches: int = _doc("Micro-batches per data-parallel replica in a periodic evaluation.", default=20)
-    final_batches: int = _doc("Micro-batches per replica in the final evaluation (0 = the whole held-out split, low=1).",
+    interval: int = _doc("Steps between held-out evaluations (0 = only at the end).", default=250, low=0)
+    batches: int = _doc("Micro-batches per data-parallel replica in a periodic evaluation.", default=20, low=1)
+    final_batches: int = _doc("Micro-batches per replica in the final evaluation (0 = the whole held-out split).",
                               flag="final_eval_batches", default=0, low=0)
 
 

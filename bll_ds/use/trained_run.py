@@ -68,6 +68,9 @@ def hf_tokenizer(run_dir: Path):
     if (run_dir / HF_TOKENIZER).is_dir():  # the run trained with a Hugging Face tokenizer: it is one already
         from bll_ds.data.hf_tokenizer import transformers_tokenizer
         return transformers_tokenizer(run_dir / HF_TOKENIZER)
+    if not (run_dir / TOKENIZER_MODEL).is_file():
+        raise UserError(f"{run_dir} holds no tokenizer ({TOKENIZER_MODEL} or {HF_TOKENIZER}/).",
+                        "pass the --out folder of a pretrain.py run (with its tokenizer), or an exported model folder.")
     with tempfile.TemporaryDirectory() as scratch:
         # Only the .model file: the run dir's tokenizer.json is bll-ds's fingerprint, not a
         # transformers tokenizer file.
