@@ -82,7 +82,7 @@ def _check_optimizer(section, path: str) -> None:
         if key not in allowed:
             raise _unknown(path, f"optimizer.params ({section.get('type')})", key, allowed)
     if "lr" in params:
-        _number(path, "optimizer.params.lr", params["lr"], 0, strict=True)
+        _number(path, "optimizer.params.lr", params["lr"], 0, strict=False)  # 0: frozen, as some tests want
     if "weight_decay" in params:
         _number(path, "optimizer.params.weight_decay", params["weight_decay"], 0, strict=False)
     if "eps" in params:
