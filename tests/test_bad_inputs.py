@@ -87,24 +87,14 @@ def _ds(b, name):
     return ["--deepspeed_config", b["ds"][name]]
 
 
-CASES = [
-    # ranges of counts, intervals and sizes, before anything is made
-    ("log-interval-0", "pretrain", lambda b: _new(b, "--log_interval", "0"), "--log_interval 0 is out of range", "new"),
-    ("seq-len-0", "pretrain", lambda b: _new(b, "--seq_len", "0"), "--seq_len 0 is out of range", "new"),
-    ("save-interval-negative", "pretrain", lambda b: _new(b, "--save_interval", "-1"), "--save_interval -1", "new"),
-    ("stages-0", "pretrain", lambda b: _new(b, "--stages", "0"), "--stages 0 is out of range", "new"),
-    ("steps-0", "pretrain", lambda b: _new(b, "--steps", "0"), "--steps 0 is out of range", "new"),
-    ("eval-interval-negative", "pretrain", lambda b: _new(b, "--eval_interval", "-5"), "--eval_interval -5", "new"),
-    ("eval-batches-0", "pretrain", lambda b: _new(b, "--eval_batches", "0"), "--eval_batches 0", "new"),
-    ("keep-checkpoints-0", "pretrain", lambda b: _new(b, "--keep_checkpoints", "0"), "--keep_checkpoints 0", "new"),
-    ("steps-per-call-0", "pretrain", lambda b: _new(b, "--bll_steps_per_call", "0"), "--bll_steps_per_call 0", "new"),
-    ("tokenize-workers-0", "pretrain", lambda b: _new(b, "--tokenize_workers", "0"), "--tokenize_workers 0", "new"),
-    ("skips-negative", "pretrain", lambda b: _new(b, "--max_consecutive_skips", "-1"), "--max_consecutive_skips -1",
-     "new"),
-    ("logits-mb-negative", "pretrain", lambda b: _new(b, "--bll_readout_max_logits_mb", "-1"),
-     "--bll_readout_max_logits_mb -1", "new"),
-    ("exit-minutes-negative", "pretrain", lambda b: _new(b, "--exit_duration_mins", "-1"), "--exit_duration_mins -1",
-     "new"),
+# Counts, intervals and sizes below their least value: refused before anything is made.
+RANGES = [("--log_interval", "0"), ("--seq_len", "0"), ("--save_interval", "-1"), ("--stages", "0"),
+          ("--steps", "0"), ("--eval_interval", "-5"), ("--eval_batches", "0"), ("--keep_checkpoints", "0"),
+          ("--bll_steps_per_call", "0"), ("--tokenize_workers", "0"), ("--max_consecutive_skips", "-1"),
+          ("--bll_readout_max_logits_mb", "-1"), ("--exit_duration_mins", "-1")]
+
+CASES = [(f"range{flag}", "pretrain", lambda b, flag=flag, value=value: _new(b, flag, value),
+          f"{flag} {value} is out of range", "new") for flag, value in RANGES] + [
     ("hyphen-alias-checked", "pretrain", lambda b: _new(b, "--on-nonfinite", "banana"), "invalid choice: 'banana'", "new"),
     ("hyphen-variant-checked", "pretrain", lambda b: _new(b, "--bll-variant", "nope"), "unknown BLL variant 'nope'",
      "new"),
@@ -114,8 +104,8 @@ CASES = [
     ("method-unknown", "pretrain", lambda b: _new(b, "--method", "sgd"), "invalid choice: 'sgd'", "new"),
     ("not-a-number", "pretrain", lambda b: _new(b, "--steps", "ten"), "invalid int value: 'ten'", "new"),
     # files and shapes
-    ("model-missing", "pretrain", lambda b: _new(b, "--model", "/nonexistent/model.json"), "/nonexistent/model.json",
-     "new"),
+    ("model-missing", "pretrain", lambda b: _new(b, "--model", "/nonexistent/model.json"),
+     "model spec /nonexistent/model.json does not exist", "new"),
     ("ds-config-missing", "pretrain", lambda b: _new(b, ds=["--deepspeed_config", "/nonexistent/ds.json"]),
      "does not exist", "new"),
     ("ds-config-not-json", "pretrain", lambda b: _new(b, ds=_ds(b, "not_json")), "is not valid JSON", "new"),
@@ -134,7 +124,7 @@ CASES = [
     ("tokenizer-spec", "pretrain", lambda b: _new(b, "--tokenizer", "foo:12"), "foo:12", "new"),
     ("data-missing", "pretrain", lambda b: _new(b, "--data", "/nonexistent.txt"), "/nonexistent.txt does not exist",
      "new"),
-    ("stages-above-layers", "pretrain", lambda b: _new(b, "--stages", "5"), "5", "new"),
+    ("stages-above-layers", "pretrain", lambda b: _new(b, "--stages", "5"), "cannot be cut into 5 stages", "new"),
     ("seq-len-above-context", "pretrain", lambda b: _new(b, "--seq_len", "1000"), "does not fit the model's context",
      "new"),
     ("link-delay-emulated", "pretrain", lambda b: _new(b, "--link_delay_ms", "5"), "the emulator has none", "new"),

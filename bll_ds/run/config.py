@@ -254,7 +254,8 @@ def parse_run_config(argv: list[str] | None = None) -> RunConfig:
         value, low = args[flag], f.metadata.get("low")
         if low is not None and value is not None and value < low:
             default = "" if f.default is None else f" (the default is {f.default})"
-            raise UserError(f"--{flag} {value} is out of range: it must be at least {low:g}.",
+            given = f"{value:g}" if isinstance(value, float) else value
+            raise UserError(f"--{flag} {given} is out of range: it must be at least {low:g}.",
                             f"pass --{flag} {low:g} or more, or leave the flag out{default}.")
     section_types = {f.name: f.default_factory for f in dataclasses.fields(RunConfig) if _is_section(f)}
     return RunConfig(**top, **{name: section_types[name](**values) for name, values in sections.items()})
