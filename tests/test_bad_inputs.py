@@ -56,6 +56,7 @@ def base(tmp_path_factory, cache_dir, text_corpus):
         "clipping_negative": _ds_config(folder, "clipping_negative", lambda c: c.update(gradient_clipping=-1)),
         "betas": _ds_config(folder, "betas", lambda c: c["optimizer"]["params"].update(betas=[0.9])),
     }
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": f"document {i} " * 40}) + "\n" for i in range(50)))
     (folder / "not_json.json").write_text("{ not json")
     configs["not_json"] = str(folder / "not_json.json")
     no_tokenizer = folder / "no_tokenizer"
@@ -64,7 +65,7 @@ def base(tmp_path_factory, cache_dir, text_corpus):
     exported = folder / "exported"
     exported.mkdir()
     return {"run": run_dir, "folder": folder, "ds": configs, "no_tokenizer": no_tokenizer, "exists": exported,
-            "corpus": str(text_corpus), "cache": str(cache_dir)}
+            "corpus": str(text_corpus), "cache": str(cache_dir), "jsonl": str(folder / "docs.jsonl")}
 
 
 # (case id, script, argument builder, phrase the error line must hold, what the case touches:
@@ -129,6 +130,18 @@ CASES = [(f"range{flag}", "pretrain", lambda b, flag=flag, value=value: _new(b, 
      "new"),
     ("link-delay-emulated", "pretrain", lambda b: _new(b, "--link_delay_ms", "5"), "the emulator has none", "new"),
     ("resume-nothing", "pretrain", lambda b: _new(b, "--resume"), "holds no complete checkpoint", "new"),
+    ("cache-dir-unwritable", "pretrain", lambda b: _new(b, "--cache_dir", "/proc/bll-ds-cache"),
+     "cannot write to the cache dir", "new"),
+    ("model-spec-as-ds-config", "pretrain", lambda b: _new(b, ds=["--deepspeed_config", "models/test-1m.json"]),
+     "is a model spec", "new"),
+    ("init-from-missing", "pretrain", lambda b: _new(b, "--init_from", "/nonexistent/run"),
+     "--init_from /nonexistent/run does not exist", "new"),
+    ("tokenizer-too-small", "pretrain", lambda b: _new(b, "--tokenizer", "bpe:0"), "a vocabulary of 0 cannot hold",
+     "new"),
+    ("text-field-missing", "pretrain", lambda b: _new(b, "--data", b["jsonl"], "--text_field", "body"),
+     'has no "body" field', "new"),
+    ("custom-import-missing", "pretrain", lambda b: _new(b, "--custom_import", "/nonexistent.py"),
+     "no such file /nonexistent.py", "new"),
     # refusals on an existing run: the run dir stays as it was
     ("new-run-into-a-run", "pretrain", lambda b: _resume(b)[:-1], "already holds a run with checkpoints", "run"),
     ("resume-with-init-from", "pretrain", lambda b: _resume(b, "--init_from", str(b["run"])),

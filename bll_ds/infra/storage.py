@@ -43,3 +43,15 @@ def check_run_dir_storage(run_dir: Path, params: int, keep_checkpoints: int) -> 
         raise UserError(f"the filesystem of {run_dir} has {free / 1e9:.2f} GB free; {keep_checkpoints + 1} "
                         f"checkpoints of this {params / 1e6:.1f}M-parameter model need about {needed / 1e9:.2f} GB.",
                         "free space there, choose an --out on a larger filesystem, or lower --keep_checkpoints.")
+
+
+def check_cache_dir(cache_dir: str) -> None:
+    """The tokenized-corpus cache must be a folder this process can create and write, before the run starts."""
+    path = Path(cache_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkdtemp(prefix=".bll_ds_write_probe.", dir=path))
+        shutil.rmtree(probe, ignore_errors=True)
+    except OSError as err:
+        raise UserError(f"cannot write to the cache dir {cache_dir}: {err.strerror or err}.",
+                        "pass --cache_dir a writable folder (it holds tokenized corpora, shared between runs).") from None

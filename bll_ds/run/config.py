@@ -230,8 +230,8 @@ def _import_custom(argv: list[str] | None) -> None:
         try:
             variants.import_custom(spec)
         except (FileNotFoundError, ModuleNotFoundError) as err:
-            raise SystemExit(f"pretrain.py: error: --custom_import {spec}: {err}. Fix: pass a .py file that "
-                             f"exists or an importable module name.") from None
+            raise UserError(f"--custom_import {spec}: {err}.",
+                            "pass a .py file that exists or an importable module name.") from None
 
 
 # Flags that became variant options: one channel for every option of a variant, its spec.

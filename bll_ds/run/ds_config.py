@@ -81,6 +81,9 @@ def load_ds_config(path: str, world_size: int, stages: int, steps: int | None,
     cfg = _read_json(path)
     # A run dir's saved ds_config.json records what decided bf16 "auto"; as an input it is a record only.
     cfg.pop("bf16_auto_measured_gflops", None)
+    if "model_type" in cfg:
+        raise UserError(f"{path} is a model spec (it has a model_type), not a DeepSpeed config.",
+                        "pass it as --model, and a DeepSpeed JSON (ds_configs/*.json) as --deepspeed_config.")
     check_keys(cfg, path)
     if world_size % stages:
         raise UserError(f"{world_size} ranks cannot be split into {stages} pipeline stages.",

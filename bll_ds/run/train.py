@@ -24,7 +24,7 @@ from bll_ds.data.prepare import prepare_run_data
 from bll_ds.infra import distributed
 from bll_ds.infra.atomic import atomic_write_text
 from bll_ds.infra.errors import UserError
-from bll_ds.infra.storage import check_run_dir_storage
+from bll_ds.infra.storage import check_cache_dir, check_run_dir_storage
 from bll_ds.measure.matmul_peak import best_of, matmul_peaks
 from bll_ds.metrics import MetricsLog, build_summary, log_step_records, write_summary
 from bll_ds.metrics.monitors import build_monitors, take_monitor_sections
@@ -90,6 +90,7 @@ def train(cfg: RunConfig, started: float) -> None:
     parse_tokenizer_spec(cfg.tokenizer)
     run_dir = Path(cfg.out)
     check_run_dir_storage(run_dir, count_parameters(spec), cfg.checkpoint.keep)
+    check_cache_dir(cfg.cache_dir)
     if cfg.link_delay_ms and cfg.emulate:
         raise UserError("--link_delay_ms delays messages between launched ranks; the emulator has none.",
                         "launch the stages (deepspeed/torchrun) to time a slow link, or model it with "
