@@ -58,9 +58,19 @@ def test_pruning_keeps_the_newest_complete(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000020", "step_0000030"]
 
 
+def test_another_replica_count_with_the_same_global_batch_resumes_unless_zero_sharded_it(tmp_path):
+    regrouped = {**META, "data_parallel": 3, "micro_batch_size": 1}  # 1 x 3 sequences -> 3 x 1
+    checkpoint.check_compatible(META, regrouped, tmp_path)
+    with pytest.raises(UserError, match="sharded by ZeRO over 1 replicas") as err:
+        checkpoint.check_compatible(META, regrouped, tmp_path, sharded_optimizer=True)
+    assert "launch 1 replica(s) per stage" in err.value.fix
+    with pytest.raises(UserError, match="the global batch differs"):  # 3 x 3 sequences: another batch
+        checkpoint.check_compatible(META, {**META, "data_parallel": 3}, tmp_path)
+
+
 @pytest.mark.parametrize("key,value,problem,fix", [
     ("stages", 4, "the number of stages differs: the run has 2, this launch 4", "--stages 2 to continue the run"),
-    ("data_parallel", 2, "the number of replicas per stage differs", "launch 1 replica(s) per stage"),
+    ("data_parallel", 2, "the global batch differs", "launch 1 replica(s) per stage"),
     ("seed", 2, "the seed differs: the run has 1, this launch 2", "--seed 1 to continue"),
     ("tokenizer_sha256", "c", "the tokenizer differs from the run's", "--tokenizer and --data the run started with")])
 def test_a_different_launch_is_refused_naming_the_flag_that_continues_it(tmp_path, key, value, problem, fix):

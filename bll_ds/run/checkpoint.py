@@ -78,7 +78,8 @@ _GIVEN_BY = {
     "method": ("the method", "--method {saved}"),
     "bll_variant": ("the BLL variant", "--bll_variant {saved}"),
     "stages": ("the number of stages", "--stages {saved}"),
-    "data_parallel": ("the number of replicas per stage", "launch {saved} replica(s) per stage (ranks = stages x replicas)"),
+    "data_parallel": ("the global batch", "launch {saved} replica(s) per stage (ranks = stages x replicas), or keep "
+                      "replicas x train_micro_batch_size_per_gpu and gradient_accumulation_steps as the run has them"),
     "model_spec_sha256": ("the model spec", "pass the spec the run started with (run_config.json "
                           "names it; its sha256 began {short})"),
     "tokenizer_sha256": ("the tokenizer", "pass the --tokenizer and --data the run started with "
@@ -92,10 +93,32 @@ _GIVEN_BY = {
 }
 
 
-def check_compatible(saved: dict, current: dict, run_dir: Path) -> None:
+def _sequences_per_micro_batch(meta: dict) -> int:
+    """Sequences in one micro-batch over all replicas: what a step's samples depend on (data/sampler.py)."""
+    return meta.get("data_parallel", 1) * meta.get("micro_batch_size", 0)
+
+
+def check_compatible(saved: dict, current: dict, run_dir: Path, sharded_optimizer: bool = False) -> None:
     """Refuse to resume into a launch that would load shards of a different shape, or continue
-    another experiment, naming the flag that gives the run's own value."""
+    another experiment, naming the flag that gives the run's own value.
+
+    Another number of data-parallel replicas resumes when the global batch is unchanged (replicas
+    x micro-batch size, and the micro-batches per step): the sampler then gives each step the same
+    sequences in the same order, and the optimizer state, whole in every replica's checkpoint
+    without ZeRO (`sharded_optimizer` False), loads into any replica count. ZeRO-1's state is
+    sharded per replica; resharding it is not built, so that change is refused."""
+    regrouped = (saved.get("data_parallel") != current.get("data_parallel")
+                 and _sequences_per_micro_batch(saved) == _sequences_per_micro_batch(current)
+                 and saved.get("micro_batches") == current.get("micro_batches"))
+    if regrouped and sharded_optimizer:
+        raise UserError(f"cannot resume {run_dir} on {current.get('data_parallel')} replica(s) per stage: its "
+                        f"optimizer state is sharded by ZeRO over {saved.get('data_parallel')} replicas, and "
+                        f"resharding it is not built.",
+                        f"launch {saved.get('data_parallel')} replica(s) per stage to continue the run, or start a "
+                        f"new --out with --init_from {run_dir} (weights only, a fresh optimizer).")
     for key, (what, given_by) in _GIVEN_BY.items():
+        if regrouped and key in ("data_parallel", "micro_batch_size"):
+            continue
         if saved.get(key) != current.get(key):
             if key.endswith("sha256"):
                 differs = f"{what} differs from the run's"
@@ -180,3 +203,8 @@ def resolve_checkpoint(run_dir: Path, step: int | None = None) -> tuple[Path, di
                             "omit --step for the latest one, or pick a step listed under checkpoints/.")
         meta = json.loads(marker.read_text())
     return names.checkpoints(run_dir) / tag, meta
+
+
+def holds_sharded_optimizer(run_dir: Path, tag: str) -> bool:
+    """Whether the checkpoint's optimizer state is ZeRO-sharded per replica (zero_pp_rank_* files)."""
+    return any((names.checkpoints(run_dir) / tag).glob("zero_pp_rank_*"))

@@ -302,7 +302,7 @@ def _check_resume(run_dir: Path, resume: bool, meta: dict, ds: DsSettings) -> tu
     if not resume:
         return None
     tag, saved = checkpoint.latest_complete(run_dir)
-    checkpoint.check_compatible(saved, meta, run_dir)
+    checkpoint.check_compatible(saved, meta, run_dir, checkpoint.holds_sharded_optimizer(run_dir, tag))
     checkpoint.check_schedule_length(saved, meta, ds.config, run_dir)
     return tag, int(saved["step"])
 

@@ -194,7 +194,20 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         last.idle_s += waited
         self.accounting.counters.idle_s += waited
         self.tracer.set_step(None)
+        self._average_losses_over_replicas()
         return {self.stage_id: self._records}
+
+    def _average_losses_over_replicas(self) -> None:
+        """Each record's loss as the mean over the stage's replicas, as DeepSpeed reports backprop's
+        (the replicas train on disjoint shares of one global batch): one all-reduce per engine call.
+        A replica's non-finite loss makes the mean non-finite, as the step is for all of them."""
+        replicas = self.grid.get_data_parallel_world_size()
+        if replicas == 1:
+            return
+        losses = torch.tensor([r.loss for r in self._records], dtype=torch.float64, device=self.device)
+        tdist.all_reduce(losses, group=self.grid.get_data_parallel_group())
+        for record, loss in zip(self._records, (losses / replicas).tolist()):
+            record.loss = loss
 
     def drain(self, completed_step: int) -> None:
         for work, _ in self._sends:
