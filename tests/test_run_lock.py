@@ -116,3 +116,33 @@ def test_a_second_run_into_the_same_out_is_refused_and_the_first_is_unharmed(tmp
              if "train/loss" in line]
     assert steps == list(range(1, 61))
     assert not (run_dir / WRITER_LOCK).exists()
+
+
+@pytest.mark.launcher
+def test_a_second_launch_into_the_same_out_is_refused(tmp_path, cache_dir, text_corpus):
+    """The same through the launcher: rank 0 holds the lock and every rank of the second launch
+    stops with its verdict, before the first launch's files are touched."""
+    import threading
+
+    from helpers import run_pretrain
+
+    run_dir = tmp_path / "run"
+    args = [a for a in TINY if a != "--emulate"] + ["--steps", "60", "--save_interval", "2", "--data",
+                                                    str(text_corpus), "--out", str(run_dir)]
+    results = {}
+    first = threading.Thread(target=lambda: results.update(
+        first=run_pretrain(args, 2, cache_dir, master_port=29648)))
+    first.start()
+    deadline = time.time() + 120
+    while not (run_dir / "metrics.jsonl").is_file() and time.time() < deadline and first.is_alive():
+        time.sleep(0.1)
+    assert first.is_alive(), "the first launch ended before the second could start"
+    second = run_pretrain(args, 2, cache_dir, master_port=29649)
+    first.join(timeout=300)
+    assert results["first"].returncode == 0, launch_failure(results["first"])
+    assert second.returncode == 2, launch_failure(second)
+    lines = [line for line in second.stderr.splitlines() if line.startswith("bll-ds: error:")]
+    assert lines and all("is being written by another run" in line for line in lines), second.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]
+    assert steps == list(range(1, 61))
