@@ -90,7 +90,7 @@ def _ds(b, name):
 
 # Counts, intervals and sizes below their least value: refused before anything is made.
 RANGES = [("--log_interval", "0"), ("--seq_len", "0"), ("--save_interval", "-1"), ("--stages", "0"),
-          ("--steps", "0"), ("--eval_interval", "-5"), ("--eval_batches", "0"), ("--keep_checkpoints", "0"),
+          ("--steps", "0"), ("--eval_interval", "-5"), ("--eval_batches", "0"), ("--keep_checkpoints", "-1"),
           ("--bll_steps_per_call", "0"), ("--tokenize_workers", "0"), ("--max_consecutive_skips", "-1"),
           ("--bll_readout_max_logits_mb", "-1"), ("--exit_duration_mins", "-1")]
 

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import launch_failure, read_metrics, run_pretrain
 
-pytestmark = [pytest.mark.launcher, pytest.mark.slow]  # five launches of 2 and 4 ranks
+pytestmark = pytest.mark.launcher  # five launches of 2 and 4 ranks, about 30 s
 
 ARGS = ["--model", "models/test-1m.json", "--tokenizer", "char", "--seq_len", "32", "--stages", "2", "--steps", "8",
         "--save_interval", "4", "--log_interval", "1", "--eval_interval", "0", "--final_eval_batches", "2",

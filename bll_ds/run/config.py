@@ -77,8 +77,8 @@ class CheckpointConfig:
     """Atomic checkpoints in RUN_DIR/checkpoints/ (bll_ds/run/checkpoint.py)."""
     save_interval: int = _doc("Steps between checkpoints (0 = only at the end).", flag="save_interval",
                               default=500, low=0)
-    keep: int = _doc("Complete checkpoints kept on disk (older ones are deleted).", flag="keep_checkpoints",
-                     default=2, low=1)
+    keep: int = _doc("Complete checkpoints kept on disk (older ones are deleted; 0 = keep every one).",
+                     flag="keep_checkpoints", default=2, low=0)
     exit_interval: int = _doc("Save a checkpoint and exit cleanly once the step count is a multiple of this "
                               "(0 = never): run long jobs in slices under a scheduler's time limit.",
                               flag="exit_interval", default=0, low=0)
