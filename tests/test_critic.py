@@ -145,8 +145,10 @@ def test_with_dim_the_critic_is_factored_and_travels_as_one_stack(config):
     assert torch.allclose(message[V:].t() @ message[V:], torch.eye(r), atol=1e-5)  # Q starts orthonormal
 
     middle = build_stage(config, 3, 1, seed=1, variant=spec)
-    assert middle.feedback.reduce is None and all(head.weight.shape == (V, r)
-                                                  for head in middle.feedback.context_heads)
+    # The context heads read h_k through the stage's own P_k; the critic's readout through Q_k.
+    assert middle.feedback.reduce.weight.shape == (r, H) and all(head.weight.shape == (V, r)
+                                                                 for head in middle.feedback.context_heads)
+    assert build_stage(config, 3, 1, seed=1, variant=f"critic:dim={r}").feedback.reduce is None
     step = StageStep(middle.feedback, lm_loss, False, variant=variant)
     step.begin(message)
     generator = torch.Generator().manual_seed(4)
@@ -162,14 +164,16 @@ def test_with_dim_the_critic_is_factored_and_travels_as_one_stack(config):
         ce = F.cross_entropy((z @ message[:V].t()).flatten(0, 1), labels.flatten())
     assert step.mean_terms()["ce"] == pytest.approx(ce.item(), rel=1e-5)
     assert outputs.grad.abs().sum() > 0  # h_k learns through the received projection
+    assert middle.feedback.reduce.weight.grad.abs().sum() > 0  # and through its own, under the context heads
     own = middle.feedback.critic
     assert own.weight.grad.abs().sum() > 0 and own.project.weight.grad.abs().sum() > 0
     with torch.no_grad():
         by_hand = own.project(own.norm(inputs)) @ own.weight.t()
     assert torch.allclose(own(inputs), by_hand)
-    # The declared costs: the received projection is data on stage k (4 H r), the critic's own
-    # three products on stage k+1 (6 H r and 6 r V).
-    assert variant.readout_flops_per_token(config) == 4 * H * r + (4 + 6 * 2) * r * V
+    # The declared costs: the received projection is data on stage k (4 H r), the stage's own P_k
+    # is trained (6 H r), the critic's three products on stage k+1 (6 H r and 6 r V).
+    assert variant.readout_flops_per_token(config) == 4 * H * r + 6 * H * r + (4 + 6 * 2) * r * V
+    assert get_variant(f"critic:dim={r}").readout_flops_per_token(config) == 4 * H * r + 4 * r * V
     assert variant.input_critic_flops_per_token(config) == 6 * H * r + 6 * r * V
     assert variant.input_critic_parameters(config) == V * r + H * r
     assert get_variant(spec + ":table=bf16:refresh=2").table_bytes_per_step(config, 4) == (V + H) * r * 2 / 2

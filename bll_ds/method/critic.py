@@ -36,7 +36,9 @@ holds no feedback block, holds one for its critic (`trains_input_critic`, varian
 Options (variant_options.py), for real vocabularies. dim=r: the critic is factored, C_k = U_k Q_k
 with U_k [V, r] and Q_k [r, H], both trained on stage k+1 (Q_k starts as the fixed projection R^T);
 the message is the [V + H, r] stack of U_k and Q_k^T, and stage k reads z = Q_k norm(h_k) and
-scores it against U_k, both as data (its context heads, [V, r], are its own). neg=n: stage k's
+scores it against U_k, both as data. Its context heads, [V, r], are its own and read h_k through its
+own P_k (a stage's projection, as dgl-context:dim=r's): through Q_k they could keep only what stage
+k+1 predicts the next token from. neg=n: stage k's
 readout is the shared-candidate softmax of variant_options.py, and stage k+1 trains C_k on the
 same candidates: the target and the critic are both scored over the candidates of the
 micro-batch, with the sampling correction (the last stage draws its own from its labels).
@@ -46,7 +48,7 @@ Cost on every stage but the first: the critic's forward, its weight gradient and
 gradient its norm's gain needs, 6 r C per token (6 H V in full; with dim=r also Q_k's 6 H r), its
 weights with their optimizer state, and one message per step ([V, H], or [V + H, r]). The
 readout on stage k against the received critic: forward and input gradient, 4 r C per token, and
-with dim=r Q_k's 4 H r (the operands are data, as drtp's). The FLOPs model and the simulator
+with dim=r Q_k's 4 H r (the operands are data, as drtp's), plus P_k's 6 H r under the context heads. The FLOPs model and the simulator
 charge both; the memory planner does not model the critic yet (readout_saved_bytes_per_token is
 None).
 """
@@ -220,16 +222,22 @@ class CriticFeedback(_OwnsInputCritic, _CrossEntropyReadout, StageFeedback):
         """U_k, the received critic's first V rows."""
         return self._received()[:self.vocab_size]
 
-    def readout_input(self, hidden):
-        """z = norm(h_k), and with dim=r Q_k norm(h_k), Q_k^T the received critic's last H rows."""
-        z = self.norm(hidden)
-        if self.reduces(self.options, self.config):
-            z = z @ self._received()[self.vocab_size:].to(z.dtype)
-        return z
+    @classmethod
+    def readout_flops_per_token(cls, options, config, micro_batch_tokens=None):
+        """The generic count, plus, where the context heads read through the stage's own P_k
+        (owns_projection), the received Q_k's forward and input gradient, 4 H r."""
+        flops = super().readout_flops_per_token(options, config, micro_batch_tokens)
+        if cls.owns_projection and cls.reduces(options, config):
+            flops += 4.0 * config.hidden_size * cls.readout_width(options, config)
+        return flops
 
     def next_token_loss(self, hidden, labels):
+        """The critic's readout of z = Q_k norm(h); returns, for the context heads, the stage's own
+        reading of h: P_k norm(h) where it owns one (dim=r), else norm(h)."""
         candidates = self.draw_candidates(labels)
-        z = self.readout_input(hidden)
+        normed = self.norm(hidden)
+        z = normed @ self._received()[self.vocab_size:].to(normed.dtype) if self.reduces(self.options, self.config) \
+            else normed
         operand = self.readout_operand().to(z.dtype)
         if candidates is None:
             logits, targets = z @ operand.t(), labels
@@ -238,14 +246,19 @@ class CriticFeedback(_OwnsInputCritic, _CrossEntropyReadout, StageFeedback):
             targets = candidates.position(labels)
         self.prediction = (logits.detach(), candidates)
         ce = delta_categorical_agreement(logits, targets).mean()
-        return ce, {"ce": ce.detach(), **self.candidate_terms(candidates)}, (z, candidates)
+        own = self.reduce(normed) if self.reduce is not None else z
+        return ce, {"ce": ce.detach(), **self.candidate_terms(candidates)}, (own, candidates)
 
 
 @register
 class ContextCriticFeedback(_ContextTerms, CriticFeedback):
-    """The critic's readout plus the reconstruction heads of context.py."""
+    """The critic's readout plus the reconstruction heads of context.py. With dim=r the heads read
+    h_k through P_k, the stage's own projection, not through the received Q_k: Q_k spans what
+    stage k+1 predicts the next token from, and the preceding tokens, which the heads keep in h_k,
+    are what a next-token critic leaves out."""
 
     name = "critic-context"
+    owns_projection = True
 
 
 # The critic behind the -man readout (next_layer_average.py): stage k reads h_k through Dbar_k, the
