@@ -7,7 +7,7 @@
     python scripts/evaluate.py runs/pretrain --device cuda:1 --dtype fp32
     deepspeed --num_gpus 2 scripts/evaluate.py runs/pretrain       # ranks split the batches
 
-The held-out split of --data is taken as training takes it (README: "Held-out data"), in windows
+The held-out split of --data is taken as training takes it (docs/GUIDE.md: "Held-out data"), in windows
 of the run's sequence length; --batches 0 (default) evaluates the whole split, which on the run's
 own data reproduces summary.json's val_loss.
 
