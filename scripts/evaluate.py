@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from bll_ds.data import (EvalBatches, is_token_dir_spec, load_corpus, load_run_tokenizer, open_stream,  # noqa: E402
                          open_token_dir, prepare_token_streams, token_dtype)
-from bll_ds.infra.cli_types import at_least  # noqa: E402
+from bll_ds.infra.cli_types import DefaultsHelpFormatter, at_least  # noqa: E402
 from bll_ds.infra.errors import UserError  # noqa: E402
 from bll_ds.run.run_dir import TOKENIZER_MODEL  # noqa: E402
 from bll_ds.use.devices import add_device_flags, dtype_name, resolve_device, resolve_dtype  # noqa: E402
@@ -37,7 +37,7 @@ from bll_ds.use.trained_run import load_forward_network, residual_norms  # noqa:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("run_dir", help="the run to evaluate: a pretrain.py --out folder")
     p.add_argument("--data", default=None,
                    help="corpus whose held-out split is evaluated (as pretrain.py --data); None = the run's own")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import _bootstrap  # noqa: E402,F401  (the checkout on sys.path; CPU accelerator without CUDA)
 
-from bll_ds.infra.cli_types import at_least  # noqa: E402
+from bll_ds.infra.cli_types import DefaultsHelpFormatter, at_least  # noqa: E402
 from bll_ds.infra.errors import UserError  # noqa: E402
 from bll_ds.use.devices import DTYPES  # noqa: E402
 from bll_ds.use.trained_run import export  # noqa: E402
@@ -31,7 +31,7 @@ from bll_ds.use.trained_run import export  # noqa: E402
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("run_dir", help="the run to export: a pretrain.py --out folder")
     p.add_argument("out_dir", help="the new model folder (must not exist)")
     p.add_argument("--step", type=at_least(0), default=None, help="checkpoint step to export; None = the latest complete one")

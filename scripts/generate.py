@@ -16,7 +16,7 @@ from pathlib import Path
 import _bootstrap  # noqa: E402,F401  (the checkout on sys.path; CPU accelerator without CUDA)
 import torch  # noqa: E402
 
-from bll_ds.infra.cli_types import at_least  # noqa: E402
+from bll_ds.infra.cli_types import DefaultsHelpFormatter, at_least  # noqa: E402
 from bll_ds.infra.errors import UserError  # noqa: E402
 from bll_ds.use.devices import add_device_flags, resolve_device, resolve_dtype  # noqa: E402
 from bll_ds.use.trained_run import hf_model, hf_tokenizer, load_forward_network  # noqa: E402
@@ -35,7 +35,7 @@ def load(source: Path, step: int | None, device: torch.device = torch.device("cp
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("source", help="what to sample from: a pretrain.py --out folder or an exported model folder")
     p.add_argument("--prompt", default="\n", help="text to continue (default: %(default)r)")
     p.add_argument("--max_new_tokens", type=at_least(1), default=200,

@@ -45,7 +45,7 @@ from bll_ds.metrics.log import MetricsLog  # noqa: E402
 from bll_ds.modeling import count_parameters, load_model_spec  # noqa: E402
 from bll_ds.pipeline.launched import link_delay  # noqa: E402
 from bll_ds.run import run_dir as names  # noqa: E402
-from bll_ds.run.config import parse_run_config, resolve_seq_len  # noqa: E402
+from bll_ds.run.config import build_parser, parse_run_config, resolve_seq_len  # noqa: E402
 from bll_ds.run.ds_config import load_ds_config  # noqa: E402
 
 
@@ -123,9 +123,17 @@ def train(schedule: str, argv: list[str]) -> None:
 
 
 def main(argv=None) -> int:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--schedule", required=True, choices=sorted(PEER_SCHEDULES))
-    known, rest = pre.parse_known_args(argv)
+    pre = argparse.ArgumentParser(prog="peer_pretrain.py", add_help=False,
+                                  description=__doc__.split("\n\n")[0].strip())
+    pre.add_argument("--schedule", required=True, choices=sorted(PEER_SCHEDULES),
+                     help="the torch.distributed.pipelining schedule to train with")
+    args = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(args):  # --schedule's help, then every flag it shares with pretrain.py
+        pre.print_help()
+        print("\nThe flags of pretrain.py, which it takes too:\n")
+        build_parser().print_help()
+        return 0
+    known, rest = pre.parse_known_args(args)
     try:
         train(known.schedule, rest)
     except UserError as err:

@@ -32,8 +32,9 @@ def _check(parser: argparse.ArgumentParser) -> None:
         assert action.help and len(action.help) > 10, f"{action.option_strings or action.dest} has no help line"
     text = parser.format_help()
     optional = [a for a in parser._actions if a.option_strings and a.help != argparse.SUPPRESS
-                and not isinstance(a, argparse._HelpAction)]
+                and not isinstance(a, argparse._HelpAction) and not a.required and a.default is not None]
     assert text.count("(default:") >= len(optional), text
+    assert "(default: None)" not in text  # a required flag, or one whose absence its help explains
 
 
 def test_pretrain_help_shows_every_default():
@@ -47,3 +48,12 @@ def test_pretrain_help_shows_every_default():
 @pytest.mark.parametrize("script", ["scripts/evaluate.py", "scripts/generate.py", "scripts/export.py"])
 def test_use_scripts_document_every_flag(monkeypatch, repo, script):
     _check(_captured_parser(monkeypatch, str(repo / script)))
+
+
+def test_peer_pretrain_help_needs_no_schedule(repo, capsys, monkeypatch):
+    """--help alone prints --schedule's help and then pretrain.py's flags, which it shares."""
+    monkeypatch.syspath_prepend(str(repo / "scripts"))
+    main = runpy.run_path(str(repo / "scripts" / "peer_pretrain.py"), run_name="help_check")["main"]
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--schedule {1f1b," in text and "--model MODEL" in text and "--bll_variant" in text

@@ -1,4 +1,5 @@
-"""argparse types for the scripts' numeric flags: a value out of range is argparse's one-line error."""
+"""argparse helpers for every entry point: numeric types whose out-of-range values are argparse's
+one-line error, and the help formatter."""
 
 from __future__ import annotations
 
@@ -17,3 +18,13 @@ def at_least(low: int, meaning: str = ""):
         return value
     parse.__name__ = f"int >= {low}"
     return parse
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in the help, except where there is none to show (a required flag, or
+    one whose absence means something its help already says)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None:
+            return action.help
+        return super()._get_help_string(action)

@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bll_ds.infra.cli_types import DefaultsHelpFormatter
 from bll_ds.infra.errors import UserError
 from bll_ds.method.default_variant import DEFAULT_VARIANT
 
@@ -192,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bll_ds.method import variants  # late: the registry imports the feedback blocks (torch)
 
     parser = argparse.ArgumentParser(
-        prog="pretrain.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="pretrain.py", formatter_class=DefaultsHelpFormatter,
         description="Pretrain a causal LM on a DeepSpeed pipeline. Launch with: "
                     "deepspeed --num_gpus N scripts/pretrain.py --model ... --deepspeed_config ... --out DIR")
     choices = {"method": METHODS, "on_nonfinite": ON_NONFINITE, "resume": RESUME}
