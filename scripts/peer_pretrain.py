@@ -57,7 +57,6 @@ def train(schedule: str, argv: list[str]) -> None:
     if ds.config.get("bf16", {}).get("enabled", False) not in (False, None, "auto"):
         raise UserError(f"{cfg.deepspeed_config} enables bf16; the peer arms run fp32 only.",
                         'use a config with "bf16": {"enabled": false} (or "auto", read as fp32 here).')
-    link_delay.check_flag(cfg.link_delay_ms)
     distributed.init()
     link_delay.install(cfg.link_delay_ms)
     run_dir = Path(cfg.out)

@@ -92,7 +92,7 @@ def _ds(b, name):
 RANGES = [("--log_interval", "0"), ("--seq_len", "0"), ("--save_interval", "-1"), ("--stages", "0"),
           ("--steps", "0"), ("--eval_interval", "-5"), ("--eval_batches", "0"), ("--keep_checkpoints", "-1"),
           ("--bll_steps_per_call", "0"), ("--tokenize_workers", "0"), ("--max_consecutive_skips", "-1"),
-          ("--bll_readout_max_logits_mb", "-1"), ("--exit_duration_mins", "-1")]
+          ("--bll_readout_max_logits_mb", "-1"), ("--exit_duration_mins", "-1"), ("--link_delay_ms", "-1")]
 
 CASES = [(f"range{flag}", "pretrain", lambda b, flag=flag, value=value: _new(b, flag, value),
           f"{flag} {value} is out of range", "new") for flag, value in RANGES] + [

@@ -65,9 +65,11 @@ def test_the_emulator_refuses_a_link_delay(tmp_path):
 
 
 def test_a_negative_flag_is_a_user_error_naming_it():
+    """Checked with every flag's range when the flags are parsed (pretrain.py and peer_pretrain.py)."""
     from bll_ds.infra.errors import UserError
-    from bll_ds.pipeline.launched import link_delay
+    from bll_ds.run.config import parse_run_config
 
-    with pytest.raises(UserError, match="--link_delay_ms -1.0 is negative"):
-        link_delay.check_flag(-1.0)
-    link_delay.check_flag(0.0)
+    base = ["--model", "m.json", "--deepspeed_config", "d.json", "--out", "o"]
+    with pytest.raises(UserError, match="--link_delay_ms -1 is out of range: it must be at least 0"):
+        parse_run_config(base + ["--link_delay_ms", "-1"])
+    assert parse_run_config(base + ["--link_delay_ms", "0"]).link_delay_ms == 0.0

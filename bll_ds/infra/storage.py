@@ -24,14 +24,7 @@ def check_run_dir_storage(run_dir: Path, params: int, keep_checkpoints: int) -> 
     while not probe_dir.exists() and probe_dir != probe_dir.parent:
         probe_dir = probe_dir.parent
     try:
-        probe = Path(tempfile.mkdtemp(prefix=".bll_ds_write_probe.", dir=probe_dir))
-        try:
-            with open(probe / "probe", "wb") as f:
-                f.write(b"\0" * 4096)
-                f.flush()
-                os.fsync(f.fileno())
-        finally:
-            shutil.rmtree(probe, ignore_errors=True)
+        _write_probe(probe_dir)
         free = shutil.disk_usage(probe_dir).free
     except OSError as err:
         raise UserError(f"cannot write to the run dir {run_dir}: {err.strerror or err} (in {probe_dir}).",
@@ -45,13 +38,26 @@ def check_run_dir_storage(run_dir: Path, params: int, keep_checkpoints: int) -> 
                         "free space there, choose an --out on a larger filesystem, or lower --keep_checkpoints.")
 
 
+def _write_probe(folder: Path) -> None:
+    """Write and fsync 4 KiB in a private temporary folder inside `folder`, then remove it: raises
+    OSError where `folder` cannot be written. Private per process, so ranks probing at once do
+    not disturb each other."""
+    probe = Path(tempfile.mkdtemp(prefix=".bll_ds_write_probe.", dir=folder))
+    try:
+        with open(probe / "probe", "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
 def check_cache_dir(cache_dir: str) -> None:
     """The tokenized-corpus cache must be a folder this process can create and write, before the run starts."""
     path = Path(cache_dir).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = Path(tempfile.mkdtemp(prefix=".bll_ds_write_probe.", dir=path))
-        shutil.rmtree(probe, ignore_errors=True)
+        _write_probe(path)
     except OSError as err:
         raise UserError(f"cannot write to the cache dir {cache_dir}: {err.strerror or err}.",
                         "pass --cache_dir a writable folder (it holds tokenized corpora, shared between runs).") from None

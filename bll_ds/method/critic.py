@@ -62,7 +62,7 @@ from torch import nn
 from bll_ds.method.context import _ContextTerms
 from bll_ds.method.feedback import StageFeedback, _CrossEntropyReadout, readout_norm
 from bll_ds.method.messages import delta_categorical_agreement
-from bll_ds.method.variant_options import Candidates, fixed_projection
+from bll_ds.method.variant_options import Candidates, fixed_projection, readout_logits
 from bll_ds.method.next_layer_average import AveragedNextLayer
 from bll_ds.method.variants import register, register_composed
 
@@ -90,9 +90,7 @@ class InputCritic(nn.Module):
         z = self.norm(stage_input.detach())
         if self.project is not None:
             z = self.project(z)
-        if candidates is None:
-            return z @ self.weight.t()
-        return z @ self.weight[candidates.ids].t() + candidates.log_weight.to(z.dtype)
+        return readout_logits(z, self.weight, candidates)
 
     @torch.no_grad()
     def message(self) -> torch.Tensor:
@@ -141,7 +139,7 @@ class _OwnsInputCritic:
         else:
             candidates = self.draw_candidates(labels)
             if candidates is not None:
-                prediction = prediction[..., candidates.ids] + candidates.log_weight.to(prediction.dtype)
+                prediction = candidates.restrict(prediction)
         self.prediction = None
         targets = labels if candidates is None else candidates.position(labels)
         return critic_loss(self.critic(features, candidates), prediction, targets, self.label_weight)
@@ -238,12 +236,8 @@ class CriticFeedback(_OwnsInputCritic, _CrossEntropyReadout, StageFeedback):
         normed = self.norm(hidden)
         z = normed @ self._received()[self.vocab_size:].to(normed.dtype) if self.reduces(self.options, self.config) \
             else normed
-        operand = self.readout_operand().to(z.dtype)
-        if candidates is None:
-            logits, targets = z @ operand.t(), labels
-        else:
-            logits = z @ operand[candidates.ids].t() + candidates.log_weight.to(z.dtype)
-            targets = candidates.position(labels)
+        logits = readout_logits(z, self.readout_operand().to(z.dtype), candidates)
+        targets = labels if candidates is None else candidates.position(labels)
         self.prediction = (logits.detach(), candidates)
         ce = delta_categorical_agreement(logits, targets).mean()
         own = self.reduce(normed) if self.reduce is not None else z

@@ -45,7 +45,7 @@ from transformers import PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from bll_ds.method.messages import bernoulli_agreement, delta_categorical_agreement, gaussian_agreement
-from bll_ds.method.variant_options import VariantOptions, fixed_projection, shared_candidates
+from bll_ds.method.variant_options import VariantOptions, fixed_projection, readout_logits, shared_candidates
 from bll_ds.method.variants import get as get_variant
 from bll_ds.method.variants import register
 
@@ -416,10 +416,8 @@ class _CrossEntropyReadout:
     @staticmethod
     def readout_cross_entropy(z, operand, labels, candidates):
         """Per-token -log q(y | z), q = softmax(z operand^T) over the vocabulary or the candidates."""
-        if candidates is None:
-            return delta_categorical_agreement(z @ operand.t(), labels)
-        logits = z @ operand[candidates.ids].t() + candidates.log_weight.to(z.dtype)
-        return delta_categorical_agreement(logits, candidates.position(labels))
+        targets = labels if candidates is None else candidates.position(labels)
+        return delta_categorical_agreement(readout_logits(z, operand, candidates), targets)
 
     @staticmethod
     def candidate_terms(candidates) -> dict:

@@ -141,6 +141,14 @@ def fixed_projection(hidden: int, width: int) -> torch.Tensor:
     return q
 
 
+def readout_logits(z: torch.Tensor, operand: torch.Tensor, candidates: "Candidates | None") -> torch.Tensor:
+    """z operand^T over the vocabulary, or over the candidates with the sampling correction (only
+    their rows of the operand are multiplied)."""
+    if candidates is None:
+        return z @ operand.t()
+    return z @ operand[candidates.ids].t() + candidates.log_weight.to(z.dtype)
+
+
 class Candidates:
     """A micro-batch's shared softmax candidates: ids [C] (its distinct targets first, then the
     sampled negatives), log_weight [C] (0 for targets, log(1/p) for negatives) and a map from
@@ -153,6 +161,10 @@ class Candidates:
 
     def __len__(self) -> int:
         return self.ids.numel()
+
+    def restrict(self, logits: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits [..., V] -> the candidates' [..., C], negatives raised by log(1/p)."""
+        return logits[..., self.ids] + self.log_weight.to(logits.dtype)
 
     def position(self, labels: torch.Tensor) -> torch.Tensor:
         """labels in candidate positions; IGNORE stays IGNORE (it indexes the map's spare last slot)."""

@@ -200,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     types = {"bll_variant": variants.argparse_type}  # a name, optionally with options (variant_options.py)
     for _, f, flag in _flag_fields():
         required = f.default is dataclasses.MISSING
+        # One definition per flag: --seq-len is the same argument as --seq_len, with its type and choices.
+        names = ["--" + flag] + (["--" + flag.replace("_", "-")] if "_" in flag else [])
         if f.type == "bool":
-            names = ["--" + flag] + (["--" + flag.replace("_", "-")] if "_" in flag else [])
             parser.add_argument(*names, dest=flag, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=f.metadata["help"])
             continue
@@ -210,8 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument("--resume", nargs="?", const="yes", default=f.default, choices=RESUME,
                                 help=f.metadata["help"])
             continue
-        # One definition per flag: --seq-len is the same argument as --seq_len, with its type and choices.
-        names = ["--" + flag] + (["--" + flag.replace("_", "-")] if "_" in flag else [])
         parser.add_argument(*names, dest=flag, type=types.get(flag, kind), required=required,
                             default=None if required else f.default, help=f.metadata["help"], choices=choices.get(flag))
     # Added by the deepspeed launcher; the rank comes from the environment.
@@ -250,9 +249,8 @@ def parse_run_config(argv: list[str] | None = None) -> RunConfig:
     args = vars(build_parser().parse_args(argv))
     top, sections = {}, {f.name: {} for f in dataclasses.fields(RunConfig) if _is_section(f)}
     for section, f, flag in _flag_fields():
-        (top if section is None else sections[section])[f.name] = args[flag]
-    for _, f, flag in _flag_fields():
         value, low = args[flag], f.metadata.get("low")
+        (top if section is None else sections[section])[f.name] = value
         if low is not None and value is not None and value < low:
             default = "" if f.default is None else f" (the default is {f.default})"
             given = f"{value:g}" if isinstance(value, float) else value

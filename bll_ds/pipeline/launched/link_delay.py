@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
-from bll_ds.infra.errors import UserError
 
 _ORIGINAL: dict[str, object] = {}
 _SENDERS: dict[tuple, "_PeerSender"] = {}
@@ -112,12 +111,6 @@ def _delayed_isend(tensor, dst=None, group=None, tag=0, group_dst=None):
 
 def _delayed_send(tensor, dst=None, group=None, tag=0, group_dst=None):
     _enqueue(tensor, dst, group, tag, group_dst)
-
-
-def check_flag(delay_ms: float) -> None:
-    """--link_delay_ms as a launch flag: before any process group exists."""
-    if delay_ms < 0:
-        raise UserError(f"--link_delay_ms {delay_ms} is negative.", "pass 0 (off) or a one-way delay in ms.")
 
 
 def install(delay_ms: float) -> None:
