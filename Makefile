@@ -19,25 +19,29 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[test]'
 	touch $(STAMP)
 
-# The main job: pretrain on the embedded default corpus (this interpreter's standard library
-# sources). Override any of these on the command line, e.g. `make pretrain STEPS=2000 DATA=...`.
-# Re-running resumes the same run dir from its latest complete checkpoint.
+# The main job: the recipe recipes/pretrain-llama-25m.yaml (llama-25m, block-local learning on 2
+# stages, 200 steps on this interpreter's standard library sources). Any of the variables below
+# overrides the recipe, e.g. `make pretrain STEPS=2000 DATA=...`, or name another recipe with
+# RECIPE=recipes/....yaml. Re-running resumes the same run dir from its latest complete checkpoint.
 NUM_GPUS  ?= 2
-STAGES    ?= 2
-METHOD    ?= bll
-MODEL     ?= models/llama-25m.json
-DS_CONFIG ?= ds_configs/llama-25m.json
-TOKENIZER ?= bpe:4096
-STEPS     ?= 200
-FINAL_EVAL_BATCHES ?= 50
-OUT       ?= runs/pretrain
+RECIPE    ?= recipes/pretrain-llama-25m.yaml
+STAGES    ?=
+METHOD    ?=
+MODEL     ?=
+DS_CONFIG ?=
+TOKENIZER ?=
+STEPS     ?=
+FINAL_EVAL_BATCHES ?=
+OUT       ?=
 DATA      ?=
 
 pretrain: venv
-	$(VENV)/bin/deepspeed --num_gpus $(NUM_GPUS) scripts/pretrain.py \
-		--model $(MODEL) --deepspeed_config $(DS_CONFIG) --method $(METHOD) --stages $(STAGES) \
-		--tokenizer $(TOKENIZER) --steps $(STEPS) --final_eval_batches $(FINAL_EVAL_BATCHES) --out $(OUT) $(if $(DATA),--data $(DATA)) \
-		--resume auto
+	$(VENV)/bin/deepspeed --num_gpus $(NUM_GPUS) scripts/pretrain.py --config $(RECIPE) \
+		$(if $(MODEL),--model $(MODEL)) $(if $(DS_CONFIG),--deepspeed_config $(DS_CONFIG)) \
+		$(if $(METHOD),--method $(METHOD)) $(if $(STAGES),--stages $(STAGES)) \
+		$(if $(TOKENIZER),--tokenizer $(TOKENIZER)) $(if $(STEPS),--steps $(STEPS)) \
+		$(if $(FINAL_EVAL_BATCHES),--final_eval_batches $(FINAL_EVAL_BATCHES)) $(if $(OUT),--out $(OUT)) \
+		$(if $(DATA),--data $(DATA))
 
 # CI's suite; `test-all` adds the slow repeats (4-stage launches, more variants, bf16 on CPU).
 test: venv

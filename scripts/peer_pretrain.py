@@ -53,7 +53,8 @@ def train(schedule: str, argv: list[str]) -> None:
     cfg = parse_run_config(argv)
     rank, world = distributed.launch_env()
     spec = PEER_SCHEDULES[schedule]
-    ds = load_ds_config(cfg.deepspeed_config, world, world, cfg.steps, defer_bf16_auto=True)
+    ds = load_ds_config(cfg.deepspeed_config, world, world, cfg.steps, defer_bf16_auto=True,
+                        overrides=cfg.ds_set)
     if ds.config.get("bf16", {}).get("enabled", False) not in (False, None, "auto"):
         raise UserError(f"{cfg.deepspeed_config} enables bf16; the peer arms run fp32 only.",
                         'use a config with "bf16": {"enabled": false} (or "auto", read as fp32 here).')

@@ -5,6 +5,9 @@ clipping) lives in the DeepSpeed JSON given with --deepspeed_config, unchanged f
 DeepSpeed user writes. Everything about *what* is trained (model, data, tokenizer, method,
 stages, steps, output) lives here.
 
+A run can also be given as a file: `--config FILE` (JSON or YAML, the shape of a run dir's
+run_config.json; bll_ds/run/config_file.py). Flags given beside it override it.
+
 RunConfig groups its fields in sections (`cfg.bll`, `cfg.eval`, `cfg.checkpoint`,
 `cfg.nonfinite`, `cfg.metrics`), each a dataclass whose parts take them whole. The command line
 stays flat: a section field's flag is its section's prefix plus its name (`--bll_variant` fills
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bll_ds.infra.cli_types import DefaultsHelpFormatter
+from bll_ds.run.config_file import config_file_argv
 from bll_ds.infra.errors import UserError
 from bll_ds.method.default_variant import DEFAULT_VARIANT
 
@@ -168,6 +172,10 @@ class RunConfig:
                                 "(bll_ds/pipeline/launched/link_delay.py). 0 = off.", default=0.0, low=0)
     custom_import: str | None = _doc("A .py file or module imported before the flags are parsed, e.g. one that "
                                      "registers a BLL variant of your own (bll_ds/method/variants.py).", default=None)
+    ds_set: list[str] = _doc("Set a value of the DeepSpeed config: KEY.PATH=VALUE, the value read as JSON (else as "
+                             "a string), repeatable: --ds_set optimizer.params.lr=3e-4 --ds_set bf16.enabled=true. "
+                             "Applied over --deepspeed_config; the run dir's ds_config.json records the result.",
+                             default_factory=list)
     bll: BLLConfig = field(default_factory=BLLConfig, metadata={"prefix": "bll_"})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"prefix": "eval_"})
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"prefix": ""})
@@ -198,13 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "deepspeed --num_gpus N scripts/pretrain.py --model ... --deepspeed_config ... --out DIR")
     choices = {"method": METHODS, "on_nonfinite": ON_NONFINITE, "resume": RESUME}
     types = {"bll_variant": variants.argparse_type}  # a name, optionally with options (variant_options.py)
+    parser.add_argument("--config", help="A run described by a file: JSON or YAML in the shape of a run dir's "
+                        "run_config.json (recipes/*.yaml), or a run dir. Flags given beside it override it: "
+                        "--config RUN_DIR --out NEW reproduces a run.")
     for _, f, flag in _flag_fields():
-        required = f.default is dataclasses.MISSING
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         # One definition per flag: --seq-len is the same argument as --seq_len, with its type and choices.
         names = ["--" + flag] + (["--" + flag.replace("_", "-")] if "_" in flag else [])
         if f.type == "bool":
             parser.add_argument(*names, dest=flag, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=f.metadata["help"])
+            continue
+        if f.type == "list[str]":
+            parser.add_argument(*names, dest=flag, action="append", default=None, help=f.metadata["help"])
             continue
         kind = {"int": int, "int | None": int, "float": float}.get(f.type, str)
         if flag == "resume":  # `--resume` alone means "yes", as before; `--resume auto` for schedulers
@@ -239,14 +253,28 @@ _MOVED_FLAGS = {"--bll_guard_weight": "--bll_variant gaussian:guard=0.5 (or bern
                 "--bll_learn_variance": "--bll_variant gaussian:variance=learned"}
 
 
+def _with_config_file(argv: list[str]) -> list[str]:
+    """argv with the flags of --config's file put first, so that the command line overrides them."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    path = pre.parse_known_args(argv)[0].config
+    if path is None:
+        return argv
+    given = {"--" + arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    return config_file_argv(path, list(_flag_fields()), given) + argv
+
+
 def parse_run_config(argv: list[str] | None = None) -> RunConfig:
-    for arg in argv if argv is not None else sys.argv[1:]:
+    argv = list(argv if argv is not None else sys.argv[1:])
+    for arg in argv:
         flag = arg.split("=", 1)[0]
         if flag in _MOVED_FLAGS:
             raise UserError(f"{flag} is no longer a flag: variant options are written after the variant's name.",
                             f"use {_MOVED_FLAGS[flag]}.")
+    argv = _with_config_file(argv)
     _import_custom(argv)
     args = vars(build_parser().parse_args(argv))
+    args["ds_set"] = args["ds_set"] or []
     top, sections = {}, {f.name: {} for f in dataclasses.fields(RunConfig) if _is_section(f)}
     for section, f, flag in _flag_fields():
         value, low = args[flag], f.metadata.get("low")

@@ -74,33 +74,38 @@ class DsSettings:
 
 
 def load_ds_config(path: str, world_size: int, stages: int, steps: int | None,
-                   defer_bf16_auto: bool = False) -> DsSettings:
-    """defer_bf16_auto: leave `"bf16": {"enabled": "auto"}` for the caller to decide once for all
+                   defer_bf16_auto: bool = False, overrides: list[str] = ()) -> DsSettings:
+    """overrides: --ds_set's KEY.PATH=VALUE items, applied in order over the file's values and
+    checked with them. defer_bf16_auto: leave `"bf16": {"enabled": "auto"}` for the caller to decide once for all
     ranks (training measures on rank 0 and broadcasts: ranks that chose differently would send
     each other activations of different dtypes). Otherwise it is measured here, in this process."""
     cfg = _read_json(path)
     # A run dir's saved ds_config.json records what decided bf16 "auto"; as an input it is a record only.
     cfg.pop("bf16_auto_measured_gflops", None)
+    for item in overrides:
+        _set_value(cfg, item)
+    # Errors name where a value came from.
+    where = f"{path} with --ds_set {' '.join(overrides)}" if overrides else path
     if "model_type" in cfg:
         raise UserError(f"{path} is a model spec (it has a model_type), not a DeepSpeed config.",
                         "pass it as --model, and a DeepSpeed JSON (ds_configs/*.json) as --deepspeed_config.")
-    check_keys(cfg, path)
+    check_keys(cfg, where)
     if world_size % stages:
         raise UserError(f"{world_size} ranks cannot be split into {stages} pipeline stages.",
                         f"launch a multiple of {stages} ranks (deepspeed --num_gpus {stages * max(1, world_size // stages)}) "
                         f"or change --stages.")
     dp = world_size // stages
-    mbs, gas = _resolve_batch_sizes(cfg, dp, path)
+    mbs, gas = _resolve_batch_sizes(cfg, dp, where)
     cfg["train_micro_batch_size_per_gpu"] = mbs
     cfg["gradient_accumulation_steps"] = gas
     cfg["train_batch_size"] = mbs * gas * dp
 
     zero_stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if zero_stage > 1:
-        raise UserError(f"{path} asks for ZeRO stage {zero_stage}; DeepSpeed's pipeline engine supports 0 and 1.",
+        raise UserError(f"{where} asks for ZeRO stage {zero_stage}; DeepSpeed's pipeline engine supports 0 and 1.",
                         "set zero_optimization.stage to 1 (optimizer state sharded across data-parallel replicas).")
 
-    _check_grad_accum_dtype(cfg, zero_stage, path)
+    _check_grad_accum_dtype(cfg, zero_stage, where)
 
     scheduler_params = cfg.get("scheduler", {}).get("params", {})
     if steps is None:
@@ -115,6 +120,28 @@ def load_ds_config(path: str, world_size: int, stages: int, steps: int | None,
     if ds.bf16_auto and not defer_bf16_auto:
         ds.resolve_bf16_auto(*bf16_pays_off(None))
     return ds
+
+
+def _set_value(cfg: dict, item: str) -> None:
+    """One --ds_set KEY.PATH=VALUE: the value is JSON where it parses (3e-4, true, [0.9, 0.95]),
+    else a string; missing sections are created."""
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"--ds_set {item}: expected KEY.PATH=VALUE.",
+                        "write it like --ds_set optimizer.params.lr=3e-4.")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text
+    *parents, leaf = key.split(".")
+    node = cfg
+    for depth, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            where = ".".join(parents[:depth + 1])
+            raise UserError(f"--ds_set {item}: {where} is {node!r} in the DeepSpeed config, not a section.",
+                            f"set {where} itself, or check the key's path.")
+    node[leaf] = value
 
 
 BF16_MIN_SPEEDUP = 1.1  # bf16 costs precision; a tie with fp32 keeps fp32

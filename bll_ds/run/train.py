@@ -86,7 +86,7 @@ def train(cfg: RunConfig, started: float) -> None:
                         "run it with python, not a launcher: python scripts/pretrain.py --emulate ...")
     # The emulator is S ranks of one replica each, in one process.
     ds = load_ds_config(cfg.deepspeed_config, cfg.stages if cfg.emulate else world, cfg.stages, cfg.steps,
-                        defer_bf16_auto=True)
+                        defer_bf16_auto=True, overrides=cfg.ds_set)
     parse_tokenizer_spec(cfg.tokenizer)
     run_dir = Path(cfg.out)
     check_run_dir_storage(run_dir, count_parameters(spec), cfg.checkpoint.keep)
