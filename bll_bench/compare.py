@@ -262,6 +262,14 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def stage_mfu(stage: dict) -> tuple[float | None, float | None]:
+    """A stage's (mfu over the datasheet peak, mfu over the matmul peak measured in the run). A
+    summary.json written before mfu_measured_peak existed held the measured-peak figure under mfu."""
+    if "mfu_measured_peak" in stage:
+        return stage.get("mfu"), stage["mfu_measured_peak"]
+    return None, stage.get("mfu")
+
+
 def read_run(run_dir: Path, warmup_steps: int, target_loss: float | None) -> dict:
     summary = json.loads((run_dir / names.SUMMARY).read_text())
     run_log = _jsonl(run_dir / names.METRICS)
@@ -290,7 +298,8 @@ def read_run(run_dir: Path, warmup_steps: int, target_loss: float | None) -> dic
         "step_s_median": summary["step_s_median"], "tokens_per_step": tokens,
         "utilisation": [s["utilisation"] for s in stages], "peak_rss_mb": [s["peak_rss_mb"] for s in stages],
         "activation_peak_mb": [s.get("activation_peak_mb") for s in stages],
-        "mfu": [s.get("mfu") for s in stages], "model_gflops_per_s": [s.get("model_gflops_per_s") for s in stages],
+        "mfu": [stage_mfu(s)[0] for s in stages], "mfu_measured_peak": [stage_mfu(s)[1] for s in stages],
+        "model_gflops_per_s": [s.get("model_gflops_per_s") for s in stages],
         "matmul_peak_gflops": [s.get("matmul_peak_gflops") for s in stages],
         "grads_sent": sum(s["grads_sent"] for s in stages),
         "train_loss": losses, "val": [(step, loss) for step, loss, _ in vals],
@@ -326,8 +335,8 @@ def aggregate(runs: list[dict], cfg: BenchConfig) -> dict:
                            **{k: _spread([r.get(k) for r in mine]) for k in
                               ("tokens_per_s", "tokens_per_s_mean", "step_s_median", "val_loss", "wall_s",
                                "launcher_wall_s", "target_wall_s", "target_train_s", "startup_s", "train_wall_s")},
-                           **{k: _per_stage([r[k] for r in mine]) for k in
-                              ("utilisation", "peak_rss_mb", "activation_peak_mb", "mfu")}})
+                           **{k: _per_stage([r.get(k) or [None] * len(r["utilisation"]) for r in mine]) for k in
+                              ("utilisation", "peak_rss_mb", "activation_peak_mb", "mfu", "mfu_measured_peak")}})
     ratios = []
     baseline = cfg.baseline if cfg.baseline in cfg.arms else None
     for m, delay in points(cfg):

@@ -153,6 +153,6 @@ def write_run(run_dir: Path, iters: list[dict], evals: list[dict], started: floa
                "tokens_per_s": round(tokens_per_step / median, 1), "step_s_median": round(median, 5),
                "val_loss": evals[-1]["val_loss"], "val_loss_kind": "nanoGPT's estimate: 20 random val batches",
                "stages_detail": [{"stage": 0, "utilisation": None, "peak_rss_mb": None, "activation_peak_mb": None,
-                                  "mfu": None, "model_gflops_per_s": None, "matmul_peak_gflops": None,
-                                  "grads_sent": 0}]}
+                                  "mfu": None, "mfu_measured_peak": None, "model_gflops_per_s": None,
+                                  "matmul_peak_gflops": None, "grads_sent": 0}]}
     atomic_write_text(run_dir / names.SUMMARY, json.dumps(summary, indent=2) + "\n")

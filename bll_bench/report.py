@@ -23,8 +23,24 @@ def _stages(values, fmt: str) -> str:
     return " / ".join(_num(v, fmt) for v in values) if values else "-"
 
 
+# The two MFU columns, each shown where some run has its figure: over the device's datasheet
+# dense peak (as PaLM, Megatron-LM and torchtitan report MFU; null on CPUs), and over the matmul
+# peak the run measured.
+MFU_COLUMNS = (("mfu", "MFU per stage"), ("mfu_measured_peak", "MFU vs measured peak per stage"))
+
+
+def _mfu_columns(groups: list[dict]) -> list[tuple[str, str]]:
+    return [(key, title) for key, title in MFU_COLUMNS
+            if any(v is not None for g in groups for v in (g.get(key) or []))]
+
+
 def markdown(result: dict) -> str:
     cfg = result["config"]
+    mfu = _mfu_columns(result["groups"])
+    notes = {"mfu": "`MFU` is model FLOP/s over the device's datasheet dense peak in the run's dtype, as "
+                    "published MFU figures state it",
+             "mfu_measured_peak": "`MFU vs measured peak` is over the matrix-product peak measured in the run "
+                                  "(summary.json's matmul_peak_gflops)"}
     lines = [
         f"# Benchmark: {', '.join(cfg['arms'])} on {cfg['model']}",
         "",
@@ -33,18 +49,21 @@ def markdown(result: dict) -> str:
         f"{cfg['stages']} stages x {cfg['data_parallel']} replicas, {cfg['steps']} steps per run, "
         f"{cfg['repeats']} interleaved repeats; throughput leaves out the first {cfg['warmup_steps']} steps. "
         "`tokens/s` is summary.json's (tokens per step / median step time); `tokens/s mean` is tokens over the "
-        "summed time of the steady steps, pipeline drains and flushes included. Medians with (min-max).",
+        "summed time of the steady steps, pipeline drains and flushes included. "
+        + "".join(f"{notes[key]}. " for key, _ in mfu) + "Medians with (min-max).",
         "",
         "| M | link delay ms | arm | tokens/s | tokens/s mean | utilisation per stage | peak RSS MB per stage | "
-        "saved activations MB per stage | MFU per stage | held-out loss | process wall s | launcher wall s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "saved activations MB per stage | " + "".join(f"{title} | " for _, title in mfu)
+        + "held-out loss | process wall s | launcher wall s |",
+        "|" + " --- |" * (11 + len(mfu)),
     ]
     for g in result["groups"]:
         lines.append(f"| {g['M']} | {_delay(g)} | {g['arm']} | {_spread(g['tokens_per_s'])} | "
                      f"{_spread(g['tokens_per_s_mean'])} | "
                      f"{_stages(g['utilisation'], '.2f')} | {_stages(g['peak_rss_mb'], ',.0f')} | "
-                     f"{_stages(g['activation_peak_mb'], ',.1f')} | {_stages(g['mfu'], '.3f')} | "
-                     f"{_spread(g['val_loss'], '.4f')} | {_spread(g['wall_s'], ',.1f')} | "
+                     f"{_stages(g['activation_peak_mb'], ',.1f')} | "
+                     + "".join(f"{_stages(g.get(key), '.3f')} | " for key, _ in mfu)
+                     + f"{_spread(g['val_loss'], '.4f')} | {_spread(g['wall_s'], ',.1f')} | "
                      f"{_spread(g['launcher_wall_s'], ',.1f')} |")
     if result["ratios"]:
         lines += ["", "Paired ratios (each run against the baseline run of the same repeat and M):", "",

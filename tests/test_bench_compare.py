@@ -81,7 +81,8 @@ def _run(repeat, m, arm, tps, act0, loss=2.0):
     return {"repeat": repeat, "M": m, "arm": arm, "tokens_per_s": tps, "tokens_per_s_mean": tps * 0.9,
             "step_s_median": 1.0, "val_loss": loss, "wall_s": 10.0, "launcher_wall_s": 12.0,
             "target_wall_s": None, "target_train_s": None, "utilisation": [0.5, 0.6],
-            "peak_rss_mb": [100.0, 90.0], "activation_peak_mb": [act0, 5.0], "mfu": [None, None]}
+            "peak_rss_mb": [100.0, 90.0], "activation_peak_mb": [act0, 5.0], "mfu": [None, None],
+            "mfu_measured_peak": [None, None]}
 
 
 def test_aggregate_pairs_each_run_with_the_baseline_of_its_repeat():
@@ -119,6 +120,31 @@ def test_slow_link_runs_pair_by_delay_and_report_what_each_arm_keeps():
     cmd = compare.launch_command(compare.parse_args(["--model", "m", "--deepspeed_config", "d", "--out", "o"]),
                                  "bll", compare.Path("ds.json"), compare.Path("run"), 5.0)
     assert cmd[cmd.index("--link_delay_ms") + 1] == "5"
+
+
+def test_report_shows_each_mfu_where_a_run_has_it():
+    """On CPUs only the measured-peak MFU exists; on a known GPU both; a summary.json written
+    before mfu_measured_peak existed held the measured-peak figure under mfu."""
+    assert compare.stage_mfu({"mfu": 0.4, "mfu_measured_peak": 0.6}) == (0.4, 0.6)
+    assert compare.stage_mfu({"mfu": 0.6}) == (None, 0.6)
+    assert compare.stage_mfu({"mfu": None, "mfu_measured_peak": None}) == (None, None)
+    cfg = _cfg(micro_batches=(4,), repeats=1)
+
+    def table(mfu, measured):
+        runs = [{**_run(0, 4, arm, 100, 10.0), "mfu": mfu, "mfu_measured_peak": measured} for arm in ("bp", "bll")]
+        return report.markdown({"config": vars(cfg), "command": "x", "runs": runs, **compare.aggregate(runs, cfg)})
+
+    cpu = table([None, None], [0.61, 0.62])
+    assert "| MFU vs measured peak per stage |" in cpu and "| MFU per stage |" not in cpu
+    assert "| 0.610 / 0.620 |" in cpu and "datasheet" not in cpu
+    gpu = table([0.41, 0.42], [0.61, 0.62])
+    assert "| MFU per stage | MFU vs measured peak per stage |" in gpu and "| 0.410 / 0.420 | 0.610 / 0.620 |" in gpu
+    assert "datasheet dense peak" in gpu
+    header, rule, row = [line for line in gpu.splitlines() if line.startswith("| M | link")
+                         or line.startswith("| ---") or line.startswith("| 4 | 0 | bll |")][:3]
+    assert header.count("|") == rule.count("|") == row.count("|")
+    neither = table([None, None], [None, None])
+    assert "MFU" not in neither
 
 
 def test_read_run_counts_drains_in_the_mean_and_finds_the_target(tmp_path):
