@@ -3,7 +3,7 @@
 
     python scripts/prepare_data.py --data corpus.jsonl --text_field content --tokenizer bpe:32000 --out data/tok
     python scripts/prepare_data.py --data HuggingFaceFW/fineweb-edu:sample-10BT \
-        --tokenizer path/to/tokenizer.json --out data/fineweb --workers 8
+        --tokenizer path/to/tokenizer.json --out data/fineweb --tokenize_workers 8
     deepspeed --num_gpus 8 scripts/pretrain.py ... --data tokens:data/fineweb
 
 The same command as python -m bll_ds.data.prepare_tokens (its docstring: format, held-out rule,

@@ -2,7 +2,7 @@
 
     python -m bll_ds.data.prepare_tokens --data SPEC --tokenizer TOK --out DIR \\
         [--text_field text] [--split train] [--shard_tokens 100000000] [--val_every 10] \\
-        [--max_documents N] [--workers K] [--tokenizer_sample_chars 20000000]
+        [--max_documents N] [--tokenize_workers K] [--tokenizer_sample_chars 20000000]
     # (scripts/prepare_data.py is the same command), then:
     deepspeed ... scripts/pretrain.py --data tokens:DIR ...
 
@@ -10,8 +10,9 @@ Why a separate command: a training run's data step (bll_ds/data/prepare.py) read
 into memory on rank 0 while every other rank waits, which is fine for Tiny Shakespeare and
 impossible for FineWeb. Here documents are *streamed* (documents.py: text files one document each,
 jsonl line by line, parquet row group by row group, a Hugging Face dataset with
-``streaming=True``), tokenized in batches (in `--workers` processes, with at most two batches per
-worker in flight, so memory stays bounded whatever the corpus size), and appended to shard files.
+``streaming=True``), tokenized in batches (in `--tokenize_workers` processes, with at most two
+batches per worker in flight, so memory stays bounded whatever the corpus size), and appended to
+shard files.
 The corpus is never a list in memory.
 
 Conventions are packing.py's, so a folder holds exactly the token stream the in-memory path makes
@@ -290,7 +291,7 @@ def _check_options(shard_tokens, val_every, max_documents, workers, sample_chars
     if max_documents is not None and max_documents < 1:
         raise UserError(f"--max_documents {max_documents} is not positive.", "omit it to read every document.")
     if workers < 1:
-        raise UserError(f"--workers {workers} is not positive.", "pass 1 (this process) or more.")
+        raise UserError(f"--tokenize_workers {workers} is not positive.", "pass 1 (this process) or more.")
     if sample_chars < 1:
         raise UserError(f"--tokenizer_sample_chars {sample_chars} is not positive.",
                         f"pass the characters to train the tokenizer on, e.g. {MAX_TRAIN_CHARS}.")
@@ -361,6 +362,14 @@ def _manifest(data, source_name, text_field, split, spec, kind, tok, out, dtype,
     }
 
 
+class _FormerName(argparse.Action):
+    """A renamed flag's old spelling: stores into the new flag's dest, and says so."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"bll-ds: {option_string} is now --{self.dest} (pretrain.py's name for the same knob)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bll_ds.data.prepare_tokens",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -377,7 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_every", type=int, default=DEFAULT_VAL_EVERY,
                    help="hold out every val_every-th document (index %% val_every == val_every - 1)")
     p.add_argument("--max_documents", type=int, default=None, help="stop after this many documents; None = all")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--tokenize_workers", type=int, default=1,
+                   help="tokenizer processes (pretrain.py's flag of the same name sets them for in-memory data)")
+    # The flag's former name, kept so recorded commands still run; it says it was renamed.
+    p.add_argument("--workers", type=int, dest="tokenize_workers", action=_FormerName, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
     p.add_argument("--tokenizer_sample_chars", type=int, default=MAX_TRAIN_CHARS,
                    help="characters of training documents a char/bpe/unigram tokenizer is trained on")
     return p
@@ -388,7 +401,7 @@ def main(argv=None) -> int:
     try:
         prepare_tokens(args.data, args.tokenizer, args.out, text_field=args.text_field, split=args.split,
                        shard_tokens=args.shard_tokens, val_every=args.val_every, max_documents=args.max_documents,
-                       workers=args.workers, sample_chars=args.tokenizer_sample_chars)
+                       workers=args.tokenize_workers, sample_chars=args.tokenizer_sample_chars)
     except UserError as err:
         print(f"bll-ds: error: {err}", file=sys.stderr)
         return 2

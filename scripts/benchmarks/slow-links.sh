@@ -2,7 +2,7 @@
 # Slow links: one-way delays between the two stages (--link_delay_ms in every run).
 cd "$(dirname "$0")/../.."
 [ -f runs/kernel-docs-bpe4096/tokens.json ] || .venv/bin/python -m bll_ds.data.prepare_tokens \
-  --data ../shared/data/kernel-docs.jsonl --tokenizer bpe:4096 --out runs/kernel-docs-bpe4096 --workers 2
+  --data ../shared/data/kernel-docs.jsonl --tokenizer bpe:4096 --out runs/kernel-docs-bpe4096 --tokenize_workers 2
 # nanogpt-char, S = 2, 4 micro-batches of 3 x 64 tokens: one micro-batch's compute is comparable to the delay.
 .venv/bin/python -m bll_bench compare --model models/nanogpt-char.json \
   --deepspeed_config ds_configs/nanogpt-char.json --data ../shared/data/tinyshakespeare.txt --tokenizer char \

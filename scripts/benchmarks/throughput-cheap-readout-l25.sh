@@ -3,7 +3,7 @@
 # micro-batches.
 cd "$(dirname "$0")/../.."
 [ -f runs/kernel-docs-bpe4096/tokens.json ] || .venv/bin/python -m bll_ds.data.prepare_tokens \
-  --data ../shared/data/kernel-docs.jsonl --tokenizer bpe:4096 --out runs/kernel-docs-bpe4096 --workers 2
+  --data ../shared/data/kernel-docs.jsonl --tokenizer bpe:4096 --out runs/kernel-docs-bpe4096 --tokenize_workers 2
 .venv/bin/python -m bll_bench compare --model models/llama-25m.json \
   --deepspeed_config ds_configs/llama-25m.json --data tokens:runs/kernel-docs-bpe4096 \
   --stages 2 --steps 12 --micro_batches 1,4 --sequences_per_step 16 --warmup_steps 4 --final_eval_batches 4 \
