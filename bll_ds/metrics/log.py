@@ -9,6 +9,7 @@ The run log also feeds the DeepSpeed config's CSV and W&B monitors (bll_ds/metri
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import sys
@@ -21,9 +22,11 @@ from tqdm import tqdm
 
 class MetricsLog:
     def __init__(self, jsonl_path: Path, tb_dir: Path, enabled: bool, start_step: int,
-                 progress_total: int | None = None, monitors: list | None = None):
+                 progress_total: int | None = None, monitors: list | None = None, tokens_per_step: int = 0):
         self.enabled = enabled
         self._bar = None
+        self._tokens_per_step = tokens_per_step
+        self._recent_step_s = collections.deque(maxlen=10)
         self.monitors = (monitors or []) if enabled else []
         if not enabled:
             return
@@ -35,10 +38,15 @@ class MetricsLog:
             self._bar = tqdm(total=progress_total, initial=start_step, unit="step", dynamic_ncols=True,
                              file=sys.stderr, mininterval=1.0)
 
-    def advance(self, steps: int, loss: float, tokens_per_s: float) -> None:
-        if self._bar is not None:
-            self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-            self._bar.update(steps)
+    def advance(self, record) -> None:
+        """One optimizer step done (its StepRecord): the bar moves, with the step's loss and the
+        tokens/s of the last ten steps (one step alone is noisy)."""
+        if self._bar is None:
+            return
+        self._recent_step_s.append(record.step_s)
+        tokens_per_s = self._tokens_per_step * len(self._recent_step_s) / max(sum(self._recent_step_s), 1e-9)
+        self._bar.set_postfix(loss=f"{record.loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        self._bar.update(1)
 
     def log(self, step: int, scalars: dict[str, float], echo: bool = True) -> None:
         """One metrics line; keys are TensorBoard tags as they are."""

@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None, started: float | None = None) -> int:
     except UserError as err:
         print(f"bll-ds: error: {err}", file=sys.stderr, flush=True)
         return 2
+    _say(rank, started, f"{cfg.method} on {cfg.stages} stages{' (emulated)' if cfg.emulate else ''} -> {cfg.out}: "
+                        f"checking the configs")
     try:
         train(cfg, started)
     except UserError as err:
@@ -147,6 +149,8 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float, resume
             saved["bf16_auto_measured_gflops"] = ds.bf16_auto_peaks
         atomic_write_text(run_dir / names.DS_CONFIG, json.dumps(saved, indent=2) + "\n")
     checkpointing = cfg.activation_checkpoint_interval
+    _say(dist.get_rank(), started, f"building the {'emulated ' if cfg.emulate else ''}pipeline: "
+                                   f"{count_parameters(model_config) / 1e6:.2f}M parameters in {cfg.stages} stages")
     if cfg.emulate:
         engine = EmulatedPipeline(cfg.method, model_config, cfg.stages, ds, cfg.seed, cfg.bll,
                                   activation_checkpoint_interval=checkpointing)
@@ -182,7 +186,7 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float, resume
     monitors = build_monitors(monitor_sections, run_dir, resolved) \
         if is_logger else []
     log = MetricsLog(run_dir / names.METRICS, run_dir / names.TENSORBOARD, is_logger, start_step,
-                     ds.steps if cfg.metrics.progress else None, monitors=monitors)
+                     ds.steps if cfg.metrics.progress else None, monitors=monitors, tokens_per_step=tokens_per_step)
     # One stage log and non-finite policy per stage this process trains (the emulator: all).
     stage_logs = {k: MetricsLog(names.stage_metrics(run_dir, k), names.stage_tensorboard(run_dir, k),
                                 dp_rank == 0, start_step) for k in engine.local_stages}
@@ -204,7 +208,7 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float, resume
     while step < ds.steps:
         n = _call_length(step, cfg, ds.steps)
         logged = [s for s in range(step + 1, step + n + 1) if s % cfg.metrics.log_interval == 0 or s == ds.steps]
-        by_stage = engine.train_steps(step, n, sampler.get, track_update_at=logged)
+        by_stage = engine.train_steps(step, n, sampler.get, track_update_at=logged, on_step=log.advance)
         for k, stage_records in by_stage.items():
             on_nonfinite[k].check(stage_records)  # rank-local: the engine already agreed with who shares the update
             recent[k] = (recent[k] + [r for r in stage_records if r.nonfinite is None])[-10:]
@@ -213,7 +217,6 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float, resume
         records = by_stage[stage]
         step += n
         step_times += [r.step_s for r in records]
-        log.advance(n, records[-1].loss, tokens_per_step / records[-1].step_s)
         if cfg.eval.interval and step % cfg.eval.interval == 0 and step < ds.steps:
             val_loss = _evaluate(engine, eval_set, ds.data_parallel, dp_rank)
             log.log(step, {"val/loss": val_loss})
@@ -247,6 +250,13 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float, resume
                   f"BLL variant {cfg.bll.variant!r} declares no readout FLOPs (readout_flops_per_token)")
     log.print(f"done: val_loss={val_loss:.4f} | summary in {run_dir / 'summary.json'}")
     _close(log, *stage_logs.values())
+
+
+def _say(rank: int, started: float, what: str) -> None:
+    """Rank 0: what start-up is doing now, with the seconds since the process began, so that a
+    slow start is told from a hung one."""
+    if rank == 0:
+        print(f"bll-ds: [{time.time() - started:4.1f}s] {what}", flush=True)
 
 
 def _close(*logs: MetricsLog) -> None:

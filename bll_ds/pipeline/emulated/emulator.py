@@ -126,8 +126,9 @@ class EmulatedPipeline:
             block_stage.start(resumed_step)
 
     # ---- training ----------------------------------------------------------------------------------
-    def train_steps(self, first_step: int, num_steps: int, batch_fn, track_update_at=()) -> dict[int, list]:
-        """Steps first_step+1 .. first_step+num_steps; returns every stage's StepRecords."""
+    def train_steps(self, first_step: int, num_steps: int, batch_fn, track_update_at=(), on_step=None) -> dict[int, list]:
+        """Steps first_step+1 .. first_step+num_steps; returns every stage's StepRecords.
+        on_step(record): called with the last stage's record as each step ends."""
         for stage in self.stages:
             stage.module.train()
         for block_stage in self.block_stages:
@@ -138,6 +139,8 @@ class EmulatedPipeline:
             start = self.last.accounting.now()
             for k, record in enumerate(step_fn(step, batch_fn, start, step in track_update_at)):
                 records[k].append(record)
+            if on_step is not None:
+                on_step(records[self.last.stage_id][-1])
         return records
 
     def _micro_batch(self, step: int, m: int, batch_fn):

@@ -174,11 +174,13 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         self.stage.start(resumed_step)
 
     # ---- the training entry ---------------------------------------------------------------------
-    def train_steps(self, first_step: int, num_steps: int, batch_fn, track_update_at=()) -> dict[int, list]:
+    def train_steps(self, first_step: int, num_steps: int, batch_fn, track_update_at=(), on_step=None) -> dict[int, list]:
         """Run optimizer steps first_step+1 .. first_step+num_steps with the block-local schedule,
-        then drain what is in flight (the only point where stages wait for each other)."""
+        then drain what is in flight (the only point where stages wait for each other).
+        on_step(record): called as each of this stage's steps ends (the progress bar)."""
         self.module.train()
         self._batch_fn = batch_fn
+        self._on_step = on_step
         self.stage.track_update_at = set(track_update_at)
         self._records = []
         self._step_started = self.accounting.now()
@@ -277,6 +279,8 @@ class BLLPipelineEngine(AccountedPipelineEngine):
         step_s, self._step_started = now - self._step_started, now
         busy, idle = self.accounting.end_step(step_s)
         self._records.append(self.stage.record(step_s, busy, idle))
+        if self._on_step is not None:
+            self._on_step(self._records[-1])
 
     _INSTRUCTION_MAP = {
         **AccountedPipelineEngine._INSTRUCTION_MAP,  # already traced

@@ -121,8 +121,9 @@ class AccountedPipelineEngine(PipelineEngine):
         """Per local stage: what summary.json reads (accounting, module, tracer, skipped_steps)."""
         return [self]
 
-    def train_steps(self, first_step: int, num_steps: int, batch_fn, track_update_at=()) -> dict[int, list]:
-        """Steps first_step+1 .. first_step+num_steps, one DeepSpeed train_batch (1F1B, flushed) each."""
+    def train_steps(self, first_step: int, num_steps: int, batch_fn, track_update_at=(), on_step=None) -> dict[int, list]:
+        """Steps first_step+1 .. first_step+num_steps, one DeepSpeed train_batch (1F1B, flushed) each;
+        on_step(record) as each ends."""
         records = []
         for step in range(first_step + 1, first_step + num_steps + 1):
             torch.manual_seed(step_seed(self.seed, step, self.global_rank))
@@ -139,6 +140,8 @@ class AccountedPipelineEngine(PipelineEngine):
                                       update_norm=None if before is None else
                                       update_norm(before, ds_internals.master_weights(self)),
                                       nonfinite=self.nonfinite))
+            if on_step is not None:
+                on_step(records[-1])
         self.tracer.set_step(None)
         return {self.stage_id: records}
 
