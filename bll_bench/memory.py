@@ -5,7 +5,7 @@ and block-local learning (BLL), and which GPU clusters fit 1B, 7B and 13B models
         --micro_batch_size 1 --seq_len 2048 --micro_batches 32 --dtype bf16 --zero 1 --method bll
     python -m bll_bench.memory clusters --out DIR     # clusters.md / clusters.json
     python -m bll_bench.memory clusters --out DIR --activation_checkpoint_interval 1
-    python -m bll_bench.memory rss-check              # against docs/BENCHMARKS.md's llama-25m RSS
+    python -m bll_bench.memory rss-check              # against docs/results/quality.md's llama-25m RSS
 
 Every term is what the code of this project and of DeepSpeed 0.19.8 / transformers 5.23 holds
 (file references next to each term). n = micro_batch_size x seq_len tokens, e = bytes of the
@@ -898,11 +898,11 @@ def _clusters_markdown(answers: list[ClusterAnswer], sensitivity: dict, settings
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation against measured RSS (docs/BENCHMARKS.md, llama-25m, bpe:4096, fp32, ZeRO-1, DP 1,
+# Validation against measured RSS (docs/results/quality.md, llama-25m, bpe:4096, fp32, ZeRO-1, DP 1,
 # 4 micro-batches of 4 x 256 tokens)
 # ---------------------------------------------------------------------------------------------
 
-MEASURED_RSS_MB = {  # (method, stages) -> peak RSS per stage, MB, as in docs/BENCHMARKS.md
+MEASURED_RSS_MB = {  # (method, stages) -> peak RSS per stage, MB, as in docs/results/quality.md
     ("bp", 2): (1639, 1524), ("bll", 2): (1510, 1564),
     ("bp", 4): (1234, 1011, 1015, 1189), ("bll", 4): (1142, 1248, 1237, 1235),
 }

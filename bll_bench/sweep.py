@@ -46,7 +46,7 @@ from bll_ds.method.variant_options import run_name
 from bll_ds.run import run_dir as names
 
 REPO = Path(__file__).resolve().parents[1]
-DEPTH_GATE = 0.05  # issue 10: BP on all layers at least 5% below the 1-layer model
+DEPTH_GATE = 0.05  # depth must pay: BP on all layers at least 5% below the 1-layer model
 
 
 @dataclass(frozen=True)
@@ -68,19 +68,20 @@ PLANS = {
     # 16 layers, 4.3M parameters; 1280 steps x 16 x 256 tokens = 5.24M tokens.
     "depth": Plan("models/llama-d16.json", "ds_configs/llama-d16.json", "bpe:4096", 1280, (2, 4, 8, 16),
                   ("prototype", "dgl")),
-    # nanogpt-char widened to 8 layers, with the recipe of docs/BENCHMARKS.md's Tiny Shakespeare
+    # nanogpt-char widened to 8 layers, with the recipe of docs/results/quality.md's Tiny Shakespeare
     # tables but 4x as long: 8000 steps x 12 x 64 = 6.1M characters (5.5 epochs). At those tables'
     # 2000 steps depth does not pay (8 layers end 0.7% above 1 layer; `-- --steps 2000
-    # --eval_interval 100` repeats that). Peak lr 4e-3, tuned for bp-L8 (docs/BENCHMARKS.md).
+    # --eval_interval 100` repeats that). Peak lr 4e-3, tuned for bp-L8 (docs/results/quality.md).
     # The final evaluation covers the whole held-out split.
     "shakespeare": Plan("models/nanogpt-char-d8.json", "ds_configs/nanogpt-char-d8.json", "char", 8000, (4, 8),
                         ("prototype", "dgl"), final_eval_batches=0, seq_len=64),
-    # The depth plan's model and recipe at a real vocabulary (issue 12): kernel-docs through a
-    # 32,768-piece BPE, S = 8, 5.24M tokens. The local readouts' cost grows 8x with V; the cheap
-    # readout options (docs/METHOD.md, "Readout options") are compared here with the full one.
+    # The depth plan's model and recipe at a real vocabulary (docs/results/vocabulary.md):
+    # kernel-docs through a 32,768-piece BPE, S = 8, 5.24M tokens. The local readouts' cost grows
+    # 8x with V; the cheap readout options (docs/METHOD.md, "Readout options") are compared here
+    # with the full one.
     "kernel-32k": Plan("models/llama-d16.json", "ds_configs/llama-d16-v32k.json", "bpe:32768", 1280, (8,),
                        ("dgl-context",)),
-    # The same recipe on 16 layers, for S = 16 (issue 11); lr 4e-3 as tuned for 8 layers.
+    # The same recipe on 16 layers, for the levers at S = 16; lr 4e-3 as tuned for 8 layers.
     "shakespeare-d16": Plan("models/nanogpt-char-d16.json", "ds_configs/nanogpt-char-d8.json", "char", 8000, (16,),
                             ("dgl",), final_eval_batches=0, seq_len=64),
     # Testbed candidates where nothing is memorised: the Tiny Shakespeare recipe on kernel-docs at

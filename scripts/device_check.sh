@@ -1,5 +1,5 @@
 #!/bin/bash
-# Issue 13's device check: what one H200 can check of the GPU path (a pipeline of several NCCL
+# The device check: what one H200 can check of the GPU path (a pipeline of several NCCL
 # ranks cannot share one GPU). Run it where the `device` tool lends a machine:
 #     bash scripts/device_check.sh            # writes $OUT (default /tmp/device-check)
 # It trains the 8-stage emulator on CUDA (both methods), a world-of-one launched run (with two

@@ -1,5 +1,5 @@
 """Ranks from every common launcher, tables on NCCL-safe channels, and a clear error for a busy
-port (issue 13, points 1, 2 and 10).
+port: what a real cluster needs (docs/results/reliability.md).
 
 The rank mapping is checked on the environments the launchers set; two real launches check the
 rest on CPU: torchrun with 2 processes (the table traffic watched by tests/p2p_tag_guard.py,

@@ -1,4 +1,4 @@
-"""Stage accounting and tracing measure device work (issue 13, point 3). On CPU the host clock
+"""Stage accounting and tracing measure device work, not host time. On CPU the host clock
 is the truth; on CUDA step boundaries synchronize and p2p waits are CUDA-event intervals, read
 once per step. CUDA itself is not on the CI machine, so the CUDA timer's contract is checked with
 a stand-in that behaves as CUDA events do: marks are recorded when the call returns, and their

@@ -3,8 +3,9 @@
 For backprop and for block-local learning (prototype, dgl) at 2 and 4 stages, both train 20 fp32
 steps (30 for the runs shared with tests/test_launcher.py) on the same data: every stage's
 per-step loss and every final weight must agree to a relative difference of 1e-4. The emulated
-run dir must also work with evaluate and resume exactly. Issue 11's levers (auxiliary-layer and overlap readouts) are checked the same way, with
-a launched run that is killed and resumed.
+run dir must also work with evaluate and resume exactly. The levers against the depth gap
+(auxiliary-layer and overlap readouts) are checked the same way, with a launched run that is
+killed and resumed.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ IN_MAKE_TEST = ("prototype-aux", "dgl-context", "critic-context:dim=16:neg=20:ta
 @pytest.mark.parametrize("variant", [v if v in IN_MAKE_TEST else pytest.param(v, marks=pytest.mark.slow)
                                      for v in LEVER_PORTS])
 def test_lever_launched_killed_and_resumed_equals_emulated(tmp_path, cache_dir, text_corpus, variant):
-    """Issue 11's levers (bll_ds/method/aux_readout.py, overlap.py, context.py) through the launcher, killed at
+    """The levers (bll_ds/method/aux_readout.py, overlap.py, context.py) through the launcher, killed at
     step 10 and resumed, end where one straight emulated run does, and no gradient crosses a
     stage. The overlap variants send a layer copy upstream (dgl-overlap: nothing else), through
     the same channel, lag and checkpointed queue as the tables; dgl-context sends nothing."""

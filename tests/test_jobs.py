@@ -1,4 +1,4 @@
-"""Runs under a scheduler (issue 13, points 7 and 10): --resume auto, SIGTERM/SIGUSR1 and
+"""Runs under a scheduler: --resume auto, SIGTERM/SIGUSR1 and
 --exit_duration_mins stop with a checkpoint, the resolved configs are saved, a changed --steps
 on resume follows the documented rule, bf16 "auto" is decided by a measurement, and the
 DeepSpeed config's CSV and W&B monitors get the run log. One-process emulated runs (the same

@@ -426,7 +426,7 @@ class _CrossEntropyReadout:
 
 @register
 class PrototypeFeedback(_CrossEntropyReadout, TableFeedback):
-    """q_k(y | h) = softmax_v(<norm(h), m_k(v)>), m_k = g_k(m_{k+1}); the default until issue 11."""
+    """q_k(y | h) = softmax_v(<norm(h), m_k(v)>), m_k = g_k(m_{k+1}); the default until dgl-context."""
 
     name = "prototype"
 

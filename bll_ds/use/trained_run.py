@@ -156,7 +156,7 @@ def residual_norms(layers: nn.Sequential, batches, max_batches: int = 4,
                    device: torch.device | str = "cpu") -> list[dict]:
     """Per decoder layer: the RMS of the residual stream it reads and of the update it adds, over
     the first `max_batches` batches. A stage whose update dwarfs its input has overwritten, not
-    refined, what the earlier stages computed (docs/BENCHMARKS.md, issue 11's overlap variants)."""
+    refined, what the earlier stages computed (docs/results/quality.md, the overlap variants)."""
     from bll_ds.modeling.layers import DecoderLayer
 
     sums: dict[int, list[float]] = {}
