@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from bll_bench import nanogpt_arm
 from bll_ds.infra.atomic import atomic_write_text
+from bll_ds.infra.cli_types import DefaultsHelpFormatter
 from bll_ds.infra.errors import UserError
 from bll_ds.method.variants import get as get_variant
 from bll_ds.run import run_dir as names
@@ -109,14 +110,15 @@ class BenchConfig:
 
 def parse_args(argv: list[str]) -> BenchConfig:
     p = argparse.ArgumentParser(prog="python -m bll_bench compare", description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsHelpFormatter,
                                 epilog="Arguments after `--` are passed to every pretrain.py run.")
     p.add_argument("--model", required=True, help="model spec (models/*.json)")
     p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON; its gradient_accumulation_steps is "
                    "replaced by each --micro_batches value")
     p.add_argument("--out", required=True, help="benchmark folder (runs/, bench.json, bench.md, plots)")
     p.add_argument("--data", default=None, help="corpus, as pretrain.py --data (default: the embedded corpus)")
-    p.add_argument("--tokenizer", default="bpe:4096")
-    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--tokenizer", default="bpe:4096", help="tokenizer, as pretrain.py --tokenizer")
+    p.add_argument("--stages", type=int, default=2, help="pipeline stages of every run")
     p.add_argument("--data_parallel", type=int, default=1, help="replicas per stage (ranks = stages x this)")
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per run")
     p.add_argument("--micro_batches", default="4", help="comma-separated M values")
@@ -126,11 +128,12 @@ def parse_args(argv: list[str]) -> BenchConfig:
     p.add_argument("--arms", default="bp,bll", help=f"comma-separated, from {sorted(ARMS)}; bll:VARIANT and "
                    "bll-flush:VARIANT train that --bll_variant; peer:SCHEDULE is backprop under a "
                    "torch.distributed.pipelining schedule (1f1b, interleaved-1f1b, interleaved-zb, zbv, dualpipev)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="runs per arm and M, interleaved across the arms")
     p.add_argument("--warmup_steps", type=int, default=3, help="steps left out of throughput")
     p.add_argument("--eval_interval", type=int, default=0, help="held-out evaluation every N steps (0 = end only)")
-    p.add_argument("--eval_batches", type=int, default=20)
-    p.add_argument("--final_eval_batches", type=int, default=8, help="0 = the whole held-out split")
+    p.add_argument("--eval_batches", type=int, default=20, help="held-out batches of each --eval_interval evaluation")
+    p.add_argument("--final_eval_batches", type=int, default=8,
+                   help="held-out batches of the final evaluation (0 = the whole held-out split)")
     p.add_argument("--target_loss", type=_target, default=None,
                    help="report the wall time to reach this held-out loss; 'best-bp' = the lowest median final "
                         "held-out loss of the backprop arms (bp, peer:*) in this benchmark")
@@ -139,7 +142,7 @@ def parse_args(argv: list[str]) -> BenchConfig:
     p.add_argument("--baseline", default="bp", help="the arm the paired ratios divide by")
     p.add_argument("--nanogpt_dir", default=None, help="a clone of https://github.com/karpathy/nanoGPT, for the "
                    "nanogpt arm (its own train.py, run side by side: bll_bench/nanogpt_arm.py)")
-    p.add_argument("--master_port", type=int, default=29750)
+    p.add_argument("--master_port", type=int, default=29750, help="the launcher's rendezvous port for every run")
     own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     a = p.parse_args(own)
     arms = tuple(a.arms.split(","))

@@ -85,6 +85,7 @@ from types import SimpleNamespace
 import torch
 from transformers import PretrainedConfig
 
+from bll_ds.infra.cli_types import DefaultsHelpFormatter
 from bll_ds.measure.flops import _attention_width, _mlp_width
 from bll_ds.method import variants
 from bll_ds.method.feedback import build_feedback
@@ -962,20 +963,30 @@ def _gib(n_bytes: int) -> str:
 
 
 def _plan_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bll_bench.memory", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--stages", type=int, required=True)
-    p.add_argument("--dp", type=int, default=1)
-    p.add_argument("--micro_batch_size", type=int, default=1)
-    p.add_argument("--seq_len", type=int, default=2048)
-    p.add_argument("--micro_batches", type=int, default=None, help="default 4 x stages")
-    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16")
-    p.add_argument("--zero", type=int, choices=(0, 1), default=1)
-    p.add_argument("--method", choices=METHODS, default="bll")
+    p = argparse.ArgumentParser(prog="python -m bll_bench.memory", description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsHelpFormatter,
+                                epilog="Two more commands, each with its own --help: `python -m bll_bench.memory "
+                                       "clusters` (the smallest GPU cluster per model and method) and `python -m "
+                                       "bll_bench.memory rss-check` (the plan against measured CPU RSS).")
+    p.add_argument("--model", required=True, help="model spec (HF config JSON), e.g. models/llama-7b.json")
+    p.add_argument("--stages", type=int, required=True, help="pipeline stages S")
+    p.add_argument("--dp", type=int, default=1,
+                   help="data-parallel replicas per stage (ZeRO-1 divides the optimizer state by it)")
+    p.add_argument("--micro_batch_size", type=int, default=1, help="sequences per micro-batch")
+    p.add_argument("--seq_len", type=int, default=2048, help="tokens per sequence")
+    p.add_argument("--micro_batches", type=int, default=None,
+                   help="micro-batches M per optimizer step (default: 4 x stages)")
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="weights' and activations' dtype")
+    p.add_argument("--zero", type=int, choices=(0, 1), default=1, help="DeepSpeed ZeRO stage")
+    p.add_argument("--method", choices=METHODS, default="bll",
+                   help="bp: DeepSpeed's 1F1B backprop; bll: block-local learning")
     p.add_argument("--variant", type=modelled_spec, default="prototype",
                    help="BLL variant with its options (e.g. dgl-context:dim=64:neg=2048)")
-    p.add_argument("--vocab_size", type=int, default=None)
-    p.add_argument("--grad_accum_dtype", choices=sorted(DTYPE_BYTES), default="fp32")
+    p.add_argument("--vocab_size", type=int, default=None,
+                   help="vocabulary size in place of the spec's (default: the spec's)")
+    p.add_argument("--grad_accum_dtype", choices=sorted(DTYPE_BYTES), default="fp32",
+                   help="gradient accumulation dtype of bf16 runs, as DeepSpeed's data_types.grad_accum_dtype "
+                        "(fp32 runs accumulate in fp32; bf16 with ZeRO-0 needs bf16)")
     _add_readout_argument(p)
     _add_checkpoint_argument(p)
     p.add_argument("--json", type=Path, default=None, help="also write the per-stage plan here")
@@ -983,14 +994,20 @@ def _plan_parser() -> argparse.ArgumentParser:
 
 
 def _clusters_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bll_bench.memory clusters")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seq_len", type=int, default=2048)
-    p.add_argument("--micro_batch_size", type=int, default=1)
-    p.add_argument("--micro_batches_per_stage", type=int, default=4)
-    p.add_argument("--gpu_gib", type=float, default=80)
-    p.add_argument("--headroom", type=float, default=0.10)
-    p.add_argument("--overhead_gib", type=float, default=3.0)
+    p = argparse.ArgumentParser(prog="python -m bll_bench.memory clusters", formatter_class=DefaultsHelpFormatter,
+                                description="The smallest GPU cluster (S x DP) that fits 1B, 7B and 13B models, "
+                                            "per method, in bf16 with ZeRO-1.")
+    p.add_argument("--out", type=Path, required=True, help="folder to write clusters.md and clusters.json")
+    p.add_argument("--seq_len", type=int, default=2048, help="tokens per sequence")
+    p.add_argument("--micro_batch_size", type=int, default=1,
+                   help="sequences per micro-batch (the tables also give other sizes' GPU counts)")
+    p.add_argument("--micro_batches_per_stage", type=int, default=4,
+                   help="micro-batches per step per stage: M = this x S")
+    p.add_argument("--gpu_gib", type=float, default=80, help="memory of one GPU, GiB")
+    p.add_argument("--headroom", type=float, default=0.10,
+                   help="fraction of the GPU's memory kept free for fragmentation and allocator rounding")
+    p.add_argument("--overhead_gib", type=float, default=3.0,
+                   help="runtime overhead per GPU, GiB (CUDA context, NCCL, cuBLAS workspaces, the Python runtime)")
     _add_readout_argument(p)
     _add_checkpoint_argument(p)
     return p
@@ -1020,7 +1037,9 @@ def main(argv: list[str] | None = None) -> int:
         print((args.out / "clusters.md").read_text())
         return 0 if answers else 1
     if argv and argv[0] == "rss-check":
-        p = argparse.ArgumentParser(prog="python -m bll_bench.memory rss-check")
+        p = argparse.ArgumentParser(prog="python -m bll_bench.memory rss-check", formatter_class=DefaultsHelpFormatter,
+                                    description="The planner's peak per stage against the peak RSS measured for "
+                                                "llama-25m (MEASURED_RSS_MB).")
         p.add_argument("--baseline_mb", type=float, default=None,
                        help="runtime RSS to add (default: measured, a fresh interpreter importing "
                             "torch, deepspeed and transformers)")

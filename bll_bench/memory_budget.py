@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bll_bench.memory import GIB, GpuBudget, max_stage_bytes, modelled_spec, plan
+from bll_ds.infra.cli_types import DefaultsHelpFormatter
 from bll_ds.modeling import load_model_spec
 
 ARMS = (("bp", 0), ("bp", 1), ("bll", 0), ("bll", 1))  # (method, activation_checkpoint_interval)
@@ -76,19 +77,23 @@ def markdown(rows: list[Fit], budget_gib: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bll_bench.memory_budget", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--stages", type=int, required=True)
-    p.add_argument("--seq_len", type=int, default=2048)
-    p.add_argument("--micro_batches", type=int, default=None, help="default 4 x stages")
+    p = argparse.ArgumentParser(prog="python -m bll_bench.memory_budget", description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="model spec (HF config JSON), e.g. models/llama-7b.json")
+    p.add_argument("--stages", type=int, required=True, help="pipeline stages S")
+    p.add_argument("--seq_len", type=int, default=2048, help="tokens per sequence")
+    p.add_argument("--micro_batches", type=int, default=None,
+                   help="micro-batches M per optimizer step (default: 4 x stages)")
     p.add_argument("--budget_gib", type=float, required=True, help="memory per stage (one GPU, or a CPU budget)")
     p.add_argument("--overheads", action=argparse.BooleanOptionalAction, default=True,
                    help="subtract the cluster table's headroom (10%%) and runtime overhead (3 GiB)")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--zero", type=int, choices=(0, 1), default=1)
-    p.add_argument("--variant", type=modelled_spec, default="dgl-context:dim=64:neg=2048")
-    p.add_argument("--vocab_size", type=int, default=None)
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="weights' and activations' dtype")
+    p.add_argument("--zero", type=int, choices=(0, 1), default=1, help="DeepSpeed ZeRO stage")
+    p.add_argument("--variant", type=modelled_spec, default="dgl-context:dim=64:neg=2048",
+                   help="the BLL arms' variant with its options")
+    p.add_argument("--vocab_size", type=int, default=None,
+                   help="vocabulary size in place of the spec's (default: the spec's)")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     a = p.parse_args(argv)
     budget = GpuBudget(int(a.budget_gib * GIB)).usable_bytes if a.overheads else int(a.budget_gib * GIB)
     rows = fits(a.model, a.stages, budget, a.seq_len, a.micro_batches or 4 * a.stages, a.variant,

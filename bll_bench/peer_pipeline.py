@@ -50,6 +50,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bll_ds.data import MicroBatchSampler
+from bll_ds.infra.cli_types import DefaultsHelpFormatter
 from bll_ds.modeling.layers import lm_loss
 from bll_ds.modeling.pipeline import build_sequential, build_stage_layers
 from bll_ds.pipeline.build import weight_decay_groups
@@ -292,16 +293,21 @@ def one_step_check(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="torch.distributed.pipelining peer arms: one-step check")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--vocab_size", type=int, default=None)
+    parser = argparse.ArgumentParser(prog="python -m bll_bench.peer_pipeline", formatter_class=DefaultsHelpFormatter,
+                                     description="torch.distributed.pipelining peer arms: one-step check, one "
+                                                 "process per rank (torchrun --nproc_per_node N -m bll_bench.peer_pipeline ...)")
+    parser.add_argument("--model", required=True, help="model spec (HF config JSON), e.g. models/test-1m.json")
+    parser.add_argument("--vocab_size", type=int, default=None,
+                        help="vocabulary size in place of the spec's (default: the spec's)")
     parser.add_argument("--ds_config", required=True, help="a DeepSpeed config file, or inline JSON")
-    parser.add_argument("--schedules", default=",".join(PEER_SCHEDULES))
-    parser.add_argument("--micro_batches", type=int, default=4)
-    parser.add_argument("--seq_len", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout_s", type=float, default=60.0)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--schedules", default=",".join(PEER_SCHEDULES),
+                        help="comma-separated torch schedules to check, each in turn")
+    parser.add_argument("--micro_batches", type=int, default=4, help="micro-batches M of the one step")
+    parser.add_argument("--seq_len", type=int, default=16, help="tokens per sequence")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the fixed batches")
+    parser.add_argument("--timeout_s", type=float, default=60.0, help="gloo process group timeout, seconds")
+    parser.add_argument("--out", required=True,
+                        help="folder: OUT/<schedule>/rank<r>.pt per rank, or OUT/<schedule>/error.txt")
     return one_step_check(parser.parse_args(argv))
 
 

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from bll_bench import memory
+from bll_ds.infra.cli_types import DefaultsHelpFormatter
 from bll_ds.measure.rss import peak_rss_mb
 from bll_ds.method.stage_step import StageStep, run_step_end
 from bll_ds.method.variants import get as get_variant
@@ -394,17 +395,22 @@ def format_result(result: RehearsalResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="scripts/rehearse_stage.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="models/llama-1b.json")
-    p.add_argument("--stages", type=int, default=8)
-    p.add_argument("--stage", type=int, default=None, help="default: the middle stage, (stages - 1) // 2")
-    p.add_argument("--micro_batch_size", type=int, default=1)
-    p.add_argument("--seq_len", type=int, default=512)
-    p.add_argument("--micro_batches", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(prog="scripts/rehearse_stage.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--model", default="models/llama-1b.json", help="model spec (HF config JSON) the stage is cut from")
+    p.add_argument("--stages", type=int, default=8, help="pipeline stages S the model is cut into")
+    p.add_argument("--stage", type=int, default=None,
+                   help="which stage to rehearse, 0 to S - 1 (default: the middle one, (stages - 1) // 2)")
+    p.add_argument("--micro_batch_size", type=int, default=1, help="sequences per micro-batch")
+    p.add_argument("--seq_len", type=int, default=512, help="tokens per sequence")
+    p.add_argument("--micro_batches", type=int, default=2, help="micro-batches M per optimizer step")
+    p.add_argument("--steps", type=int, default=3,
+                   help="optimizer steps to train (the first is metered whole, the second per micro-batch)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="training precision: fp32 (torch AdamW) or bf16 (fp32 master weights, as DeepSpeed's "
+                        "BF16_Optimizer)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads torch computes with (torch.set_num_threads)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stage's weights and its random inputs")
     p.add_argument("--variant", type=memory.modelled_spec, default="prototype",
                    help="BLL variant with its options (e.g. dgl-context:dim=64:neg=2048)")
     p.add_argument("--readout_max_logits_mb", type=float, default=memory.READOUT_MAX_LOGITS_MB,
@@ -412,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                         "MiB of fp32 logits (0 = one slice)")
     p.add_argument("--malloc_mmap_threshold", type=int, default=65536,
                    help="glibc M_MMAP_THRESHOLD in bytes so that RSS tracks live bytes; 0 keeps glibc's default")
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None, help="also write the measurements and predictions here")
     args = p.parse_args(argv)
     result = rehearse(args.model, args.stages, args.stage, args.micro_batch_size, args.seq_len, args.micro_batches,
                       args.steps, args.dtype, args.threads, args.seed, args.variant, args.malloc_mmap_threshold,

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from bll_bench.plotting import pyplot
+from bll_ds.infra.cli_types import DefaultsHelpFormatter
 from bll_ds.infra.errors import UserError
 from bll_ds.measure.flops import NotModelled
 from bll_ds.method import variants
@@ -736,7 +737,7 @@ def _parser() -> argparse.ArgumentParser:
                                      description="Pipeline-schedule simulator (BP schedules vs BLL).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("project", help="step time, bubble and speedup over S and M, from model FLOPs",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="model spec (HF config JSON), e.g. models/llama-1b.json")
     p.add_argument("--seq_len", type=int, default=2048, help="tokens per sequence")
     p.add_argument("--micro_batch_size", type=int, default=1, help="sequences per micro-batch")

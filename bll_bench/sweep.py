@@ -40,6 +40,7 @@ from pathlib import Path
 
 from bll_bench.plotting import pyplot
 from bll_ds.infra.atomic import atomic_write_text
+from bll_ds.infra.cli_types import DefaultsHelpFormatter
 from bll_ds.infra.errors import UserError
 from bll_ds.method import variants as bll_variants
 from bll_ds.method.variant_options import run_name
@@ -316,8 +317,11 @@ def _plot(curves: dict, path: Path, title: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m bll_bench sweep", description=__doc__.split("\n\n")[0])
-    p.add_argument("--plan", choices=sorted(PLANS), default="depth")
+    p = argparse.ArgumentParser(prog="python -m bll_bench sweep", description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--plan", choices=sorted(PLANS), default="depth",
+                   help="Which sweep: its model, DeepSpeed config, tokenizer, steps, stage counts and variants "
+                        "(PLANS in bll_bench/sweep.py; --list prints its runs).")
     p.add_argument("--out", required=True, help="Sweep folder: one run dir per run, sweep.md/json, the plot.")
     p.add_argument("--data", default=None, help="Corpus (default: the trainer's default corpus).")
     p.add_argument("--only", default=None, help="Comma-separated run names (default: every run of the plan).")

@@ -31,6 +31,7 @@ from bll_bench import sweep
 from bll_bench.plotting import pyplot
 from bll_bench.simulate import BALANCED, REFERENCE_ARM, project, projection_setup, stage_costs
 from bll_ds.infra.atomic import atomic_write_text
+from bll_ds.infra.cli_types import DefaultsHelpFormatter
 from bll_ds.infra.errors import UserError
 from bll_ds.method import variants
 from bll_ds.modeling import load_model_spec
@@ -128,7 +129,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m bll_bench time-to-loss", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--sweep", required=True, type=Path, help="a sweep folder (bll_bench sweep --out)")
     p.add_argument("--run", required=True, help="the block-local run in it, e.g. bll-dgl-context-man-S8")
     p.add_argument("--model", action="append", required=True, help="a model shape to project to (repeatable)")

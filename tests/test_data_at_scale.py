@@ -211,9 +211,12 @@ def test_prepare_script_help_documents_every_flag(monkeypatch, repo, capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     parser = prep.build_parser()
-    flags = [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+    flags = [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)
+             and a.help != argparse.SUPPRESS]  # --workers, the former name of --tokenize_workers, is hidden
     assert all(a.help and len(a.help) > 10 for a in flags)
-    assert text.count("(default:") >= len(flags) and "--shard_tokens" in text and "--text_field" in text
+    with_default = [a for a in flags if not a.required and a.default is not None]
+    assert text.count("(default:") >= len(with_default) and "--shard_tokens" in text and "--text_field" in text
+    assert "(default: None)" not in text and "--tokenize_workers" in text and "--workers" not in text
 
 
 # ---------------------------------------------------------------- streaming readers

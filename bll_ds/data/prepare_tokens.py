@@ -72,6 +72,7 @@ from bll_ds.data.packing import CHUNK_CHARS, _chunk_documents, token_dtype
 from bll_ds.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, shard_name
 from bll_ds.data.tokenizer import MAX_TRAIN_CHARS, build_tokenizer, parse_tokenizer_spec
 from bll_ds.infra.atomic import atomic_write_text
+from bll_ds.infra.cli_types import DefaultsHelpFormatter
 from bll_ds.infra.errors import UserError
 from bll_ds.run.run_dir import HF_TOKENIZER, TOKENIZER_META, TOKENIZER_MODEL
 
@@ -372,7 +373,7 @@ class _FormerName(argparse.Action):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bll_ds.data.prepare_tokens",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=DefaultsHelpFormatter,
                                 description="Tokenize a corpus once into sharded token files for "
                                             "pretrain.py --data tokens:DIR (streamed: any corpus size).")
     p.add_argument("--data", required=True, help="text/jsonl/parquet file, folder, glob, or HF dataset name[:config] "
@@ -385,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard_tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")
     p.add_argument("--val_every", type=int, default=DEFAULT_VAL_EVERY,
                    help="hold out every val_every-th document (index %% val_every == val_every - 1)")
-    p.add_argument("--max_documents", type=int, default=None, help="stop after this many documents; None = all")
+    p.add_argument("--max_documents", type=int, default=None, help="stop after this many documents (default: all)")
     p.add_argument("--tokenize_workers", type=int, default=1,
                    help="tokenizer processes (pretrain.py's flag of the same name sets them for in-memory data)")
     # The flag's former name, kept so recorded commands still run; it says it was renamed.
