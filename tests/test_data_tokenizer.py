@@ -139,3 +139,23 @@ def test_non_model_file_is_user_error(tmp_path):
         build_tokenizer(str(fake), [], str(tmp_path / "out"))
     assert not (tmp_path / "out" / "tokenizer.model").exists()
     shutil.rmtree(tmp_path / "out")
+
+
+def test_a_trained_tokenizer_is_cached_by_spec_and_training_text(tmp_path, train_docs, monkeypatch):
+    """A second run dir on the same text copies the first one's trained tokenizer from the cache;
+    other text, or a damaged cache entry, trains again."""
+    from bll_ds.data import tokenizer as tokenizer_module
+
+    trained = []
+    real_train = tokenizer_module._train
+    monkeypatch.setattr(tokenizer_module, "_train", lambda *a: trained.append(a[3]) or real_train(*a))
+    cache = str(tmp_path / "cache")
+    first = build_tokenizer("bpe:400", train_docs, str(tmp_path / "a"), cache_dir=cache)
+    second = build_tokenizer("bpe:400", train_docs, str(tmp_path / "b"), cache_dir=cache)
+    assert trained == ["bpe:400"] and second.fingerprint == first.fingerprint
+    build_tokenizer("bpe:400", train_docs[:-1], str(tmp_path / "c"), cache_dir=cache)
+    assert trained == ["bpe:400", "bpe:400"]
+    for entry in (tmp_path / "cache" / "tokenizers").iterdir():
+        entry.write_bytes(b"damaged")
+    again = build_tokenizer("bpe:400", train_docs, str(tmp_path / "d"), cache_dir=cache)
+    assert len(trained) == 3 and again.fingerprint == first.fingerprint

@@ -32,3 +32,22 @@ def test_a_fast_dtype_still_reaches_the_full_size(monkeypatch):
     monkeypatch.setattr(matmul_peak.torch, "mm", lambda a, b: sizes.append(a.shape[0]) or a)
     matmul_peak.matmul_flops_per_s(torch.device("cpu"), torch.float32, n=1024, min_seconds=0.001)
     assert max(sizes) == 1024
+
+
+def test_the_peaks_are_measured_once_per_device_and_kept(tmp_path, monkeypatch):
+    measured = []
+    monkeypatch.setattr(matmul_peak, "matmul_peaks", lambda device: measured.append(device) or {"fp32": 80.0, "bf16": 40.0})
+    cpu = torch.device("cpu")
+    assert matmul_peak.cached_matmul_peaks(cpu, str(tmp_path)) == {"fp32": 80.0, "bf16": 40.0}
+    assert matmul_peak.cached_matmul_peaks(cpu, str(tmp_path)) == {"fp32": 80.0, "bf16": 40.0, "cached": True}
+    assert len(measured) == 1
+    threads = torch.get_num_threads()
+    try:  # another thread count is another measurement
+        torch.set_num_threads(threads + 1)
+        matmul_peak.cached_matmul_peaks(cpu, str(tmp_path))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(measured) == 2
+    (tmp_path / "matmul_peaks.json").write_text("{damaged")
+    matmul_peak.cached_matmul_peaks(cpu, str(tmp_path))
+    assert len(measured) == 3

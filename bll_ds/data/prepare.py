@@ -50,7 +50,7 @@ def prepare_run_data(cfg: RunConfig, run_dir: Path) -> RunData:
         # large corpus, the first time (both are cached after).
         print(f"bll-ds: data {cfg.data or 'the standard library sources'}: {len(corpus.train):,} training / {len(corpus.val):,} held-out documents; "
               f"tokenizer {cfg.tokenizer}, then tokenizing (cached in {cfg.cache_dir})", flush=True)
-        tokenizer = build_tokenizer(cfg.tokenizer, corpus.train, str(run_dir))
+        tokenizer = build_tokenizer(cfg.tokenizer, corpus.train, str(run_dir), cache_dir=cfg.cache_dir)
         streams = prepare_token_streams(corpus, tokenizer, cfg.cache_dir, num_proc=cfg.tokenize_workers)
         return dict(tokenizer_path=tokenizer.path, tokenizer_spec=tokenizer.spec, train=streams.train_path,
                     val=streams.val_path, corpus_name=corpus.name)

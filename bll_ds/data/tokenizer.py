@@ -159,9 +159,11 @@ def parse_tokenizer_spec(spec: str) -> tuple[str, int | None]:
     raise UserError(f"unknown tokenizer spec {spec!r}.", f"use one of {_SPEC_FORMS}.")
 
 
-def build_tokenizer(spec: str, train_docs: list[str], out_dir: str):
+def build_tokenizer(spec: str, train_docs: list[str], out_dir: str, cache_dir: str | None = None):
     """Train (or reuse, or copy) the tokenizer named by `spec` into `out_dir`; see module docstring.
-    Returns a `Tokenizer`, or an `HFTokenizer` for Hugging Face specs."""
+    Returns a `Tokenizer`, or an `HFTokenizer` for Hugging Face specs. cache_dir: where a trained
+    tokenizer is kept by its spec and training text, so that the next run dir on the same corpus
+    (a sweep, a rerun) copies it instead of training again (a BPE on a large corpus: minutes)."""
     kind, size = parse_tokenizer_spec(spec)
     spec = str(spec).strip()
     os.makedirs(out_dir, exist_ok=True)
@@ -200,8 +202,8 @@ def build_tokenizer(spec: str, train_docs: list[str], out_dir: str):
             unseen = set().union(*map(set, train_docs)) - set().union(*map(set, lines))
             if unseen - {"\n"}:
                 lines.append("".join(sorted(unseen - {"\n"})))
-        proto = _train(kind, size, lines, spec)
         data_digest = hashlib.sha256("".join(lines).encode("utf-8", "surrogatepass")).hexdigest()
+        proto = _trained(kind, size, lines, spec, data_digest, cache_dir)
     return adopt_tokenizer(Tokenizer("<new>", spec, _proto=proto), out_dir, spec, data_digest)
 
 
@@ -304,6 +306,26 @@ def _training_lines(docs: list[str], max_chars: int) -> list[str]:
                     out.append(line[k : k + _MAX_LINE_CHARS])
                 i += 1
     return out
+
+
+def _trained(kind: str, size: int | None, lines: list[str], spec: str, data_digest: str,
+             cache_dir: str | None) -> bytes:
+    """The trained model's bytes: from the cache when this spec was trained on this text before."""
+    if cache_dir is None:
+        return _train(kind, size, lines, spec)
+    key = hashlib.sha256(f"{spec}\0{data_digest}".encode()).hexdigest()[:32]
+    cached = Path(cache_dir) / "tokenizers" / f"{key}.model"
+    if cached.is_file():
+        proto = cached.read_bytes()
+        try:
+            Tokenizer("<cached>", spec, _proto=proto)
+            return proto
+        except Exception:  # a damaged cache entry is trained again and rewritten
+            pass
+    proto = _train(kind, size, lines, spec)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(str(cached), proto)
+    return proto
 
 
 def _train(kind: str, size: int | None, lines: list[str], spec: str) -> bytes:

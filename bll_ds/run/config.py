@@ -119,9 +119,10 @@ class MetricsConfig:
                             "timeline_stage{k}.json, and the saved-activation peak metered (0 = off).",
                             flag="trace_steps", default=3, low=0)
     measure_matmul_peak: bool = _doc("Measure the device's fp32/bf16 matrix-product peak, for model FLOP "
-                                     "utilisation in summary.json (under a second each: before and after training, the "
-                                     "best kept).", flag="measure_matmul_peak", default=True)
-    progress: bool = _doc("Show a tqdm progress bar on rank 0.", flag="progress", default=True)
+                                     "utilisation in summary.json (under a second each: before and after the final "
+                                     "evaluation, the best kept; none at start-up).", flag="measure_matmul_peak", default=True)
+    progress: bool = _doc("Show a progress bar (the last stage's first rank) that moves every optimizer step, with "
+                          "the loss, tokens/s and the time left.", flag="progress", default=True)
 
 
 def resolve_seq_len(cfg: "RunConfig", model_config) -> int:

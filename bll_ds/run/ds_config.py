@@ -147,7 +147,7 @@ def _set_value(cfg: dict, item: str) -> None:
 BF16_MIN_SPEEDUP = 1.1  # bf16 costs precision; a tie with fp32 keeps fp32
 
 
-def bf16_pays_off(device) -> tuple[bool, dict]:
+def bf16_pays_off(device, cache_dir: str | None = None) -> tuple[bool, dict]:
     """What `"bf16": {"enabled": "auto"}` resolves to, and the measurement behind it: bf16 where
     this device multiplies bf16 matrices at least BF16_MIN_SPEEDUP times faster than fp32, as
     measured here (bll_ds/measure/matmul_peak.py, under a second). CPU flags do not tell: an AMD
@@ -155,15 +155,18 @@ def bf16_pays_off(device) -> tuple[bool, dict]:
     GFLOP/s per core), an Intel CPU with AVX512-BF16 but no AMX about half as fast (83 against
     157), an AVX2-only CPU 5-20x slower; any CUDA GPU of compute capability 8.0+ far faster.
     Set "enabled": true or false to decide without measuring.
+
+    cache_dir: the measurement is kept there per device, thread count and torch version, so that
+    only a machine's first run spends start-up on it (bll_ds/measure/matmul_peak.py).
     """
     import torch
 
-    from bll_ds.measure.matmul_peak import matmul_peaks
+    from bll_ds.measure.matmul_peak import cached_matmul_peaks
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return False, {}
-    peaks = matmul_peaks(device)
+    peaks = cached_matmul_peaks(device, cache_dir)
     return peaks["bf16"] >= BF16_MIN_SPEEDUP * peaks["fp32"], peaks
 
 

@@ -128,7 +128,8 @@ def train(cfg: RunConfig, started: float) -> None:
 def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float, resume: bool) -> None:
     if ds.bf16_auto:  # decided once, on rank 0: every stage must agree on the activations' dtype
         ds.resolve_bf16_auto(*distributed.rank0_then_broadcast(
-            bf16_pays_off, emulation_device() if cfg.emulate else get_accelerator().current_device_name()))
+            bf16_pays_off, emulation_device() if cfg.emulate else get_accelerator().current_device_name(),
+            cfg.cache_dir))
     monitor_sections = take_monitor_sections(ds.config)
     data = prepare_run_data(cfg, run_dir)
     model_config = load_model_spec(cfg.model, vocab_size=data.tokenizer.vocab_size)
@@ -198,9 +199,6 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float, resume
               f"{ds.micro_batches} micro-batches x {ds.micro_batch_size} x {seq_len} tokens | "
               f"steps {start_step}->{ds.steps} | {run_dir}")
 
-    # Measured before and after training, the best kept: a neighbour's start-up or evaluation
-    # can share the core during one of the two.
-    peaks_before = matmul_peaks(engine.device) if cfg.metrics.measure_matmul_peak else None
     job = JobControl(cfg.checkpoint.exit_duration_mins, started)
     step, step_times, val_loss = start_step, [], None
     recent = {k: [] for k in engine.local_stages}
@@ -236,10 +234,14 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float, resume
     train_wall_s = time.time() - train_started
     if dp_rank == 0 and engine.tracer.events:
         engine.tracer.dump(run_dir)
-    peaks = best_of(peaks_before, matmul_peaks(engine.device)) if cfg.metrics.measure_matmul_peak else None
-
+    # The matrix-product peak, measured before and after the final evaluation, the best kept: a
+    # neighbour's evaluation or drain can share the core during one of the two. Not at start-up,
+    # where it would delay the first step.
+    peaks = matmul_peaks(engine.device) if cfg.metrics.measure_matmul_peak else None
     val_loss = _evaluate(engine, final_eval_set, ds.data_parallel, dp_rank)
     log.log(ds.steps, {"val/loss": val_loss})
+    if peaks is not None:
+        peaks = best_of(peaks, matmul_peaks(engine.device))
     summary = build_summary(cfg, ds, engine, model_config, recent, step_times, seq_len, start_step, val_loss,
                             started, wall_s=time.time() - started, train_wall_s=train_wall_s,
                             matmul_peak_gflops=peaks, startup_s=train_started - started)
