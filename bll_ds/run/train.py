@@ -248,8 +248,8 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float, resume
     if is_logger:
         write_summary(run_dir, summary)
     if summary["model_gflops_per_s"] is None:
-        log.print(f"bll-ds: model_gflops_per_s, mfu and bll_overhead_flops_share are null in summary.json: "
-                  f"BLL variant {cfg.bll.variant!r} declares no readout FLOPs (readout_flops_per_token)")
+        log.print(f"bll-ds: model_gflops_per_s, mfu, mfu_measured_peak and bll_overhead_flops_share are null in "
+                  f"summary.json: BLL variant {cfg.bll.variant!r} declares no readout FLOPs (readout_flops_per_token)")
     log.print(f"done: val_loss={val_loss:.4f} | summary in {run_dir / 'summary.json'}")
     _close(log, *stage_logs.values())
 
