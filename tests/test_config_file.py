@@ -112,3 +112,30 @@ def test_a_run_reproduced_from_its_run_config_has_the_same_losses(tmp_path, cach
     assert len(losses(first)) == 6 and losses(second) == losses(first)
     for run_dir in (first, second):
         assert json.loads((run_dir / "ds_config.json").read_text())["optimizer"]["params"]["lr"] == 2e-3
+
+
+def test_a_benchmark_recipe_fills_the_same_config_as_the_flags(tmp_path):
+    from bll_bench.compare import parse_args
+
+    flags = ["--model", "models/llama-25m.json", "--deepspeed_config", "ds_configs/llama-25m.json", "--data",
+             "tokens:runs/kernel-docs-bpe4096", "--stages", "2", "--steps", "400", "--micro_batches", "4",
+             "--warmup_steps", "5", "--eval_interval", "25", "--eval_batches", "20", "--final_eval_batches", "20",
+             "--target_loss", "best-bp", "--arms", "peer:zbv,bll:dgl-context:dim=64:neg=2048", "--baseline",
+             "peer:zbv", "--repeats", "1", "--master_port", "29817", "--out", "results/time-to-loss-zbv-l25"]
+    recipe = str(REPO / "recipes/bench/time-to-loss-zbv-l25.yaml")
+    assert parse_args(["--config", recipe]) == parse_args(flags)
+    assert parse_args(["--config", recipe, "--repeats", "2"]).repeats == 2
+    for recipe in sorted((REPO / "recipes/bench").glob("*.yaml")):
+        if "testbed" not in recipe.name and "nanogpt" not in recipe.name:  # the nanogpt arm needs a checkout
+            assert parse_args(["--config", str(recipe)]).out, recipe.name
+    (tmp_path / "bad.yaml").write_text("arm: [bp]\n")
+    with pytest.raises(UserError, match="unknown field `arm`.*did you mean `arms`"):
+        parse_args(["--config", str(tmp_path / "bad.yaml")])
+
+
+def test_the_testbed_sweep_recipes_list_their_runs(capsys):
+    from bll_bench.sweep import main
+
+    for name in ("testbed-kernel-char-s8", "testbed-kernel-char-s16"):
+        assert main(["--config", str(REPO / f"recipes/bench/{name}.yaml"), "--list"]) == 0
+        assert "scripts/pretrain.py --emulate" in capsys.readouterr().out

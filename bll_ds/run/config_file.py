@@ -9,6 +9,7 @@ choices and ranges are checked once, the same way for both.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 from pathlib import Path
@@ -101,3 +102,37 @@ def _flag_tokens(f, flag: str, value, file: Path) -> list[str]:
         raise UserError(f"--config {file}: `{f.name}` takes one value, not {value!r}.",
                         f"write `{f.name}: VALUE` (python scripts/pretrain.py --help, --{flag}).")
     return [f"--{flag}", str(value)]
+
+
+def with_flat_config(parser, argv: list[str]) -> list[str]:
+    """argv with the flags of `--config FILE` put first, for a command whose flags are flat (the
+    benchmark harness's): the file maps each flag's name to its value (a list for a comma-separated
+    or repeated flag; true/false for a switch). The parser must define --config itself, for --help."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    path = pre.parse_known_args(argv)[0].config
+    if path is None:
+        return argv
+    file, data = read_config_file(path)
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    out = []
+    for key, value in data.items():
+        action = actions.get(key)
+        if action is None:
+            close = difflib.get_close_matches(key, list(actions), n=1)
+            raise UserError(f"--config {file}: unknown field `{key}`.",
+                            f"did you mean `{close[0]}`?" if close else f"the fields: {', '.join(sorted(actions))}.")
+        flag = action.option_strings[0]
+        if action.nargs == 0:  # a switch
+            if not isinstance(value, bool):
+                raise UserError(f"--config {file}: `{key}` is true or false, not {value!r}.",
+                                f"write `{key}: true` or `{key}: false`.")
+            if isinstance(action, argparse.BooleanOptionalAction):
+                out.append(flag if value else f"--no-{flag[2:]}")
+            elif value:
+                out.append(flag)
+        elif isinstance(value, list):
+            out += [flag, ",".join(str(v) for v in value)]
+        elif value is not None:
+            out += [flag, str(value)]
+    return out + argv
