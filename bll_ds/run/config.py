@@ -47,7 +47,7 @@ def _doc(text: str, flag: str | None = None, low: float | None = None, **kwargs)
 @dataclass
 class BLLConfig:
     """--method bll: the local loss and how the block-local pipeline runs (flags --bll_*)."""
-    variant: str = _doc("Local loss (docs/METHOD.md). The default, critic-context:dim=64:neg=2048: the next stage "
+    variant: str = _doc("Local loss (docs/METHOD.md). The default, critic-context:dim=128:neg=2048: the next stage "
                         "trains a critic of this stage's output toward its own prediction and sends it upstream as "
                         "the local readout, plus two heads that reconstruct the two preceding tokens "
                         "(bll_ds/method/default_variant.py). Others: dgl-context (free local heads, nothing sent "
