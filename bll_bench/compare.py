@@ -33,7 +33,7 @@ from tqdm import tqdm
 from bll_bench import nanogpt_arm
 from bll_ds.infra.atomic import atomic_write_text
 from bll_ds.infra.cli_types import DefaultsHelpFormatter
-from bll_ds.run.config_file import with_flat_config
+from bll_ds.run.config_file import with_config
 from bll_ds.infra.errors import UserError
 from bll_ds.method.variants import get as get_variant
 from bll_ds.run import run_dir as names
@@ -147,7 +147,7 @@ def parse_args(argv: list[str]) -> BenchConfig:
     p.add_argument("--config", default=None, help="a benchmark recipe (recipes/bench/*.yaml): these flags' names "
                    "and values, in JSON or YAML; flags given beside it override it")
     own, extra = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    a = p.parse_args(with_flat_config(p, own))
+    a = p.parse_args(with_config(p, own))
     arms = tuple(a.arms.split(","))
     for arm in arms:
         arm_args(arm)

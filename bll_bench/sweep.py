@@ -41,7 +41,7 @@ from pathlib import Path
 from bll_bench.plotting import pyplot
 from bll_ds.infra.atomic import atomic_write_text
 from bll_ds.infra.cli_types import DefaultsHelpFormatter
-from bll_ds.run.config_file import with_flat_config
+from bll_ds.run.config_file import with_config
 from bll_ds.infra.errors import UserError
 from bll_ds.method import variants as bll_variants
 from bll_ds.method.variant_options import run_name
@@ -339,7 +339,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--config", default=None, help="A sweep recipe (recipes/bench/*.yaml): these flags' names and "
                    "values, in JSON or YAML; flags given beside it override it.")
     p.add_argument("extra", nargs="*", help="After --: flags passed to every pretrain.py run.")
-    args = p.parse_args(with_flat_config(p, argv))
+    args = p.parse_args(with_config(p, argv))
     plan, out = PLANS[args.plan], Path(args.out)
     if args.variants:
         chosen_variants = tuple(args.variants.split(","))

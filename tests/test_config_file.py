@@ -56,7 +56,7 @@ def test_a_run_config_round_trips_and_another_out_starts_afresh(tmp_path):
     ('{"bll": {"varient": "dgl"}}', "unknown field `varient` in section `bll`. Fix: did you mean `variant`?"),
     ('{"bll": "dgl"}', "`bll` is a section and takes a mapping"),
     ('{"stages": null}', "`stages: null` is not a value"),
-    ('{"emulate": "yes"}', "`emulate` is true or false"),
+    ('{"emulate": "yes"}', "`emulate` takes true or false"),
     ('{"stages": [2]}', "`stages` takes one value"),
     ('[1, 2]', "holds a list, not a mapping"),
     ('{"stages": 2,', "not valid JSON"),

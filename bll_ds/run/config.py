@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bll_ds.infra.cli_types import DefaultsHelpFormatter
-from bll_ds.run.config_file import config_file_argv
+from bll_ds.run.config_file import unknown_field, with_config
 from bll_ds.infra.errors import UserError
 from bll_ds.method.default_variant import DEFAULT_VARIANT
 
@@ -254,15 +254,30 @@ _MOVED_FLAGS = {"--bll_guard_weight": "--bll_variant gaussian:guard=0.5 (or bern
                 "--bll_learn_variance": "--bll_variant gaussian:variance=learned"}
 
 
-def _with_config_file(argv: list[str]) -> list[str]:
-    """argv with the flags of --config's file put first, so that the command line overrides them."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    path = pre.parse_known_args(argv)[0].config
-    if path is None:
-        return argv
-    given = {"--" + arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
-    return config_file_argv(path, list(_flag_fields()), given) + argv
+def _flatten_config_file(file: Path, data: dict, given: set[str]) -> dict:
+    """A file in run_config.json's shape -> {flag name: value}. A file's `resume` belongs to the
+    run dir the file names: with another --out, `--config OLD_RUN --out NEW` reproduces the run in
+    NEW from step 0 unless --resume is given too."""
+    flags = {(section, f.name): flag for section, f, flag in _flag_fields()}
+    sections = {section for section, _ in flags if section is not None}
+    flat = {}
+    for key, value in data.items():
+        if key in sections:
+            if not isinstance(value, dict):
+                raise UserError(f"--config {file}: `{key}` is a section and takes a mapping of its fields, "
+                                f"not {value!r}.", f"write `{key}:` with its fields below it, as in a run dir's "
+                                f"run_config.json.")
+            items = [(key, name, v) for name, v in value.items()]
+        else:
+            items = [(None, key, value)]
+        for section, name, v in items:
+            if (section, name) not in flags:
+                known = {n for s, n in flags if s == section} | (sections if section is None else set())
+                raise unknown_field(file, name, known, f" in section `{section}`" if section else " in the top level")
+            if flags[(section, name)] == "resume" and "out" in data and "--out" in given:
+                continue
+            flat[flags[(section, name)]] = v
+    return flat
 
 
 def parse_run_config(argv: list[str] | None = None) -> RunConfig:
@@ -272,9 +287,10 @@ def parse_run_config(argv: list[str] | None = None) -> RunConfig:
         if flag in _MOVED_FLAGS:
             raise UserError(f"{flag} is no longer a flag: variant options are written after the variant's name.",
                             f"use {_MOVED_FLAGS[flag]}.")
-    argv = _with_config_file(argv)
+    parser = build_parser()
+    argv = with_config(parser, argv, _flatten_config_file)  # the file's flags first: the command line overrides
     _import_custom(argv)
-    args = vars(build_parser().parse_args(argv))
+    args = vars(parser.parse_args(argv))
     args["ds_set"] = args["ds_set"] or []
     top, sections = {}, {f.name: {} for f in dataclasses.fields(RunConfig) if _is_section(f)}
     for section, f, flag in _flag_fields():

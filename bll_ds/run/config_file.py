@@ -1,10 +1,14 @@
-"""`--config FILE`: a run described by a file (JSON or YAML), in the shape of a run dir's
-run_config.json: top-level fields, and the sections (`bll:`, `eval:`, `checkpoint:`, ...) as
-mappings of their fields.
+"""`--config FILE`: a command's flags given as a file (JSON or YAML).
 
 A file stands for the flags it sets, placed before the command line's own, so one parser reads
 both and a flag given beside the file overrides it (argparse keeps the last value). Types,
 choices and ranges are checked once, the same way for both.
+
+Two shapes, one conversion (`with_config`):
+- the benchmark harness and the sweeps: a flat mapping of flag names to values;
+- pretrain: a run dir's run_config.json shape, top-level fields and the sections (`bll:`,
+  `eval:`, `checkpoint:`, ...) as mappings of their fields, which `flatten` (given by the
+  caller, bll_ds/run/config.py) turns into the flat form first.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import difflib
 import json
 from pathlib import Path
+from typing import Callable
 
 from bll_ds.infra.errors import UserError
 
@@ -43,96 +48,64 @@ def read_config_file(path: str) -> tuple[Path, dict]:
                             "fix the file's syntax (or give a YAML file a .yaml suffix).") from None
     if not isinstance(data, dict):
         raise UserError(f"--config {file} holds a {type(data).__name__}, not a mapping of field names to values.",
-                        "write it as a run dir's run_config.json is written: model: ..., bll: {variant: ...}.")
+                        "write it as a mapping, e.g. as a run dir's run_config.json is written.")
     return file, data
 
 
-def config_file_argv(path: str, fields: list, command_line: set[str]) -> list[str]:
-    """The flags the file at `path` stands for.
-
-    fields: (section name or None, field, flag) for every flag of RunConfig, as config.py lists them.
-    command_line: the flags given on the command line (`--name`, underscores). A file's `resume`
-    belongs to the run dir the file names: with another --out, `--config OLD_RUN --out NEW`
-    reproduces the run in NEW from step 0 unless --resume is given too.
-    """
-    file, data = read_config_file(path)
-    by_key = {(section, f.name): (f, flag) for section, f, flag in fields}
-    sections = {section for section, _, _ in fields if section is not None}
-    argv = []
-    for key, value in data.items():
-        if key in sections:
-            if not isinstance(value, dict):
-                raise UserError(f"--config {file}: `{key}` is a section and takes a mapping of its fields, "
-                                f"not {value!r}.", f"write `{key}:` with its fields below it, as in a run dir's "
-                                f"run_config.json.")
-            items = [(key, name, v) for name, v in value.items()]
-        else:
-            items = [(None, key, value)]
-        for section, name, v in items:
-            if (section, name) not in by_key:
-                known = sorted({n for s, n in by_key if s == section} | (sections if section is None else set()))
-                close = difflib.get_close_matches(name, known, n=1)
-                where = f"section `{section}`" if section else "the top level"
-                raise UserError(f"--config {file}: unknown field `{name}` in {where}.",
-                                f"did you mean `{close[0]}`?" if close else f"the fields there: {', '.join(known)}.")
-            f, flag = by_key[(section, name)]
-            if flag == "resume" and "out" in data and "--out" in command_line:
-                continue
-            argv += _flag_tokens(f, flag, v, file)
-    return argv
+def unknown_field(file: Path, name: str, known, where: str = "") -> UserError:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return UserError(f"--config {file}: unknown field `{name}`{where}.",
+                     f"did you mean `{close[0]}`?" if close else f"the fields: {', '.join(sorted(known))}.")
 
 
-def _flag_tokens(f, flag: str, value, file: Path) -> list[str]:
-    if value is None:
-        if f.default is not None:
-            raise UserError(f"--config {file}: `{f.name}: null` is not a value (its default is {f.default!r}).",
-                            f"give `{f.name}` a value, or leave it out for the default.")
-        return []  # the default already
-    if f.type == "bool":
-        if not isinstance(value, bool):
-            raise UserError(f"--config {file}: `{f.name}` is true or false, not {value!r}.",
-                            f"write `{f.name}: true` or `{f.name}: false`.")
-        return [f"--{flag}" if value else f"--no-{flag}"]
-    if f.type == "list[str]":
-        if not isinstance(value, list):
-            raise UserError(f"--config {file}: `{f.name}` is a list, not {value!r}.",
-                            f"write `{f.name}: [\"a.b=1\", ...]`.")
-        return [token for item in value for token in (f"--{flag}", str(item))]
-    if isinstance(value, (dict, list, bool)):
-        raise UserError(f"--config {file}: `{f.name}` takes one value, not {value!r}.",
-                        f"write `{f.name}: VALUE` (python scripts/pretrain.py --help, --{flag}).")
-    return [f"--{flag}", str(value)]
+Flatten = Callable[[Path, dict, set], dict]
 
 
-def with_flat_config(parser, argv: list[str]) -> list[str]:
-    """argv with the flags of `--config FILE` put first, for a command whose flags are flat (the
-    benchmark harness's): the file maps each flag's name to its value (a list for a comma-separated
-    or repeated flag; true/false for a switch). The parser must define --config itself, for --help."""
+def with_config(parser: argparse.ArgumentParser, argv: list[str], flatten: Flatten | None = None) -> list[str]:
+    """argv with the flags of `--config FILE` put first. The parser defines --config itself (for
+    --help). flatten(file, data, flags given on the command line) -> {flag name: value}, for a
+    file that is not already flat."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     path = pre.parse_known_args(argv)[0].config
     if path is None:
         return argv
     file, data = read_config_file(path)
+    if flatten is not None:
+        given = {"--" + arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+        data = flatten(file, data, given)
+    return _flags(parser, file, data) + argv
+
+
+def _flags(parser: argparse.ArgumentParser, file: Path, data: dict) -> list[str]:
+    """{flag name: value} as command-line tokens: a switch true/false, a repeated flag's list as
+    repeats, another list comma-joined, null as the default."""
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
     out = []
-    for key, value in data.items():
-        action = actions.get(key)
+    for name, value in data.items():
+        action = actions.get(name)
         if action is None:
-            close = difflib.get_close_matches(key, list(actions), n=1)
-            raise UserError(f"--config {file}: unknown field `{key}`.",
-                            f"did you mean `{close[0]}`?" if close else f"the fields: {', '.join(sorted(actions))}.")
-        flag = action.option_strings[0]
-        if action.nargs == 0:  # a switch
-            if not isinstance(value, bool):
-                raise UserError(f"--config {file}: `{key}` is true or false, not {value!r}.",
-                                f"write `{key}: true` or `{key}: false`.")
+            raise unknown_field(file, name, actions)
+        flag, switch = action.option_strings[0], action.nargs == 0
+        if value is None:
+            if action.default is not None:
+                raise UserError(f"--config {file}: `{name}: null` is not a value (its default is {action.default!r}).",
+                                f"give `{name}` a value, or leave it out for the default.")
+        elif switch or isinstance(value, bool):
+            if not (switch and isinstance(value, bool)):
+                raise UserError(f"--config {file}: `{name}` takes " + ("true or false" if switch else "one value")
+                                + f", not {value!r}.", f"write `{name}: VALUE` ({flag} in --help).")
             if isinstance(action, argparse.BooleanOptionalAction):
                 out.append(flag if value else f"--no-{flag[2:]}")
             elif value:
                 out.append(flag)
-        elif isinstance(value, list):
+        elif isinstance(value, list) and isinstance(action, argparse._AppendAction):
+            out += [token for item in value for token in (flag, str(item))]
+        elif isinstance(value, list) and action.type in (None, str):  # a comma-separated flag
             out += [flag, ",".join(str(v) for v in value)]
-        elif value is not None:
+        elif isinstance(value, (dict, list)):
+            raise UserError(f"--config {file}: `{name}` takes one value, not {value!r}.",
+                            f"write `{name}: VALUE` ({flag} in --help).")
+        else:
             out += [flag, str(value)]
-    return out + argv
+    return out
