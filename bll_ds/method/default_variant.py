@@ -9,7 +9,7 @@ layer's training FLOPs and 6.7% of a full fp32 table per hop and step (`python -
 variants`), inside the budget (5%, 1/8); 128 is the widest power of two inside it. The width is
 what the quality asks for: stage k's critic loss reaches h_k only through the r directions of the
 critic's projection, and on the character-level testbed r = 64 of H = 128 trailed the full critic
-by 4.5% of held-out loss at step 3200 of 8000 (docs/results/quality.md). On a model with H <= 128 or
+by 3.9% of held-out loss half-way through its budget (docs/results/quality.md). On a model with H <= 128 or
 V <= 2,048 the options change nothing: the readout is already that narrow, or every item is a
 candidate.
 """
