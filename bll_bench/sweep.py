@@ -385,5 +385,7 @@ def main(argv: list[str]) -> int:
             tabulate(plan, out)
             return code
         tabulate(plan, out)
+    if args.list:  # a listing writes nothing: a sweep may be writing the table in another process
+        return 0
     print(tabulate(plan, out) and (out / "sweep.md").read_text(), end="")
     return 0
