@@ -43,6 +43,7 @@ from bll_ds.infra.errors import UserError  # noqa: E402
 from bll_ds.measure.rss import peak_rss_mb  # noqa: E402
 from bll_ds.metrics.log import MetricsLog  # noqa: E402
 from bll_ds.modeling import count_parameters, load_model_spec  # noqa: E402
+from bll_ds.pipeline.step_record import StepRecord  # noqa: E402
 from bll_ds.pipeline.launched import link_delay  # noqa: E402
 from bll_ds.run import run_dir as names  # noqa: E402
 from bll_ds.run.config import build_parser, parse_run_config, resolve_seq_len  # noqa: E402
@@ -70,7 +71,8 @@ def train(schedule: str, argv: list[str]) -> None:
     final_eval_set = list(EvalBatches(data.val_tokens, seq_len, ds.micro_batch_size, cfg.eval.final_batches or 10**9))
     last_rank = arm.owner(arm.num_stages - 1)
     tokens_per_step = ds.micro_batches * ds.micro_batch_size * seq_len
-    log = MetricsLog(run_dir / names.METRICS, run_dir / names.TENSORBOARD, rank == last_rank, 0)
+    log = MetricsLog(run_dir / names.METRICS, run_dir / names.TENSORBOARD, rank == last_rank, 0,
+                     ds.steps if cfg.metrics.progress else None, tokens_per_step=tokens_per_step)
     stage_log = MetricsLog(names.stage_metrics(run_dir, rank), names.stage_tensorboard(run_dir, rank), True, 0)
     log.print(f"bll-ds peer: {spec.class_name} | {arm.num_stages} stages on {world} ranks | "
               f"{count_parameters(model_config) / 1e6:.2f}M params | vocab {model_config.vocab_size} | "
@@ -86,6 +88,7 @@ def train(schedule: str, argv: list[str]) -> None:
         step_s = time.perf_counter() - begin  # each rank's own step; the harness reads the last rank's
         step_times.append(step_s)
         stage_log.log(step, {"stage/step_s": step_s, "stage/grad_norm": norm}, echo=False)
+        log.advance(StepRecord(step=step, loss=loss, step_s=step_s, busy_s=step_s, idle_s=0.0, lr=lr))
         if step % cfg.metrics.log_interval == 0 or step == ds.steps:
             log.log(step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": norm,
                            "train/tokens_per_s": tokens_per_step / step_s,

@@ -149,6 +149,7 @@ def test_peer_pretrain_script_trains_and_writes_what_the_harness_reads(tmp_path,
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3]
+    assert "3/3 [" in result.stderr  # the progress bar moved to the last step
     assert all(0 < r["train/loss"] < 10 and r["train/grad_norm"] > 0 and r["train/lr"] == 3e-3 for r in train)
     assert [r["step"] for r in rows if "val/loss" in r] == [2, 3]
     summary = json.loads((out / "summary.json").read_text())
