@@ -13,7 +13,7 @@ from bll_ds.pipeline.emulated.emulator import EmulatedPipeline
 from bll_ds.pipeline.step_record import StepRecord
 from bll_ds.run.config import BLLConfig
 from bll_ds.run.ds_config import DsSettings
-from helpers import REPO, run_script
+from helpers import REPO, launch_ranks, remove_shm_buffers, run_script
 
 SPEC, DS_CONFIG = "models/test-1m.json", "ds_configs/test-1m.json"
 
@@ -62,3 +62,20 @@ def test_start_up_says_what_it_does_before_the_first_step(tmp_path, cache_dir, t
     assert "tokenizer char, then tokenizing" in lines[1]
     assert "building the emulated pipeline" in lines[2] and "2 stages" in lines[2]
     assert lines[3].startswith("bll-ds: bll/")  # the run's header, then training
+
+
+@pytest.mark.launcher
+def test_the_launched_bar_moves_inside_an_engine_call(tmp_path, cache_dir, text_corpus):
+    """Two launched ranks, four BLL steps in one engine call: the last stage's bar shows each step as
+    it ends, not the call's four at once (TQDM_MININTERVAL=0 redraws on every update)."""
+    args = ["--model", SPEC, "--deepspeed_config", DS_CONFIG, "--tokenizer", "char", "--seq_len", "16",
+            "--stages", "2", "--steps", "4", "--bll_steps_per_call", "4", "--eval_interval", "0",
+            "--final_eval_batches", "1", "--no-measure_matmul_peak", "--trace_steps", "0", "--data",
+            str(text_corpus), "--cache_dir", str(cache_dir), "--out", str(tmp_path / "run")]
+    try:
+        done = launch_ranks(REPO / "scripts" / "pretrain.py", args, 2, 29765, env={"TQDM_MININTERVAL": "0"})
+    finally:
+        remove_shm_buffers(port=29765)
+    assert done.returncode == 0, done.stderr[-3000:]
+    drawn = [n for n in range(1, 5) if f"{n}/4 [" in done.stderr]
+    assert drawn == [1, 2, 3, 4]

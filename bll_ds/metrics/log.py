@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,8 +36,9 @@ class MetricsLog:
         self._jsonl = open(jsonl_path, "a")
         self._tb = SummaryWriter(log_dir=str(tb_dir), purge_step=start_step + 1)
         if progress_total is not None:
+            # Redrawn at most every second, unless TQDM_MININTERVAL says otherwise (tqdm reads it).
             self._bar = tqdm(total=progress_total, initial=start_step, unit="step", dynamic_ncols=True,
-                             file=sys.stderr, mininterval=1.0)
+                             file=sys.stderr, **({} if "TQDM_MININTERVAL" in os.environ else {"mininterval": 1.0}))
 
     def advance(self, record) -> None:
         """One optimizer step done (its StepRecord): the bar moves, with the step's loss and the
