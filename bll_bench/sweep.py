@@ -145,12 +145,15 @@ def runs_of(plan: Plan, seed: int = DEFAULT_SEED) -> dict[str, list[str]]:
     return runs
 
 
-def _truncated_spec(plan: Plan, layers: int, out: Path) -> Path:
-    spec = json.loads((REPO / plan.model).read_text())
-    spec["num_hidden_layers" if "num_hidden_layers" in spec else "n_layer"] = layers
+def _truncated_spec(plan: Plan, layers: int, out: Path, write: bool = True) -> Path:
+    """The plan's model cut to `layers` layers, as a spec file in the sweep folder (written only
+    when a run needs it: a listing names it without writing)."""
     path = out / "specs" / f"{Path(plan.model).stem}-L{layers}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(spec, indent=2) + "\n")
+    if write:
+        spec = json.loads((REPO / plan.model).read_text())
+        spec["num_hidden_layers" if "num_hidden_layers" in spec else "n_layer"] = layers
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(spec, indent=2) + "\n")
     return path
 
 
@@ -158,7 +161,8 @@ def _command(plan: Plan, name: str, flags: list[str], args, out: Path) -> list[s
     model = plan.model
     if "--truncate" in flags:
         at = flags.index("--truncate")
-        model, flags = str(_truncated_spec(plan, int(flags[at + 1]), out)), flags[:at] + flags[at + 2:]
+        model = str(_truncated_spec(plan, int(flags[at + 1]), out, write=not args.list))
+        flags = flags[:at] + flags[at + 2:]
     run_dir = out / name
     shared = out / names.TOKENIZER_MODEL  # trained by the first run, then used by every run
     tokenizer = str(shared) if shared.is_file() and plan.tokenizer != "char" else plan.tokenizer

@@ -64,7 +64,7 @@ def test_list_prints_every_run_with_resume_once_checkpointed(tmp_path, capsys):
     lines = dict(line.split(" ", 1) for line in printed if line.startswith(("bp-", "bll-")))
     assert "--resume" in lines["bp-L16"] and "--resume" not in lines["bp-L1"]
     assert lines["bp-L1"].rstrip().endswith("--steps 10") and "--emulate" in lines["bll-dgl-S16"]
-    assert not (tmp_path / "sweep.md").exists()  # a listing writes nothing
+    assert not (tmp_path / "sweep.md").exists() and not (tmp_path / "specs").exists()  # a listing writes nothing
 
 
 def test_bll_runs_wait_until_depth_pays_for_backprop(tmp_path, capsys):
