@@ -1,12 +1,15 @@
 #!/bin/bash
-# Start-up, old (b86022f) against new (working tree), deepspeed launcher, 2 CPU ranks, nanogpt-char.
+# Start-up, old (b86022f, in a worktree at /tmp/wt-old) against new (this checkout), deepspeed launcher,
+# 2 CPU ranks, nanogpt-char. Run from the checkout's root with the background runs paused:
+#   git worktree add /tmp/wt-old b86022f && bash results/startup/startup.sh
 export DS_ACCELERATOR=cpu
+NEW=$(pwd)
 run() {  # label, repo, launcher...
   local label=$1 repo=$2; shift 2
   rm -rf /tmp/su-$label
   local t0=$(date +%s.%N)
   (cd $repo && "$@" scripts/pretrain.py --model models/nanogpt-char.json --deepspeed_config ds_configs/nanogpt-char.json \
-      --stages 2 --data ../../work/shared/data/tinyshakespeare.txt --tokenizer char --steps 20 --final_eval_batches 2 \
+      --stages 2 --data "$NEW/../shared/data/tinyshakespeare.txt" --tokenizer char --steps 20 --final_eval_batches 2 \
       --eval_interval 0 --out /tmp/su-$label --no-progress > /tmp/su-$label.log 2>&1)
   local t1=$(date +%s.%N)
   python3 - "$label" "$t0" "$t1" <<'PY'
@@ -17,7 +20,7 @@ print(f"{label}: whole {t1-t0:.1f}s | in-process start-up {s['startup_s']:.2f}s 
 PY
 }
 for i in 1 2 3; do
-  run old$i /tmp/wt-old /work/main/.venv/bin/deepspeed --num_gpus 2 --master_port 29956
-  run new$i /work/main /work/main/.venv/bin/deepspeed --num_gpus 2 --master_port 29957
+  run old$i /tmp/wt-old $NEW/.venv/bin/deepspeed --num_gpus 2 --master_port 29956
+  run new$i $NEW $NEW/.venv/bin/deepspeed --num_gpus 2 --master_port 29957
 done
-for i in 1 2 3; do run torchrun$i /work/main /work/main/.venv/bin/torchrun --nproc_per_node 2 --master_port 29958; done
+for i in 1 2 3; do run torchrun$i $NEW $NEW/.venv/bin/torchrun --nproc_per_node 2 --master_port 29958; done
