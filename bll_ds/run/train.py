@@ -150,8 +150,9 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float, resume
             saved["bf16_auto_measured_gflops"] = ds.bf16_auto_peaks
         atomic_write_text(run_dir / names.DS_CONFIG, json.dumps(saved, indent=2) + "\n")
     checkpointing = cfg.activation_checkpoint_interval
+    params = count_parameters(model_config)  # builds the model on the meta device: once, for both lines
     _say(dist.get_rank(), started, f"building the {'emulated ' if cfg.emulate else ''}pipeline: "
-                                   f"{count_parameters(model_config) / 1e6:.2f}M parameters in {cfg.stages} stages")
+                                   f"{params / 1e6:.2f}M parameters in {cfg.stages} stages")
     if cfg.emulate:
         engine = EmulatedPipeline(cfg.method, model_config, cfg.stages, ds, cfg.seed, cfg.bll,
                                   activation_checkpoint_interval=checkpointing)
@@ -195,7 +196,7 @@ def _train(cfg: RunConfig, ds: DsSettings, run_dir: Path, started: float, resume
                                        stage_logs[k].print, cfg.deepspeed_config) for k in engine.local_stages}
     log.print(f"bll-ds: {cfg.method}{'/' + cfg.bll.variant if cfg.method == 'bll' else ''} | "
               f"{cfg.stages} stages x {ds.data_parallel} replicas | "
-              f"{count_parameters(model_config) / 1e6:.2f}M params | vocab {model_config.vocab_size} | "
+              f"{params / 1e6:.2f}M params | vocab {model_config.vocab_size} | "
               f"{ds.micro_batches} micro-batches x {ds.micro_batch_size} x {seq_len} tokens | "
               f"steps {start_step}->{ds.steps} | {run_dir}")
 
