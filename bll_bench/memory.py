@@ -44,6 +44,12 @@ against `measure_saved_activation_bytes` by tests/test_memory.py):
   payloads awaiting completion in the outbox. g_k's own activations are not held through the
   step: finish_step recomputes g_k's forward (saving the received table, up's and gelu's
   [V, hidden] outputs) and its surrogate product saves m_k's gradient, at the step's end.
+  The critic variants (bll_ds/method/critic.py) have no g_k: the readout reads the received
+  critic as data (its products save views of the message), and every stage but the first also
+  trains a critic of its input in the same backward as its loss (the last stage beside the LM
+  loss), whose norm, fp32 log-probabilities and fp32 target [tokens, C] are alive with the
+  readout's; the last stage then holds a block too. The -man variants (a copied decoder layer in
+  the readout) are not modelled.
   Send window: the planner counts the worst case, 2M detached outputs referenced by isends
   (BLLPipelineEngine.max_inflight_sends), which a slow receiver reaches. The engine releases
   completed sends at the next send, so with a prompt receiver it typically holds one or two; a
@@ -88,7 +94,8 @@ from transformers import PretrainedConfig
 from bll_ds.infra.cli_types import DefaultsHelpFormatter
 from bll_ds.measure.flops import _attention_width, _mlp_width
 from bll_ds.method import variants
-from bll_ds.method.feedback import build_feedback
+from bll_ds.method.default_variant import DEFAULT_VARIANT
+from bll_ds.method.feedback import TableFeedback
 from bll_ds.method.stage_step import slices_for
 from bll_ds.modeling import load_model_spec
 from bll_ds.modeling.checkpointing import checkpointed_groups
@@ -324,15 +331,19 @@ def pipeline_piece_sizes(config: PretrainedConfig) -> tuple[ModuleSize, ModuleSi
                  for name, i in (("embedding", 0), ("layer", 1), ("head", len(specs) - 1)))
 
 
-def feedback_size(config: PretrainedConfig, variant: str) -> ModuleSize:
-    """The BLL feedback block of one non-last stage, built as build_engine builds it."""
-    return _cached_size(config, f"feedback:{variant}", lambda: build_feedback(variant, config))
+def feedback_size(config: PretrainedConfig, variant: str, input_critic: bool = False, last: bool = False) -> ModuleSize:
+    """A BLL feedback block as build_engine builds it (pipeline/build.py build_stage_feedback): a
+    non-last stage's, with the critic of its input where `input_critic`, or the last stage's."""
+    return _cached_size(config, f"feedback:{variant}:{input_critic}:{last}",
+                        lambda: variants.get(variant).build(config, input_critic=input_critic, last=last))
 
 
 def stage_sizes(config: PretrainedConfig, stages: int, method: str, variant: str = "prototype") -> list[ModuleSize]:
     """Per stage: its decoder layers, the embedding on stage 0, the head on the last stage, and
-    under BLL the feedback block on every stage but the last."""
+    under BLL the feedback block where the stage holds one (every stage but the last; the last
+    too, and a critic of the input on every stage but the first, under the critic variants)."""
     embedding, layer, head = pipeline_piece_sizes(config)
+    chosen = variants.get(variant)
     sizes = []
     for stage, layers in enumerate(stage_layer_counts(config, stages)):
         size = layer.times(layers)
@@ -340,8 +351,9 @@ def stage_sizes(config: PretrainedConfig, stages: int, method: str, variant: str
             size = size + embedding
         if stage == stages - 1:
             size = size + head
-        elif method == "bll":
-            size = size + feedback_size(config, variant)
+        if method == "bll" and stages > 1 and chosen.holds_block(stage, stages):
+            size = size + feedback_size(config, variant, input_critic=chosen.trains_input_critic and stage > 0,
+                                        last=stage == stages - 1)
         sizes.append(size)
     return sizes
 
@@ -464,7 +476,7 @@ def _stage_memory(config, setup: Setup, stage: int, layers: int, size: ModuleSiz
     weights, grads, optimizer = _weights_grads_optimizer(size, setup)
     slices = _slices(config, setup, last)
     body = _body_phases(config, setup, layers, first, last)
-    readout, block_grad = _readout_phases(config, setup, last, slices)
+    readout, block_grad = _readout_phases(config, setup, first, last, slices)
     forward = body.forward + max(readout, block_grad)   # the micro-batch's saved bytes once its forward (and loss) ran
     saved = max(forward, body.recompute)                # ... and at the worst point of its backward
     rope = layers * rope_table_bytes(config, setup.seq_len, setup.e)
@@ -481,7 +493,7 @@ def _stage_memory(config, setup: Setup, stage: int, layers: int, size: ModuleSiz
         buffer_bytes=rope + _pipe_bytes_kept(config, setup, first, last),
         in_flight=in_flight, readout_slices=slices, saved_per_micro_batch=saved,
         activation_bytes=in_flight * (forward_stash + pipe) + recompute_extra,
-        transient_bytes=_transient_bytes(config, setup, layers, last, slices),
+        transient_bytes=_transient_bytes(config, setup, layers, first, last, slices),
         step_transient_bytes=_step_transient_bytes(config, setup, size, last),
         meter_bytes=_meter_bytes(config, setup, in_flight, forward, body, readout, block_grad, last),
         checkpointed_groups=body.groups, recompute_bytes=body.recompute_group)
@@ -585,17 +597,37 @@ def _body_phases(config, setup: Setup, layers: int, first: bool, last: bool) -> 
                       groups=groups, recompute_group=worst[2], keeps_received_input=keeps_received)
 
 
-def _readout_phases(config, setup: Setup, last: bool, slices: int) -> tuple[int, int]:
+def _readout_phases(config, setup: Setup, first: bool, last: bool, slices: int) -> tuple[int, int]:
     """(readout, block gradient): the loss's saved bytes at their peak (one slice's where the
     readout is sliced; 0 on BP's non-last stages, which compute no loss), and, where it is sliced,
     the block output's accumulated gradient that the block's surrogate backward saves once the
-    slices are done (`hidden * detached.grad`). The micro-batch's peak is the body plus the larger."""
+    slices are done (`hidden * detached.grad`). The micro-batch's peak is the body plus the larger.
+    The readout includes the critic of the stage's input where the variant trains one."""
     if not _readout_on_stage(setup, last):
         return 0, 0
     variant = LM_HEAD if last else setup.variant
     readout = sliced_readout_saved_bytes(config, setup.e, setup.micro_batch_size, setup.seq_len, slices, variant)
     block_grad = setup.tokens * config.hidden_size * setup.e if slices > 1 else 0
-    return readout, block_grad
+    return readout + _input_critic_saved_bytes(config, setup, first, last), block_grad
+
+
+def _trains_input_critic(setup: Setup, first: bool) -> bool:
+    """Whether this stage trains a critic of its input (critic.py): BLL, every stage but the first."""
+    return setup.method == "bll" and setup.stages > 1 and not first and variants.get(setup.variant).trains_input_critic
+
+
+def _input_critic_saved_bytes(config, setup: Setup, first: bool, last: bool) -> int:
+    """The critic's saved tensors, alive with the loss's (StageStep.local_backward runs one backward
+    of both; the critic variants are never sliced). Its norm reads the stage's input, detached:
+    where that norm saves the input itself (GPT-2's LayerNorm), it is the received tensor the
+    first layer's norm saved already, so only the rest is the critic's."""
+    if not _trains_input_critic(setup, first):
+        return 0
+    e = setup.e
+    norm = norm_saved_bytes(config, e, input_requires_grad=False)
+    if norm_saves_its_input(config, e, input_requires_grad=False):
+        norm -= e * config.hidden_size
+    return variants.get(setup.variant).input_critic_saved_bytes(config, e, norm, setup.tokens, last)
 
 
 def _pipe_bytes_per_micro_batch(config, setup: Setup, first: bool, last: bool,
@@ -645,12 +677,28 @@ def _has_tables(setup: Setup) -> bool:
     return setup.method == "bll" and setup.stages > 1 and variants.get(setup.variant).sends_table
 
 
+def _has_feedback_network(setup: Setup) -> bool:
+    """Whether the received table goes through g_k (feedback.TableFeedback: m_k, its gradient,
+    finish_step); the critic's message is read as it arrives."""
+    return _has_tables(setup) and issubclass(variants.get(setup.variant).block, TableFeedback)
+
+
 def _table_bytes_saved_in_readout(config, setup: Setup, last: bool) -> int:
-    """m_k, the table every micro-batch's readout saves (the product's right operand). It is a
+    """What of the table every micro-batch's readout saves. m_k, the product's right operand: a
     leaf computed once per step without a graph (feedback.TableFeedback.targets), held anyway.
     A sampled softmax (neg=n) gathers the candidate rows first: the product saves those rows
-    (the variant's readout_saved_bytes_per_micro_batch), and the gather saves only their ids."""
-    if not _has_tables(setup) or last or variants.get(setup.variant).options.neg:
+    (the variant's readout_saved_bytes_per_micro_batch), and the gather saves only their ids.
+    The critic's readout reads the received message itself: its product saves U_k (a view of
+    the message) unless neg=n gathers rows, and with dim=r the product with Q_k saves Q_k, also
+    a view; either way the message's whole storage. Where table= makes the message travel in
+    another dtype, the readout saves copies instead (its readout_saved_bytes_per_micro_batch)."""
+    if not _has_tables(setup) or last:
+        return 0
+    variant = variants.get(setup.variant)
+    if not _has_feedback_network(setup):
+        saves_a_view = not variant.options.neg or variant.block.reduces(variant.options, config)
+        return _table_elements(config, setup) * setup.e if saves_a_view and _message_element_bytes(setup) == setup.e else 0
+    if variant.options.neg:
         return 0
     return _table_elements(config, setup) * setup.e
 
@@ -659,7 +707,7 @@ def _finish_step_saved_bytes(config, setup: Setup, last: bool) -> int:
     """Saved by finish_step's recompute of g_k and its surrogate product: the received table
     (up's input), up's and gelu's outputs ([V, g_k hidden] each) and m_k's accumulated gradient.
     Only alive at the step's end, when no micro-batch is."""
-    if not _has_tables(setup) or last:
+    if not _has_feedback_network(setup) or last:
         return 0
     vocab, e = config.vocab_size, setup.e
     return 2 * _table_elements(config, setup) * e + 2 * vocab * _feedback_hidden(config, setup) * e
@@ -681,15 +729,18 @@ def _meter_bytes(config, setup: Setup, in_flight: int, forward: int, body: BodyP
 
 
 def _table_bytes(config, setup: Setup, first: bool, last: bool) -> int:
-    """The inbox queue (LAG + 1) and m_k with its accumulated gradient (non-last stages), the
-    outbox (non-first stages). g_k's activations are not held (finish_step recomputes them)."""
+    """The inbox queue (LAG + 1) and, through a feedback network, m_k with its accumulated
+    gradient (non-last stages), the outbox (non-first stages). g_k's activations are not held
+    (finish_step recomputes them)."""
     if not _has_tables(setup):
         return 0
     elements = _table_elements(config, setup)
     message = elements * _message_element_bytes(setup)  # inbox and outbox: the dtype it travels in
     held = 0 if first else OUTBOX_TABLES * message
     if not last:
-        held += INBOX_TABLES * message + 2 * elements * setup.e  # queue; m_k and its gradient
+        held += INBOX_TABLES * message  # the queue
+        if _has_feedback_network(setup):
+            held += 2 * elements * setup.e  # m_k and its gradient
     return held
 
 
@@ -711,20 +762,23 @@ def _feedback_hidden(config, setup: Setup) -> int:
     return variants.get(setup.variant).readout_width(config)
 
 
-def _transient_bytes(config, setup: Setup, layers: int, last: bool, slices: int) -> int:
+def _transient_bytes(config, setup: Setup, layers: int, first: bool, last: bool, slices: int) -> int:
     """Largest short-lived allocation during a micro-batch (estimate): a layer's backward
     (bounded by its saved bytes), the loss's backward (two fp32 [tokens, V] gradients, of one
     slice where the readout is sliced, plus the block output's gradient accumulated over the
-    slices), or BLL's table_drift diagnostic, once per step in the first micro-batch's readout
-    (fp32 copies of two [V, H] tables and their difference in bf16)."""
+    slices; two [tokens, C] more where the same backward trains a critic of the input), or BLL's
+    table_drift diagnostic, once per step in the first micro-batch's readout (fp32 copies of two
+    [V, H] tables and their difference in bf16)."""
     n, e = setup.tokens, setup.e
     candidates = [n * decoder_layer_saved_bytes(config, e) if layers else 0]
     if _readout_on_stage(setup, last):
         slice_tokens = setup.micro_batch_size * math.ceil(setup.seq_len / slices)
         accumulated = n * config.hidden_size * e if slices > 1 else 0
         width = config.vocab_size if last else variants.get(setup.variant).readout_candidates(config, n)
-        candidates.append(2 * FP32 * slice_tokens * width + accumulated)
-    if _has_tables(setup) and not last:
+        critic = 2 * FP32 * n * variants.get(setup.variant).readout_candidates(config, n) \
+            if _trains_input_critic(setup, first) else 0
+        candidates.append(2 * FP32 * slice_tokens * width + accumulated + critic)
+    if _has_feedback_network(setup) and not last:
         copies = 1 if e == FP32 else 3
         candidates.append(copies * FP32 * _table_elements(config, setup))
     return max(candidates)
@@ -742,7 +796,7 @@ def _step_transient_bytes(config, setup: Setup, size: ModuleSize, last: bool) ->
         reduce_copy += FP32 * params // setup.dp
     scratch = FP32 * params // (setup.dp if setup.zero_stage == 1 or setup.dtype == "bf16" else 1)
     finish = 0
-    if _has_tables(setup) and not last:
+    if _has_feedback_network(setup) and not last:
         finish = (2 * _table_elements(config, setup) + 3 * config.vocab_size * _feedback_hidden(config, setup)) * setup.e
     return max(reduce_copy, scratch, finish)
 
@@ -980,8 +1034,9 @@ def _plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero", type=int, choices=(0, 1), default=1, help="DeepSpeed ZeRO stage")
     p.add_argument("--method", choices=METHODS, default="bll",
                    help="bp: DeepSpeed's 1F1B backprop; bll: block-local learning")
-    p.add_argument("--variant", type=modelled_spec, default="prototype",
-                   help="BLL variant with its options (e.g. dgl-context:dim=64:neg=2048)")
+    p.add_argument("--variant", type=modelled_spec, default=DEFAULT_VARIANT,
+                   help="BLL variant with its options (e.g. dgl-context:dim=64:neg=2048; default: the "
+                        "project's default variant)")
     p.add_argument("--vocab_size", type=int, default=None,
                    help="vocabulary size in place of the spec's (default: the spec's)")
     p.add_argument("--grad_accum_dtype", choices=sorted(DTYPE_BYTES), default="fp32",

@@ -2,7 +2,7 @@
 planner (bll_bench/memory.py), with and without activation checkpointing.
 
     python -m bll_bench.memory_budget --model models/llama-7b.json --stages 8 --seq_len 2048 \
-        --budget_gib 80 --dtype bf16 [--variant dgl-context:dim=64:neg=2048] [--json FILE]
+        --budget_gib 80 --dtype bf16 [--variant SPEC (default: the default variant)] [--json FILE]
 
 A 1F1B stage keeps up to S - k micro-batches' activations alive (stage 0 the most), a block-local
 stage one (plus its readout); checkpointing every decoder layer cuts both to the layer inputs
@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bll_bench.memory import GIB, GpuBudget, max_stage_bytes, modelled_spec, plan
+from bll_ds.method.default_variant import DEFAULT_VARIANT
 from bll_ds.infra.cli_types import DefaultsHelpFormatter
 from bll_ds.modeling import load_model_spec
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="subtract the cluster table's headroom (10%%) and runtime overhead (3 GiB)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="weights' and activations' dtype")
     p.add_argument("--zero", type=int, choices=(0, 1), default=1, help="DeepSpeed ZeRO stage")
-    p.add_argument("--variant", type=modelled_spec, default="dgl-context:dim=64:neg=2048",
+    p.add_argument("--variant", type=modelled_spec, default=DEFAULT_VARIANT,
                    help="the BLL arms' variant with its options")
     p.add_argument("--vocab_size", type=int, default=None,
                    help="vocabulary size in place of the spec's (default: the spec's)")

@@ -118,7 +118,7 @@ def test_declared_costs_in_the_flops_model_and_the_simulator(config):
     assert split[0].local_readout == pytest.approx(dgl[0].local_readout - 2 * H * V)
     assert split[1].local_readout == 6 * H * V and dgl[1].local_readout == 0  # the last stage's critic
     assert variant.table_bytes_per_step(config, 4) == V * H * 4
-    assert variant.readout_saved_bytes_per_token(config, 4, 0) is None     # the memory planner says "not modelled"
+    assert variant.readout_saved_bytes_per_token(config, 4, 0) is not None  # the memory planner models it (test_memory.py)
     from bll_bench.simulate import layer_costs_from_flops, stage_costs
     layer = layer_costs_from_flops(config, T, 1, 1e12, variant="critic")
     assert layer.critic_s == pytest.approx(6 * H * V * T / 1e12)

@@ -14,8 +14,8 @@ import torch
 
 from bll_bench import memory
 from bll_ds.method import variants
-from bll_ds.method.feedback import build_feedback
-from bll_ds.method.stage_step import slices_for, sliced_local_backward
+from bll_ds.method.feedback import TableFeedback, build_feedback
+from bll_ds.method.stage_step import StageStep, slices_for
 from bll_ds.method.variants import get as get_variant
 from bll_ds.modeling import count_parameters, lm_loss, load_model_spec
 from bll_ds.modeling.checkpointing import run_layers
@@ -79,15 +79,18 @@ STAGE_CASES = [
     # the readout options of bll_ds/method/variant_options.py, and dgl-context's three heads
     (TEST_1M, "bll", 4, 1, "fp32", 2, 16, "dgl-context"), (TEST_1M, "bll", 4, 1, "fp32", 2, 16, "dgl-context:dim=8:neg=16"),
     (TEST_1M, "bll", 4, 1, "bf16", 2, 16, "prototype:dim=8:neg=16:table=bf16"),
-    (TEST_1M, "bll", 4, 1, "fp32", 2, 0.01, "dgl:dim=8")]
-
-
-def _local_backward(built, out, labels, slices):
-    """BLLPipelineEngine._bll_local_backward: the sliced readout when slices > 1."""
-    if slices > 1:
-        sliced_local_backward(built.feedback, out, labels, slices, lambda part, scale: part.backward())
-    else:
-        built.feedback.loss(out, labels)[0].backward()
+    (TEST_1M, "bll", 4, 1, "fp32", 2, 0.01, "dgl:dim=8"),
+    # the critic variants: stage 1 reads through the received critic and trains its own of its
+    # input, the last stage trains one beside the LM loss, the first trains none
+    (TEST_1M, "bll", 4, 1, "fp32", 2, 16, "critic-context:dim=8:neg=16"),
+    (TEST_1M, "bll", 4, 3, "fp32", 2, 16, "critic-context:dim=8:neg=16"),
+    (TEST_1M, "bll", 4, 0, "bf16", 2, 16, "critic-context:dim=8:neg=16"),
+    (TEST_1M, "bll", 4, 2, "bf16", 1, 16, "critic-context:dim=8:neg=16"),
+    (TEST_1M, "bll", 4, 1, "fp32", 2, 16, "critic:dim=8:neg=16"), (TEST_1M, "bll", 4, 1, "bf16", 2, 16, "critic:dim=8"),
+    (TEST_1M, "bll", 4, 1, "fp32", 2, 16, "critic:neg=16"), (TEST_1M, "bll", 4, 3, "bf16", 2, 16, "critic"),
+    (TEST_1M, "bll", 4, 1, "bf16", 2, 16, "critic-context"), (GPT2, "bll", 4, 1, "fp32", 2, 16, "critic-context"),
+    (GPT2, "bll", 4, 3, "fp32", 1, 16, "critic-context:neg=16"),
+    (TEST_1M, "bll", 4, 1, "fp32", 2, 16, "critic-context:dim=8:neg=16:table=bf16")]
 
 
 @pytest.mark.parametrize("spec,method,stages,stage,dtype,b,max_mb,variant", STAGE_CASES)
@@ -176,9 +179,9 @@ def _check_stage(spec, method, stages, stage, dtype, b, max_mb, variant, interva
         torch.randn(n_inputs, dtype=DTYPES[dtype], requires_grad=(method == "bp"))
     labels = torch.randint(config.vocab_size, (b, T))
     if ":neg=" in variant:  # distinct targets: the candidates reach the bound the planner declares
-        labels = torch.randperm(config.vocab_size)[:b * T].reshape(b, T)
+        labels = torch.randperm(config.vocab_size)[:b * T].reshape(b, T).clone()  # its own storage, as a batch's
     shape = variants.get(variant).message_shape(config) or (config.vocab_size, config.hidden_size)
-    table = torch.randn(shape, dtype=DTYPES[dtype])
+    table = torch.randn(shape, dtype=variants.get(variant).message_dtype(DTYPES[dtype]))  # as it travels
     # BP with checkpointing: one micro-batch, so that meter_bytes is one micro-batch's forward
     micro_batches = 1 if method == "bp" and interval else 4
     plan = memory.plan(config, stages, 1, b, T, micro_batches, dtype, 1 if dtype == "bf16" else 0, method,
@@ -209,22 +212,24 @@ def _check_stage(spec, method, stages, stage, dtype, b, max_mb, variant, interva
             == plan.saved_per_micro_batch
         return
 
+    # The stage step every driver runs (stage_step.py), as BlockLocalStage calls it: the sliced
+    # readout where it slices, the critic of the stage's input where the variant trains one.
+    stage_step = StageStep(built.feedback, lm_loss, last, max_mb, get_variant(variant))
+
     def step(exclude_tables: bool, micro_batches: int = 2):
         weights = built.weights()
-        if built.feedback is not None:
-            built.feedback.prepare(table if built.feedback.sends_table else None)
-            if exclude_tables and built.feedback.sends_table:
-                weights += [table, built.feedback.targets()]
+        stage_step.begin(table if built.sends_tables else None)
+        if exclude_tables and built.sends_tables and not last:
+            weights.append(table)
+            if isinstance(built.feedback, TableFeedback):
+                weights.append(built.feedback.targets())
 
         def run():
             for _ in range(micro_batches):
                 out = forward(inputs)
-                if last:
-                    lm_loss(out, labels).backward()
-                else:
-                    _local_backward(built, out, labels, slices)
-            if built.feedback is not None and not exclude_tables:
-                built.feedback.finish_step(lambda surrogate: surrogate.backward())
+                stage_step.local_backward(out, labels, lambda loss, scale: loss.backward(), inputs, layers)
+            if not exclude_tables:
+                stage_step.finish_feedback(lambda surrogate, scale: surrogate.backward())
         return memory.measure_saved_activation_bytes(run, exclude=weights)
 
     assert step(exclude_tables=True) == plan.saved_per_micro_batch
@@ -277,6 +282,21 @@ def test_parameter_counts_match_real_modules():
     assert [a.trainable - b.trainable for a, b in zip(bll, bp)] == [real] * 3 + [0]
     drtp = memory.feedback_size(config, "drtp")
     assert drtp.buffers == config.vocab_size * width and drtp.trainable == width
+
+
+@pytest.mark.parametrize("variant", ["critic-context:dim=8:neg=16", "critic"])
+def test_critic_stage_sizes_are_the_built_stages(variant):
+    """Under a critic variant the last stage holds a block too, and every stage but the first a
+    critic of its input: the plan's parameters are the stages' as the pipeline builds them."""
+    config = load_model_spec("models/test-1m.json")
+    planned = memory.stage_sizes(config, 4, "bll", variant)
+    built = [build_stage(config, 4, stage, variant=variant) for stage in range(4)]
+    assert [s.trainable for s in planned] == [sum(p.numel() for p in b.module.parameters()) for b in built]
+    assert [s.buffers for s in planned] == [sum(t.numel() for t in b.module.buffers()) for b in built]
+    embedding, layer, head = memory.pipeline_piece_sizes(config)
+    critic = get_variant(variant).input_critic_parameters(config)  # matrices only: U_k (and Q_k)
+    assert planned[1].trainable - layer.trainable - (planned[0].trainable - layer.trainable - embedding.trainable) \
+        == critic + config.hidden_size  # stage 1's block is stage 0's plus the critic and its norm's gain
 
 
 def test_optimizer_precision_and_schedule_accounting():

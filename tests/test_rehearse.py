@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from bll_bench import rehearse
+from bll_ds.method.default_variant import DEFAULT_VARIANT
 
 
 @pytest.fixture(autouse=True)
@@ -41,6 +42,17 @@ def test_rehearsal_outputs_agree_with_the_planner(stage, dtype, max_mb, slices):
     assert result.saved_micro_batch_bytes == result.predicted_saved_micro_batch_bytes
     assert result.saved_step_bytes == result.predicted_meter_bytes
     assert "planner" in rehearse.format_result(result)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_the_default_variants_rehearsal_agrees_with_the_planner(stage):
+    """The default (a critic variant): stage 0 reads through the received critic, stage 1 also
+    trains one of its input, the last stage trains one beside the LM loss. At V = 256 the
+    2,048 negatives reach the whole vocabulary, so the planner's bound on the candidates is exact."""
+    result = rehearse.rehearse("models/test-1m.json", stages=4, stage=stage, micro_batch_size=2, seq_len=32,
+                               micro_batches=2, steps=2, malloc_mmap_threshold=0, variant=DEFAULT_VARIANT)
+    assert result.saved_micro_batch_bytes == result.predicted_saved_micro_batch_bytes
+    assert result.saved_step_bytes == result.predicted_meter_bytes
 
 
 def test_sliced_rehearsal_trains_as_the_unsliced_one():

@@ -49,8 +49,8 @@ gradient its norm's gain needs, 6 r C per token (6 H V in full; with dim=r also 
 weights with their optimizer state, and one message per step ([V, H], or [V + H, r]). The
 readout on stage k against the received critic: forward and input gradient, 4 r C per token, and
 with dim=r Q_k's 4 H r (the operands are data, as drtp's), plus P_k's 6 H r under the context heads. The FLOPs model and the simulator
-charge both; the memory planner does not model the critic yet (readout_saved_bytes_per_token is
-None).
+charge both; the memory planner counts the critic's saved tensors on every stage but the
+first (input_critic_saved_bytes_per_token) beside the readout's, its parameters and its message.
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bll_ds.method.context import _ContextTerms
-from bll_ds.method.feedback import StageFeedback, _CrossEntropyReadout, readout_norm
+from bll_ds.method.feedback import BOOL, FP32, INT64, StageFeedback, _CrossEntropyReadout, readout_norm
 from bll_ds.method.messages import delta_categorical_agreement
-from bll_ds.method.variant_options import Candidates, fixed_projection, readout_logits
+from bll_ds.method.variant_options import TABLE_DTYPES, Candidates, fixed_projection, readout_logits
 from bll_ds.method.next_layer_average import AveragedNextLayer
 from bll_ds.method.variants import register, register_composed
 
@@ -199,8 +199,40 @@ class CriticFeedback(_OwnsInputCritic, _CrossEntropyReadout, StageFeedback):
         return config.vocab_size * width + (config.hidden_size * width if cls.reduces(options, config) else 0)
 
     @classmethod
-    def readout_saved_bytes_per_token(cls, options, config, dtype_bytes, norm_saved_bytes, micro_batch_tokens=None):
-        return None  # the critic's [tokens, C] target and log-probabilities are not in the planner yet
+    def readout_saved_bytes_per_micro_batch(cls, options, config, dtype_bytes, micro_batch_tokens):
+        """The generic count, plus, where table= makes the message travel in another dtype than
+        the run's, the copies in the run's dtype that the readout's products save: Q_k [H, r]
+        with dim=r, U_k [V, r] unless neg=n gathers its rows. (In the run's own dtype they are
+        views of the received message, counted with the tables: bll_bench/memory.py.)"""
+        generic = super().readout_saved_bytes_per_micro_batch(options, config, dtype_bytes, micro_batch_tokens)
+        travels = TABLE_DTYPES.get(options.table)
+        if travels is None or travels.itemsize == dtype_bytes:
+            return generic
+        rows = (0 if options.neg else config.vocab_size) + (config.hidden_size if cls.reduces(options, config) else 0)
+        return generic + rows * cls.readout_width(options, config) * dtype_bytes
+
+    @classmethod
+    def input_critic_saved_bytes_per_token(cls, options, config, dtype_bytes, norm_saved_bytes,
+                                           micro_batch_tokens=None):
+        """norm_c's (its input is the stage's, detached: the norm saves only what its gain needs,
+        and its output, which the next product saves), with dim=r z = Q_k norm_c(h) [r]; the fp32
+        log-probabilities and the fp32 target [C] (the soft term's product saves it), the int64
+        label and the bool mask of labelled tokens."""
+        reduced = dtype_bytes * cls.readout_width(options, config) if cls.reduces(options, config) else 0
+        candidates = cls.readout_candidates(options, config, micro_batch_tokens)
+        return norm_saved_bytes + reduced + 2 * FP32 * candidates + INT64 + BOOL
+
+    @classmethod
+    def input_critic_saved_bytes_per_micro_batch(cls, options, config, dtype_bytes, micro_batch_tokens, last):
+        """The int64 count of labelled tokens the mean divides by; with neg=n the gathered rows
+        U_k[C] [C, r] and their ids (U_k is trained), at the declared bound of C. The ids are the
+        readout's own candidates' on the other stages, saved once where the readout's gather
+        saves them too; the last stage draws its own."""
+        if not options.neg:
+            return INT64
+        candidates = cls.readout_candidates(options, config, micro_batch_tokens)
+        ids = 0 if not last and cls._trained_heads() else INT64
+        return INT64 + candidates * (cls.readout_width(options, config) * dtype_bytes + ids)
 
     @classmethod
     def last_stage_block(cls, config, options) -> StageFeedback:

@@ -49,7 +49,7 @@ from bll_ds.method.variant_options import VariantOptions, fixed_projection, read
 from bll_ds.method.variants import get as get_variant
 from bll_ds.method.variants import register
 
-FP32, INT64 = 4, 8
+FP32, INT64, BOOL = 4, 8, 1
 
 def readout_norm(config: PretrainedConfig) -> nn.Module:
     """The same normalisation the LM head applies before its projection."""
@@ -151,6 +151,19 @@ class StageFeedback(nn.Module):
     @classmethod
     def input_critic_parameters(cls, options: VariantOptions, config: PretrainedConfig) -> int:
         """Matrix weights of the critic a stage (not the first) trains on its input."""
+        return 0
+
+    @classmethod
+    def input_critic_saved_bytes_per_token(cls, options: VariantOptions, config: PretrainedConfig, dtype_bytes: int,
+                                           norm_saved_bytes: int, micro_batch_tokens: int | None = None) -> int:
+        """Bytes autograd saves per token for the critic a stage (not the first) trains on its
+        input, given what its norm saves beyond that input (the planner passes it)."""
+        return 0
+
+    @classmethod
+    def input_critic_saved_bytes_per_micro_batch(cls, options: VariantOptions, config: PretrainedConfig,
+                                                 dtype_bytes: int, micro_batch_tokens: int, last: bool) -> int:
+        """... and per micro-batch, beyond its tokens (`last`: on the last stage)."""
         return 0
 
     @classmethod
@@ -343,24 +356,36 @@ class _CrossEntropyReadout:
         return reduce + heads * width * candidates
 
     @classmethod
+    def _trained_heads(cls) -> bool:
+        """Whether a head's operand takes a gradient (the first's where it is a weight or m_k, and
+        every head after the first): then its product saves z, and a gather of its rows their ids."""
+        return cls.trained_operand or cls.readout_heads > 1
+
+    @classmethod
     def readout_saved_bytes_per_token(cls, options, config, dtype_bytes, norm_saved_bytes, micro_batch_tokens=None):
-        """The norm's saved tensors and its output (which the next product saves when its operand
-        takes a gradient), with dim=r also z [r]; per head fp32 log-probabilities [C] and the
-        int64 target; the operand itself is a weight or a table, not an activation."""
+        """The norm's saved tensors and its output, which the next product saves when it takes a
+        gradient: a trained head's, or the stage's own P_k (dim=r); with dim=r, z [r] where a
+        trained head reads it; per head fp32 log-probabilities [C] and the int64 target. Where
+        every operand is data (the critic's U_k and Q_k without context heads, drtp's r(v)),
+        neither the norm's output nor z is saved. The operands are weights or tables, not
+        activations."""
         reduces = cls.reduces(options, config)
-        unsaved_output = 0 if cls.trained_operand or reduces else dtype_bytes * config.hidden_size
-        reduced = dtype_bytes * cls.readout_width(options, config) if reduces else 0
+        output_saved = cls._trained_heads() or (reduces and cls.owns_projection)
+        unsaved_output = 0 if output_saved else dtype_bytes * config.hidden_size
+        reduced = dtype_bytes * cls.readout_width(options, config) if reduces and cls._trained_heads() else 0
         candidates = cls.readout_candidates(options, config, micro_batch_tokens)
         return norm_saved_bytes - unsaved_output + reduced + cls.readout_heads * (FP32 * candidates + INT64)
 
     @classmethod
     def readout_saved_bytes_per_micro_batch(cls, options, config, dtype_bytes, micro_batch_tokens):
         """With neg=n: the gathered candidate rows O[C] [C, r], which each head's product saves
-        (z takes a gradient), and the candidate ids the gather saves, at the declared bound of C."""
+        (z takes a gradient), and the candidate ids the gather saves where a gathered operand is
+        trained, at the declared bound of C."""
         if not options.neg:
             return 0
         candidates = cls.readout_candidates(options, config, micro_batch_tokens)
-        return candidates * (cls.readout_heads * cls.readout_width(options, config) * dtype_bytes + INT64)
+        ids = INT64 if cls._trained_heads() else 0
+        return candidates * (cls.readout_heads * cls.readout_width(options, config) * dtype_bytes + ids)
 
     def _build_readout(self, config) -> None:
         """P_k when dim=r (a submodule named `reduce`), starting as R^T (variant_options.py);

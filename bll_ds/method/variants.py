@@ -247,6 +247,17 @@ class Variant:
     def readout_saved_bytes_per_micro_batch(self, config, dtype_bytes: int, micro_batch_tokens: int) -> int:
         return self.block.readout_saved_bytes_per_micro_batch(self.options, config, dtype_bytes, micro_batch_tokens)
 
+    def input_critic_saved_bytes(self, config, dtype_bytes: int, norm_saved_bytes: int, micro_batch_tokens: int,
+                                 last: bool) -> int:
+        """Saved bytes of one micro-batch's critic of the stage's input (0 where the variant trains
+        none); the critic is never sliced. `norm_saved_bytes`: its norm's, per token, beyond the
+        input; `last`: the last stage's critic."""
+        per_token = self.block.input_critic_saved_bytes_per_token(self.options, config, dtype_bytes, norm_saved_bytes,
+                                                                  micro_batch_tokens)
+        return (micro_batch_tokens * per_token
+                + self.block.input_critic_saved_bytes_per_micro_batch(self.options, config, dtype_bytes,
+                                                                      micro_batch_tokens, last))
+
 
 _REGISTRY: dict[str, Variant] = {}
 
