@@ -847,16 +847,17 @@ def smallest_cluster(spec_path, method: str, micro_batch_size: int = 1, seq_len:
                      micro_batches_per_stage: int = 4, dtype: str = "bf16", zero_stage: int = 1,
                      gpu: GpuBudget = GpuBudget(), stage_options=STAGE_OPTIONS, dp_options=DP_OPTIONS,
                      readout_max_logits_mb: float = READOUT_MAX_LOGITS_MB,
-                     activation_checkpoint_interval: int = 0) -> ClusterAnswer:
+                     activation_checkpoint_interval: int = 0, variant: str = DEFAULT_VARIANT) -> ClusterAnswer:
     """For each pipeline depth S (at most the layer count), the smallest DP whose every stage fits;
-    the best option has the fewest GPUs (S x DP), ties going to the shallower pipeline."""
+    the best option has the fewest GPUs (S x DP), ties going to the shallower pipeline. `variant`:
+    BLL's (ignored for BP)."""
     config = load_model_spec(spec_path)
     options = []
     for stages in (s for s in stage_options if s <= config.num_hidden_layers):
         option = None
         for dp in dp_options:
             stage_plan = plan(config, stages, dp, micro_batch_size, seq_len, micro_batches_per_stage * stages,
-                              dtype, zero_stage, method, readout_max_logits_mb=readout_max_logits_mb,
+                              dtype, zero_stage, method, variant=variant, readout_max_logits_mb=readout_max_logits_mb,
                               activation_checkpoint_interval=activation_checkpoint_interval)
             worst = max(stage_plan, key=lambda s: s.peak_bytes)
             option = ClusterOption(stages, None, None, round(worst.peak_bytes / GIB, 2), worst.stage)
@@ -883,7 +884,7 @@ def write_clusters(out_dir: Path, models=CLUSTER_MODELS, micro_batch_size: int =
     gpu = kwargs.pop("gpu", GpuBudget())
     settings = {"micro_batch_size": micro_batch_size, "seq_len": 2048, "micro_batches_per_stage": 4,
                 "dtype": "bf16", "zero_stage": 1, "readout_max_logits_mb": READOUT_MAX_LOGITS_MB,
-                "activation_checkpoint_interval": 0, **kwargs}
+                "activation_checkpoint_interval": 0, "variant": DEFAULT_VARIANT, **kwargs}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "clusters.json").write_text(json.dumps(
         {"settings": settings, "gpu": {**asdict(gpu), "usable_bytes": gpu.usable_bytes},
@@ -921,7 +922,7 @@ def _clusters_markdown(answers: list[ClusterAnswer], sensitivity: dict, settings
              f"{gpu.runtime_overhead_bytes / GIB:.1f} GiB runtime overhead: "
              f"{gpu.usable_bytes / GIB:.1f} GiB for the planner's bytes per stage. "
              + _checkpointing_sentence(settings["activation_checkpoint_interval"])
-             + " BLL: local readout "
+             + f" BLL: variant {settings['variant']}, local readout "
              "in sequence slices of at most readout_max_logits_mb MiB of fp32 logits, send window at its "
              "worst case (2M outputs). Search: S in "
              f"{list(STAGE_OPTIONS)} (at most the layer count), DP in {list(DP_OPTIONS)}; fewest GPUs, "
@@ -1063,6 +1064,8 @@ def _clusters_parser() -> argparse.ArgumentParser:
                    help="fraction of the GPU's memory kept free for fragmentation and allocator rounding")
     p.add_argument("--overhead_gib", type=float, default=3.0,
                    help="runtime overhead per GPU, GiB (CUDA context, NCCL, cuBLAS workspaces, the Python runtime)")
+    p.add_argument("--variant", type=modelled_spec, default=DEFAULT_VARIANT,
+                   help="BLL's variant with its options (default: the project's default variant)")
     _add_readout_argument(p)
     _add_checkpoint_argument(p)
     return p
@@ -1088,7 +1091,8 @@ def main(argv: list[str] | None = None) -> int:
         answers = write_clusters(args.out, micro_batch_size=args.micro_batch_size, seq_len=args.seq_len,
                                  micro_batches_per_stage=args.micro_batches_per_stage, gpu=gpu,
                                  readout_max_logits_mb=args.readout_max_logits_mb,
-                                 activation_checkpoint_interval=args.activation_checkpoint_interval)
+                                 activation_checkpoint_interval=args.activation_checkpoint_interval,
+                                 variant=args.variant)
         print((args.out / "clusters.md").read_text())
         return 0 if answers else 1
     if argv and argv[0] == "rss-check":

@@ -14,6 +14,7 @@ import torch
 
 from bll_bench import memory
 from bll_ds.method import variants
+from bll_ds.method.default_variant import DEFAULT_VARIANT
 from bll_ds.method.feedback import TableFeedback, build_feedback
 from bll_ds.method.stage_step import StageStep, slices_for
 from bll_ds.method.variants import get as get_variant
@@ -326,6 +327,8 @@ def test_cli_plan_clusters_and_rss(tmp_path, capsys):
     saved = json.loads((tmp_path / "clusters.json").read_text())
     assert {a["method"] for a in saved["answers"]} == {"bp", "bll"}
     assert "smallest cluster" in (tmp_path / "clusters.md").read_text()
+    assert saved["settings"]["variant"] == DEFAULT_VARIANT  # BLL is planned with the default variant
+    assert f"BLL: variant {DEFAULT_VARIANT}" in (tmp_path / "clusters.md").read_text()
     assert memory.main(["--model", "models/test-1m.json", "--stages", "2", "--seq_len", "64", "--method", "bp",
                         "--activation_checkpoint_interval", "1"]) == 0
     assert "recompute" in capsys.readouterr().out
