@@ -54,6 +54,7 @@ from torch import nn
 from bll_bench import memory
 from bll_ds.infra.cli_types import DefaultsHelpFormatter
 from bll_ds.measure.rss import peak_rss_mb
+from bll_ds.method.default_variant import DEFAULT_VARIANT
 from bll_ds.method.feedback import TableFeedback
 from bll_ds.method.stage_step import StageStep, run_step_end
 from bll_ds.method.variants import get as get_variant
@@ -412,8 +413,9 @@ def main(argv: list[str] | None = None) -> int:
                         "BF16_Optimizer)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads torch computes with (torch.set_num_threads)")
     p.add_argument("--seed", type=int, default=0, help="seed of the stage's weights and its random inputs")
-    p.add_argument("--variant", type=memory.modelled_spec, default="prototype",
-                   help="BLL variant with its options (e.g. dgl-context:dim=64:neg=2048)")
+    p.add_argument("--variant", type=memory.modelled_spec, default=DEFAULT_VARIANT,
+                   help="BLL variant with its options (e.g. dgl-context:dim=64:neg=2048; default: the project's "
+                        "default variant)")
     p.add_argument("--readout_max_logits_mb", type=float, default=memory.READOUT_MAX_LOGITS_MB,
                    help="as --bll_readout_max_logits_mb: the local readout in sequence slices of at most this many "
                         "MiB of fp32 logits (0 = one slice)")
