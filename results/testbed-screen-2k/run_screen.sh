@@ -9,3 +9,6 @@ for v in critic-farctx critic-context; do
   python scripts/pretrain.py --custom_import results/testbed-screen-2k/far_context.py $common \
       --bll_variant $v --out results/testbed-screen-2k/bll-$v-S8
 done
+# the critics trained on their stage's prediction alone (a = 0), against critic-context's a = 0.5 above
+python scripts/pretrain.py --custom_import results/testbed-screen-2k/critic_label_weight.py $common \
+    --bll_variant critic-context-a0 --out results/testbed-screen-2k/bll-critic-context-a0-S8
