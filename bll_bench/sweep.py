@@ -304,11 +304,12 @@ def _markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(curves: dict, path: Path, title: str) -> None:
+def _plot(curves: dict, path: Path, title: str, order: list[str] | None = None) -> None:
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, curve in sorted(curves.items()):
+    for name in order or sorted(curves):
+        curve = curves[name]
         style = "-" if name.startswith("bll-prototype") else "--" if name.startswith("bll-") else ":"
         ax.plot([t / 1e6 for t, _ in curve], [v for _, v in curve], style, label=name, linewidth=1.5)
     ax.set_xlabel("training tokens (M)")
@@ -337,6 +338,10 @@ def main(argv: list[str]) -> int:
                    help="Every run's seed; runs with another seed share the folder as NAME-seed{N}.")
     p.add_argument("--table_only", action="store_true", help="Rewrite the table and plot; train nothing.")
     p.add_argument("--list", action="store_true", help="Print the runs and their commands; train nothing.")
+    p.add_argument("--plot_runs", default=None,
+                   help="Comma-separated run names: also draw their held-out curves alone, to --plot_path (a "
+                        "figure for a page, where the folder's own plot holds every run).")
+    p.add_argument("--plot_path", default=None, help="Where --plot_runs's figure goes (a .png path).")
     p.add_argument("--depth_gate", type=float, default=DEPTH_GATE,
                    help="Before any BLL run: backprop on all layers must end this fraction below the "
                         "1-layer model, or the sweep stops (it would measure nothing about depth; 0 = off).")
@@ -345,6 +350,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("extra", nargs="*", help="After --: flags passed to every pretrain.py run.")
     args = p.parse_args(with_config(p, argv))
     plan, out = PLANS[args.plan], Path(args.out)
+    if bool(args.plot_runs) != bool(args.plot_path):
+        raise UserError("--plot_runs and --plot_path go together.", "give both, or neither.")
     if args.variants:
         chosen_variants = tuple(args.variants.split(","))
         if "--custom_import" in args.extra:  # a variant of the user's own, registered as the runs will
@@ -391,5 +398,19 @@ def main(argv: list[str]) -> int:
         tabulate(plan, out)
     if args.list:  # a listing writes nothing: a sweep may be writing the table in another process
         return 0
-    print(tabulate(plan, out) and (out / "sweep.md").read_text(), end="")
+    result = tabulate(plan, out)
+    print(result and (out / "sweep.md").read_text(), end="")
+    if args.plot_runs:
+        plot_selected(result["curves"], args.plot_runs.split(","), Path(args.plot_path),
+                      title=f"{out.name}: held-out loss")
     return 0
+
+
+def plot_selected(curves: dict, runs: list[str], path: Path, title: str) -> None:
+    """The held-out curves of `runs` alone (names as in the folder's table), in the order given."""
+    missing = [name for name in runs if name not in curves]
+    if missing:
+        raise UserError(f"--plot_runs names {missing}, which have no held-out curve in the folder.",
+                        f"choose from {', '.join(sorted(curves))}.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _plot({name: curves[name] for name in runs}, path, title, order=runs)

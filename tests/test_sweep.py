@@ -132,3 +132,18 @@ def test_another_seed_shares_the_folder_under_its_own_names(tmp_path, capsys):
     printed = sweep.main(["--plan", "kernel-char-d8", "--out", str(tmp_path), "--seed", "2", "--list",
                           "--only", "bll-dgl-context-S8"])
     assert printed == 0 and "bll-dgl-context-S8-seed2" in capsys.readouterr().out
+
+
+def test_plot_runs_draws_the_named_curves_alone_and_names_a_missing_one(tmp_path):
+    _fake_run(tmp_path, "bp-L16", [(5, 5.0), (10, 4.0)], final=4.0)
+    _fake_run(tmp_path, "bp-L8", [(5, 5.5), (10, 5.0)], final=5.0)
+    _fake_run(tmp_path, "bll-prototype-S2", [(5, 5.25), (10, 4.2)], final=4.2)
+    figure = tmp_path / "page" / "curves.png"
+    assert sweep.main(["--plan", "depth", "--out", str(tmp_path), "--table_only",
+                       "--plot_runs", "bp-L16,bll-prototype-S2", "--plot_path", str(figure)]) == 0
+    assert figure.stat().st_size > 0
+    with pytest.raises(UserError, match="bll-dgl-S2"):
+        sweep.main(["--plan", "depth", "--out", str(tmp_path), "--table_only",
+                    "--plot_runs", "bll-dgl-S2", "--plot_path", str(figure)])
+    with pytest.raises(UserError, match="go together"):
+        sweep.main(["--plan", "depth", "--out", str(tmp_path), "--table_only", "--plot_runs", "bp-L16"])
