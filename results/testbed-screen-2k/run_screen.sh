@@ -1,7 +1,8 @@
 #!/bin/bash
 # The far-context screen (docs/results/quality.md): the S = 8 testbed at a quarter of the budget
 # (2000 steps), the default's computation at H = 128 (critic-context) against the same with
-# reconstruction offsets 1, 2, 4, 8 (far_context.py, registered through --custom_import).
+# reconstruction offsets 1, 2, 4, 8 (far_context.py, registered through --custom_import), and
+# against other label shares of the critic's target.
 # Run from the repository root; each run resumes from its checkpoint where one was stopped.
 export BLL_DS_THREADS=1 OMP_NUM_THREADS=1
 common="--emulate --model models/nanogpt-char-d8.json --deepspeed_config ds_configs/nanogpt-char-d8.json --tokenizer char --steps 2000 --eval_interval 100 --eval_batches 20 --final_eval_batches 200 --save_interval 800 --log_interval 10 --seed 1234 --no-progress --method bll --stages 8 --seq_len 64 --data ../shared/data/kernel-docs.jsonl --resume auto"
@@ -9,6 +10,9 @@ for v in critic-farctx critic-context; do
   python scripts/pretrain.py --custom_import results/testbed-screen-2k/far_context.py $common \
       --bll_variant $v --out results/testbed-screen-2k/bll-$v-S8
 done
-# the critics trained on their stage's prediction alone (a = 0), against critic-context's a = 0.5 above
-python scripts/pretrain.py --custom_import results/testbed-screen-2k/critic_label_weight.py $common \
-    --bll_variant critic-context-a0 --out results/testbed-screen-2k/bll-critic-context-a0-S8
+# the critic's label share a (critic_label_weight.py): 0, 0.9 and 1 against critic-context's 0.5
+# above, and dgl-context (free heads) at the same budget
+for v in critic-context-a0 dgl-context critic-context-a09 critic-context-a1; do
+  python scripts/pretrain.py --custom_import results/testbed-screen-2k/critic_label_weight.py $common \
+      --bll_variant $v --out results/testbed-screen-2k/bll-$v-S8
+done
