@@ -273,3 +273,25 @@ def test_behind_the_man_readout_the_critic_reads_the_next_layers_output(config):
     assert torch.allclose(features, first(inputs)) and not features.requires_grad
     assert torch.equal(get_variant("critic").critic_features(inputs, [first]), inputs)
     assert variant.input_critic_flops_per_token(config) > get_variant("critic").input_critic_flops_per_token(config)
+
+
+def test_labels_option_sets_the_critics_label_share_on_every_stage_that_trains_one(config):
+    """labels=a: the share of the labels in every critic's target, the last stage's included, and
+    what the stage step trains with (the critic's loss of a micro-batch against critic_loss by hand)."""
+    assert get_variant("critic-context").options.labels == 0.5  # the default's share
+    for spec in ("critic-context:labels=0.9", "critic:labels=0", "critic-context-man:labels=1"):
+        share = float(spec.rsplit("=", 1)[1])
+        blocks = [build_stage(config, 3, k, seed=1, variant=spec).feedback for k in (1, 2)]
+        assert [b.label_weight for b in blocks] == [share, share]
+    for bad in ("critic:labels=1.5", "critic:labels=-0.1", "critic:labels=x"):
+        with pytest.raises(ValueError, match="labels="):
+            get_variant(bad)
+    with pytest.raises(ValueError, match="labels"):
+        get_variant("dgl-context:labels=0.9")  # only the critic variants train a critic
+    last = build_stage(config, 3, 2, seed=1, variant="critic:labels=0.9")
+    inputs, outputs, labels = _micro_batch(config, last, torch.Generator().manual_seed(3))
+    expected, _ = critic_loss(last.feedback.critic(inputs), outputs.detach(), labels, 0.9)
+    got, _ = last.feedback.input_critic_loss(inputs, labels, outputs)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert got.item() != pytest.approx(critic_loss(last.feedback.critic(inputs), outputs.detach(), labels, 0.5)[0].item(),
+                                       rel=1e-3)

@@ -9,7 +9,7 @@ stage k's message, once per step, under the tables' lag rule (pipeline/feedback_
     on stage k+1 (every stage but the first, the last included):
         q_{k+1}   = softmax(stage k+1's prediction from h_k)    last stage: the LM head's output;
                                                                  elsewhere: its own local readout
-        t         = (1 - a) q_{k+1} + a onehot(y)               a = `label_weight`
+        t         = (1 - a) q_{k+1} + a onehot(y)               a = the `labels=` option (0.5)
         C_k      <- argmin  E_t[-log softmax(C_k norm_c(h_k))]  = KL(t || beta_k) + const;
                                                                  h_k and q_{k+1} detached: the critic's
                                                                  loss trains C_k and norm_c only
@@ -42,7 +42,9 @@ k+1 predicts the next token from. neg=n: stage k's
 readout is the shared-candidate softmax of variant_options.py, and stage k+1 trains C_k on the
 same candidates: the target and the critic are both scored over the candidates of the
 micro-batch, with the sampling correction (the last stage draws its own from its labels).
-table= and refresh= act on the message as on a target table.
+table= and refresh= act on the message as on a target table. labels=a sets the labels' share of
+the critic's target (0.5 by default; a = 0 is the paper's message as the later blocks predict
+it, a = 1 a head trained on the labels by the next stage).
 
 Cost on every stage but the first: the critic's forward, its weight gradient and the input
 gradient its norm's gain needs, 6 r C per token (6 H V in full; with dim=r also Q_k's 6 H r), its
@@ -124,7 +126,10 @@ def critic_loss(logits: torch.Tensor, prediction: torch.Tensor, labels: torch.Te
 class _OwnsInputCritic:
     """A block that holds C_{k-1}, the critic of its stage's input: its loss and its message."""
 
-    label_weight = 0.5  # a: the labels' share of the critic's target
+    @property
+    def label_weight(self) -> float:
+        """a, the labels' share of the critic's target (the `labels=` option)."""
+        return self.options.labels
 
     def attach_input_critic(self) -> None:
         self.critic = InputCritic(self.config, self.options)
@@ -176,7 +181,7 @@ class CriticFeedback(_OwnsInputCritic, _CrossEntropyReadout, StageFeedback):
 
     @classmethod
     def accepted_options(cls):
-        return super().accepted_options() | {"table", "refresh"}
+        return super().accepted_options() | {"table", "refresh", "labels"}
 
     @classmethod
     def message_shape(cls, options, config):

@@ -31,6 +31,8 @@ the simulator, the planner, `bench variants`) takes them too:
       learned            learned (log-parametrised)
     mu=m        0.9      the moving average's momentum (0: the latest copy)    -man variants
     affine=0|1  1        the learned scale and shift in front of the average   -man variants
+    labels=a    0.5      the labels' share of the critic's target, beside the  critic variants
+                         stage's own prediction (1 - a): critic.py
 
 Every option of a variant is written here and nowhere else (there are no --bll_* flags for them).
 
@@ -74,6 +76,7 @@ class VariantOptions:
     variance: str = "fixed"  # the gaussian messages' variances: "fixed" or "learned"
     mu: float = 0.9         # the -man average's momentum (0: the latest copy as sent)
     affine: int = 1         # the -man readout's learned scale and shift in front of the average (0: none)
+    labels: float = 0.5     # the critic's target: the labels' share a, beside the stage's prediction (critic variants)
 
     def set_names(self) -> tuple[str, ...]:
         """The options that differ from the defaults, in declaration order."""
@@ -106,14 +109,15 @@ def parse_spec(spec: str) -> tuple[str, VariantOptions]:
                 raise ValueError(f"BLL variant {spec!r}: {key}={value} is not one of {_WORDS[key]}")
             options = replace(options, **{key: value})
             continue
-        if key in ("guard", "mu"):
+        if key in ("guard", "mu", "labels"):
             try:
                 weight = float(value)
             except ValueError:
                 weight = -1.0
-            if not (weight >= 0 and (key == "guard" or weight < 1)):
+            upper = {"guard": math.inf, "mu": 1.0, "labels": 1.0 + 1e-12}[key]
+            if not 0 <= weight < upper:
                 raise ValueError(f"BLL variant {spec!r}: {key}={value} must be a number "
-                                 f"{'>= 0' if key == 'guard' else 'in [0, 1)'}")
+                                 f"{ {'guard': '>= 0', 'mu': 'in [0, 1)', 'labels': 'in [0, 1]'}[key] }")
             options = replace(options, **{key: weight})
             continue
         try:
