@@ -774,9 +774,9 @@ def _transient_bytes(config, setup: Setup, layers: int, first: bool, last: bool,
     if _readout_on_stage(setup, last):
         slice_tokens = setup.micro_batch_size * math.ceil(setup.seq_len / slices)
         accumulated = n * config.hidden_size * e if slices > 1 else 0
-        width = config.vocab_size if last else variants.get(setup.variant).readout_candidates(config, n)
-        critic = 2 * FP32 * n * variants.get(setup.variant).readout_candidates(config, n) \
-            if _trains_input_critic(setup, first) else 0
+        local = variants.get(setup.variant).readout_candidates(config, n)
+        width = config.vocab_size if last else local
+        critic = 2 * FP32 * n * local if _trains_input_critic(setup, first) else 0
         candidates.append(2 * FP32 * slice_tokens * width + accumulated + critic)
     if _has_feedback_network(setup) and not last:
         copies = 1 if e == FP32 else 3

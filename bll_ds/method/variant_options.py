@@ -92,6 +92,9 @@ def _spelled(value) -> str:
 
 
 _WORDS = {"table": tuple(TABLE_DTYPES), "variance": ("fixed", "learned")}  # options spelled as words
+# options that are real numbers: the values they take, and how an error says so
+_REALS = {"guard": (lambda w: w >= 0, ">= 0"), "mu": (lambda w: 0 <= w < 1, "in [0, 1)"),
+          "labels": (lambda w: 0 <= w <= 1, "in [0, 1]")}
 
 
 def parse_spec(spec: str) -> tuple[str, VariantOptions]:
@@ -109,15 +112,14 @@ def parse_spec(spec: str) -> tuple[str, VariantOptions]:
                 raise ValueError(f"BLL variant {spec!r}: {key}={value} is not one of {_WORDS[key]}")
             options = replace(options, **{key: value})
             continue
-        if key in ("guard", "mu", "labels"):
+        if key in _REALS:
+            accepts, allowed = _REALS[key]
             try:
                 weight = float(value)
             except ValueError:
-                weight = -1.0
-            upper = {"guard": math.inf, "mu": 1.0, "labels": 1.0 + 1e-12}[key]
-            if not 0 <= weight < upper:
-                raise ValueError(f"BLL variant {spec!r}: {key}={value} must be a number "
-                                 f"{ {'guard': '>= 0', 'mu': 'in [0, 1)', 'labels': 'in [0, 1]'}[key] }")
+                weight = math.nan
+            if not accepts(weight):
+                raise ValueError(f"BLL variant {spec!r}: {key}={value} must be a number {allowed}")
             options = replace(options, **{key: weight})
             continue
         try:
