@@ -47,15 +47,17 @@ def _doc(text: str, flag: str | None = None, low: float | None = None, **kwargs)
 @dataclass
 class BLLConfig:
     """--method bll: the local loss and how the block-local pipeline runs (flags --bll_*)."""
-    variant: str = _doc("Local loss (docs/METHOD.md). The default, critic-context:dim=128:neg=2048: the next stage "
-                        "trains a critic of this stage's output toward its own prediction and sends it upstream as "
+    variant: str = _doc("Local loss (docs/METHOD.md). The default, critic-context:dim=128:neg=2048:labels=0.9: the next "
+                        "stage trains a critic of this stage's output toward its own prediction mixed with the "
+                        "labels (share 0.9) and sends it upstream as "
                         "the local readout, plus two heads that reconstruct the two preceding tokens "
                         "(bll_ds/method/default_variant.py). Others: dgl-context (free local heads, nothing sent "
                         "upstream), prototype (the feedback network's target prototypes), gaussian, bernoulli, dgl, "
                         "drtp, direct, the -aux, -overlap and -man levers, or a variant of your own "
                         "(--custom_import). Options follow the name: NAME:dim=r:neg=n:table=bf16:refresh=k, a "
                         "readout in r dimensions, a softmax over the micro-batch's targets and n sampled negatives, "
-                        "the message in bf16 and sent every k steps; gaussian/bernoulli:guard=w; -man:mu=m:affine=0|1 "
+                        "the message in bf16 and sent every k steps; critic*:labels=a, the labels' share of the "
+                        "critic's target; gaussian/bernoulli:guard=w; -man:mu=m:affine=0|1 "
                         "(bll_ds/method/variant_options.py).",
                         default=DEFAULT_VARIANT)
     steps_per_call: int = _doc("Optimizer steps per engine call, BLL only: the pipe fills and drains once per "
