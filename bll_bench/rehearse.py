@@ -55,7 +55,6 @@ from bll_bench import memory
 from bll_ds.infra.cli_types import DefaultsHelpFormatter
 from bll_ds.measure.rss import peak_rss_mb
 from bll_ds.method.default_variant import DEFAULT_VARIANT
-from bll_ds.method.feedback import TableFeedback
 from bll_ds.method.stage_step import StageStep, run_step_end
 from bll_ds.method.variants import get as get_variant
 from bll_ds.modeling import lm_loss, load_model_spec
@@ -329,9 +328,9 @@ def _train_step(config, built: Stage, block_stage: BlockLocalStage, step: int, h
         meter = SavedActivationMeter()
         meter.exclude(built.weights())
         if meter_mode == "micro_batch" and upstream is not None:
-            # The received table and m_k (computed once per step, without a graph, where a
-            # feedback network maps the table): tables, not part of the per-micro-batch measurement.
-            meter.exclude([upstream, *([built.feedback.targets()] if isinstance(built.feedback, TableFeedback) else [])])
+            # The received table and what the readout holds for the step (m_k): tables, not part
+            # of the per-micro-batch measurement.
+            meter.exclude([upstream, *built.feedback.step_tables()])
 
     with meter.hooks() if meter is not None else contextlib.nullcontext():
         for _ in range(micro_batches):

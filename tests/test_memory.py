@@ -15,7 +15,7 @@ import torch
 from bll_bench import memory
 from bll_ds.method import variants
 from bll_ds.method.default_variant import DEFAULT_VARIANT
-from bll_ds.method.feedback import TableFeedback, build_feedback
+from bll_ds.method.feedback import build_feedback
 from bll_ds.method.stage_step import StageStep, slices_for
 from bll_ds.method.variants import get as get_variant
 from bll_ds.modeling import count_parameters, lm_loss, load_model_spec
@@ -221,9 +221,7 @@ def _check_stage(spec, method, stages, stage, dtype, b, max_mb, variant, interva
         weights = built.weights()
         stage_step.begin(table if built.sends_tables else None)
         if exclude_tables and built.sends_tables and not last:
-            weights.append(table)
-            if isinstance(built.feedback, TableFeedback):
-                weights.append(built.feedback.targets())
+            weights.extend([table, *built.feedback.step_tables()])
 
         def run():
             for _ in range(micro_batches):

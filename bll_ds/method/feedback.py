@@ -235,6 +235,12 @@ class StageFeedback(nn.Module):
         """Once per step, after the micro-batches: train the feedback network (variants without
         one have nothing to do)."""
 
+    def step_tables(self) -> list[torch.Tensor]:
+        """What the readout holds for the whole step, computed once per step without a graph
+        beside the received message (none here; m_k under a feedback network). Memory accounting
+        counts them with the tables, not with a micro-batch's saved activations."""
+        return []
+
     @torch.no_grad()
     def publish(self) -> torch.Tensor | None:
         """The table this stage sends upstream after its optimizer step (None: it sends nothing)."""
@@ -289,6 +295,9 @@ class TableFeedback(StageFeedback):
             with torch.no_grad():
                 self._table_leaf = self._map_upstream().requires_grad_()
         return self._table_leaf
+
+    def step_tables(self) -> list[torch.Tensor]:
+        return [self.targets()]
 
     def finish_step(self, backward) -> None:
         """Push the step's accumulated table gradient through g_k: one backward per step."""
