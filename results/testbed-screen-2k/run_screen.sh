@@ -16,10 +16,12 @@ for v in critic-context-a0 dgl-context critic-context-a09 critic-context-a1; do
   python scripts/pretrain.py --custom_import results/testbed-screen-2k/critic_label_weight.py $common \
       --bll_variant $v --out results/testbed-screen-2k/bll-$v-S8
 done
-# cheaper stand-ins for the averaged next-layer copy, beside critic-context:labels=0.9 (the default's
-# computation at H = 128; its a = 0.9 run above): a learned low-rank surrogate of the next block
-# (next_block_surrogate.py) and the copy read at 1 position in 8 (next_layer_subset.py)
+# beside critic-context:labels=0.9 (the default's computation at H = 128; its a = 0.9 run above):
+# a learned low-rank surrogate of the next block in the readout (next_block_surrogate.py), and a
+# head for the token after next (future_token.py). The copy read at 1 position in 8
+# (next_layer_subset.py) ran at the full budget instead, through the sweep with
+# `-- --custom_import results/testbed-screen-2k/next_layer_subset.py` (docs/results/quality.md).
 python scripts/pretrain.py --custom_import results/testbed-screen-2k/next_block_surrogate.py $common \
     --bll_variant critic-context-sur16:labels=0.9 --out results/testbed-screen-2k/bll-critic-context-sur16-labels0.9-S8
-python scripts/pretrain.py --custom_import results/testbed-screen-2k/next_layer_subset.py $common \
-    --bll_variant critic-context-mansub8:labels=0.9 --out results/testbed-screen-2k/bll-critic-context-mansub8-labels0.9-S8
+python scripts/pretrain.py --custom_import results/testbed-screen-2k/future_token.py $common \
+    --bll_variant critic-future:labels=0.9 --out results/testbed-screen-2k/bll-critic-future-labels0.9-S8
