@@ -25,3 +25,6 @@ python scripts/pretrain.py --custom_import results/testbed-screen-2k/next_block_
     --bll_variant critic-context-sur16:labels=0.9 --out results/testbed-screen-2k/bll-critic-context-sur16-labels0.9-S8
 python scripts/pretrain.py --custom_import results/testbed-screen-2k/future_token.py $common \
     --bll_variant critic-future:labels=0.9 --out results/testbed-screen-2k/bll-critic-future-labels0.9-S8
+# the received critic plus a free correction that stage k trains (critic_delta.py), a = 0.5
+python scripts/pretrain.py --custom_import results/testbed-screen-2k/critic_delta.py $common \
+    --bll_variant critic-context-delta --out results/testbed-screen-2k/bll-critic-context-delta-S8
