@@ -28,3 +28,6 @@ python scripts/pretrain.py --custom_import results/testbed-screen-2k/future_toke
 # the received critic plus a free correction that stage k trains (critic_delta.py), a = 0.5
 python scripts/pretrain.py --custom_import results/testbed-screen-2k/critic_delta.py $common \
     --bll_variant critic-context-delta --out results/testbed-screen-2k/bll-critic-context-delta-S8
+# the received critic extrapolated over its two-step lag (critic_extrapolated.py), a = 0.9
+python scripts/pretrain.py --custom_import results/testbed-screen-2k/critic_extrapolated.py $common \
+    --bll_variant critic-context-extrap:labels=0.9 --out results/testbed-screen-2k/bll-critic-context-extrap-labels0.9-S8
