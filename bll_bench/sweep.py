@@ -297,7 +297,7 @@ def _markdown(rows: list[dict]) -> str:
              "recovered at half | tokens/s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         final = r["final"] if r["complete"] else None
-        lines.append(f"| {r['run']}{'' if r['complete'] else ' (running)'} | {r['tokens'] / 1e6:.2f}M | "
+        lines.append(f"| {r['run']}{'' if r['complete'] else ' (unfinished)'} | {r['tokens'] / 1e6:.2f}M | "
                      f"{f(final) or f(r['last_eval']) + ' (last eval)'} | {f(r.get('ratio_final'))} | "
                      f"{f(r.get('recovered_final'), 3)} | {f(r['half'])} | {f(r.get('ratio_half'))} | "
                      f"{f(r.get('recovered_half'), 3)} | {f(r['tokens_per_s'], 0)} |")

@@ -47,7 +47,7 @@ def test_table_gives_ratio_and_recovered_fraction_at_the_end_and_half_way(tmp_pa
     assert not rows["bll-dgl-S2"]["complete"] and rows["bll-dgl-S2"]["ratio_final"] is None
     table = (tmp_path / "sweep.md").read_text()
     assert rows["bll-dgl-S2"]["ratio_half"] == pytest.approx(6.0 / 5.0, abs=1e-4)
-    assert "bll-dgl-S2 (running)" in table and "1.0500" in table
+    assert "bll-dgl-S2 (unfinished)" in table and "1.0500" in table
     assert (tmp_path / "sweep_val_loss.png").stat().st_size > 0
 
 
