@@ -31,3 +31,8 @@ python scripts/pretrain.py --custom_import results/testbed-screen-2k/critic_delt
 # the received critic extrapolated over its two-step lag (critic_extrapolated.py), a = 0.9
 python scripts/pretrain.py --custom_import results/testbed-screen-2k/critic_extrapolated.py $common \
     --bll_variant critic-context-extrap:labels=0.9 --out results/testbed-screen-2k/bll-critic-context-extrap-labels0.9-S8
+# their second seeds (seed 2 instead of 1234 in $common, -seed2 after the run name)
+python scripts/pretrain.py --custom_import results/testbed-screen-2k/critic_extrapolated.py ${common/--seed 1234/--seed 2} \
+    --bll_variant critic-context-extrap:labels=0.9 --out results/testbed-screen-2k/bll-critic-context-extrap-labels0.9-S8-seed2
+python scripts/pretrain.py ${common/--seed 1234/--seed 2} \
+    --bll_variant critic-context:labels=0.9 --out results/testbed-screen-2k/bll-critic-context-labels0.9-S8-seed2
