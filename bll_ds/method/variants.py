@@ -43,7 +43,7 @@ import importlib
 import importlib.util
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -119,7 +119,7 @@ class Variant:
         if unsupported:
             raise ValueError(f"BLL variant {self.registered_name!r} does not take the option(s) {unsupported}; it "
                              f"takes {sorted(self.accepted_options()) or 'none'} (bll_ds/method/variant_options.py)")
-        return Variant(self.registered_name, self.block, self.readout_layer, options)
+        return replace(self, options=options)  # keeps a registered Variant subclass's own rules
 
     # -- building the block and its messages --
     def build(self, config, input_critic: bool = False, last: bool = False):

@@ -23,7 +23,7 @@ Cost at llama-1b (H = 2048, r = 64), beyond the critic: about 20 H r = 2.6 MFLOP
 (0.6% of a decoder layer), 2 r H entries per hop (1 MiB in fp32). Not declared here: the run's
 FLOP rates count the critic's alone. Full-width critic only (the testbed's H = 128).
 
-Registered as critic-context-sur16 (r = 16) and critic-context-sur4 (r = 4)."""
+Registered as critic-context-sur16 (r = 16), the one run."""
 from __future__ import annotations
 
 import torch
@@ -105,5 +105,4 @@ def _register(rank: int) -> None:
     register(SurrogateCriticContext)
 
 
-for _rank in (16, 4):
-    _register(_rank)
+_register(16)

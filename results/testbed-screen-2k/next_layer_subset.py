@@ -16,7 +16,7 @@ queries, output projection and MLP would run on P only, so at llama-1b shapes n 
 0.7 / 32 of a layer beyond the keys and values. The critic of stage k's input is trained on h_k,
 as critic-context's (the critic-man variants train it on the copy's output instead).
 
-Registered as critic-context-mansub8 (n = 8) and critic-context-mansub32 (n = 32)."""
+Registered as critic-context-mansub8 (n = 8), the one run."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,11 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from bll_ds.method import variants
+from bll_ds.method.context import IGNORE
 from bll_ds.method.critic import ContextCriticFeedback
 from bll_ds.method.messages import delta_categorical_agreement
 from bll_ds.method.next_layer_average import AveragedNextLayer
-
-IGNORE = -100
 
 
 @dataclass(frozen=True)
@@ -37,10 +36,6 @@ class _CriticOnInput(variants.Variant):
 
     def critic_features(self, inputs, stage_layers):
         return inputs
-
-    def with_options(self, options):
-        plain = super().with_options(options)
-        return _CriticOnInput(plain.registered_name, plain.block, plain.readout_layer, plain.options)
 
 
 def _register(every: int) -> None:
@@ -70,5 +65,4 @@ def _register(every: int) -> None:
     variants._add(_CriticOnInput(SubsetCopyCritic.name, SubsetCopyCritic, AveragedNextLayer))
 
 
-for _every in (8, 32):
-    _register(_every)
+_register(8)
