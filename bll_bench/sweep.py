@@ -88,10 +88,12 @@ PLANS = {
                             ("dgl",), final_eval_batches=0, seq_len=64),
     # Testbed candidates where nothing is memorised: the Tiny Shakespeare recipe on kernel-docs at
     # character level, 6.1M characters = a quarter of one pass. Both plans share one --out (their
-    # 1-layer control is the same model).
-    "kernel-char-d8": Plan("models/nanogpt-char-d8.json", "ds_configs/nanogpt-char-d8.json", "char", 8000, (8,),
+    # 1-layer control is the same model). In fp32 on every machine: bf16 "auto" picked fp32 on the
+    # machines of every committed run and bf16 on one with native bf16, which would have put runs
+    # of two precisions in one table.
+    "kernel-char-d8": Plan("models/nanogpt-char-d8.json", "ds_configs/nanogpt-char-d8-fp32.json", "char", 8000, (8,),
                            ("dgl-context",), seq_len=64),
-    "kernel-char-d16": Plan("models/nanogpt-char-d16.json", "ds_configs/nanogpt-char-d8.json", "char", 8000, (16,),
+    "kernel-char-d16": Plan("models/nanogpt-char-d16.json", "ds_configs/nanogpt-char-d8-fp32.json", "char", 8000, (16,),
                             ("dgl-context",), seq_len=64),
 }
 

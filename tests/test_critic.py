@@ -295,3 +295,51 @@ def test_labels_option_sets_the_critics_label_share_on_every_stage_that_trains_o
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
     assert got.item() != pytest.approx(critic_loss(last.feedback.critic(inputs), outputs.detach(), labels, 0.5)[0].item(),
                                        rel=1e-3)
+
+
+def test_extrap_reads_the_critic_extrapolated_over_its_lag_by_hand_and_resumes_exactly(config):
+    """extrap=lam: stage k reads C + lam (C - C_prev), from the two latest messages as they arrive
+    (P_0 twice at the start: no difference yet), and the previous message travels in the block's
+    state, so a block restored from a checkpoint reads what the uninterrupted one reads."""
+    spec = "critic-context:labels=0.9:extrap=2"
+    block = build_stage(config, 3, 0, seed=1, variant=spec).feedback
+    p0, p1, p2 = (torch.full((V, H), value) for value in (1.0, 1.5, 1.75))
+    block.prepare(p0)                      # start-up: P_0
+    assert torch.equal(block.readout_operand(), p0)
+    block.prepare(p0)                      # step 1 reads P_0 again: nothing to extrapolate from
+    assert torch.equal(block.readout_operand(), p0)
+    block.prepare(p1)                      # 1.5 + 2 (1.5 - 1.0)
+    assert torch.equal(block.readout_operand(), torch.full((V, H), 2.5))
+    assert [t.data_ptr() for t in block.step_tables()] == [block.readout_operand().data_ptr()]  # C_hat, held per step
+    restored = build_stage(config, 3, 0, seed=1, variant=spec).feedback
+    restored.load_state_dict(block.state_dict())
+    for b in (block, restored):            # 1.75 + 2 (1.75 - 1.5)
+        b.prepare(p2)
+        assert torch.equal(b.readout_operand(), torch.full((V, H), 2.25))
+    plain = build_stage(config, 3, 0, seed=1, variant="critic-context:labels=0.9").feedback
+    plain.prepare(p1)
+    plain.prepare(p2)
+    assert torch.equal(plain.readout_operand(), p2) and plain.step_tables() == []
+    assert "extrapolation._extra_state" not in plain.state_dict()  # old checkpoints load as before
+
+    assert get_variant("critic-context").options.extrap == 0.0
+    assert get_variant("critic-context-man:extrap=1.5").options.extrap == 1.5
+    for bad, says in (("critic:extrap=-1", "extrap="), ("critic:extrap=2:refresh=2", "needs refresh=1"),
+                      ("dgl-context:extrap=2", "does not take")):
+        with pytest.raises(ValueError, match=says):
+            get_variant(bad)
+
+
+def test_extrap_declares_its_add_per_step_and_its_two_held_messages(config):
+    """One subtraction, scaling and addition over the message per step on every stage that reads
+    one; the planner holds the previous message and C_hat beside the inbox on those stages."""
+    from bll_bench import memory
+
+    spec = "critic-context:dim=4:neg=8:extrap=2"
+    assert get_variant(spec).step_flops(config) == 3 * (V + H) * 4
+    assert get_variant("critic-context:dim=4:neg=8").step_flops(config) == 0
+    run = dict(micro_batch_size=2, seq_len=T, micro_batches=4, dtype="fp32", zero_stage=0)
+    plain = memory.plan(config, 3, 1, method="bll", variant="critic-context:dim=4:neg=8", **run)
+    extrap = memory.plan(config, 3, 1, method="bll", variant=spec, **run)
+    message = (V + H) * 4 * 4
+    assert [e.table_bytes - p.table_bytes for e, p in zip(extrap, plain)] == [2 * message, 2 * message, 0]

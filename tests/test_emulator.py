@@ -128,15 +128,19 @@ def test_emulated_run_resumes_exactly_and_evaluates(tmp_path, cache_dir, text_co
 
 LEVER_PORTS = {"prototype-aux": 29688, "prototype-overlap": 29689, "dgl-overlap": 29690, "dgl-context": 29691,
                "dgl-context-man": 29694, "prototype-context": 29695, "critic": 29696, "direct": 29697,
-               "critic-context-man": 29698, "critic-context:dim=16:neg=20:table=bf16:refresh=2": 29699}
+               "critic-context-man": 29698, "critic-context:dim=16:neg=20:table=bf16:refresh=2": 29699,
+               "critic-context:dim=16:neg=20:labels=0.9:extrap=2": 29766}
 SENDS_UPSTREAM = {"prototype-aux": True, "prototype-overlap": True, "dgl-overlap": True, "dgl-context": False,
                   "dgl-context-man": True, "prototype-context": True, "critic": True, "direct": True,
-                  "critic-context-man": True, "critic-context:dim=16:neg=20:table=bf16:refresh=2": True}
+                  "critic-context-man": True, "critic-context:dim=16:neg=20:table=bf16:refresh=2": True,
+                  "critic-context:dim=16:neg=20:labels=0.9:extrap=2": True}
 LEVER_STAGES = {"direct": 3}  # the others at 2; direct's tables skip a stage only from 3 on
 # The rest run in `make test-all`. The critic with every option: the last stage holds a block (its
 # critic) and a sampler, checkpointed, and the factored critic travels in bf16 every other step;
-# direct: the last stage sends to every stage on groups that are not neighbours'.
-IN_MAKE_TEST = ("prototype-aux", "dgl-context", "critic-context:dim=16:neg=20:table=bf16:refresh=2", "direct")
+# direct: the last stage sends to every stage on groups that are not neighbours'; the extrapolated
+# critic: the previous message travels in the block's checkpointed state.
+IN_MAKE_TEST = ("prototype-aux", "dgl-context", "critic-context:dim=16:neg=20:table=bf16:refresh=2", "direct",
+                "critic-context:dim=16:neg=20:labels=0.9:extrap=2")
 
 
 @pytest.mark.launcher

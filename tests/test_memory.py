@@ -91,7 +91,8 @@ STAGE_CASES = [
     (TEST_1M, "bll", 4, 1, "fp32", 2, 16, "critic:neg=16"), (TEST_1M, "bll", 4, 3, "bf16", 2, 16, "critic"),
     (TEST_1M, "bll", 4, 1, "bf16", 2, 16, "critic-context"), (GPT2, "bll", 4, 1, "fp32", 2, 16, "critic-context"),
     (GPT2, "bll", 4, 3, "fp32", 1, 16, "critic-context:neg=16"),
-    (TEST_1M, "bll", 4, 1, "fp32", 2, 16, "critic-context:dim=8:neg=16:table=bf16")]
+    (TEST_1M, "bll", 4, 1, "fp32", 2, 16, "critic-context:dim=8:neg=16:table=bf16"),
+    (TEST_1M, "bll", 4, 1, "fp32", 2, 16, "critic-context:dim=8:neg=16:extrap=2")]
 
 
 @pytest.mark.parametrize("spec,method,stages,stage,dtype,b,max_mb,variant", STAGE_CASES)

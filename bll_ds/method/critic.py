@@ -44,7 +44,9 @@ same candidates: the target and the critic are both scored over the candidates o
 micro-batch, with the sampling correction (the last stage draws its own from its labels).
 table= and refresh= act on the message as on a target table. labels=a sets the labels' share of
 the critic's target (0.5 by default; a = 0 is the paper's message as the later blocks predict
-it, a = 1 a head trained on the labels by the next stage).
+it, a = 1 a head trained on the labels by the next stage). extrap=lam: stage k reads the critic
+extrapolated over its lag, C^(t-2) + lam (C^(t-2) - C^(t-3)), instead of C^(t-2) as received
+(message_extrapolation.py; one add per step, two messages held).
 
 Cost on every stage but the first: the critic's forward, its weight gradient and the input
 gradient its norm's gain needs, 6 r C per token (6 H V in full; with dim=r also Q_k's 6 H r), its
@@ -57,12 +59,15 @@ first (input_critic_saved_bytes_per_token) beside the readout's, its parameters 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bll_ds.method.context import _ContextTerms
 from bll_ds.method.feedback import BOOL, FP32, INT64, StageFeedback, _CrossEntropyReadout, readout_norm
+from bll_ds.method.message_extrapolation import FLOPS_PER_ENTRY, MessageExtrapolation
 from bll_ds.method.messages import delta_categorical_agreement
 from bll_ds.method.variant_options import TABLE_DTYPES, Candidates, fixed_projection, readout_logits
 from bll_ds.method.next_layer_average import AveragedNextLayer
@@ -181,12 +186,17 @@ class CriticFeedback(_OwnsInputCritic, _CrossEntropyReadout, StageFeedback):
 
     @classmethod
     def accepted_options(cls):
-        return super().accepted_options() | {"table", "refresh", "labels"}
+        return super().accepted_options() | {"table", "refresh", "labels", "extrap"}
 
     @classmethod
     def message_shape(cls, options, config):
         width = cls.readout_width(options, config)
         return (config.vocab_size + (config.hidden_size if cls.reduces(options, config) else 0), width)
+
+    @classmethod
+    def step_flops(cls, options, config) -> float:
+        """With extrap=lam, C_hat's subtraction, scaling and addition over the message, once per step."""
+        return FLOPS_PER_ENTRY * math.prod(cls.message_shape(options, config)) if options.extrap else 0.0
 
     @classmethod
     def input_critic_flops_per_token(cls, options, config) -> float:
@@ -247,6 +257,17 @@ class CriticFeedback(_OwnsInputCritic, _CrossEntropyReadout, StageFeedback):
         super().__init__(config, options)
         self._build_readout(config)
         self.prediction = None  # this micro-batch's local readout logits and candidates: the target downstream
+        # holds the previous message, checkpointed as this module's extra state
+        self.extrapolation = MessageExtrapolation(options.extrap) if options.extrap else None
+
+    def prepare(self, upstream_table):
+        if self.extrapolation is not None and upstream_table is not None:
+            upstream_table = self.extrapolation(upstream_table)
+        super().prepare(upstream_table)
+
+    def step_tables(self) -> list[torch.Tensor]:
+        """With extrap=lam, C_hat: computed once per step, read by every micro-batch's readout."""
+        return [self._upstream] if self.extrapolation is not None and self._upstream is not None else []
 
     def _received(self) -> torch.Tensor:
         if self._upstream is None:

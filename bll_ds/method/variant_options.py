@@ -33,6 +33,9 @@ the simulator, the planner, `bench variants`) takes them too:
     affine=0|1  1        the learned scale and shift in front of the average   -man variants
     labels=a    0.5      the labels' share of the critic's target, beside the  critic variants
                          stage's own prediction (1 - a): critic.py
+    extrap=lam  0        the received critic extrapolated over its lag from    critic variants
+                         the two latest messages, C + lam (C - C_prev)        (refresh=1)
+                         (message_extrapolation.py; 0: as received)
 
 Every option of a variant is written here and nowhere else (there are no --bll_* flags for them).
 
@@ -77,6 +80,7 @@ class VariantOptions:
     mu: float = 0.9         # the -man average's momentum (0: the latest copy as sent)
     affine: int = 1         # the -man readout's learned scale and shift in front of the average (0: none)
     labels: float = 0.5     # the critic's target: the labels' share a, beside the stage's prediction (critic variants)
+    extrap: float = 0.0     # the received critic read as C + lam (C - C_prev) (critic variants; 0: as received)
 
     def set_names(self) -> tuple[str, ...]:
         """The options that differ from the defaults, in declaration order."""
@@ -94,7 +98,7 @@ def _spelled(value) -> str:
 _WORDS = {"table": tuple(TABLE_DTYPES), "variance": ("fixed", "learned")}  # options spelled as words
 # options that are real numbers: the values they take, and how an error says so
 _REALS = {"guard": (lambda w: w >= 0, ">= 0"), "mu": (lambda w: 0 <= w < 1, "in [0, 1)"),
-          "labels": (lambda w: 0 <= w <= 1, "in [0, 1]")}
+          "labels": (lambda w: 0 <= w <= 1, "in [0, 1]"), "extrap": (lambda w: w >= 0, ">= 0")}
 
 
 def parse_spec(spec: str) -> tuple[str, VariantOptions]:
@@ -130,6 +134,9 @@ def parse_spec(spec: str) -> tuple[str, VariantOptions]:
             raise ValueError(f"BLL variant {spec!r}: {key}={value} must be a whole number "
                              f"{'>= 1' if key == 'refresh' else '0 or 1' if key == 'affine' else '>= 0'}")
         options = replace(options, **{key: number})
+    if options.extrap and options.refresh != 1:
+        raise ValueError(f"BLL variant {spec!r}: extrap= extrapolates from consecutive messages and needs "
+                         f"refresh=1; drop one of the two options")
     return name, options
 
 

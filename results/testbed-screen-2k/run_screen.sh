@@ -5,7 +5,7 @@
 # against other label shares of the critic's target.
 # Run from the repository root; each run resumes from its checkpoint where one was stopped.
 export BLL_DS_THREADS=1 OMP_NUM_THREADS=1
-common="--emulate --model models/nanogpt-char-d8.json --deepspeed_config ds_configs/nanogpt-char-d8.json --tokenizer char --steps 2000 --eval_interval 100 --eval_batches 20 --final_eval_batches 200 --save_interval 800 --log_interval 10 --seed 1234 --no-progress --method bll --stages 8 --seq_len 64 --data ../shared/data/kernel-docs.jsonl --resume auto"
+common="--emulate --model models/nanogpt-char-d8.json --deepspeed_config ds_configs/nanogpt-char-d8-fp32.json --tokenizer char --steps 2000 --eval_interval 100 --eval_batches 20 --final_eval_batches 200 --save_interval 800 --log_interval 10 --seed 1234 --no-progress --method bll --stages 8 --seq_len 64 --data ../shared/data/kernel-docs.jsonl --resume auto"
 for v in critic-farctx critic-context; do
   python scripts/pretrain.py --custom_import results/testbed-screen-2k/far_context.py $common \
       --bll_variant $v --out results/testbed-screen-2k/bll-$v-S8
