@@ -113,7 +113,7 @@ def test_run_config_cli(tmp_path):
                             "--seq-len", "32", "--no-progress", "--local_rank=1"])
     assert isinstance(cfg, RunConfig)
     assert (cfg.seq_len, cfg.metrics.progress, cfg.method, cfg.stages, cfg.data) == (32, False, "bll", 2, None)
-    assert cfg.bll.variant == DEFAULT_VARIANT == "critic-context:dim=128:neg=2048:labels=0.9" and cfg.bll.steps_per_call == 32
+    assert cfg.bll.variant == DEFAULT_VARIANT == "critic-context:dim=128:neg=2048:labels=0.9:extrap=2" and cfg.bll.steps_per_call == 32
     with pytest.raises(SystemExit):
         parse_run_config(["--model", "m.json", "--deepspeed_config", "d.json", "--out", "o", "--method", "sgd"])
 

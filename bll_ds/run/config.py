@@ -47,10 +47,10 @@ def _doc(text: str, flag: str | None = None, low: float | None = None, **kwargs)
 @dataclass
 class BLLConfig:
     """--method bll: the local loss and how the block-local pipeline runs (flags --bll_*)."""
-    variant: str = _doc("Local loss (docs/METHOD.md). The default, critic-context:dim=128:neg=2048:labels=0.9: the next "
-                        "stage trains a critic of this stage's output toward its own prediction mixed with the "
-                        "labels (share 0.9) and sends it upstream as "
-                        "the local readout, plus two heads that reconstruct the two preceding tokens "
+    variant: str = _doc("Local loss (docs/METHOD.md). The default, critic-context:dim=128:neg=2048:labels=0.9:extrap=2: "
+                        "the next stage trains a critic of this stage's output toward its own prediction mixed with "
+                        "the labels (share 0.9) and sends it upstream as "
+                        "the local readout, read extrapolated over its two-step lag, plus two heads that reconstruct the two preceding tokens "
                         "(bll_ds/method/default_variant.py). Others: dgl-context (free local heads, nothing sent "
                         "upstream), prototype (the feedback network's target prototypes), gaussian, bernoulli, dgl, "
                         "drtp, direct, the -aux, -overlap and -man levers, or a variant of your own "
