@@ -43,12 +43,11 @@ class TrendExtrapolation(MessageExtrapolation):
         return message + self.lam * self.velocity
 
     def get_extra_state(self):
-        state = super().get_extra_state()
-        state["velocity"] = None if self.velocity is None else self.velocity.cpu()
-        return state
+        return {"previous": super().get_extra_state(),
+                "velocity": None if self.velocity is None else self.velocity.cpu()}
 
     def set_extra_state(self, state):
-        super().set_extra_state(state)
+        super().set_extra_state(state["previous"])
         self.velocity = state["velocity"]
 
 
