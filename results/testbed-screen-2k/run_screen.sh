@@ -36,9 +36,9 @@ python scripts/pretrain.py --custom_import results/testbed-screen-2k/critic_extr
     --bll_variant critic-context-extrap:labels=0.9 --out results/testbed-screen-2k/bll-critic-context-extrap-labels0.9-S8-seed2
 python scripts/pretrain.py ${common/--seed 1234/--seed 2} \
     --bll_variant critic-context:labels=0.9 --out results/testbed-screen-2k/bll-critic-context-labels0.9-S8-seed2
-# the extrapolation's lam, now the option extrap= (2 spans the lag; 4 looks twice as far ahead),
-# both on one machine, beside each other
-for lam in 2 4; do
+# the extrapolation's lam, now the option extrap= (2 spans the lag; 1 half of it; 4 twice),
+# on one machine (2 and 4 side by side, then 1)
+for lam in 2 4 1; do
   python scripts/pretrain.py $common --bll_variant critic-context:labels=0.9:extrap=$lam \
       --out results/testbed-screen-2k/bll-critic-context-labels0.9-extrap$lam-S8
 done
