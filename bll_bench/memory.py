@@ -96,7 +96,6 @@ from bll_ds.measure.flops import _attention_width, _mlp_width
 from bll_ds.method import variants
 from bll_ds.method.default_variant import DEFAULT_VARIANT
 from bll_ds.method.feedback import TableFeedback
-from bll_ds.method.message_extrapolation import HELD_MESSAGES as EXTRAPOLATION_HELD
 from bll_ds.method.stage_step import slices_for
 from bll_ds.modeling import load_model_spec
 from bll_ds.modeling.checkpointing import checkpointed_groups
@@ -731,7 +730,7 @@ def _meter_bytes(config, setup: Setup, in_flight: int, forward: int, body: BodyP
 
 def _table_bytes(config, setup: Setup, first: bool, last: bool) -> int:
     """The inbox queue (LAG + 1) and, through a feedback network, m_k with its accumulated
-    gradient (non-last stages), with extrap= two more messages (non-last stages), the outbox
+    gradient (non-last stages), the messages the variant holds beyond the inbox (non-last stages), the outbox
     (non-first stages). g_k's activations are not held
     (finish_step recomputes them)."""
     if not _has_tables(setup):
@@ -741,8 +740,7 @@ def _table_bytes(config, setup: Setup, first: bool, last: bool) -> int:
     held = 0 if first else OUTBOX_TABLES * message
     if not last:
         held += INBOX_TABLES * message  # the queue
-        if variants.get(setup.variant).options.extrap:
-            held += EXTRAPOLATION_HELD * message  # the previous message and C_hat (message_extrapolation.py)
+        held += variants.get(setup.variant).held_messages() * message  # e.g. extrap='s previous message and C_hat
         if _has_feedback_network(setup):
             held += 2 * elements * setup.e  # m_k and its gradient
     return held

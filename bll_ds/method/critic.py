@@ -67,7 +67,7 @@ from torch import nn
 
 from bll_ds.method.context import _ContextTerms
 from bll_ds.method.feedback import BOOL, FP32, INT64, StageFeedback, _CrossEntropyReadout, readout_norm
-from bll_ds.method.message_extrapolation import FLOPS_PER_ENTRY, MessageExtrapolation
+from bll_ds.method.message_extrapolation import FLOPS_PER_ENTRY, HELD_MESSAGES, MessageExtrapolation
 from bll_ds.method.messages import delta_categorical_agreement
 from bll_ds.method.variant_options import TABLE_DTYPES, Candidates, fixed_projection, readout_logits
 from bll_ds.method.next_layer_average import AveragedNextLayer
@@ -197,6 +197,11 @@ class CriticFeedback(_OwnsInputCritic, _CrossEntropyReadout, StageFeedback):
     def step_flops(cls, options, config) -> float:
         """With extrap=lam, C_hat's subtraction, scaling and addition over the message, once per step."""
         return FLOPS_PER_ENTRY * math.prod(cls.message_shape(options, config)) if options.extrap else 0.0
+
+    @classmethod
+    def held_messages(cls, options) -> int:
+        """With extrap=lam, the previous message and C_hat."""
+        return HELD_MESSAGES if options.extrap else 0
 
     @classmethod
     def input_critic_flops_per_token(cls, options, config) -> float:

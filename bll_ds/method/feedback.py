@@ -180,6 +180,12 @@ class StageFeedback(nn.Module):
         return table if cls.sends_table else None
 
     @classmethod
+    def held_messages(cls, options: VariantOptions) -> int:
+        """Copies of the received message a stage that reads one holds through the step beyond
+        the inbox's (the memory planner counts them with the tables)."""
+        return 0
+
+    @classmethod
     def readout_saved_bytes_per_token(cls, options: VariantOptions, config: PretrainedConfig, dtype_bytes: int,
                                       norm_saved_bytes: int, micro_batch_tokens: int | None = None) -> int | None:
         """Bytes autograd saves per token for the local readout, given what its norm saves

@@ -195,6 +195,9 @@ class Variant:
     def step_flops(self, config) -> float:
         return self.block.step_flops(self.options, config)
 
+    def held_messages(self) -> int:
+        return self.block.held_messages(self.options)
+
     def input_critic_flops_per_token(self, config) -> float:
         """The critic's, plus, where it reads through the stage's first layer (critic_features),
         that layer's forward again."""
