@@ -42,3 +42,10 @@ for lam in 2 4 1; do
   python scripts/pretrain.py $common --bll_variant critic-context:labels=0.9:extrap=$lam \
       --out results/testbed-screen-2k/bll-critic-context-labels0.9-extrap$lam-S8
 done
+# the default's pieces: its context heads (critic without them) and, for ranking, both at seed 2
+python scripts/pretrain.py $common --bll_variant critic:labels=0.9:extrap=2 \
+    --out results/testbed-screen-2k/bll-critic-labels0.9-extrap2-S8
+for v in critic critic-context; do
+  python scripts/pretrain.py ${common/--seed 1234/--seed 2} --bll_variant $v:labels=0.9:extrap=2 \
+      --out results/testbed-screen-2k/bll-$v-labels0.9-extrap2-S8-seed2
+done
