@@ -218,7 +218,10 @@ class ForkedRun:
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:
-            os.kill(self.pid, sig)
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:  # it exited after poll asked, before its waiter reported
+                pass
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
