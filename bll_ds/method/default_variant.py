@@ -23,8 +23,9 @@ extrap=2: stage k reads the critic extrapolated over its two-step lag, C + 2 (C 
 two latest messages (message_extrapolation.py): three element-wise passes over the message per
 step and two messages held, no byte sent. On the testbed it ends below the critic read as received
 on both seeds at S = 8 (1.5454 and 1.5473 against 1.5500 and 1.5480; every stage's training loss
-0.3-0.6% lower at the end) and 0.2% below it at S = 16, level with dgl-context there (1.5433
-against 1.5427, one seed).
+0.3-0.6% lower at the end) and 0.2% below it at S = 16 (one seed). At S = 16 it is level with
+dgl-context, not better: 1.5433 and 1.5447 against 1.5427 and 1.5398 (two seeds, 0.2% behind on
+the means).
 """
 
 DEFAULT_VARIANT = "critic-context:dim=128:neg=2048:labels=0.9:extrap=2"
